@@ -1,0 +1,77 @@
+"""Job status, results and cancellation: ``/api/jobs/<job_id>``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+
+from flask import Response, jsonify
+from flask_openapi3 import APIBlueprint, Tag
+
+from api import services
+from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
+from api.views import job_view
+from shared import jobs
+from shared.errors import NotFound, ValidationFailed
+
+bp = APIBlueprint("jobs", __name__, url_prefix="/api/jobs", abp_tags=[Tag(name="jobs")])
+
+
+def _job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"job {raw[:64]} not found", details={"job_id": raw[:64]}) from None
+
+
+def encode_cursor(symbol: str) -> str:
+    return base64.urlsafe_b64encode(symbol.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        symbol = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        symbol = ""
+    if not symbol:
+        raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page")
+    return symbol
+
+
+@bp.get("/<job_id>", responses={200: JobView, 404: ErrorResponse})
+def get_job(path: JobPath) -> Response:
+    """Status, progress, timings, errors and the reproducibility record of a job."""
+    with services().session_factory() as session:
+        job = jobs.get_job(session, _job_id(path.job_id))
+        return jsonify(job_view(job).model_dump(mode="json"))
+
+
+@bp.get("/<job_id>/results", responses={200: ResultsPage, 404: ErrorResponse, 422: ErrorResponse})
+def get_results(path: JobPath, query: ResultsQuery) -> Response:
+    """Per-symbol results ordered by symbol, keyset-paged with ``cursor``; errors are per symbol."""
+    job_id = _job_id(path.job_id)
+    after = decode_cursor(query.cursor) if query.cursor else None
+    with services().session_factory() as session:
+        job = jobs.get_job(session, job_id)
+        rows = jobs.page_results(session, job_id, limit=query.limit + 1, after=after)
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        page = ResultsPage(
+            job_id=str(job.id),
+            column_name=job.column_name,
+            status=job.status,
+            results=[ResultRow.model_validate({"symbol": r.symbol, "value": r.value, "error": r.error}) for r in rows],
+            next_cursor=encode_cursor(rows[-1].symbol) if more and rows else None,
+        )
+        return jsonify(page.model_dump(mode="json"))
+
+
+@bp.post("/<job_id>/cancel", responses={200: JobView, 404: ErrorResponse})
+def cancel(path: JobPath) -> Response:
+    """Cancel a queued or running job: queued shards are revoked, finished results are kept."""
+    svc = services()
+    job, task_ids = jobs.cancel_job(svc.session_factory, _job_id(path.job_id))
+    if task_ids:
+        svc.celery.control.revoke(task_ids)
+    return jsonify(job_view(job).model_dump(mode="json"))

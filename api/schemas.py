@@ -1,0 +1,164 @@
+"""Request and response schemas: they validate the API and generate its OpenAPI document."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9.\-^=_]{0,31}$")
+MAX_PARAMS_BYTES = 16_384
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _symbol(value: str) -> str:
+    symbol = value.strip().upper()
+    if not symbol:
+        raise ValueError("symbol is empty")
+    if not SYMBOL_PATTERN.match(symbol):
+        raise ValueError(f"invalid symbol {value[:40]!r}: use letters, digits and . - ^ = _ (at most 32)")
+    return symbol
+
+
+def _iso_date(value: Any) -> Any:
+    if isinstance(value, str) and not _ISO_DATE.match(value):
+        raise ValueError(f"invalid date {value[:40]!r}: use YYYY-MM-DD")
+    if not isinstance(value, (str, dt.date)):
+        raise ValueError("invalid date: use a YYYY-MM-DD string")
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    return value
+
+
+def _params(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_PARAMS_BYTES:
+        raise ValueError(f"params larger than {MAX_PARAMS_BYTES} bytes as JSON")
+    return value
+
+
+StockSymbol = Annotated[str, AfterValidator(_symbol)]
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
+
+
+class CalculationExecuteBody(BaseModel):
+    """Run a script over each symbol's daily bars. The script assigns `result` (a finite number or None)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    script: Annotated[str, AfterValidator(_non_blank)] = Field(
+        description="Python source run per symbol in the sandbox (at most ALPHAFORGE_MAX_SCRIPT_CHARS characters)"
+    )
+    column_name: Annotated[str, AfterValidator(_non_blank)] = Field(max_length=100)
+    stock_symbols: list[StockSymbol] = Field(min_length=1, description="symbols; duplicates are removed, order kept")
+    start_date: IsoDate | None = None
+    end_date: IsoDate | None = None
+    params: Annotated[dict[str, Any], AfterValidator(_params)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _date_order(self) -> CalculationExecuteBody:
+        if self.start_date and self.end_date and self.start_date > self.end_date:
+            raise ValueError("start_date must not be after end_date")
+        return self
+
+
+class JobPath(BaseModel):
+    job_id: str
+
+
+class ResultsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=200)
+
+
+class JobLinks(BaseModel):
+    self: str
+    results: str
+    cancel: str
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    shards: int
+    symbols: int
+    links: JobLinks
+
+
+class Progress(BaseModel):
+    shards_total: int
+    shards_done: int
+    shards_failed: int
+    symbols_total: int
+    symbols_done: int
+    symbols_failed: int
+    percent: float
+
+
+class Reproducibility(BaseModel):
+    script_sha256: str
+    symbols_sha256: str
+    symbol_count: int
+    start_date: dt.date | None
+    end_date: dt.date | None
+    params: dict[str, Any]
+    shard_size: int
+
+
+class JobView(BaseModel):
+    job_id: str
+    kind: str
+    status: str
+    column_name: str
+    progress: Progress
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    error: str | None
+    reproducibility: Reproducibility
+    links: JobLinks
+
+
+class ResultError(BaseModel):
+    type: str
+    message: str
+    line: int | None = None
+
+
+class ResultRow(BaseModel):
+    symbol: str
+    value: float | None
+    error: ResultError | None
+
+
+class ResultsPage(BaseModel):
+    job_id: str
+    column_name: str
+    status: str
+    results: list[ResultRow]
+    next_cursor: str | None
+
+
+class HealthView(BaseModel):
+    status: str
+    database: dict[str, Any]
+    broker: dict[str, Any]
+    workers: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,46 @@
+"""Model -> response-schema conversions shared by the handlers."""
+
+from __future__ import annotations
+
+import uuid
+
+from api.schemas import JobLinks, JobView, Progress, Reproducibility
+from shared.models import Job
+
+
+def job_links(job_id: uuid.UUID) -> JobLinks:
+    base = f"/api/jobs/{job_id}"
+    return JobLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel")
+
+
+def job_view(job: Job) -> JobView:
+    percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
+    return JobView(
+        job_id=str(job.id),
+        kind=job.kind,
+        status=job.status,
+        column_name=job.column_name,
+        progress=Progress(
+            shards_total=job.shards_total,
+            shards_done=job.shards_done,
+            shards_failed=job.shards_failed,
+            symbols_total=job.symbols_total,
+            symbols_done=job.symbols_done,
+            symbols_failed=job.symbols_failed,
+            percent=round(percent, 2),
+        ),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        reproducibility=Reproducibility(
+            script_sha256=job.script_sha256,
+            symbols_sha256=job.symbols_sha256,
+            symbol_count=job.symbols_total,
+            start_date=job.start_date,
+            end_date=job.end_date,
+            params=job.params,
+            shard_size=job.shard_size,
+        ),
+        links=job_links(job.id),
+    )

@@ -1,0 +1,233 @@
+"""Job and shard mechanics shared by every kind of job: submit, start, complete, finalize, read.
+
+Completion is counted in PostgreSQL (no chords): each shard is marked done by a conditional
+update, in the same transaction that stores its results and bumps the job's counters; the
+transaction that completes the last shard also finalizes the job. A duplicate delivery finds its
+shard already done and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import session_scope
+from shared.errors import NotFound, ServiceUnavailable
+from shared.models import Job, JobResult, JobShard, JobStatus, ShardStatus
+
+log = logging.getLogger(__name__)
+
+_ACTIVE_JOB = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+_OPEN_SHARD = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What gets enqueued: ids only, never payloads."""
+
+    shard_id: int
+    task_id: str
+
+
+Enqueue = Callable[[Sequence[ShardTask]], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One symbol's result: a value (or None), or an error dict ``{type, message, line}``."""
+
+    symbol: str
+    value: float | None
+    error: dict[str, Any] | None
+
+
+def split_into_shards(symbols: Sequence[str], shard_size: int) -> list[list[str]]:
+    return [list(symbols[i : i + shard_size]) for i in range(0, len(symbols), shard_size)]
+
+
+def submit(factory: sessionmaker[Session], job: Job, shard_size: int, enqueue: Enqueue) -> Job:
+    """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
+
+    If enqueueing fails the job is marked failed (never left looking queued) and
+    ServiceUnavailable is raised; shards already sent find a failed job and do nothing.
+    """
+    batches = split_into_shards(job.symbols, shard_size)
+    job.shard_size = shard_size
+    job.shards_total = len(batches)
+    job.symbols_total = len(job.symbols)
+    job.status = JobStatus.QUEUED.value
+    with session_scope(factory) as session:
+        session.add(job)
+        session.flush()
+        shards = [
+            JobShard(job_id=job.id, index=i, symbols=batch, status=ShardStatus.QUEUED.value, task_id=str(uuid.uuid4()))
+            for i, batch in enumerate(batches)
+        ]
+        session.add_all(shards)
+        session.flush()
+        tasks = [ShardTask(shard.id, shard.task_id) for shard in shards]
+    try:
+        enqueue(tasks)
+    except Exception as exc:
+        log.exception("enqueue failed for job %s", job.id)
+        reason = f"the job could not be queued: {type(exc).__name__}: {exc}"
+        with session_scope(factory) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status.in_(_ACTIVE_JOB))
+                .values(status=JobStatus.FAILED.value, error=reason, finished_at=text("now()"))
+            )
+            session.execute(
+                update(JobShard)
+                .where(JobShard.job_id == job.id, JobShard.status.in_(_OPEN_SHARD))
+                .values(status=ShardStatus.FAILED.value, error=reason, finished_at=text("now()"))
+            )
+        raise ServiceUnavailable(
+            "the job could not be queued (broker unavailable); nothing will run, please retry",
+            details={"job_id": str(job.id)},
+        ) from exc
+    return job
+
+
+@dataclass(frozen=True)
+class StartedShard:
+    shard_id: int
+    job: Job
+    symbols: list[str]
+    attempt: int
+
+
+def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard | None:
+    """Claim a shard for running; None when it is finished, cancelled or its job is no longer active."""
+    with session_scope(factory) as session:
+        row = session.execute(
+            text(
+                """
+                UPDATE job_shards s
+                SET status = 'running', attempts = s.attempts + 1, started_at = coalesce(s.started_at, now())
+                FROM jobs j
+                WHERE s.id = :id AND j.id = s.job_id
+                  AND s.status IN ('queued', 'running') AND j.status IN ('queued', 'running')
+                RETURNING s.job_id, s.symbols, s.attempts
+                """
+            ),
+            {"id": shard_id},
+        ).first()
+        if row is None:
+            return None
+        job_id, symbols, attempts = row
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.RUNNING.value, started_at=text("now()"))
+        )
+        job = session.get(Job, job_id)
+        assert job is not None
+        return StartedShard(shard_id, job, list(symbols), attempts)
+
+
+def _finish_shard(session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None) -> bool:
+    claimed = session.execute(
+        update(JobShard)
+        .where(JobShard.id == shard_id, JobShard.status.in_(_OPEN_SHARD))
+        .values(status=status.value, error=error, finished_at=text("now()"))
+        .returning(JobShard.job_id)
+    ).first()
+    if claimed is None:
+        return False  # already finished by another delivery: change nothing
+    job_id = claimed[0]
+    if outcomes:
+        stmt = insert(JobResult).values(
+            [{"job_id": job_id, "symbol": o.symbol, "value": o.value, "error": o.error} for o in outcomes]
+        )
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[JobResult.job_id, JobResult.symbol],
+                set_={"value": stmt.excluded.value, "error": stmt.excluded.error, "computed_at": text("now()")},
+            )
+        )
+    failed = sum(1 for o in outcomes if o.error is not None)
+    counters = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            shards_done=Job.shards_done + 1,
+            shards_failed=Job.shards_failed + (1 if status is ShardStatus.FAILED else 0),
+            symbols_done=Job.symbols_done + len(outcomes),
+            symbols_failed=Job.symbols_failed + failed,
+            error=func.coalesce(Job.error, error),
+        )
+        .returning(Job.shards_done, Job.shards_total, Job.symbols_failed, Job.symbols_total)
+    ).one()
+    shards_done, shards_total, symbols_failed, symbols_total = counters
+    if shards_done >= shards_total:
+        if symbols_failed == 0:
+            final = JobStatus.SUCCEEDED
+        elif symbols_failed >= symbols_total:
+            final = JobStatus.FAILED
+        else:
+            final = JobStatus.PARTIAL
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(_ACTIVE_JOB))
+            .values(status=final.value, finished_at=text("now()"))
+        )
+    return True
+
+
+def complete_shard(factory: sessionmaker[Session], shard_id: int, outcomes: Sequence[Outcome]) -> bool:
+    """Store results and mark the shard succeeded, atomically. False if it was already finished."""
+    with session_scope(factory) as session:
+        return _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None)
+
+
+def fail_shard(factory: sessionmaker[Session], shard_id: int, reason: str) -> bool:
+    """Give up on a shard: each of its symbols gets the reason as its error. False if already finished."""
+    with session_scope(factory) as session:
+        symbols = session.scalar(select(JobShard.symbols).where(JobShard.id == shard_id))
+        if symbols is None:
+            return False
+        outcomes = [Outcome(s, None, {"type": "ShardFailed", "message": reason, "line": None}) for s in symbols]
+        return _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason)
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", details={"job_id": str(job_id)})
+    return job
+
+
+def page_results(session: Session, job_id: uuid.UUID, *, limit: int, after: str | None) -> list[JobResult]:
+    """Results ordered by symbol, keyset-paged: rows strictly after symbol ``after``."""
+    query = select(JobResult).where(JobResult.job_id == job_id)
+    if after is not None:
+        query = query.where(JobResult.symbol > after)
+    return list(session.scalars(query.order_by(JobResult.symbol).limit(limit)))
+
+
+def cancel_job(factory: sessionmaker[Session], job_id: uuid.UUID) -> tuple[Job, list[str]]:
+    """Cancel an active job: its queued shards are cancelled (their task ids returned for revoking);
+    running shards finish and keep their results. Cancelling a finished job changes nothing."""
+    with session_scope(factory) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", details={"job_id": str(job_id)})
+        if job.status not in _ACTIVE_JOB:
+            return job, []
+        job.status = JobStatus.CANCELLED.value
+        job.finished_at = session.scalar(select(text("now()")))
+        task_ids = session.scalars(
+            update(JobShard)
+            .where(JobShard.job_id == job_id, JobShard.status == ShardStatus.QUEUED.value)
+            .values(status=ShardStatus.CANCELLED.value, finished_at=text("now()"))
+            .returning(JobShard.task_id)
+        ).all()
+        return job, list(task_ids)

@@ -1,0 +1,163 @@
+"""Typed SQLAlchemy 2.0 models: the system of record. Every change goes through an Alembic revision."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_JOB_STATUSES
+
+
+FINAL_JOB_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class ShardStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobKind(str, enum.Enum):
+    CALCULATION = "calculation"
+
+
+def _enum_check(column: str, enum_cls: type[enum.Enum]) -> str:
+    values = ", ".join(f"'{member.value}'" for member in enum_cls)
+    return f"{column} IN ({values})"
+
+
+class Symbol(Base):
+    __tablename__ = "symbols"
+
+    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    is_synthetic: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DailyBar(Base):
+    __tablename__ = "daily_bars"
+
+    symbol: Mapped[str] = mapped_column(
+        String(32), ForeignKey("symbols.symbol", ondelete="CASCADE"), primary_key=True
+    )
+    date: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    open: Mapped[float] = mapped_column(Double, nullable=False)
+    high: Mapped[float] = mapped_column(Double, nullable=False)
+    low: Mapped[float] = mapped_column(Double, nullable=False)
+    close: Mapped[float] = mapped_column(Double, nullable=False)
+    volume: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class Job(Base):
+    """One submitted job. Progress counters are updated only by the shard-completion transaction."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_enum_check("status", JobStatus), name="ck_jobs_status"),
+        CheckConstraint(_enum_check("kind", JobKind), name="ck_jobs_kind"),
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.QUEUED.value)
+    owner_id: Mapped[str | None] = mapped_column(String(64))  # set once users exist (auth issue)
+    column_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    script: Mapped[str] = mapped_column(Text, nullable=False)
+    script_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
+    symbols_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    start_date: Mapped[dt.date | None] = mapped_column(Date)
+    end_date: Mapped[dt.date | None] = mapped_column(Date)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    shard_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    shards_total: Mapped[int] = mapped_column(Integer, nullable=False)
+    shards_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    shards_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    symbols_total: Mapped[int] = mapped_column(Integer, nullable=False)
+    symbols_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    symbols_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobShard(Base):
+    """A batch of a job's symbols: the unit of one Celery task."""
+
+    __tablename__ = "job_shards"
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_job_shards_job_index"),
+        CheckConstraint(_enum_check("status", ShardStatus), name="ck_job_shards_status"),
+        Index("ix_job_shards_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    )
+    index: Mapped[int] = mapped_column(Integer, nullable=False)
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=ShardStatus.QUEUED.value)
+    task_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobResult(Base):
+    """One symbol's outcome: a value, or an error (type, message, script line)."""
+
+    __tablename__ = "job_results"
+    __table_args__ = (
+        CheckConstraint("value IS NULL OR error IS NULL", name="ck_job_results_value_or_error"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Double)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    computed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

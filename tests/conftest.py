@@ -1,0 +1,155 @@
+"""Test harness: real PostgreSQL, real Redis, a real Celery worker process.
+
+Servers: ``ALPHAFORGE_TEST_DATABASE_URL`` (any database on a server where we may create databases)
+and ``ALPHAFORGE_TEST_REDIS_URL`` (a Redis database the tests may flush) point the tests at running
+servers; when unset, the tests start the embedded servers themselves. Each run works in a fresh
+database ``af_test_<random>`` that is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from shared import dbadmin, migrate
+from shared.config import SandboxLimits, Settings
+from shared.db import make_engine, make_session_factory
+from shared.embedded import EmbeddedServers
+from worker.celery_app import create_celery
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Tables emptied between tests, children first.
+_DATA_TABLES = ("job_results", "job_shards", "jobs", "daily_bars", "symbols")
+
+
+@dataclass(frozen=True)
+class TestServers:
+    server_database_url: str
+    redis_url: str
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def test_servers() -> Iterator[TestServers]:
+    # Short path: PostgreSQL's unix socket path must stay under ~100 bytes.
+    data_dir = Path(tempfile.mkdtemp(prefix="af-", dir="/tmp"))
+    embedded = EmbeddedServers(data_dir)
+    db_url, redis_url = embedded.start(
+        database_url=os.environ.get("ALPHAFORGE_TEST_DATABASE_URL"),
+        redis_url=os.environ.get("ALPHAFORGE_TEST_REDIS_URL"),
+    )
+    try:
+        yield TestServers(db_url, redis_url, data_dir)
+    finally:
+        embedded.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(test_servers: TestServers) -> Iterator[Settings]:
+    """Settings of a fresh, migrated database. Tests derive variants with ``with_overrides``."""
+    name = f"af_test_{secrets.token_hex(4)}"
+    database_url = dbadmin.create_database(test_servers.server_database_url, name)
+    migrate.upgrade(database_url)
+    client = redis.Redis.from_url(test_servers.redis_url)
+    client.flushdb()
+    client.close()
+    yield Settings(
+        database_url=database_url,
+        redis_url=test_servers.redis_url,
+        data_dir=test_servers.data_dir,
+        shard_size=50,
+        worker_concurrency=2,
+        enqueue_timeout_s=3.0,
+        sandbox=SandboxLimits(symbol_timeout_s=3.0, memory_mb=512),
+    )
+    dbadmin.drop_database(test_servers.server_database_url, name)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = make_engine(settings.require_database_url())
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Iterator[Engine]:
+    """Empty every data table before the test (integration tests request it, directly or not)."""
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(_DATA_TABLES)} CASCADE"))
+    yield engine
+
+
+@pytest.fixture(scope="session")
+def celery_worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process (``python -m worker worker``) on the test database and Redis."""
+    log_path = settings.data_dir / f"worker-{secrets.token_hex(3)}.log"
+    env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker", "--hostname", f"test-{secrets.token_hex(3)}@%h"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    app = create_celery(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not come up; log:\n{log_path.read_text()[-4000:]}")
+        yield proc
+    finally:
+        app.close()
+        _stop_process_group(proc)
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def flask_app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    yield app
+    app.extensions["alphaforge"].engine.dispose()
+
+
+@pytest.fixture
+def client(flask_app: Flask, clean_db: Engine) -> FlaskClient:
+    return flask_app.test_client()

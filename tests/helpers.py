@@ -1,0 +1,78 @@
+"""Helpers for integration tests: deterministic bars, polling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from typing import Any
+
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, insert
+
+from shared.models import DailyBar, Symbol
+
+FINAL = {"succeeded", "partial", "failed", "cancelled"}
+
+
+def business_days(start: dt.date, count: int) -> list[dt.date]:
+    days: list[dt.date] = []
+    day = start
+    while len(days) < count:
+        if day.weekday() < 5:
+            days.append(day)
+        day += dt.timedelta(days=1)
+    return days
+
+
+def seed_bars(engine: Engine, symbols: list[str], *, days: int = 300, seed: int = 7) -> dict[str, list[dict[str, Any]]]:
+    """Insert a seeded random walk per symbol; returns the rows per symbol (oldest first)."""
+    rng = random.Random(seed)
+    dates = business_days(dt.date(2023, 1, 2), days)
+    by_symbol: dict[str, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    for symbol in symbols:
+        price = rng.uniform(10, 500)
+        series = []
+        for date in dates:
+            open_ = price * (1 + rng.gauss(0, 0.005))
+            price *= 1 + rng.gauss(0.0003, 0.02)
+            close = price
+            high = max(open_, close) * (1 + abs(rng.gauss(0, 0.004)))
+            low = min(open_, close) * (1 - abs(rng.gauss(0, 0.004)))
+            row = {"symbol": symbol, "date": date, "open": open_, "high": high, "low": low, "close": close,
+                   "volume": rng.randint(1_000, 5_000_000)}  # fmt: skip
+            series.append(row)
+            rows.append(row)
+        by_symbol[symbol] = series
+    with engine.begin() as conn:
+        conn.execute(insert(Symbol), [{"symbol": s, "is_synthetic": True} for s in symbols])
+        conn.execute(insert(DailyBar), rows)
+    return by_symbol
+
+
+def wait_for_job(client: FlaskClient, job_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get(f"/api/jobs/{job_id}")
+        assert response.status_code == 200, response.json
+        body: dict[str, Any] = response.json  # type: ignore[assignment]
+        if body["status"] in FINAL:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} not finished after {timeout_s} s: {body}")
+        time.sleep(0.2)
+
+
+def all_results(client: FlaskClient, job_id: str, page_size: int = 1000) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = f"?limit={page_size}" + (f"&cursor={cursor}" if cursor else "")
+        response = client.get(f"/api/jobs/{job_id}/results{query}")
+        assert response.status_code == 200, response.json
+        page: dict[str, Any] = response.json  # type: ignore[assignment]
+        rows.extend(page["results"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            return rows

@@ -1,0 +1,30 @@
+"""``python -m worker worker|beat|flower [celery options]``: Celery commands on the app built from the environment."""
+
+from __future__ import annotations
+
+import sys
+
+from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
+from worker.celery_app import create_celery
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args else "worker"
+    settings = Settings.from_env()
+    app = create_celery(settings)
+    if command == "worker":
+        defaults = [
+            "--loglevel=INFO",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={QUEUE_INTERACTIVE},{QUEUE_BULK}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        app.worker_main(["worker", *defaults, *args])
+    else:
+        app.start([command, *args])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The process layer of the sandbox: the trusted parent side.
+
+User code never runs in the worker process. For each shard a fresh interpreter is started
+(``python -I``, empty environment, ``cwd=/``, own session, inherited descriptors closed); it applies
+its resource limits before touching user code (worker/sandbox_child.py). This side enforces the
+wall-clock deadline per symbol with a kill, caps what it reads, and re-checks every result. When a
+symbol times out or kills its process, that symbol gets the error and a new process continues with
+the symbols after it: one bad symbol never costs the others their results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from shared.bars import SymbolBars
+from shared.config import SandboxLimits
+from shared.jobs import Outcome
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from worker.sandbox_child import main; main()"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox process could not be started or set up: an infrastructure fault, worth a retry."""
+
+
+def _failed(symbol: str, kind: str, message: str, line: int | None = None) -> Outcome:
+    return Outcome(symbol, None, {"type": kind, "message": message, "line": line})
+
+
+class _ChildFault(Exception):
+    """The child broke the protocol, died or ran out of time while working on one symbol."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def _encode_request(script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits) -> bytes:
+    payload = pickle.dumps(
+        {
+            "script": script,
+            "params": params,
+            "limits": asdict(limits),
+            "items": [
+                {
+                    "symbol": item.symbol,
+                    "dates": item.dates,
+                    "open": item.open.tobytes(),
+                    "high": item.high.tobytes(),
+                    "low": item.low.tobytes(),
+                    "close": item.close.tobytes(),
+                    "volume": item.volume.tobytes(),
+                }
+                for item in items
+            ],
+        },
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+    return len(payload).to_bytes(8, "big") + payload
+
+
+class _Child:
+    """One sandbox process and a bounded line reader over its stdout."""
+
+    def __init__(self, limits: SandboxLimits) -> None:
+        self.limits = limits
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, str(PROJECT_ROOT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={},
+                cwd="/",
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise SandboxUnavailable(f"cannot start the sandbox process: {exc}") from exc
+        self._buffer = b""
+
+    def send(self, request: bytes) -> None:
+        assert self.proc.stdin is not None
+        watchdog = threading.Timer(self.limits.startup_timeout_s, self.kill)
+        watchdog.start()
+        try:
+            self.proc.stdin.write(request)
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError) as exc:
+            self.kill()
+            raise SandboxUnavailable(f"sandbox process did not take its input: {exc}") from exc
+        finally:
+            watchdog.cancel()
+
+    def read_message(self, timeout_s: float) -> dict[str, Any]:
+        """The next JSON line, within ``timeout_s``; raises _ChildFault otherwise."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        cap = self.limits.max_output_line_bytes
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > cap:
+                raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _ChildFault("TimeoutError", f"the script exceeded the {timeout_s:g} s time limit")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise _ChildFault("SandboxError", self._death_reason())
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        if len(line) > cap:
+            raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise _ChildFault("SandboxError", "the sandbox broke the result protocol") from None
+        if not isinstance(message, dict):
+            raise _ChildFault("SandboxError", "the sandbox broke the result protocol")
+        return message
+
+    def _death_reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return "the sandbox process stopped answering"
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (killed, likely the memory limit)"}.get(name, "")
+            return f"the sandbox process was terminated by {name}{hint}"
+        return f"the sandbox process exited with status {code}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars: int) -> Outcome:
+    """Re-check the child's claim: the right symbol, a finite float or None, or a well-formed error."""
+    if message.get("i") != index:
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (out-of-order result)")
+    if "error" in message:
+        err = message["error"]
+        if not isinstance(err, dict):
+            raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad error)")
+        line = err.get("line")
+        return _failed(
+            symbol,
+            str(err.get("type", "Error"))[:100],
+            str(err.get("message", ""))[:max_chars],
+            line if type(line) is int and line > 0 else None,
+        )
+    value = message.get("value", "missing")
+    if value is None:
+        return Outcome(symbol, None, None)
+    if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > sys.float_info.max:
+        raise _ChildFault("SandboxError", "the sandbox returned a value that is not a finite number")
+    return Outcome(symbol, float(value), None)
+
+
+def run_script(
+    script: str,
+    params: dict[str, Any],
+    items: Sequence[SymbolBars],
+    limits: SandboxLimits,
+) -> list[Outcome]:
+    """Run ``script`` once per item, each with fresh globals, in sandbox processes. One outcome per item."""
+    outcomes: list[Outcome] = []
+    pending = list(items)
+    while pending:
+        child = _Child(limits)
+        try:
+            child.send(_encode_request(script, params, pending, limits))
+            try:
+                ready = child.read_message(limits.startup_timeout_s)
+            except _ChildFault as fault:
+                raise SandboxUnavailable(f"sandbox process failed to start: {fault.message}") from None
+            if ready.get("ready") is not True:
+                raise SandboxUnavailable("sandbox process failed to start: no ready signal")
+            done = 0
+            try:
+                for index, item in enumerate(pending):
+                    message = child.read_message(limits.symbol_timeout_s)
+                    outcomes.append(_checked_outcome(item.symbol, index, message, limits.max_error_chars))
+                    done += 1
+            except _ChildFault as fault:
+                victim = pending[done]
+                log.warning("sandbox fault on %s: %s", victim.symbol, fault.message)
+                outcomes.append(_failed(victim.symbol, fault.kind, fault.message))
+                done += 1
+            pending = pending[done:]
+        finally:
+            child.close()
+    return outcomes
