@@ -184,9 +184,13 @@ def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars
     value = message.get("value", "missing")
     if value is None:
         return Outcome(symbol, None, None)
-    if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > sys.float_info.max:
+    try:
+        number = float(value) if type(value) in (int, float) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
         raise _ChildFault("SandboxError", "the sandbox returned a value that is not a finite number")
-    return Outcome(symbol, float(value), None)
+    return Outcome(symbol, number, None)
 
 
 def run_script(

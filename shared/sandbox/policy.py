@@ -24,7 +24,7 @@ from RestrictedPython.Guards import (
     full_write_guard,
     guarded_iter_unpack_sequence,
     guarded_unpack_sequence,
-    safer_getattr,
+    safer_getattr_raise,
 )
 
 from shared.errors import ScriptCompileError
@@ -228,7 +228,7 @@ def script_globals(inputs: Mapping[str, Any]) -> dict[str, Any]:
     namespace: dict[str, Any] = {
         "__builtins__": dict(SAFE_BUILTINS),
         "__name__": "script",
-        "_getattr_": safer_getattr,
+        "_getattr_": safer_getattr_raise,
         "_getitem_": _getitem,
         "_getiter_": _getiter,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,

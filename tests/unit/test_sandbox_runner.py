@@ -1,0 +1,120 @@
+"""The process layer: a real sandbox child process per batch, limits, kills and result checks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+
+import psutil
+import pytest
+
+from shared.bars import SymbolBars
+from shared.config import SandboxLimits
+from shared.jobs import Outcome
+from worker.sandbox_runner import _ChildFault, _checked_outcome, run_script
+
+LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
+
+
+def bars(symbol: str, n: int = 50) -> SymbolBars:
+    closes = array("d", [100.0 + i for i in range(n)])
+    return SymbolBars(symbol, tuple(f"2024-01-{1 + i % 28:02d}" for i in range(n)), closes, closes, closes, closes,
+                      array("d", [1000.0] * n))  # fmt: skip
+
+
+def run(script: str, symbols: list[str], params: dict[str, object] | None = None) -> dict[str, Outcome]:
+    return {o.symbol: o for o in run_script(script, params or {}, [bars(s) for s in symbols], LIMITS)}
+
+
+def test_inputs_are_tuples_of_floats_and_params_arrive() -> None:
+    script = (
+        "ok = isinstance(close, tuple) and isinstance(close[0], float) and isinstance(volume[0], float)\n"
+        "result = (close[-1] + params['k']) if ok and len(dates) == len(open) and symbol == 'AA' else None"
+    )
+    assert run(script, ["AA"], {"k": 0.5})["AA"] == Outcome("AA", 149.5, None)
+
+
+def test_each_symbol_gets_fresh_globals_and_a_fresh_params_copy() -> None:
+    script = (
+        "try:\n    seen = leaked\nexcept NameError:\n    seen = 0\n"
+        "leaked = 1\nparams['hits'].append(symbol)\nresult = seen + len(params['hits'])"
+    )
+    outcomes = run(script, ["A", "B", "C"], {"hits": []})
+    assert [o.value for o in outcomes.values()] == [1.0, 1.0, 1.0]
+
+
+def test_errors_carry_type_message_and_script_line() -> None:
+    outcome = run("x = 1\ny = {}\nresult = y['missing']", ["A"])["A"]
+    assert outcome.error == {"type": "KeyError", "message": "'missing'", "line": 3}
+    outcome = run("x = 1", ["A"])["A"]
+    assert outcome.error is not None and outcome.error["type"] == "ResultError"
+
+
+def test_timeout_kills_only_that_symbol() -> None:
+    started = time.monotonic()
+    outcomes = run("if symbol == 'B':\n    while True:\n        pass\nresult = 1", ["A", "B", "C"])
+    assert outcomes["A"].value == 1.0 and outcomes["C"].value == 1.0
+    assert outcomes["B"].error is not None and outcomes["B"].error["type"] == "TimeoutError"
+    assert time.monotonic() - started < LIMITS.symbol_timeout_s + 5
+
+
+def test_swallowing_exceptions_cannot_dodge_the_wall_clock() -> None:
+    script = "while True:\n    try:\n        x = [0] * 10\n    except Exception:\n        pass"
+    assert run(script, ["A"])["A"].error["type"] == "TimeoutError"  # type: ignore[index]
+
+
+def test_memory_bomb_is_a_per_symbol_error() -> None:
+    outcomes = run("if symbol == 'A':\n    x = 'a' * (10 ** 10)\nresult = 2", ["A", "B"])
+    assert outcomes["A"].error is not None and outcomes["A"].error["type"] in {"MemoryError", "OverflowError"}
+    assert outcomes["B"].value == 2.0
+
+
+def test_results_are_checked() -> None:
+    outcomes = run(
+        "v = {'A': float('inf'), 'B': True, 'C': 'x', 'D': [1], 'E': 10 ** 400, 'F': None, 'G': 3}\nresult = v[symbol]",
+        list("ABCDEFG"),
+    )
+    assert {s: (o.error or {}).get("type") for s, o in outcomes.items()} == {
+        "A": "ValueError", "B": "TypeError", "C": "TypeError", "D": "TypeError", "E": "OverflowError",
+        "F": None, "G": None,
+    }  # fmt: skip
+    assert outcomes["G"].value == 3.0 and outcomes["F"].value is None
+
+
+def test_parent_rechecks_what_the_child_claims() -> None:
+    assert _checked_outcome("A", 0, {"i": 0, "value": 1.5}, 100) == Outcome("A", 1.5, None)
+    for bad in ({"i": 1, "value": 1.0}, {"i": 0, "value": "1"}, {"i": 0, "value": float("nan")},
+                {"i": 0, "value": True}, {"i": 0, "value": 10**400}, {"i": 0, "error": "x"}):  # fmt: skip
+        with pytest.raises(_ChildFault):
+            _checked_outcome("A", 0, bad, 100)
+    long = _checked_outcome("A", 0, {"i": 0, "error": {"type": "E", "message": "m" * 500, "line": -3}}, 100)
+    assert long.error == {"type": "E", "message": "m" * 100, "line": None}
+
+
+def test_child_has_empty_environment_cwd_root_and_limits() -> None:
+    seen: dict[str, object] = {}
+
+    def inspect() -> None:
+        deadline = time.monotonic() + 10
+        me = psutil.Process()
+        while time.monotonic() < deadline and not seen:
+            for child in me.children(recursive=True):
+                try:
+                    if "worker.sandbox_child" in " ".join(child.cmdline()):
+                        seen.update(env=child.environ(), cwd=child.cwd(), rlimit_as=child.rlimit(psutil.RLIMIT_AS),
+                                    rlimit_fsize=child.rlimit(psutil.RLIMIT_FSIZE), sid=child.pid)  # fmt: skip
+                        # the session id equals the pid: start_new_session
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=inspect)
+    watcher.start()
+    run("s = 0\nfor i in range(3000000):\n    s += i\nresult = 1", ["A"])
+    watcher.join()
+    assert seen["env"] == {}
+    assert seen["cwd"] == "/"
+    limit = LIMITS.memory_mb * 1024 * 1024
+    assert seen["rlimit_as"] == (limit, limit)
+    assert seen["rlimit_fsize"] == (0, 0)
