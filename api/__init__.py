@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import redis
 from celery import Celery
-from flask import Flask, Response, current_app, redirect, request
+from flask import Response, current_app, redirect, request
 from flask_openapi3 import Info, OpenAPI
 from pydantic import ValidationError
 from sqlalchemy import Engine

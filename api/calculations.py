@@ -13,9 +13,7 @@ from shared.calculations import CalculationRequest, submit_calculation
 from shared.errors import ValidationFailed
 from worker.celery_app import shard_enqueuer
 
-bp = APIBlueprint(
-    "calculations", __name__, url_prefix="/api/custom-calculations", abp_tags=[Tag(name="calculations")]
-)
+bp = APIBlueprint("calculations", __name__, url_prefix="/api/custom-calculations", abp_tags=[Tag(name="calculations")])
 
 
 @bp.post(

@@ -56,7 +56,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        if exc.response is not None and exc.response.mimetype == "application/json":
+        if isinstance(exc.response, Response) and exc.response.mimetype == "application/json":
             return exc.response  # already in our shape (aborted with one of our responses)
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, code, exc.description or exc.name or "error")

@@ -58,6 +58,4 @@ def load_bars(
         cols[3].append(low)
         cols[4].append(c)
         cols[5].append(v)
-    return {
-        symbol: SymbolBars(symbol, tuple(d), o, h, low, c, v) for symbol, (d, o, h, low, c, v) in columns.items()
-    }
+    return {symbol: SymbolBars(symbol, tuple(d), o, h, low, c, v) for symbol, (d, o, h, low, c, v) in columns.items()}

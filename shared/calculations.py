@@ -70,7 +70,9 @@ ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimit
 
 def _missing_outcome(symbol: str, known: set[str], job: Job) -> jobs.Outcome:
     if symbol not in known:
-        return jobs.Outcome(symbol, None, {"type": "UnknownSymbol", "message": f"unknown symbol {symbol}", "line": None})
+        return jobs.Outcome(
+            symbol, None, {"type": "UnknownSymbol", "message": f"unknown symbol {symbol}", "line": None}
+        )
     start = job.start_date.isoformat() if job.start_date else "the first bar"
     end = job.end_date.isoformat() if job.end_date else "the last bar"
     message = f"no bars for {symbol} between {start} and {end}"

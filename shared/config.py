@@ -105,7 +105,9 @@ class Settings:
 
     def require_database_url(self) -> str:
         if not self.database_url:
-            raise ConfigError("DATABASE_URL is not set (./alphaforge up starts an embedded PostgreSQL when it is unset)")
+            raise ConfigError(
+                "DATABASE_URL is not set (./alphaforge up starts an embedded PostgreSQL when it is unset)"
+            )
         return self.database_url
 
     def require_redis_url(self) -> str:

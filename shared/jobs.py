@@ -133,7 +133,9 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
         return StartedShard(shard_id, job, list(symbols), attempts)
 
 
-def _finish_shard(session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None) -> bool:
+def _finish_shard(
+    session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None
+) -> bool:
     claimed = session.execute(
         update(JobShard)
         .where(JobShard.id == shard_id, JobShard.status.in_(_OPEN_SHARD))

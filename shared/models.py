@@ -75,9 +75,7 @@ class Symbol(Base):
 class DailyBar(Base):
     __tablename__ = "daily_bars"
 
-    symbol: Mapped[str] = mapped_column(
-        String(32), ForeignKey("symbols.symbol", ondelete="CASCADE"), primary_key=True
-    )
+    symbol: Mapped[str] = mapped_column(String(32), ForeignKey("symbols.symbol", ondelete="CASCADE"), primary_key=True)
     date: Mapped[dt.date] = mapped_column(Date, primary_key=True)
     open: Mapped[float] = mapped_column(Double, nullable=False)
     high: Mapped[float] = mapped_column(Double, nullable=False)
@@ -150,9 +148,7 @@ class JobResult(Base):
     """One symbol's outcome: a value, or an error (type, message, script line)."""
 
     __tablename__ = "job_results"
-    __table_args__ = (
-        CheckConstraint("value IS NULL OR error IS NULL", name="ck_job_results_value_or_error"),
-    )
+    __table_args__ = (CheckConstraint("value IS NULL OR error IS NULL", name="ck_job_results_value_or_error"),)
 
     job_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True

@@ -43,7 +43,7 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes:
 def _apply_limits(limits: dict[str, Any], n_items: int) -> None:
     mem = int(limits["memory_mb"]) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    cpu = int(math.ceil(float(limits["symbol_timeout_s"]) * max(n_items, 1) + 5))
+    cpu = math.ceil(float(limits["symbol_timeout_s"]) * max(n_items, 1) + 5)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # no file writes
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -95,9 +95,11 @@ def _run_one(code: Any, item: dict[str, Any], params_json: str, max_chars: int) 
         exec(code, namespace)
         value = namespace.get(RESULT_NAME, _MISSING)
         if value is _MISSING:
-            return {"error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}}
+            return {
+                "error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}
+            }
         return {"value": check_result(value)}
-    except BaseException as exc:  # noqa: BLE001 - every failure of user code is that symbol's error
+    except BaseException as exc:
         return {"error": _describe(exc, max_chars)}
 
 

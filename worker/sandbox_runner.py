@@ -10,6 +10,7 @@ the symbols after it: one bad symbol never costs the others their results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -154,10 +155,8 @@ class _Child:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait()
 
     def close(self) -> None:

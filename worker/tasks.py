@@ -26,7 +26,7 @@ class WorkerServices:
     session_factory: sessionmaker[Session]
 
 
-class ServicesTask(Task):  # type: ignore[misc]
+class ServicesTask(Task):
     """Builds the database engine lazily, once per worker process (after the prefork fork)."""
 
     _services: WorkerServices | None = None

@@ -50,11 +50,15 @@ def compile_script(source: str) -> types.CodeType:
     except SyntaxError as exc:
         raise ScriptCompileError(f"{type(exc).__name__}: {exc.msg}", line=exc.lineno) from None
     except (RecursionError, MemoryError, ValueError) as exc:
-        raise ScriptCompileError(f"script is too deeply nested or too large ({type(exc).__name__})", line=None) from None
+        raise ScriptCompileError(
+            f"script is too deeply nested or too large ({type(exc).__name__})", line=None
+        ) from None
     try:
         compiled = compile_restricted_exec(source, filename=SCRIPT_FILENAME)
     except (RecursionError, MemoryError, ValueError) as exc:
-        raise ScriptCompileError(f"script is too deeply nested or too large ({type(exc).__name__})", line=None) from None
+        raise ScriptCompileError(
+            f"script is too deeply nested or too large ({type(exc).__name__})", line=None
+        ) from None
     if compiled.errors:
         first = compiled.errors[0]
         match = _LINE_PREFIX.match(first)
@@ -104,14 +108,6 @@ def _inplacevar(op: str, target: Any, value: Any) -> Any:
     return func(target, value)
 
 
-def _getiter(obj: Any) -> Any:
-    return iter(obj)
-
-
-def _getitem(obj: Any, key: Any) -> Any:
-    return obj[key]
-
-
 def _apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return func(*args, **kwargs)
 
@@ -144,7 +140,7 @@ class ReadOnlyModule:
     Real modules leak their imports (``statistics.sys.modules`` reaches ``os``); a facade does not.
     """
 
-    __slots__ = ("_name", "_members")
+    __slots__ = ("_members", "_name")
 
     def __init__(self, name: str, members: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_name", name)
@@ -155,7 +151,9 @@ class ReadOnlyModule:
         try:
             return members[item]
         except KeyError:
-            raise AttributeError(f"module {object.__getattribute__(self, '_name')!r} has no attribute {item!r}") from None
+            raise AttributeError(
+                f"module {object.__getattribute__(self, '_name')!r} has no attribute {item!r}"
+            ) from None
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("modules are read-only in scripts")
@@ -179,7 +177,9 @@ def _public_members(module: types.ModuleType, names: Iterable[str]) -> dict[str,
 
 _MATH_NAMES = [n for n in dir(math) if not n.startswith("_")]
 _STATISTICS_NAMES = [
-    n for n in statistics.__all__ if n not in {"NormalDist"}  # NormalDist.samples reaches `random`
+    n
+    for n in statistics.__all__
+    if n not in {"NormalDist"}  # NormalDist.samples reaches `random`
 ]
 
 ALLOWED_MODULES: dict[str, ReadOnlyModule] = {
@@ -229,8 +229,11 @@ def script_globals(inputs: Mapping[str, Any]) -> dict[str, Any]:
         "__builtins__": dict(SAFE_BUILTINS),
         "__name__": "script",
         "_getattr_": safer_getattr_raise,
-        "_getitem_": _getitem,
-        "_getiter_": _getiter,
+        # Plain C-level item access and iteration: every object a script can reach is data (tuples,
+        # lists, dicts, numbers, strings) or a facade, so there is nothing to guard, and these run
+        # once per bar in the hot loop of every script.
+        "_getitem_": operator.getitem,
+        "_getiter_": iter,
         "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
         "_unpack_sequence_": guarded_unpack_sequence,
         "_write_": full_write_guard,

@@ -33,7 +33,7 @@ def assert_error(response: Any, status: int, code: str, field: str | None = None
         fields = [e["field"] for e in body["error"]["details"]["errors"]]
         assert field in fields, body
         assert field in body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
+    return body["error"]
 
 
 @pytest.mark.parametrize(
@@ -156,9 +156,7 @@ def test_results_paging_parameters_are_validated(client: FlaskClient) -> None:
     assert_error(client.get(f"/api/jobs/{job_id}/results?cursor=%%%"), 422, "validation_error", "cursor")
 
 
-def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(
-    clean_db: Engine, settings: Settings
-) -> None:
+def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(clean_db: Engine, settings: Settings) -> None:
     broken = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_tcp_port()}/0", enqueue_timeout_s=1.0)
     app = create_app(broken)
     try:
@@ -170,6 +168,6 @@ def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(
         assert str(job.id) == error["details"]["job_id"]
         assert job.status == "failed" and "could not be queued" in job.error
         assert shard_statuses == {"failed"}
-        assert app.test_client().get(f"/api/jobs/{job.id}").json["status"] == "failed"
+        assert app.test_client().get(f"/api/jobs/{job.id}").get_json()["status"] == "failed"
     finally:
         app.extensions["alphaforge"].engine.dispose()

@@ -169,19 +169,18 @@ def test_cancel_keeps_finished_results_and_stops_the_rest(client: FlaskClient, e
     script = "s = 0\nfor i in range(300000):\n    s += i\nresult = close[-1]"
     job_id = submit(client, script=script, column_name="c", stock_symbols=symbols)["job_id"]
     response = client.post(f"/api/jobs/{job_id}/cancel")
-    assert response.status_code == 200 and response.json["status"] == "cancelled"
+    assert response.status_code == 200 and response.get_json()["status"] == "cancelled"
     time.sleep(3)
     with engine.connect() as conn:
         statuses = set(conn.scalars(select(JobShard.status).where(JobShard.job_id == job_id)))
         assert statuses <= {"cancelled", "succeeded", "running"}
         assert conn.scalar(select(Job.status).where(Job.id == job_id)) == "cancelled"
-    assert client.post(f"/api/jobs/{job_id}/cancel").json["status"] == "cancelled"
+    assert client.post(f"/api/jobs/{job_id}/cancel").get_json()["status"] == "cancelled"
 
 
 def test_health_reports_database_broker_and_workers(client: FlaskClient) -> None:
     response = client.get("/api/health")
     assert response.status_code == 200
-    body = response.json
+    body = response.get_json()
     assert body["status"] == "ok"
     assert body["database"]["ok"] and body["broker"]["ok"] and body["workers"]["count"] >= 1
-

@@ -12,7 +12,7 @@ import pytest
 from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
-from worker.sandbox_runner import _ChildFault, _checked_outcome, run_script
+from worker.sandbox_runner import _checked_outcome, _ChildFault, run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 
@@ -101,17 +101,23 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
         while time.monotonic() < deadline and not seen:
             for child in me.children(recursive=True):
                 try:
-                    if "worker.sandbox_child" in " ".join(child.cmdline()):
-                        seen.update(env=child.environ(), cwd=child.cwd(), rlimit_as=child.rlimit(psutil.RLIMIT_AS),
-                                    rlimit_fsize=child.rlimit(psutil.RLIMIT_FSIZE), sid=child.pid)  # fmt: skip
-                        # the session id equals the pid: start_new_session
+                    if "worker.sandbox_child" not in " ".join(child.cmdline()):
+                        continue
+                    if child.rlimit(psutil.RLIMIT_AS)[0] == psutil.RLIM_INFINITY:
+                        continue  # still reading its input: limits come before user code
+                    seen.update(
+                        env=child.environ(),
+                        cwd=child.cwd(),
+                        rlimit_as=child.rlimit(psutil.RLIMIT_AS),
+                        rlimit_fsize=child.rlimit(psutil.RLIMIT_FSIZE),
+                    )
                 except psutil.Error:
                     pass
             time.sleep(0.05)
 
     watcher = threading.Thread(target=inspect)
     watcher.start()
-    run("s = 0\nfor i in range(3000000):\n    s += i\nresult = 1", ["A"])
+    run("s = 0\nfor i in range(8000000):\n    s += i\nresult = 1", ["A"])
     watcher.join()
     assert seen["env"] == {}
     assert seen["cwd"] == "/"
