@@ -12,11 +12,14 @@ The parent re-validates every line: nothing this process says is trusted.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import pickle
 import resource
+import signal
 import sys
 import traceback
 from array import array
@@ -25,6 +28,7 @@ from typing import Any, BinaryIO
 from shared.sandbox.policy import RESULT_NAME, SCRIPT_FILENAME, compile_script, script_globals
 
 SERIES = ("open", "high", "low", "close", "volume")
+_PR_SET_PDEATHSIG = 1
 _MISSING = object()
 
 
@@ -103,7 +107,17 @@ def _run_one(code: Any, item: dict[str, Any], params_json: str, max_chars: int) 
         return {"error": _describe(exc, max_chars)}
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL if the worker process dies, so no sandbox outlives its supervisor."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main() -> None:
+    _die_with_parent()
     out = os.fdopen(os.dup(1), "wb")
     request = pickle.loads(_read_exact(sys.stdin.buffer, int.from_bytes(_read_exact(sys.stdin.buffer, 8), "big")))
     items: list[dict[str, Any]] = request["items"]
