@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import register_error_handlers, validation_error_response
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
-from shared.errors import AppError, InvalidJson
+from shared.errors import InvalidJson, UnsupportedMediaType
 from worker.celery_app import create_celery
 
 API_VERSION = "0.1.0"
@@ -46,21 +46,13 @@ def _require_json_body() -> None:
     if request.method not in ("POST", "PUT", "PATCH") or not request.content_length:
         return
     if not request.is_json:
-        raise UnsupportedMediaType()
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     if request.get_json(silent=True) is None:
         try:
             request.get_json()
         except Exception as exc:
             raise InvalidJson(f"request body is not valid JSON: {getattr(exc, 'description', exc)}") from None
         raise InvalidJson("request body is not valid JSON")
-
-
-class UnsupportedMediaType(AppError):
-    status = 415
-    code = "unsupported_media_type"
-
-    def __init__(self) -> None:
-        super().__init__("send the body as JSON with Content-Type: application/json")
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:

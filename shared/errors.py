@@ -34,6 +34,11 @@ class InvalidJson(BadRequest):
     code = "invalid_json"
 
 
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class ValidationFailed(AppError):
     """Input that parsed but is not acceptable. ``details["errors"]`` lists ``{field, message}``."""
 

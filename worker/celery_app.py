@@ -12,9 +12,13 @@ from shared.jobs import Enqueue, ShardTask
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 
-# Above the longest a shard may take (shard_size x per-symbol timeout, plus loading and storing):
-# on Redis a task still unacknowledged after this is delivered again (Celery's Redis caveat).
-VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Above the longest a shard may take (every symbol hitting its time limit, plus loading and storing):
+    on Redis a task still unacknowledged after this is delivered again (Celery's Redis caveat)."""
+    worst_shard = settings.shard_size * (settings.sandbox.symbol_timeout_s + settings.sandbox.startup_timeout_s)
+    return int(max(3600, 2 * worst_shard + 600))
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -32,8 +36,8 @@ def create_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE_INTERACTIVE,
         task_queues=(Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
         task_routes={TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE}},
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
+        result_backend_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.enqueue_timeout_s,
         redis_socket_connect_timeout=settings.enqueue_timeout_s,
