@@ -6,6 +6,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
+import sqlalchemy.exc
 from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
@@ -60,6 +63,15 @@ def register_error_handlers(app: Flask) -> None:
             return exc.response  # already in our shape (aborted with one of our responses)
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, code, exc.description or exc.name or "error")
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    @app.errorhandler(kombu.exceptions.OperationalError)
+    def _dependency_down(exc: Exception) -> Response:
+        log.warning("dependency unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
+        return error_response(503, "service_unavailable", "a backing service is unavailable; please retry")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -35,11 +35,12 @@ from typing import Any
 from sqlalchemy import text
 
 from shared import dbadmin, migrate
-from shared.bars import load_bars
+from shared.bars import SymbolBars, load_bars
 from shared.bars_demo import load_demo_universe
 from shared.config import Settings
 from shared.db import make_engine
 from shared.embedded import EmbeddedServers, free_tcp_port
+from worker.sandbox_runner import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,15 +103,11 @@ def fetch_values(base: str, job_id: str) -> dict[str, float]:
             return values
 
 
-def run_reference(database_url: str, symbols: list[str], start: Any) -> tuple[float, dict[str, float]]:
+def plain_compute(bars: dict[str, SymbolBars]) -> dict[str, float]:
+    """The script as plain Python: no RestrictedPython, no sandbox process."""
     code = compile(SMA_SCRIPT, "<reference>", "exec")
-    engine = make_engine(database_url, pool_size=1)
-    began = time.perf_counter()
-    with engine.connect() as conn:
-        bars = load_bars(conn, symbols, start, None)
     values: dict[str, float] = {}
-    for symbol in symbols:
-        b = bars[symbol]
+    for symbol, b in bars.items():
         namespace: dict[str, Any] = {
             "open": tuple(b.open), "high": tuple(b.high), "low": tuple(b.low), "close": tuple(b.close),
             "volume": tuple(b.volume), "dates": b.dates, "symbol": symbol, "params": dict(PARAMS),
@@ -118,9 +115,36 @@ def run_reference(database_url: str, symbols: list[str], start: Any) -> tuple[fl
         }  # fmt: skip
         exec(code, namespace)
         values[symbol] = namespace["result"]
-    elapsed = time.perf_counter() - began
+    return values
+
+
+def load_all(database_url: str, symbols: list[str], start: Any) -> dict[str, SymbolBars]:
+    engine = make_engine(database_url, pool_size=1)
+    with engine.connect() as conn:
+        bars = load_bars(conn, symbols, start, None)
     engine.dispose()
-    return elapsed, values
+    return bars
+
+
+def run_reference(database_url: str, symbols: list[str], start: Any) -> tuple[float, float, dict[str, float]]:
+    """Seconds in all, seconds of that spent loading bars, and the values."""
+    began = time.perf_counter()
+    bars = load_all(database_url, symbols, start)
+    loaded = time.perf_counter()
+    values = plain_compute(bars)
+    return time.perf_counter() - began, loaded - began, values
+
+
+def compute_only(bars: dict[str, SymbolBars], settings: Settings) -> tuple[float, float]:
+    """Sandbox overhead without the database: plain compute vs sandboxed compute, one core each."""
+    began = time.perf_counter()
+    plain_compute(bars)
+    plain = time.perf_counter() - began
+    items = list(bars.values())
+    began = time.perf_counter()
+    for i in range(0, len(items), settings.shard_size):
+        run_script(SMA_SCRIPT, PARAMS, items[i : i + settings.shard_size], settings.sandbox)
+    return plain, time.perf_counter() - began
 
 
 def main() -> int:
@@ -176,14 +200,16 @@ def main() -> int:
             seconds, job = run_system(base, symbols, start.isoformat())
             assert job["status"] == "succeeded", job
             system_times.append(seconds)
-            ref_seconds, expected = run_reference(database_url, symbols, start)
+            ref_seconds, load_seconds, expected = run_reference(database_url, symbols, start)
             reference_times.append(ref_seconds)
             got = fetch_values(base, job["job_id"])
             mismatches = [s for s in symbols if not math.isclose(got[s], expected[s], rel_tol=1e-12, abs_tol=1e-15)]
             assert not mismatches, f"values differ from the reference for {mismatches[:5]}"
-            print(f"round {round_no}: system {seconds:.2f} s, plain loop {ref_seconds:.2f} s, "
+            print(f"round {round_no}: system {seconds:.2f} s, plain loop {ref_seconds:.2f} s "
+                  f"(load {load_seconds:.2f} s + compute {ref_seconds - load_seconds:.2f} s), "
                   f"ratio {seconds / ref_seconds:.2f}", flush=True)  # fmt: skip
 
+        plain_cpu, sandbox_cpu = compute_only(load_all(database_url, symbols, start), settings)
         system = statistics.median(system_times)
         reference = statistics.median(reference_times)
         evaluations = len(symbols)
@@ -192,6 +218,10 @@ def main() -> int:
         print(f"system:    {system:.2f} s  -> {evaluations / system:,.0f} symbol-evaluations/s")
         print(f"reference: {reference:.2f} s  -> {evaluations / reference:,.0f} symbol-evaluations/s (plain Python)")
         print(f"ratio system/reference: {system / reference:.2f}  (goal <= 2.00)")
+        print(
+            f"compute only, one core, no database: plain {plain_cpu:.2f} s, sandboxed {sandbox_cpu:.2f} s "
+            f"(RestrictedPython + one process per {settings.shard_size} symbols): ratio {sandbox_cpu / plain_cpu:.2f}"
+        )
         return 0
     finally:
         for child in children:

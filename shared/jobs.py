@@ -104,9 +104,19 @@ class StartedShard:
     attempt: int
 
 
+def _lock_job_of_shard(session: Session, shard_id: int) -> uuid.UUID | None:
+    """Lock the shard's job row first: every writer takes job, then shard, so none can deadlock."""
+    job_id = session.scalar(select(JobShard.job_id).where(JobShard.id == shard_id))
+    if job_id is not None:
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    return job_id
+
+
 def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard | None:
     """Claim a shard for running; None when it is finished, cancelled or its job is no longer active."""
     with session_scope(factory) as session:
+        if _lock_job_of_shard(session, shard_id) is None:
+            return None
         row = session.execute(
             text(
                 """
@@ -136,6 +146,8 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
 def _finish_shard(
     session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None
 ) -> bool:
+    if _lock_job_of_shard(session, shard_id) is None:
+        return False
     claimed = session.execute(
         update(JobShard)
         .where(JobShard.id == shard_id, JobShard.status.in_(_OPEN_SHARD))

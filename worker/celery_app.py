@@ -13,7 +13,6 @@ from shared.jobs import Enqueue, ShardTask
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 
 
-
 def visibility_timeout_s(settings: Settings) -> int:
     """Above the longest a shard may take (every symbol hitting its time limit, plus loading and storing):
     on Redis a task still unacknowledged after this is delivered again (Celery's Redis caveat)."""

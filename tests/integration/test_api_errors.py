@@ -171,3 +171,18 @@ def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(clean_db:
         assert app.test_client().get(f"/api/jobs/{job.id}").get_json()["status"] == "failed"
     finally:
         app.extensions["alphaforge"].engine.dispose()
+
+
+def test_unreachable_database_is_503_not_500(settings: Settings) -> None:
+    port = free_tcp_port()
+    broken = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{port}/nowhere")
+    app = create_app(broken)
+    try:
+        client = app.test_client()
+        assert_error(client.get(f"/api/jobs/{uuid.uuid4()}"), 503, "service_unavailable")
+        assert_error(client.post("/api/custom-calculations/execute", json=GOOD), 503, "service_unavailable")
+        health = client.get("/api/health")
+        assert health.status_code == 503
+        assert health.get_json()["database"]["ok"] is False and health.get_json()["status"] == "unavailable"
+    finally:
+        app.extensions["alphaforge"].engine.dispose()
