@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import jobs
 from shared.bars import SymbolBars, load_bars
 from shared.config import SandboxLimits
+from shared.errors import ScriptCompileError
 from shared.models import Job, JobKind, Symbol
 from shared.sandbox.policy import compile_script
+from shared.security import SANDBOX_REJECTIONS, security_event
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,12 @@ def submit_calculation(
     factory: sessionmaker[Session], request: CalculationRequest, *, shard_size: int, enqueue: jobs.Enqueue
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
-    compile_script(request.script)
+    try:
+        compile_script(request.script)
+    except ScriptCompileError as exc:
+        if not exc.reason.startswith(("SyntaxError", "IndentationError", "TabError")):
+            security_event("compile", exc.message, owner=request.owner_id)
+        raise
     job = Job(
         kind=JobKind.CALCULATION.value,
         owner_id=request.owner_id,
@@ -96,4 +103,9 @@ def run_shard(
     present = [bars[s] for s in started.symbols if s in bars]
     computed = {o.symbol: o for o in runner(job.script, job.params, present, limits)}
     outcomes = [computed[s] if s in computed else _missing_outcome(s, known, job) for s in started.symbols]
+    for outcome in outcomes:
+        if outcome.error is not None and outcome.error.get("type") in SANDBOX_REJECTIONS:
+            security_event(
+                "sandbox", str(outcome.error.get("message")), job=job.id, symbol=outcome.symbol, owner=job.owner_id
+            )
     return jobs.complete_shard(factory, shard_id, outcomes)

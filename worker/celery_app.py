@@ -13,11 +13,17 @@ from shared.jobs import Enqueue, ShardTask
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 
 
-def visibility_timeout_s(settings: Settings) -> int:
-    """Above the longest a shard may take (every symbol hitting its time limit, plus loading and storing):
-    on Redis a task still unacknowledged after this is delivered again (Celery's Redis caveat)."""
+def shard_time_limit_s(settings: Settings) -> int:
+    """Celery's hard backstop: above the longest a shard may take (every symbol hitting its time limit,
+    plus loading and storing). Beyond it the pool process is killed and the shard retried elsewhere."""
     worst_shard = settings.shard_size * (settings.sandbox.symbol_timeout_s + settings.sandbox.startup_timeout_s)
-    return int(max(3600, 2 * worst_shard + 600))
+    return int(worst_shard + 300)
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """On Redis a task still unacknowledged after this is delivered again (Celery's Redis caveat): keep it
+    well above the longest a shard may take."""
+    return max(3600, 2 * shard_time_limit_s(settings))
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -32,6 +38,9 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        task_time_limit=shard_time_limit_s(settings),
+        worker_max_tasks_per_child=500,  # bound slow leaks in long-lived pool processes
+        worker_max_memory_per_child=512_000,  # KiB: recycle a pool process that grew past 500 MB
         task_default_queue=QUEUE_INTERACTIVE,
         task_queues=(Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
         task_routes={TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE}},

@@ -29,6 +29,8 @@ from shared.sandbox.policy import RESULT_NAME, SCRIPT_FILENAME, compile_script, 
 
 SERIES = ("open", "high", "low", "close", "volume")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+NOBODY = 65534  # uid/gid of the sandbox when the worker runs as root
 _MISSING = object()
 
 
@@ -53,6 +55,20 @@ def _apply_limits(limits: dict[str, Any], n_items: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no child processes (not enforced for root)
     resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+
+
+def _drop_privileges() -> dict[str, bool]:
+    """No new privileges ever (setuid binaries, file capabilities); and never run user code as root."""
+    layers = {"no_new_privs": False, "unprivileged_uid": os.geteuid() != 0}
+    with contextlib.suppress(OSError, AttributeError):
+        layers["no_new_privs"] = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            layers["unprivileged_uid"] = os.geteuid() == NOBODY
+    return layers
 
 
 def _error_line(exc: BaseException) -> int | None:
@@ -129,6 +145,7 @@ def main() -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     _apply_limits(limits, len(items))
+    layers = _drop_privileges()
 
     def emit(message: dict[str, Any]) -> None:
         out.write(json.dumps(message, allow_nan=True).encode() + b"\n")
@@ -137,11 +154,11 @@ def main() -> None:
     try:
         code = compile_script(request["script"])
     except Exception as exc:
-        emit({"ready": True})
+        emit({"ready": True, "layers": layers})
         for index in range(len(items)):
             emit({"i": index, "error": _describe(exc, max_chars)})
         return
     params_json = json.dumps(request["params"])
-    emit({"ready": True})
+    emit({"ready": True, "layers": layers})
     for index, item in enumerate(items):
         emit({"i": index, **_run_one(code, item, params_json, max_chars)})

@@ -192,6 +192,19 @@ def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars
     return Outcome(symbol, number, None)
 
 
+_reported_layers: set[str] = set()
+
+
+def _note_layers(layers: object) -> None:
+    """Say once per process, loudly, when a protective layer could not be applied on this host."""
+    if not isinstance(layers, dict):
+        return
+    for name, active in layers.items():
+        if active is not True and name not in _reported_layers:
+            _reported_layers.add(name)
+            log.warning("sandbox layer %r is not active on this host", name)
+
+
 def run_script(
     script: str,
     params: dict[str, Any],
@@ -211,6 +224,7 @@ def run_script(
                 raise SandboxUnavailable(f"sandbox process failed to start: {fault.message}") from None
             if ready.get("ready") is not True:
                 raise SandboxUnavailable("sandbox process failed to start: no ready signal")
+            _note_layers(ready.get("layers"))
             done = 0
             try:
                 for index, item in enumerate(pending):

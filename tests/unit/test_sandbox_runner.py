@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from array import array
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
+from worker.sandbox_child import NOBODY
 from worker.sandbox_runner import _checked_outcome, _ChildFault, run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
@@ -92,28 +96,35 @@ def test_parent_rechecks_what_the_child_claims() -> None:
     assert long.error == {"type": "E", "message": "m" * 100, "line": None}
 
 
+def proc_limits(pid: int) -> dict[str, tuple[str, str]]:
+    """Soft and hard limits from /proc (readable after the child changed its uid, unlike prlimit)."""
+    limits: dict[str, tuple[str, str]] = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name, soft, hard = line[:26].strip(), *line[26:].split()[:2]
+        limits[name] = (soft, hard)
+    return limits
+
+
 def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     seen: dict[str, object] = {}
 
     def inspect() -> None:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         me = psutil.Process()
-        while time.monotonic() < deadline and not seen:
+        while time.monotonic() < deadline and "uids" not in seen:
             for child in me.children(recursive=True):
-                try:
+                with contextlib.suppress(psutil.Error):
                     if "worker.sandbox_child" not in " ".join(child.cmdline()):
                         continue
-                    if child.rlimit(psutil.RLIMIT_AS)[0] == psutil.RLIM_INFINITY:
+                    if "env" not in seen:  # readable until the child drops its privileges
+                        seen.update(env=child.environ(), cwd=child.cwd())
+                with contextlib.suppress(psutil.Error, OSError):
+                    limits = proc_limits(child.pid)
+                    if limits["Max address space"] == ("unlimited", "unlimited"):
                         continue  # still reading its input: limits come before user code
-                    seen.update(
-                        env=child.environ(),
-                        cwd=child.cwd(),
-                        rlimit_as=child.rlimit(psutil.RLIMIT_AS),
-                        rlimit_fsize=child.rlimit(psutil.RLIMIT_FSIZE),
-                    )
-                except psutil.Error:
-                    pass
-            time.sleep(0.05)
+                    time.sleep(0.2)  # privileges are dropped right after the limits
+                    seen.update(limits=limits, uids=tuple(child.uids()))
+            time.sleep(0.01)
 
     watcher = threading.Thread(target=inspect)
     watcher.start()
@@ -121,6 +132,11 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     watcher.join()
     assert seen["env"] == {}
     assert seen["cwd"] == "/"
-    limit = LIMITS.memory_mb * 1024 * 1024
-    assert seen["rlimit_as"] == (limit, limit)
-    assert seen["rlimit_fsize"] == (0, 0)
+    limits = seen["limits"]
+    assert isinstance(limits, dict)
+    address_space = str(LIMITS.memory_mb * 1024 * 1024)
+    assert limits["Max address space"] == (address_space, address_space)
+    assert limits["Max file size"] == ("0", "0") and limits["Max core file size"] == ("0", "0")
+    assert limits["Max processes"] == ("0", "0") and limits["Max open files"] == ("8", "8")
+    if os.geteuid() == 0:  # user code never runs as root
+        assert seen["uids"] == (NOBODY, NOBODY, NOBODY)

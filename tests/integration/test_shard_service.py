@@ -1,0 +1,80 @@
+"""The job/shard service in-process: real PostgreSQL and the real sandbox, Celery left out."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import calculations, jobs
+from shared.calculations import CalculationRequest
+from shared.config import SandboxLimits
+from shared.errors import ScriptCompileError
+from shared.models import Job, JobResult, JobShard
+from tests.helpers import seed_bars
+from worker.sandbox_runner import run_script
+
+LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
+
+
+def submit(
+    factory: sessionmaker[Session], script: str, symbols: list[str], shard_size: int = 2
+) -> tuple[Job, list[int]]:
+    sent: list[jobs.ShardTask] = []
+    request = CalculationRequest(script=script, column_name="c", symbols=symbols)
+    job = calculations.submit_calculation(factory, request, shard_size=shard_size, enqueue=sent.extend)
+    return job, [task.shard_id for task in sent]
+
+
+def test_shards_complete_once_and_the_last_one_finalizes(
+    clean_db: Engine, session_factory: sessionmaker[Session]
+) -> None:
+    seed_bars(clean_db, ["A", "B", "C"], days=10)
+    job, shard_ids = submit(session_factory, "result = close[-1]", ["A", "B", "C"])
+    assert len(shard_ids) == 2
+    assert calculations.run_shard(session_factory, shard_ids[0], limits=LIMITS, runner=run_script) is True
+    with session_factory() as session:
+        assert session.get(Job, job.id).status == "running"  # type: ignore[union-attr]
+    assert calculations.run_shard(session_factory, shard_ids[1], limits=LIMITS, runner=run_script) is True
+    # A second delivery of either shard, or giving up on it late, changes nothing.
+    assert calculations.run_shard(session_factory, shard_ids[0], limits=LIMITS, runner=run_script) is None
+    assert jobs.fail_shard(session_factory, shard_ids[1], "late failure") is False
+    with session_factory() as session:
+        final = session.get(Job, job.id)
+        assert final is not None and final.status == "succeeded"
+        assert (final.shards_done, final.symbols_done, final.symbols_failed) == (2, 3, 0)
+        assert len(session.scalars(select(JobResult).where(JobResult.job_id == job.id)).all()) == 3
+
+
+def test_giving_up_on_a_shard_records_the_reason_per_symbol(
+    clean_db: Engine, session_factory: sessionmaker[Session]
+) -> None:
+    seed_bars(clean_db, ["A", "B"], days=5)
+    job, shard_ids = submit(session_factory, "result = 1", ["A", "B"], shard_size=1)
+    assert jobs.fail_shard(session_factory, shard_ids[0], "gave up after 4 attempts: OperationalError") is True
+    calculations.run_shard(session_factory, shard_ids[1], limits=LIMITS, runner=run_script)
+    with session_factory() as session:
+        final = session.get(Job, job.id)
+        assert final is not None and final.status == "partial" and final.shards_failed == 1
+        assert final.error == "gave up after 4 attempts: OperationalError"
+        error = session.scalar(select(JobResult.error).where(JobResult.job_id == job.id, JobResult.symbol == "A"))
+        assert error == {"type": "ShardFailed", "message": "gave up after 4 attempts: OperationalError", "line": None}
+        assert session.scalar(select(JobShard.status).where(JobShard.id == shard_ids[0])) == "failed"
+
+
+def test_sandbox_rejections_and_policy_violations_are_security_events(
+    clean_db: Engine, session_factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_bars(clean_db, ["SLOW"], days=5)
+    caplog.set_level(logging.WARNING, logger="alphaforge.security")
+    with pytest.raises(ScriptCompileError):
+        submit(session_factory, "x = ().__class__", ["SLOW"])
+    job, shard_ids = submit(session_factory, "while True:\n    pass", ["SLOW"])
+    calculations.run_shard(session_factory, shard_ids[0], limits=LIMITS, runner=run_script)
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "alphaforge.security"]
+    assert [e["layer"] for e in events] == ["compile", "sandbox"]
+    assert "__class__" in events[0]["reason"]
+    assert events[1]["job"] == str(job.id) and events[1]["symbol"] == "SLOW" and "time limit" in events[1]["reason"]
