@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import register_error_handlers, validation_error_response
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
-from shared.errors import InvalidJson, UnsupportedMediaType
+from shared.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
 from worker.celery_app import create_celery
 
 API_VERSION = "0.1.0"
@@ -41,18 +43,44 @@ def _validation_error(exc: ValidationError) -> Response:
     return validation_error_response(exc)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _require_json_body() -> None:
-    """Malformed or non-JSON bodies get a clear 4xx before any handler sees them."""
+    """Malformed, non-JSON or non-object bodies get a clear 4xx before any handler sees them."""
     if request.method not in ("POST", "PUT", "PATCH") or not request.content_length:
         return
     if not request.is_json:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
-    if request.get_json(silent=True) is None:
+    try:
+        body = json.loads(request.get_data(), parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidJson("request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity, integers with thousands of digits
+        raise InvalidJson(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed.for_field("body", f"must be a JSON object, not {type(body).__name__}")
+    _check_storable_text(body, "")
+
+
+def _check_storable_text(value: Any, path: str) -> None:
+    """PostgreSQL text cannot hold NUL or lone surrogates (valid JSON escapes both): refuse them by field."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            field = f"{path}.{key}" if path else str(key)
+            _check_storable_text(key, field)
+            _check_storable_text(item, field)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_storable_text(item, f"{path}[{index}]")
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed.for_field(path, "must not contain NUL characters")
         try:
-            request.get_json()
-        except Exception as exc:
-            raise InvalidJson(f"request body is not valid JSON: {getattr(exc, 'description', exc)}") from None
-        raise InvalidJson("request body is not valid JSON")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationFailed.for_field(path, "must be valid Unicode (no lone surrogates)") from None
 
 
 def create_app(settings: Settings | None = None) -> OpenAPI:

@@ -35,7 +35,7 @@ def execute(body: CalculationExecuteBody) -> Response:
         )
     request = CalculationRequest(
         script=body.script,
-        column_name=body.column_name.strip(),
+        column_name=body.column_name,
         symbols=symbols,
         start_date=body.start_date,
         end_date=body.end_date,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from typing import Annotated, Any
 
@@ -37,9 +38,35 @@ def _non_blank(value: str) -> str:
     return value
 
 
+MAX_PARAMS_DEPTH = 10
+
+
+def _check_json_value(value: Any, path: str, depth: int) -> None:
+    """Only what PostgreSQL's JSONB can take: finite numbers (``1e999`` parses as infinity), bounded depth.
+    (NUL characters and lone surrogates are refused for every field in ``api._require_json_body``.)"""
+    if depth > MAX_PARAMS_DEPTH:
+        raise ValueError(f"{path}: nested deeper than {MAX_PARAMS_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: numbers must be finite")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_value(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{path}[{index}]", depth + 1)
+
+
 def _params(value: dict[str, Any]) -> dict[str, Any]:
+    _check_json_value(value, "params", 0)
     if len(json.dumps(value)) > MAX_PARAMS_BYTES:
         raise ValueError(f"params larger than {MAX_PARAMS_BYTES} bytes as JSON")
+    return value
+
+
+def _column_name(value: str) -> str:
+    value = _non_blank(value).strip()
+    if not value.isprintable():
+        raise ValueError("must contain only printable characters")
     return value
 
 
@@ -55,7 +82,7 @@ class CalculationExecuteBody(BaseModel):
     script: Annotated[str, AfterValidator(_non_blank)] = Field(
         description="Python source run per symbol in the sandbox (at most ALPHAFORGE_MAX_SCRIPT_CHARS characters)"
     )
-    column_name: Annotated[str, AfterValidator(_non_blank)] = Field(max_length=100)
+    column_name: Annotated[str, AfterValidator(_column_name)] = Field(max_length=100)
     stock_symbols: list[StockSymbol] = Field(min_length=1, description="symbols; duplicates are removed, order kept")
     start_date: IsoDate | None = None
     end_date: IsoDate | None = None

@@ -165,6 +165,12 @@ class _Child:
             self.proc.stdout.close()
 
 
+def storable_text(value: object, max_chars: int) -> str:
+    """Untrusted text made safe to store: bounded, no NUL, no lone surrogates (PostgreSQL refuses both)."""
+    text = str(value)[:max_chars].replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars: int) -> Outcome:
     """Re-check the child's claim: the right symbol, a finite float or None, or a well-formed error."""
     if message.get("i") != index:
@@ -176,8 +182,8 @@ def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars
         line = err.get("line")
         return _failed(
             symbol,
-            str(err.get("type", "Error"))[:100],
-            str(err.get("message", ""))[:max_chars],
+            storable_text(err.get("type", "Error"), 100),
+            storable_text(err.get("message", ""), max_chars),
             line if type(line) is int and line > 0 else None,
         )
     value = message.get("value", "missing")

@@ -124,6 +124,23 @@ def test_result_must_be_a_finite_number(client: FlaskClient, engine: Engine) -> 
     assert rows["R5"]["error"]["type"] == "OverflowError"
 
 
+def test_hostile_error_messages_cost_only_their_symbol(client: FlaskClient, engine: Engine) -> None:
+    seed_bars(engine, ["OK1", "NUL", "SUR", "BIG", "OK2"], days=5)
+    script = (
+        "if symbol == 'NUL':\n    raise ValueError('a\\x00b')\n"
+        "if symbol == 'SUR':\n    raise ValueError('\\ud800')\n"
+        "if symbol == 'BIG':\n    raise ValueError('x' * 10000000)\n"
+        "result = 1"
+    )
+    job_id = submit(client, script=script, column_name="c", stock_symbols=["OK1", "NUL", "SUR", "BIG", "OK2"])["job_id"]
+    assert wait_for_job(client, job_id)["status"] == "partial"
+    rows = {r["symbol"]: r for r in all_results(client, job_id)}
+    assert rows["OK1"]["value"] == 1.0 and rows["OK2"]["value"] == 1.0
+    assert rows["NUL"]["error"]["message"] == "a\\x00b"
+    assert rows["SUR"]["error"]["message"] == "\\ud800"
+    assert rows["BIG"]["error"]["type"] == "ValueError" and len(rows["BIG"]["error"]["message"]) <= 2000
+
+
 def test_duplicate_delivery_changes_nothing(
     client: FlaskClient, engine: Engine, settings: Settings, session_factory: Any
 ) -> None:

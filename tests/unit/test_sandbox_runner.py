@@ -55,6 +55,13 @@ def test_errors_carry_type_message_and_script_line() -> None:
     assert outcome.error is not None and outcome.error["type"] == "ResultError"
 
 
+def test_error_text_is_made_storable() -> None:
+    outcome = run("raise ValueError('nul\\x00 and lone \\ud800 surrogate')", ["A"])["A"]
+    assert outcome.error is not None
+    assert outcome.error["message"] == "nul\\x00 and lone \\ud800 surrogate"
+    outcome.error["message"].encode("utf-8")
+
+
 def test_timeout_kills_only_that_symbol() -> None:
     started = time.monotonic()
     outcomes = run("if symbol == 'B':\n    while True:\n        pass\nresult = 1", ["A", "B", "C"])
