@@ -20,7 +20,6 @@ import os
 import shlex
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,7 +63,6 @@ def _database(settings: Settings) -> Iterator[Engine]:
     url = settings.database_url
     try:
         if not url:
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # platformdirs, harmless
             data_dir = settings.data_dir.resolve()
             embedded = EmbeddedPostgres(data_dir / "postgres")
             print(f"DATABASE_URL is not set: using the embedded PostgreSQL in {data_dir}", file=sys.stderr)

