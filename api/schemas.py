@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-SYMBOL_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9.\-^=_]{0,31}$")
+from shared.bars import SYMBOL_PATTERN
+
 MAX_PARAMS_BYTES = 16_384
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -19,7 +20,7 @@ def _symbol(value: str) -> str:
     symbol = value.strip().upper()
     if not symbol:
         raise ValueError("symbol is empty")
-    if not SYMBOL_PATTERN.match(symbol):
+    if not SYMBOL_PATTERN.fullmatch(symbol):
         raise ValueError(f"invalid symbol {value[:40]!r}: use letters, digits and . - ^ = _ (at most 32)")
     return symbol
 

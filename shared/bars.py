@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
+
+# What a symbol may look like everywhere (API requests, CSV imports): upper-case letters, digits and
+# . - ^ = _ (e.g. BRK.B, BF-B), starting with a letter or digit, at most 32 characters.
+SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-^=_]{0,31}")
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ import numpy as np
 from psycopg2.extensions import connection as PgConnection
 from sqlalchemy import Engine
 
+from shared.bars import SYMBOL_PATTERN
+
 # The CSV columns, in the order the staging table (and the canonical buffer) uses them.
 BAR_COLUMNS: tuple[str, ...] = ("symbol", "date", "open", "high", "low", "close", "volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
 CANONICAL_LAYOUT: tuple[int, ...] = tuple(range(len(BAR_COLUMNS)))
 
-SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-^=_]{0,31}")
 _DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # Relative slack for the high/low envelope checks: absorbs float noise from upstream rounding.
