@@ -72,7 +72,7 @@ class Settings:
     max_script_chars: int = 50_000  # ALPHAFORGE_MAX_SCRIPT_CHARS
     max_request_bytes: int = 2_000_000  # ALPHAFORGE_MAX_REQUEST_BYTES
     enqueue_timeout_s: float = 5.0  # ALPHAFORGE_ENQUEUE_TIMEOUT: broker publish budget per job
-    shard_max_retries: int = 3  # ALPHAFORGE_SHARD_MAX_RETRIES: transient failures (DB, broker) per shard
+    shard_max_retries: int = 3  # ALPHAFORGE_SHARD_MAX_RETRIES: attempts after a failure that is not a DB outage
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # ALPHAFORGE_SANDBOX_TIMEOUT (s per symbol), ALPHAFORGE_SANDBOX_MEMORY_MB
 

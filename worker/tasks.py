@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy.exc
 from celery import Task, shared_task
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,20 +41,48 @@ class ServicesTask(Task):
         return self._services
 
 
+MAX_BACKOFF_S = 60
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """The database is unreachable or broke the connection: no fault of the shard's, and nothing can be
+    recorded until it is back."""
+    return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+
+
+def retry_countdown(exc: BaseException, attempt: int, max_attempts: int) -> float | None:
+    """Seconds until the next attempt, or None to give up on the shard.
+
+    A database outage is retried for as long as it lasts (backoff capped at a minute): giving up would
+    need the database too. Anything else (sandbox start failure, a bug) gets ``max_attempts`` tries.
+    """
+    countdown = float(min(2**attempt, MAX_BACKOFF_S))
+    if is_database_outage(exc) or attempt <= max_attempts:
+        return countdown
+    return None
+
+
 @shared_task(bind=True, base=ServicesTask, name=TASK_RUN_CALCULATION_SHARD, acks_late=True, max_retries=None)
 def run_calculation_shard(self: Any, shard_id: int) -> str:
     services: WorkerServices = self.services
     settings = services.settings
+    attempt = self.request.retries + 1
     try:
         stored = calculations.run_shard(services.session_factory, shard_id, limits=settings.sandbox, runner=run_script)
     except Exception as exc:
-        attempt = self.request.retries + 1
-        if attempt > settings.shard_max_retries:
-            detail = (str(exc).strip().splitlines() or [""])[0][:300]
-            reason = f"gave up after {attempt} attempts: {type(exc).__name__}: {detail}"
-            log.exception("shard %s failed for good", shard_id)
-            jobs.fail_shard(services.session_factory, shard_id, reason)
-            return "failed"
-        log.warning("shard %s attempt %s failed (%s); retrying", shard_id, attempt, exc)
-        raise self.retry(exc=exc, countdown=min(2**attempt, 30)) from exc
+        countdown = retry_countdown(exc, attempt, settings.shard_max_retries)
+        if countdown is not None:
+            log.warning("shard %s attempt %s failed (%s: %s); retrying in %.0f s", shard_id, attempt,
+                        type(exc).__name__, exc, countdown)  # fmt: skip
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        log.exception("shard %s failed for good", shard_id)
+        try:
+            jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
+                            f"{type(exc).__name__}: {detail}")  # fmt: skip
+        except Exception as record_exc:
+            if is_database_outage(record_exc):
+                raise self.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc
+            raise
+        return "failed"
     return {None: "skipped", True: "stored", False: "duplicate"}[stored]

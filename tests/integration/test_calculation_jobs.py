@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import time
 from typing import Any
 
+import psutil
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
@@ -203,3 +205,30 @@ def test_health_reports_database_broker_and_workers(client: FlaskClient) -> None
     body = response.get_json()
     assert body["status"] == "ok"
     assert body["database"]["ok"] and body["broker"]["ok"] and body["workers"]["count"] >= 1
+
+
+def test_shard_of_a_killed_pool_process_is_delivered_again(
+    client: FlaskClient, engine: Engine, celery_worker: subprocess.Popen[bytes]
+) -> None:
+    symbols = [f"K{i:03d}" for i in range(100)]
+    seed_bars(engine, symbols, days=5)
+    script = "s = 0\nfor i in range(400000):\n    s += i\nresult = close[-1]"
+    job_id = submit(client, script=script, column_name="c", stock_symbols=symbols)["job_id"]
+
+    victim = None
+    deadline = time.monotonic() + 30
+    while victim is None and time.monotonic() < deadline:
+        for pool_process in psutil.Process(celery_worker.pid).children():
+            if any("worker.sandbox_child" in " ".join(c.cmdline()) for c in pool_process.children()):
+                victim = pool_process
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no pool process was running a sandbox"
+    victim.kill()  # SIGKILL mid-shard: the sandbox dies with it (PDEATHSIG), the message is re-queued
+
+    job = wait_for_job(client, job_id, timeout_s=120)
+    assert job["status"] == "succeeded" and job["progress"]["symbols_done"] == 100
+    with engine.connect() as conn:
+        attempts = sorted(conn.scalars(select(JobShard.attempts).where(JobShard.job_id == job_id)))
+    assert attempts[-1] >= 2  # the killed shard ran again
+    assert {r["error"] is None for r in all_results(client, job_id)} == {True}
