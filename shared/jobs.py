@@ -101,7 +101,6 @@ class StartedShard:
     shard_id: int
     job: Job
     symbols: list[str]
-    attempt: int
 
 
 def _lock_job_of_shard(session: Session, shard_id: int) -> uuid.UUID | None:
@@ -125,14 +124,14 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
                 FROM jobs j
                 WHERE s.id = :id AND j.id = s.job_id
                   AND s.status IN ('queued', 'running') AND j.status IN ('queued', 'running')
-                RETURNING s.job_id, s.symbols, s.attempts
+                RETURNING s.job_id, s.symbols
                 """
             ),
             {"id": shard_id},
         ).first()
         if row is None:
             return None
-        job_id, symbols, attempts = row
+        job_id, symbols = row
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
@@ -140,7 +139,7 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
         )
         job = session.get(Job, job_id)
         assert job is not None
-        return StartedShard(shard_id, job, list(symbols), attempts)
+        return StartedShard(shard_id, job, list(symbols))
 
 
 def _finish_shard(

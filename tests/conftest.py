@@ -42,14 +42,14 @@ _DATA_TABLES = ("job_results", "job_shards", "jobs", "daily_bars", "symbols")
 
 
 @dataclass(frozen=True)
-class TestServers:
+class ServerUrls:
     server_database_url: str
     redis_url: str
     data_dir: Path
 
 
 @pytest.fixture(scope="session")
-def test_servers() -> Iterator[TestServers]:
+def test_servers() -> Iterator[ServerUrls]:
     # Short path: PostgreSQL's unix socket path must stay under ~100 bytes.
     data_dir = Path(tempfile.mkdtemp(prefix="af-", dir="/tmp"))
     embedded = EmbeddedServers(data_dir)
@@ -58,14 +58,14 @@ def test_servers() -> Iterator[TestServers]:
         redis_url=os.environ.get("ALPHAFORGE_TEST_REDIS_URL"),
     )
     try:
-        yield TestServers(db_url, redis_url, data_dir)
+        yield ServerUrls(db_url, redis_url, data_dir)
     finally:
         embedded.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def settings(test_servers: TestServers) -> Iterator[Settings]:
+def settings(test_servers: ServerUrls) -> Iterator[Settings]:
     """Settings of a fresh, migrated database. Tests derive variants with ``with_overrides``."""
     name = f"af_test_{secrets.token_hex(4)}"
     database_url = dbadmin.create_database(test_servers.server_database_url, name)
