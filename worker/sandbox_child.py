@@ -30,6 +30,8 @@ from shared.sandbox.policy import RESULT_NAME, SCRIPT_FILENAME, compile_script, 
 SERIES = ("open", "high", "low", "close", "volume")
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 NOBODY = 65534  # uid/gid of the sandbox when the worker runs as root
 _MISSING = object()
 
@@ -57,12 +59,22 @@ def _apply_limits(limits: dict[str, Any], n_items: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
 
 
-def _drop_privileges() -> dict[str, bool]:
-    """No new privileges ever (setuid binaries, file capabilities); and never run user code as root."""
-    layers = {"no_new_privs": False, "unprivileged_uid": os.geteuid() != 0}
+def _isolate() -> dict[str, bool]:
+    """Kernel-level isolation before user code runs; returns which layers took effect.
+
+    * an empty network namespace: no TCP/UDP to anything, the worker's database and broker included
+      (as root directly; otherwise through an unprivileged user namespace where the host allows one);
+    * no new privileges ever (setuid binaries, file capabilities);
+    * never run user code as root: uid/gid 65534 (nobody) when the worker is root.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    root = os.geteuid() == 0
+    layers = {"network_namespace": False, "no_new_privs": False, "unprivileged_uid": not root}
     with contextlib.suppress(OSError, AttributeError):
-        layers["no_new_privs"] = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
-    if os.geteuid() == 0:
+        layers["network_namespace"] = libc.unshare(_CLONE_NEWNET if root else _CLONE_NEWUSER | _CLONE_NEWNET) == 0
+    with contextlib.suppress(OSError, AttributeError):
+        layers["no_new_privs"] = libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    if root:
         with contextlib.suppress(OSError):
             os.setgroups([])
             os.setgid(NOBODY)
@@ -145,7 +157,7 @@ def main() -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     _apply_limits(limits, len(items))
-    layers = _drop_privileges()
+    layers = _isolate()
 
     def emit(message: dict[str, Any]) -> None:
         out.write(json.dumps(message, allow_nan=True).encode() + b"\n")

@@ -198,17 +198,19 @@ def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars
     return Outcome(symbol, number, None)
 
 
-_reported_layers: set[str] = set()
+# Which kernel-level layers the last sandbox process of this worker process reported as active.
+SANDBOX_LAYERS: dict[str, bool] = {}
 
 
 def _note_layers(layers: object) -> None:
-    """Say once per process, loudly, when a protective layer could not be applied on this host."""
+    """Record the layers; say once per process, loudly, when one could not be applied on this host."""
     if not isinstance(layers, dict):
         return
     for name, active in layers.items():
-        if active is not True and name not in _reported_layers:
-            _reported_layers.add(name)
+        active = active is True
+        if not active and SANDBOX_LAYERS.get(name, True):
             log.warning("sandbox layer %r is not active on this host", name)
+        SANDBOX_LAYERS[str(name)] = active
 
 
 def run_script(

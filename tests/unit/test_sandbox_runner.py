@@ -16,7 +16,7 @@ from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
 from worker.sandbox_child import NOBODY
-from worker.sandbox_runner import _checked_outcome, _ChildFault, run_script
+from worker.sandbox_runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 
@@ -145,5 +145,6 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     assert limits["Max address space"] == (address_space, address_space)
     assert limits["Max file size"] == ("0", "0") and limits["Max core file size"] == ("0", "0")
     assert limits["Max processes"] == ("0", "0") and limits["Max open files"] == ("8", "8")
-    if os.geteuid() == 0:  # user code never runs as root
+    if os.geteuid() == 0:  # user code never runs as root, and has no network at all
         assert seen["uids"] == (NOBODY, NOBODY, NOBODY)
+        assert SANDBOX_LAYERS == {"network_namespace": True, "no_new_privs": True, "unprivileged_uid": True}
