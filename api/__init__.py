@@ -10,7 +10,6 @@ import redis
 from celery import Celery
 from flask import Response, current_app, redirect, request
 from flask_openapi3 import Info, OpenAPI
-from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,10 +36,6 @@ class ApiServices:
 def services() -> ApiServices:
     svc: ApiServices = current_app.extensions["alphaforge"]
     return svc
-
-
-def _validation_error(exc: ValidationError) -> Response:
-    return validation_error_response(exc)
 
 
 def _reject_constant(name: str) -> Any:
@@ -91,7 +86,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         doc_prefix="/api",
         doc_url="/openapi.json",
         validation_error_status=422,
-        validation_error_callback=_validation_error,
+        validation_error_callback=validation_error_response,
     )
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
