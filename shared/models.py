@@ -150,3 +150,26 @@ class JobResult(Base):
     value: Mapped[float | None] = mapped_column(Double)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     computed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SecurityEvent(Base):
+    """One rejection of untrusted code by a sandbox layer: who, which job and symbol, which layer, why.
+
+    No foreign keys on purpose: the record must outlive the job (retention) and the account it names.
+    """
+
+    __tablename__ = "security_events"
+    __table_args__ = (
+        Index("ix_security_events_job", "job_id"),
+        Index("ix_security_events_created", "created_at"),
+        Index("ix_security_events_owner_created", "owner_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    owner_id: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    symbol: Mapped[str | None] = mapped_column(String(32))
+    layer: Mapped[str] = mapped_column(String(32), nullable=False)
+    reason: Mapped[str] = mapped_column(String(64), nullable=False)
+    detail: Mapped[str] = mapped_column(Text, nullable=False, default="")

@@ -38,7 +38,7 @@ from worker.celery_app import create_celery
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Tables emptied between tests, children first.
-_DATA_TABLES = ("job_results", "job_shards", "jobs", "daily_bars", "symbols")
+_DATA_TABLES = ("security_events", "job_results", "job_shards", "jobs", "daily_bars", "symbols")
 
 
 @dataclass(frozen=True)
