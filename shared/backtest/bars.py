@@ -40,9 +40,13 @@ class Bars:
         volume: Any,
         dates: Sequence[date | str] | NDArray[Any],
     ) -> Bars:
-        """Convert and validate: equal lengths, finite positive prices, non-negative volume, sorted dates."""
+        """Convert and validate: equal lengths, finite positive prices, non-negative volume, sorted dates.
+
+        The arrays are always fresh, writable, contiguous float64 copies: the compiled kernels then see one
+        array type (a read-only view, as pandas hands out, would compile and cache a second variant).
+        """
         arrays = {
-            name: np.ascontiguousarray(np.asarray(values, dtype=np.float64))
+            name: np.array(values, dtype=np.float64, order="C", copy=True)
             for name, values in (("open", open), ("high", high), ("low", low), ("close", close), ("volume", volume))
         }
         try:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 from datetime import date
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -212,6 +213,7 @@ class BacktestConfig(_Model):
             self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
 
+    @cached_property
     def config_hash(self) -> str:
-        """SHA-256 of the canonical JSON (hex)."""
+        """SHA-256 of the canonical JSON (hex); computed once per (immutable) config."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

@@ -148,7 +148,8 @@ def strategy_signals(bars: Bars, config: BacktestConfig) -> StrategySignals:
     """Events of the configured strategy (``start`` one bar later in the backtesting.py convention)."""
     spec = config.strategy
     offset = 1 if config.execution.convention == "backtesting_py" else 0
-    return REGISTRY[spec.name].compute(bars, spec.params, offset)
+    min_start = risk_models.first_sizable_bar(config.risk.params)
+    return REGISTRY[spec.name].compute(bars, spec.params, offset, min_start)
 
 
 def entry_fractions(bars: Bars, config: BacktestConfig) -> NDArray[np.float64]:
@@ -168,6 +169,17 @@ def run_backtest(bars: Bars, config: BacktestConfig) -> BacktestResult:
     """
     bars = bars.between(config.start_date, config.end_date)
     signals = strategy_signals(bars, config)
+    first_trading_bar = max(signals.warmup, risk_models.first_sizable_bar(config.risk.params))
+    return run_events(bars, signals.events, config, warmup=first_trading_bar)
+
+
+def run_events(bars: Bars, events: NDArray[np.int8], config: BacktestConfig, *, warmup: int = 0) -> BacktestResult:
+    """Execute given events (``strategies.LONG/SHORT/FLAT/NONE``, one per bar) under ``config``'s execution,
+    risk and metrics settings; ``config.strategy`` is not used. ``warmup`` is the first bar every signal input
+    was defined (where "Buy & Hold" starts). The caller owns the causality of ``events``."""
+    events = np.ascontiguousarray(events, dtype=np.int8)
+    if events.shape != (len(bars),):
+        raise ValueError(f"events: expected {len(bars)} values, got shape {events.shape}")
     fractions = entry_fractions(bars, config)
     ip, fp = simulation_parameters(config)
     n = len(bars)
@@ -175,7 +187,7 @@ def run_backtest(bars: Bars, config: BacktestConfig) -> BacktestResult:
     position = np.empty(n)
     table = np.zeros((n + 2, sim.N_TRADE_COLS))
     state = np.zeros(sim.N_STATE)
-    sim.simulate(bars.open, bars.close, bars.volume, signals.events, fractions, ip, fp, equity, position, table, state)
+    sim.simulate(bars.open, bars.close, bars.volume, events, fractions, ip, fp, equity, position, table, state)
 
     k = int(state[sim.S_N_CLOSED])
     rows = table[:k]
@@ -205,7 +217,7 @@ def run_backtest(bars: Bars, config: BacktestConfig) -> BacktestResult:
             return_pct=trades.return_pct,
             commission=trades.commission,
         ),
-        first_trading_bar=min(signals.warmup, n - 1),
+        first_trading_bar=min(max(warmup, 0), n - 1),
         risk_free_rate=config.risk_free_rate,
         psr_benchmark_sharpe=config.psr_benchmark_sharpe,
         filled_value=float(state[sim.S_NOTIONAL]),
@@ -230,12 +242,12 @@ def run_backtest(bars: Bars, config: BacktestConfig) -> BacktestResult:
         dates=bars.dates,
         trades=trades,
         open_position=open_position,
-        warmup=signals.warmup,
+        warmup=warmup,
         orders={
             "fills": int(state[sim.S_FILLS]),
             "cancelled_zero_volume": int(state[sim.S_CANCELLED]),
             "unfilled_too_small": int(state[sim.S_UNFILLED]),
             "bust_bar": int(state[sim.S_BUST]),
         },
-        config_hash=config.config_hash(),
+        config_hash=config.config_hash,
     )

@@ -96,8 +96,8 @@ def periods_per_year(dates: NDArray[np.datetime64]) -> tuple[int, int]:
     return annual, period_days
 
 
-def period_returns(equity: FloatArray, dates: NDArray[np.datetime64], period_days: int) -> FloatArray:
-    """Simple returns of the last equity value per day (week, month, year), NaNs dropped."""
+def period_bins(dates: NDArray[np.datetime64], period_days: int) -> NDArray[np.int64]:
+    """Index of the last bar of each calendar day (week, month, year for such data): pandas' resample bins."""
     days = dates.astype(np.int64)
     if period_days == 7:
         keys = (days + 3) // 7  # Monday..Sunday weeks (pandas 'W' = W-SUN bins)
@@ -107,8 +107,12 @@ def period_returns(equity: FloatArray, dates: NDArray[np.datetime64], period_day
         keys = dates.astype("datetime64[Y]").astype(np.int64)
     else:
         keys = days
-    last_of_bin = np.flatnonzero(np.r_[keys[1:] != keys[:-1], True])
-    values = equity[last_of_bin]
+    return np.flatnonzero(np.r_[keys[1:] != keys[:-1], True]).astype(np.int64)
+
+
+def period_returns(equity: FloatArray, dates: NDArray[np.datetime64], period_days: int) -> FloatArray:
+    """Simple returns of the last equity value per day (week, month, year), NaNs dropped."""
+    values = equity[period_bins(dates, period_days)]
     values = values[~np.isnan(values)]
     with np.errstate(divide="ignore", invalid="ignore"):
         returns = values[1:] / values[:-1] - 1
@@ -130,7 +134,9 @@ def drawdown_durations_and_peaks(dd: FloatArray, days: NDArray[np.int64]) -> tup
         quirk = np.where(dd == 0, np.nan, dd)
         return np.full(0, np.nan), quirk
     durations = (days[cur] - days[prev]).astype(np.float64)
-    peaks = np.array([dd[p : c + 1].max() for p, c in zip(prev.tolist(), cur.tolist(), strict=True)])
+    # max over each [prev, cur] (inclusive): reduceat over the boundaries, every other segment
+    bounds = np.column_stack((prev, cur + 1)).ravel()
+    peaks = np.maximum.reduceat(np.r_[dd, 0.0], bounds)[::2]
     return durations, peaks
 
 
@@ -204,8 +210,10 @@ def compute_metrics(
         market_log_returns = np.log(close[1:] / close[:-1])
         beta = math.nan
         if len(equity_log_returns) > 1:
-            cov = np.cov(equity_log_returns, market_log_returns)
-            beta = float(cov[0, 1] / cov[1, 1])
+            # np.cov's two entries (the ddof cancels in the ratio)
+            x = equity_log_returns - equity_log_returns.mean()
+            y = market_log_returns - market_log_returns.mean()
+            beta = float(np.dot(x, y) / np.dot(y, y))
     s["Alpha [%]"] = float(total_return - risk_free_rate * 100 - beta * (buy_hold - risk_free_rate * 100))
     s["Beta"] = beta
     s["Max. Drawdown [%]"] = max_dd * 100
@@ -267,8 +275,9 @@ def probabilistic_sharpe_ratio(returns: FloatArray, benchmark_sharpe: float) -> 
         return 0.0
     sharpe = mean / sd
     z = (returns - mean) / sd
-    skew = n / ((n - 1) * (n - 2)) * float(np.sum(z**3))
-    kurt = (n + 1) * n / ((n - 1) * (n - 2) * (n - 3)) * float(np.sum(z**4)) - 3 * (n - 1) ** 2 / (
+    z2 = z * z
+    skew = n / ((n - 1) * (n - 2)) * float(np.dot(z2, z))
+    kurt = (n + 1) * n / ((n - 1) * (n - 2) * (n - 3)) * float(np.dot(z2, z2)) - 3 * (n - 1) ** 2 / (
         (n - 2) * (n - 3)
     )
     variance = (1 - skew * sharpe + (kurt - 1) / 4 * sharpe**2) / (n - 1)

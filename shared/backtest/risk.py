@@ -50,6 +50,13 @@ class KellyFractionParams(RiskParams):
     max_fraction: float = Field(default=1.0, gt=0, le=1, description="upper clamp of the fraction of equity")
 
 
+def first_sizable_bar(params: RiskParams) -> int:
+    """First bar on which the model can size an entry (a volatility estimate needs ``lookback`` returns)."""
+    if isinstance(params, VolatilityTargetParams):
+        return params.lookback
+    return 0
+
+
 def decision_fractions(model: str, params: RiskParams, bars: Bars) -> NDArray[np.float64]:
     """Fraction of equity an entry decided on each bar may commit (Kelly: computed in the simulator)."""
     n = len(bars)

@@ -8,7 +8,9 @@ owns what "already long" means. The simulator fills an event no earlier than the
 
 ``start`` is the first bar on which a strategy may decide: the first bar where every indicator it uses is
 defined (``warmup``), plus one in the backtesting.py convention (which starts calling ``next()`` one bar later
-so that crossovers have two points).
+so that crossovers have two points), and no earlier than ``min_start`` (the first bar the risk model can size:
+a volatility target needs its lookback). State strategies read their state from ``start`` on, so an entry
+condition already true then is acted on then.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class StrategySignals:
 class Strategy:
     name: str
     params: type[StrategyParams]
-    compute: Callable[[Bars, Any, int], StrategySignals]
+    compute: Callable[[Bars, Any, int, int], StrategySignals]
     description: str
 
 
@@ -138,18 +140,18 @@ def _never(n: int) -> NDArray[np.bool_]:
     return np.zeros(n, dtype=np.bool_)
 
 
-def dual_sma(bars: Bars, p: DualSmaParams, start_offset: int) -> StrategySignals:
+def dual_sma(bars: Bars, p: DualSmaParams, start_offset: int, min_start: int = 0) -> StrategySignals:
     fast = indicators.sma(bars.close, p.fast)
     slow = indicators.sma(bars.close, p.slow)
     warmup = first_valid(fast, slow)
-    start = warmup + start_offset
+    start = max(warmup + start_offset, min_start)
     return StrategySignals(crossover_events(fast, slow, start), warmup, start, {"sma_fast": fast, "sma_slow": slow})
 
 
-def rsi_reversion(bars: Bars, p: RsiReversionParams, start_offset: int) -> StrategySignals:
+def rsi_reversion(bars: Bars, p: RsiReversionParams, start_offset: int, min_start: int = 0) -> StrategySignals:
     rsi = indicators.rsi(bars.close, p.period)
     warmup = first_valid(rsi)
-    start = warmup + start_offset
+    start = max(warmup + start_offset, min_start)
     with np.errstate(invalid="ignore"):
         events = state_events(rsi < p.lower, rsi > p.upper, _never(len(bars)), _never(len(bars)), start)
     return StrategySignals(events, warmup, start, {"rsi": rsi})
@@ -164,10 +166,10 @@ def donchian_upper_lower(bars: Bars, period: int) -> tuple[NDArray[np.float64], 
     return upper, lower
 
 
-def donchian_breakout(bars: Bars, p: DonchianBreakoutParams, start_offset: int) -> StrategySignals:
+def donchian_breakout(bars: Bars, p: DonchianBreakoutParams, start_offset: int, min_start: int = 0) -> StrategySignals:
     upper, lower = donchian_upper_lower(bars, p.period)
     warmup = first_valid(upper, lower)
-    start = warmup + start_offset
+    start = max(warmup + start_offset, min_start)
     close = bars.close
     with np.errstate(invalid="ignore"):
         events = state_events(close > upper, close < lower, _never(len(bars)), _never(len(bars)), start)
@@ -183,19 +185,21 @@ def bollinger_bands(
     return mid - k * sd, mid, mid + k * sd
 
 
-def bollinger_reversion(bars: Bars, p: BollingerReversionParams, start_offset: int) -> StrategySignals:
+def bollinger_reversion(
+    bars: Bars, p: BollingerReversionParams, start_offset: int, min_start: int = 0
+) -> StrategySignals:
     lo, mid, hi = bollinger_bands(bars.close, p.period, p.k)
     warmup = first_valid(lo, mid, hi)
-    start = warmup + start_offset
+    start = max(warmup + start_offset, min_start)
     c = bars.close
     with np.errstate(invalid="ignore"):
         events = state_events(c < lo, c > hi, c >= mid, c <= mid, start)
     return StrategySignals(events, warmup, start, {"band_lower": lo, "band_mid": mid, "band_upper": hi})
 
 
-def buy_and_hold(bars: Bars, p: BuyAndHoldParams, start_offset: int) -> StrategySignals:
+def buy_and_hold(bars: Bars, p: BuyAndHoldParams, start_offset: int, min_start: int = 0) -> StrategySignals:
     events = np.zeros(len(bars), dtype=np.int8)
-    start = start_offset
+    start = max(start_offset, min_start)
     if start < len(bars):
         events[start] = LONG
     return StrategySignals(events, 0, start, {})

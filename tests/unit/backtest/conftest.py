@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,8 +35,8 @@ def goog_bars(goog: pd.DataFrame) -> Bars:
     return bars_from_frame(goog)
 
 
-def make_bars(close: list[float] | np.ndarray, *, open_: list[float] | np.ndarray | None = None,
-              volume: list[float] | np.ndarray | None = None, start: str = "2024-01-01") -> Bars:
+def make_bars(close: Sequence[float] | np.ndarray, *, open_: Sequence[float] | np.ndarray | None = None,
+              volume: Sequence[float] | np.ndarray | None = None, start: str = "2024-01-01") -> Bars:
     """Hand-made bars on consecutive calendar days; high/low bracket open and close."""
     c = np.asarray(close, dtype=float)
     o = c.copy() if open_ is None else np.asarray(open_, dtype=float)
