@@ -40,6 +40,9 @@ BoolArray = npt.NDArray[np.bool_]
 # Largest power of (1/beta) the closed-form recursion lets a block reach: 2**300 keeps
 # |x| * 2**300 finite for any |x| < 1e217 and the matching powers of beta far above the subnormals.
 _LOG_SCALE_LIMIT = 300 * math.log(2.0)
+# Block width for sums of finite data: wide enough that accumulating along rows is fast, narrow enough
+# that a block's partial sums stay close to the window's own magnitude.
+_SUM_BLOCK = 256
 
 
 def as_series(values: npt.ArrayLike) -> FloatArray:
@@ -105,6 +108,28 @@ def _head_tail(
     return head, tail
 
 
+def _finite_window_sums(x: FloatArray, p: int) -> FloatArray:
+    """Sums of every full window of all-finite data, from prefix sums within blocks of max(p, 256) values.
+
+    A window lies in one block (prefix difference) or straddles two (the first block's total minus the
+    exclusive prefix at its start, plus the second block's prefix at its end): the error stays bounded by
+    the block, while blocks wider than p keep the accumulate fast for short periods. Finite data only: a
+    NaN or infinity in a block would leak through the differences into windows that do not hold it.
+    """
+    n = x.shape[0]
+    width = max(p, _SUM_BLOCK)
+    count = n - p + 1
+    blocks = _blocks(x, width, 0.0)
+    prefix = np.add.accumulate(blocks, axis=1)
+    totals = prefix[:, -1:].copy()
+    exclusive = (prefix - blocks).reshape(-1)
+    flat = prefix.reshape(-1)
+    sums = np.empty(blocks.size)
+    np.subtract(flat[p - 1 : n], exclusive[:count], out=sums[:count])
+    sums.reshape(-1, width)[:, width - p + 1 :] += totals  # windows that run into the next block
+    return sums[:count]
+
+
 def _window_reduce(x: FloatArray, period: int, ufunc: np.ufunc, fill: float) -> FloatArray:
     n = x.shape[0]
     if period > n:
@@ -113,10 +138,12 @@ def _window_reduce(x: FloatArray, period: int, ufunc: np.ufunc, fill: float) -> 
         return x.copy()
     out = np.empty(n)
     out[: period - 1] = np.nan
-    finite = ufunc is np.add and bool(np.isfinite(x).all())
     with np.errstate(all="ignore"):  # sums may overflow to inf, and inf + -inf is NaN: silently
-        head, tail = _head_tail(_blocks(x, period, fill), ufunc, fill, n, finite)
-        ufunc(head, tail, out=out[period - 1 :])
+        if ufunc is np.add and bool(np.isfinite(x).all()):
+            out[period - 1 :] = _finite_window_sums(x, period)
+        else:
+            head, tail = _head_tail(_blocks(x, period, fill), ufunc, fill, n)
+            ufunc(head, tail, out=out[period - 1 :])
     return out
 
 

@@ -113,6 +113,17 @@ def test_sma_and_rolling_reductions_match_pandas(period: int) -> None:
     check(ta.lowest(CLOSE, period), s.rolling(period).min(), rtol=0)
 
 
+@pytest.mark.parametrize("period", [2, 7, 255, 256, 257, 700, 2999])
+def test_sums_across_many_blocks_match_pandas(period: int) -> None:
+    """Finite data is summed in blocks of max(period, 256): windows inside one block and across two."""
+    long = walk(3000, 4)
+    s = pd.Series(long)
+    check(ta.rolling_sum(long, period), s.rolling(period).sum())
+    check(ta.sma(long, period), s.rolling(period).mean())
+    holed = (*long[:1500], NAN, *long[1501:])  # the exact path for data with NaN
+    check(ta.sma(holed, period), pd.Series(holed).rolling(period).mean())
+
+
 @pytest.mark.parametrize("period", [1, 2, 3, 10, 30, 101])
 def test_wma_matches_pandas_weighted_windows(period: int) -> None:
     weights = np.arange(1, period + 1, dtype=np.float64)
