@@ -8,7 +8,8 @@ Timeline of bar ``t`` (native convention):
 2. Equity is marked at ``close[t]``. If it is <= 0 the position is liquidated at the close and the account
    stops (equity 0 from then on), as in backtesting.py.
 3. The strategy's event of bar ``t`` (computed from bars <= t) becomes the pending order, replacing any
-   waiting one; with ``fill = this_close`` it fills at ``close[t]`` at once (market-on-close).
+   waiting one; with ``fill = this_close`` it fills at ``close[t]`` at once (market-on-close; on a zero-volume
+   bar such an order cannot wait and is cancelled unless ``on_zero_volume = ignore``).
 4. On the last bar, ``flatten_at_end`` closes the position at ``close[t]``; unfilled orders lapse.
 
 An order to go long/short first closes an opposite position (its own fill: fees and slippage apply to
