@@ -361,8 +361,9 @@ def _smooth(x: FloatArray, period: int, alpha: float) -> FloatArray:
 
     Starts at the first non-NaN value of ``x``; the seed lands ``period - 1`` values later. Evaluated in
     closed form per block of L values: y_(t0+k) = beta^k (beta y_(t0-1) + alpha sum_(m<=k) beta^-m x_(t0+m)),
-    with L chosen so that beta^-L <= 2**300; the only Python loop is over the blocks (n / L of them,
-    L >= 189 for every alpha < 1), carrying the last value of one block into the next.
+    with L chosen so that beta^-L <= 2**300 (series with values beyond 2**600 are scaled down by a power of
+    two first); the only Python loop is over the blocks (n / L of them, L >= 189 for every alpha < 1),
+    carrying the last value of one block into the next.
     """
     n = x.shape[0]
     out = _nan(n)
@@ -382,18 +383,23 @@ def _smooth(x: FloatArray, period: int, alpha: float) -> FloatArray:
     if alpha >= 1.0:  # period 1: the series itself
         out[seed_at + 1 :] = rest
     else:
+        # Values beyond 2**600 would overflow once multiplied by beta**-k (up to 2**300): scale by a
+        # power of two (exact), smooth, scale back.
+        largest = max(abs(seed), float(np.abs(rest).max()))
+        scale = 2.0 ** math.frexp(largest)[1] if math.isfinite(largest) and largest > 2.0**600 else 1.0
         beta = 1.0 - alpha
         length = max(1, min(m, int(_LOG_SCALE_LIMIT / -math.log(beta))))
         powers = beta ** np.arange(length, dtype=np.float64)
-        blocks = _blocks(rest, length, 0.0)
+        blocks = _blocks(rest if scale == 1.0 else rest / scale, length, 0.0)
         sums = np.cumsum(blocks * (alpha / powers), axis=1)
         carries = np.empty(blocks.shape[0])
         last_power = float(powers[-1])
-        previous = seed
+        previous = seed / scale
         for index, block_sum in enumerate(sums[:, -1].tolist()):
             carries[index] = previous
             previous = last_power * (beta * previous + block_sum)
-        out[seed_at + 1 :] = (powers * (beta * carries[:, None] + sums)).reshape(-1)[:m]
+        smoothed = (powers * (beta * carries[:, None] + sums)).reshape(-1)[:m]
+        out[seed_at + 1 :] = smoothed if scale == 1.0 else smoothed * scale
     # The recursion's rule: once a NaN has entered (seed window included), it never leaves.
     poisoned = np.isnan(out[seed_at:])
     if poisoned.any():

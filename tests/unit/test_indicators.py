@@ -145,6 +145,15 @@ def test_ema_closed_form_holds_over_many_blocks() -> None:
     check(ta.ema(long, 5000), seeded_ewm(long, 5000, 2.0 / 5001.0), rtol=1e-10)
 
 
+@pytest.mark.parametrize("level", [1e-300, 1e-5, 1e250, 1e300])
+def test_ema_keeps_its_accuracy_at_extreme_magnitudes(level: float) -> None:
+    """The closed form multiplies by up to 2**300: huge series are rescaled (exactly) rather than overflow."""
+    values = tuple(v * level / 100.0 for v in CLOSE)
+    check(ta.ema(values, 3), seeded_ewm(values, 3, 0.5))
+    check(ta.wilder(values, 14), seeded_ewm(values, 14, 1.0 / 14))
+    assert all(math.isfinite(v) for v in ta.ema(values, 3)[2:])
+
+
 @pytest.mark.parametrize("period", [1, 2, 14, 50])
 def test_rsi_matches_pandas_wilder_rsi(period: int) -> None:
     s = pd.Series(CLOSE)
