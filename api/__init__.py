@@ -13,10 +13,14 @@ from flask_openapi3 import Info, OpenAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.auth import init_auth
 from api.errors import register_error_handlers, validation_error_response
+from api.ratelimit import apply_rate_limits, init_rate_limits
+from api.request_ids import init_request_ids
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
+from shared.logs import configure_logging
 from worker.celery_app import create_celery
 
 API_VERSION = "0.1.0"
@@ -78,8 +82,20 @@ def _check_storable_text(value: Any, path: str) -> None:
             raise ValidationFailed.for_field(path, "must be valid Unicode (no lone surrogates)") from None
 
 
+BEARER_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
+"""OpenAPI security requirement of every endpoint but the public ones (see api/auth.py)."""
+
+
+def create_wsgi_app() -> OpenAPI:
+    """The production entry point (``gunicorn 'api:create_wsgi_app()'``): JSON logs, then the app."""
+    settings = Settings.from_env()
+    configure_logging("api", settings.log_level)
+    return create_app(settings)
+
+
 def create_app(settings: Settings | None = None) -> OpenAPI:
     settings = settings or Settings.from_env()
+    settings.require_jwt_secret()  # fail at startup, not at the first login
     app = OpenAPI(
         __name__,
         info=Info(title="AlphaForge API", version=API_VERSION),
@@ -87,7 +103,12 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         doc_url="/openapi.json",
         validation_error_status=422,
         validation_error_callback=validation_error_response,
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or afk_ API key"}},
     )
+    if settings.proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     engine = make_engine(settings.require_database_url())
@@ -101,13 +122,21 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         ),
     )
     register_error_handlers(app)
+    # Hooks run in this order: request id, authentication, body checks, then rate limits.
+    init_request_ids(app)
+    init_auth(app, settings)
     app.before_request(_require_json_body)
+    limiter = init_rate_limits(app, settings)
 
-    from api import calculations, health, jobs
+    from api import accounts, audit, calculations, health, jobs, scripts
 
     app.register_api(calculations.bp)
     app.register_api(jobs.bp)
     app.register_api(health.bp)
+    app.register_api(accounts.bp)
+    app.register_api(scripts.bp)
+    app.register_api(audit.bp)
+    apply_rate_limits(app, limiter, settings)
 
     @app.get("/api/docs", doc_ui=False)
     def docs() -> Response:

@@ -2,31 +2,76 @@
 
 from __future__ import annotations
 
+import uuid
+
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from api import services
-from api.auth import current_owner_id
+from api import BEARER_SECURITY, services
+from api.audit import audit
+from api.auth import current_principal
 from api.schemas import CalculationExecuteBody, ErrorResponse, JobAccepted
 from api.views import job_links
+from shared import scripts
+from shared.audit import AuditAction
 from shared.calculations import CalculationRequest, submit_calculation
-from shared.errors import ValidationFailed
+from shared.db import session_scope
+from shared.errors import ServiceUnavailable, ValidationFailed
 from worker.celery_app import shard_enqueuer
 
-bp = APIBlueprint("calculations", __name__, url_prefix="/api/custom-calculations", abp_tags=[Tag(name="calculations")])
+bp = APIBlueprint(
+    "calculations",
+    __name__,
+    url_prefix="/api/custom-calculations",
+    abp_tags=[Tag(name="calculations")],
+    abp_security=BEARER_SECURITY,
+)
+
+
+def _script_source(body: CalculationExecuteBody) -> tuple[str, uuid.UUID | None, int | None]:
+    """The exact text to run, and (when it is a saved script) which script and version it is."""
+    if body.script is not None and body.script_id is not None:
+        raise ValidationFailed.for_field("script_id", "send either script or script_id, not both")
+    if body.script is None and body.script_id is None:
+        raise ValidationFailed.for_field(
+            "script", "a script (a string of Python) is required, or the script_id of a saved script"
+        )
+    if body.version is not None and body.script_id is None:
+        raise ValidationFailed.for_field("version", "version applies to a saved script: send it with script_id")
+    if body.script is not None:
+        return body.script, None, None
+    assert body.script_id is not None
+    with services().session_factory() as session:
+        script = scripts.get_owned_script(session, current_principal(), body.script_id)
+        if body.version is None or body.version == script.version:
+            return script.code, script.id, script.version
+        version = scripts.get_version(session, script, body.version)
+        return version.code, script.id, version.version
 
 
 @bp.post(
     "/execute",
-    responses={202: JobAccepted, 400: ErrorResponse, 415: ErrorResponse, 422: ErrorResponse, 503: ErrorResponse},
+    responses={
+        202: JobAccepted,
+        400: ErrorResponse,
+        401: ErrorResponse,
+        404: ErrorResponse,
+        415: ErrorResponse,
+        422: ErrorResponse,
+        429: ErrorResponse,
+        503: ErrorResponse,
+    },
 )
 def execute(body: CalculationExecuteBody) -> Response:
-    """Submit a calculation job: the script runs in the sandbox once per symbol; poll the job for progress."""
+    """Submit a calculation job (a script, or a saved script by ``script_id`` and optional ``version``): it runs
+    in the sandbox once per symbol; poll the job for progress."""
     svc = services()
     settings = svc.settings
-    if len(body.script) > settings.max_script_chars:
+    principal = current_principal()
+    script, script_id, script_version = _script_source(body)
+    if len(script) > settings.max_script_chars:
         raise ValidationFailed.for_field(
-            "script", f"script is {len(body.script):,} characters; at most {settings.max_script_chars:,} allowed"
+            "script", f"script is {len(script):,} characters; at most {settings.max_script_chars:,} allowed"
         )
     symbols = list(dict.fromkeys(body.stock_symbols))
     if len(symbols) > settings.max_symbols_per_job:
@@ -34,17 +79,28 @@ def execute(body: CalculationExecuteBody) -> Response:
             "stock_symbols", f"{len(symbols):,} symbols; at most {settings.max_symbols_per_job:,} per job"
         )
     request = CalculationRequest(
-        script=body.script,
+        script=script,
         column_name=body.column_name,
         symbols=symbols,
         start_date=body.start_date,
         end_date=body.end_date,
         params=body.params,
-        owner_id=current_owner_id(),
+        owner_id=principal.user_id,
+        script_id=script_id,
+        script_version=script_version,
     )
-    job = submit_calculation(
-        svc.session_factory, request, shard_size=settings.shard_size, enqueue=shard_enqueuer(svc.celery)
-    )
+    try:
+        job = submit_calculation(
+            svc.session_factory,
+            request,
+            shard_size=settings.shard_size,
+            enqueue=shard_enqueuer(svc.celery),
+            max_active_per_owner=settings.rate_limits.max_active_jobs,
+        )
+    except ServiceUnavailable as exc:  # the job row exists (failed): the attempt is on record too
+        _audit_submission(exc.details.get("job_id"), script_id, script_version, outcome="not_queued")
+        raise
+    _audit_submission(job.id, script_id, script_version, outcome="queued")
     links = job_links(job.id)
     accepted = JobAccepted(
         job_id=str(job.id), status=job.status, shards=job.shards_total, symbols=job.symbols_total, links=links
@@ -53,3 +109,17 @@ def execute(body: CalculationExecuteBody) -> Response:
     response.status_code = 202
     response.headers["Location"] = links.self
     return response
+
+
+def _audit_submission(job_id: object, script_id: uuid.UUID | None, script_version: int | None, *, outcome: str) -> None:
+    with session_scope(services().session_factory) as session:
+        audit(
+            session,
+            AuditAction.JOB_SUBMITTED,
+            resource_type="job",
+            resource_id=job_id,
+            kind="calculation",
+            script_id=str(script_id) if script_id else None,
+            script_version=script_version,
+            outcome=outcome,
+        )

@@ -8,14 +8,21 @@ import uuid
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy.orm import Session
 
-from api import services
+from api import BEARER_SECURITY, services
+from api.audit import audit
+from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
 from api.views import job_view
 from shared import jobs
+from shared.access import require_owner, require_read
+from shared.audit import AuditAction
+from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
+from shared.models import Job
 
-bp = APIBlueprint("jobs", __name__, url_prefix="/api/jobs", abp_tags=[Tag(name="jobs")])
+bp = APIBlueprint("jobs", __name__, url_prefix="/api/jobs", abp_tags=[Tag(name="jobs")], abp_security=BEARER_SECURITY)
 
 
 def _job_id(raw: str) -> uuid.UUID:
@@ -23,6 +30,17 @@ def _job_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise NotFound(f"job {raw[:64]} not found", details={"job_id": raw[:64]}) from None
+
+
+def _not_found(raw: object) -> NotFound:
+    return NotFound(f"job {str(raw)[:64]} not found", details={"job_id": str(raw)[:64]})
+
+
+def _readable_job(session: Session, raw_id: str) -> Job:
+    """The job if the caller may read it (its owner, or an admin); someone else's job is a 404."""
+    job = jobs.get_job(session, _job_id(raw_id))
+    require_read(current_principal(), job.owner_id, _not_found(job.id))
+    return job
 
 
 def encode_cursor(symbol: str) -> str:
@@ -43,7 +61,7 @@ def decode_cursor(cursor: str) -> str:
 def get_job(path: JobPath) -> Response:
     """Status, progress, timings, errors and the reproducibility record of a job."""
     with services().session_factory() as session:
-        job = jobs.get_job(session, _job_id(path.job_id))
+        job = _readable_job(session, path.job_id)
         return jsonify(job_view(job).model_dump(mode="json"))
 
 
@@ -53,7 +71,7 @@ def get_results(path: JobPath, query: ResultsQuery) -> Response:
     job_id = _job_id(path.job_id)
     after = decode_cursor(query.cursor) if query.cursor else None
     with services().session_factory() as session:
-        job = jobs.get_job(session, job_id)
+        job = _readable_job(session, path.job_id)
         rows = jobs.page_results(session, job_id, limit=query.limit + 1, after=after)
         more = len(rows) > query.limit
         rows = rows[: query.limit]
@@ -71,7 +89,14 @@ def get_results(path: JobPath, query: ResultsQuery) -> Response:
 def cancel(path: JobPath) -> Response:
     """Cancel a queued or running job: queued shards are revoked, finished results are kept."""
     svc = services()
-    job, task_ids = jobs.cancel_job(svc.session_factory, _job_id(path.job_id))
+    job_id = _job_id(path.job_id)
+    with svc.session_factory() as session:
+        owner_id = jobs.get_job(session, job_id).owner_id
+    require_owner(current_principal(), owner_id, _not_found(job_id))
+    job, task_ids = jobs.cancel_job(svc.session_factory, job_id)
     if task_ids:
         svc.celery.control.revoke(task_ids)
+    with session_scope(svc.session_factory) as session:
+        audit(session, AuditAction.JOB_CANCELLED, resource_type="job", resource_id=job.id, status=job.status,
+              revoked_shards=len(task_ids))  # fmt: skip
     return jsonify(job_view(job).model_dump(mode="json"))

@@ -80,9 +80,13 @@ class CalculationExecuteBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    script: Annotated[str, AfterValidator(_non_blank)] = Field(
-        description="Python source run per symbol in the sandbox (at most ALPHAFORGE_MAX_SCRIPT_CHARS characters)"
+    script: Annotated[str, AfterValidator(_non_blank)] | None = Field(
+        default=None,
+        description="Python source run per symbol in the sandbox (at most ALPHAFORGE_MAX_SCRIPT_CHARS characters);"
+        " give exactly one of script and script_id",
     )
+    script_id: str | None = Field(default=None, max_length=64, description="run one of your saved scripts")
+    version: int | None = Field(default=None, ge=1, description="with script_id: run this version (default: latest)")
     column_name: Annotated[str, AfterValidator(_column_name)] = Field(max_length=100)
     stock_symbols: list[StockSymbol] = Field(min_length=1, description="symbols; duplicates are removed, order kept")
     start_date: IsoDate | None = None
@@ -141,10 +145,19 @@ class Reproducibility(BaseModel):
     shard_size: int
 
 
+class ScriptRef(BaseModel):
+    """The saved script a job ran, and the exact version (its text is the job's; the script may be gone)."""
+
+    script_id: str
+    version: int
+
+
 class JobView(BaseModel):
     job_id: str
     kind: str
     status: str
+    owner_id: str | None
+    script: ScriptRef | None = None
     column_name: str
     progress: Progress
     created_at: dt.datetime

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from api.schemas import JobLinks, JobView, Progress, Reproducibility
+from api.schemas import JobLinks, JobView, Progress, Reproducibility, ScriptRef
 from shared.models import Job
 
 
@@ -19,6 +19,12 @@ def job_view(job: Job) -> JobView:
         job_id=str(job.id),
         kind=job.kind,
         status=job.status,
+        owner_id=job.owner_id,
+        script=(
+            ScriptRef(script_id=str(job.script_id), version=job.script_version)
+            if job.script_id is not None and job.script_version is not None
+            else None
+        ),
         column_name=job.column_name,
         progress=Progress(
             shards_total=job.shards_total,

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ class CalculationRequest:
     end_date: dt.date | None = None
     params: dict[str, Any] = field(default_factory=dict)
     owner_id: str | None = None
+    script_id: uuid.UUID | None = None  # set when the script text comes from a saved script ...
+    script_version: int | None = None  # ... and this is the version whose exact text is ``script``
+
 
 
 def sha256_text(value: str) -> str:
@@ -47,7 +51,12 @@ def symbols_sha256(symbols: Sequence[str]) -> str:
 
 
 def submit_calculation(
-    factory: sessionmaker[Session], request: CalculationRequest, *, shard_size: int, enqueue: jobs.Enqueue
+    factory: sessionmaker[Session],
+    request: CalculationRequest,
+    *,
+    shard_size: int,
+    enqueue: jobs.Enqueue,
+    max_active_per_owner: int | None = None,
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
     try:
@@ -62,13 +71,15 @@ def submit_calculation(
         column_name=request.column_name,
         script=request.script,
         script_sha256=sha256_text(request.script),
+        script_id=request.script_id,
+        script_version=request.script_version,
         symbols=list(request.symbols),
         symbols_sha256=symbols_sha256(request.symbols),
         start_date=request.start_date,
         end_date=request.end_date,
         params=json.loads(json.dumps(request.params)),
     )
-    return jobs.submit(factory, job, shard_size, enqueue)
+    return jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner)
 
 
 ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimits], Sequence[jobs.Outcome]]

@@ -6,6 +6,8 @@ Commands:
   migrate                apply database migrations to DATABASE_URL
   bars import FILE       import daily bars from a CSV file
   bars demo              load a synthetic demo universe
+  user create NAME       create an account (--admin for an administrator); prints a generated password
+                         unless --password-stdin reads one from standard input
 
 ``bars`` uses DATABASE_URL, or, when it is unset, the embedded PostgreSQL under the data dir (the same one
 ``up`` uses; it may be running or not).
@@ -139,6 +141,44 @@ def cmd_bars_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user_create(args: argparse.Namespace) -> int:
+    import secrets as secrets_module
+
+    from shared import audit, users
+    from shared.db import make_session_factory, session_scope
+    from shared.errors import AppError
+    from shared.models import UserRole
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        generated = False
+    else:
+        password = secrets_module.token_urlsafe(18)
+        generated = True
+    role = UserRole.ADMIN if args.admin else UserRole.USER
+    with _database(Settings.from_env()) as engine:
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                user = users.create_user(session, args.name, password, role=role)
+                audit.record(
+                    session,
+                    audit.AuditAction.USER_CREATED,
+                    actor_id=None,
+                    actor_username=None,
+                    resource_type="user",
+                    resource_id=user.id,
+                    details={"via": "cli", "username": user.username, "role": role.value},
+                )
+                user_id, username = user.id, user.username
+        except AppError as exc:  # taken username, invalid name or password
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    print(f"created {role.value} {username!r} (id {user_id})")
+    if generated:
+        print(f"password: {password}  (shown once; log in with POST /api/auth/login)")
+    return 0
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw)
@@ -177,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--years", type=_positive_int, default=10, help="years of daily bars (default 10)")
     demo.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     demo.set_defaults(func=cmd_bars_demo)
+
+    user = sub.add_parser("user", help="manage accounts (for operators)")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")
+    create = user_sub.add_parser("create", help="create an account")
+    create.add_argument("name", metavar="NAME", help="username (3 to 64 of a-z 0-9 _ . -)")
+    create.add_argument("--admin", action="store_true", help="an administrator (may read every user's data)")
+    create.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input (default: generate one)"
+    )
+    create.set_defaults(func=cmd_user_create)
     return parser
 
 

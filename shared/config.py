@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from limits import parse_many
+
 from shared.errors import ConfigError
 
 # Queue names: interactive jobs never wait behind bulk work on the same queue.
@@ -31,6 +33,27 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _rate(env: Mapping[str, str], name: str, default: str) -> str:
+    """A flask-limiter rate string (``"30/minute"``, ``"5 per 15 minutes;100/day"``), checked at startup."""
+    raw = (env.get(name) or "").strip() or default
+    try:
+        parse_many(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a rate limit like '30/minute' or '5 per 15 minutes': {raw!r}") from exc
+    return raw
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -58,6 +81,21 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    """Per-user and per-address request limits (flask-limiter strings, counted in Redis) and job quotas."""
+
+    submit: str = "30/minute;500/hour"  # ALPHAFORGE_RATE_LIMIT_SUBMIT: job submissions per user
+    login: str = "10/minute"  # ALPHAFORGE_RATE_LIMIT_LOGIN: login attempts per username
+    failed_login_user: str = "5 per 15 minutes"  # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER: failures per username
+    failed_login_address: str = "20 per 15 minutes"  # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS: per client address
+    register: str = "10/hour"  # ALPHAFORGE_RATE_LIMIT_REGISTER: registrations per client address
+    max_active_jobs: int = 8  # ALPHAFORGE_MAX_ACTIVE_JOBS: queued + running jobs per user
+
+
+MIN_JWT_SECRET_CHARS = 32  # HS256 wants a key of at least 256 bits
+
+
+@dataclass(frozen=True)
 class Settings:
     """All tunables of AlphaForge. Environment variable names are given per field."""
 
@@ -75,6 +113,13 @@ class Settings:
     shard_max_retries: int = 3  # ALPHAFORGE_SHARD_MAX_RETRIES: attempts after a failure that is not a DB outage
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # ALPHAFORGE_SANDBOX_TIMEOUT (s per symbol), ALPHAFORGE_SANDBOX_MEMORY_MB
+    jwt_secret_key: str | None = field(default=None, repr=False)  # JWT_SECRET_KEY: required by the API
+    access_token_ttl_s: int = 900  # ALPHAFORGE_ACCESS_TOKEN_TTL: seconds an access token is valid
+    refresh_token_ttl_s: int = 14 * 24 * 3600  # ALPHAFORGE_REFRESH_TOKEN_TTL: seconds a refresh token is valid
+    registration_open: bool = True  # ALPHAFORGE_REGISTRATION_OPEN: whether POST /api/auth/register is allowed
+    proxy_hops: int = 0  # ALPHAFORGE_PROXY_HOPS: trusted reverse proxies in front of the API (X-Forwarded-For)
+    log_level: str = "INFO"  # ALPHAFORGE_LOG_LEVEL
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +129,18 @@ class Settings:
             symbol_timeout_s=_float(env, "ALPHAFORGE_SANDBOX_TIMEOUT", defaults.sandbox.symbol_timeout_s),
             memory_mb=_int(env, "ALPHAFORGE_SANDBOX_MEMORY_MB", defaults.sandbox.memory_mb, minimum=64),
         )
+        rate = defaults.rate_limits
+        rate_limits = RateLimits(
+            submit=_rate(env, "ALPHAFORGE_RATE_LIMIT_SUBMIT", rate.submit),
+            login=_rate(env, "ALPHAFORGE_RATE_LIMIT_LOGIN", rate.login),
+            failed_login_user=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER", rate.failed_login_user),
+            failed_login_address=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS", rate.failed_login_address),
+            register=_rate(env, "ALPHAFORGE_RATE_LIMIT_REGISTER", rate.register),
+            max_active_jobs=_int(env, "ALPHAFORGE_MAX_ACTIVE_JOBS", rate.max_active_jobs),
+        )
+        log_level = (env.get("ALPHAFORGE_LOG_LEVEL") or defaults.log_level).strip().upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"ALPHAFORGE_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL: {log_level!r}")
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
@@ -98,6 +155,13 @@ class Settings:
             enqueue_timeout_s=_float(env, "ALPHAFORGE_ENQUEUE_TIMEOUT", defaults.enqueue_timeout_s),
             shard_max_retries=_int(env, "ALPHAFORGE_SHARD_MAX_RETRIES", defaults.shard_max_retries, minimum=0),
             sandbox=sandbox,
+            jwt_secret_key=env.get("JWT_SECRET_KEY") or None,
+            access_token_ttl_s=_int(env, "ALPHAFORGE_ACCESS_TOKEN_TTL", defaults.access_token_ttl_s),
+            refresh_token_ttl_s=_int(env, "ALPHAFORGE_REFRESH_TOKEN_TTL", defaults.refresh_token_ttl_s),
+            registration_open=_bool(env, "ALPHAFORGE_REGISTRATION_OPEN", defaults.registration_open),
+            proxy_hops=_int(env, "ALPHAFORGE_PROXY_HOPS", defaults.proxy_hops, minimum=0),
+            log_level=log_level,
+            rate_limits=rate_limits,
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -115,6 +179,20 @@ class Settings:
             raise ConfigError("REDIS_URL is not set (./alphaforge up starts an embedded Redis when it is unset)")
         return self.redis_url
 
+    def require_jwt_secret(self) -> str:
+        """The API signs tokens with this; there is no default outside the embedded setup (`up` makes one)."""
+        if not self.jwt_secret_key:
+            raise ConfigError(
+                "JWT_SECRET_KEY is not set: the API needs a secret to sign login tokens "
+                f"(at least {MIN_JWT_SECRET_CHARS} random characters, e.g. from "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        if len(self.jwt_secret_key) < MIN_JWT_SECRET_CHARS:
+            raise ConfigError(
+                f"JWT_SECRET_KEY is {len(self.jwt_secret_key)} characters; use at least {MIN_JWT_SECRET_CHARS}"
+            )
+        return self.jwt_secret_key
+
     def child_env(self) -> dict[str, str]:
         """The environment variables that make a child process see these settings."""
         env = {
@@ -130,7 +208,18 @@ class Settings:
             "ALPHAFORGE_SHARD_MAX_RETRIES": str(self.shard_max_retries),
             "ALPHAFORGE_SANDBOX_TIMEOUT": str(self.sandbox.symbol_timeout_s),
             "ALPHAFORGE_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
-        }
+            "ALPHAFORGE_ACCESS_TOKEN_TTL": str(self.access_token_ttl_s),
+            "ALPHAFORGE_REFRESH_TOKEN_TTL": str(self.refresh_token_ttl_s),
+            "ALPHAFORGE_REGISTRATION_OPEN": "true" if self.registration_open else "false",
+            "ALPHAFORGE_PROXY_HOPS": str(self.proxy_hops),
+            "ALPHAFORGE_LOG_LEVEL": self.log_level,
+            "ALPHAFORGE_RATE_LIMIT_SUBMIT": self.rate_limits.submit,
+            "ALPHAFORGE_RATE_LIMIT_LOGIN": self.rate_limits.login,
+            "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER": self.rate_limits.failed_login_user,
+            "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS": self.rate_limits.failed_login_address,
+            "ALPHAFORGE_RATE_LIMIT_REGISTER": self.rate_limits.register,
+            "ALPHAFORGE_MAX_ACTIVE_JOBS": str(self.rate_limits.max_active_jobs),
+        }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
         if self.redis_url:

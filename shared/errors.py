@@ -78,3 +78,32 @@ class Conflict(AppError):
 class ServiceUnavailable(AppError):
     status = 503
     code = "service_unavailable"
+
+
+class Unauthorized(AppError):
+    """No credentials, or credentials that are malformed, expired, revoked or wrong."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(AppError):
+    """Authenticated, but this account may not do this (only used where existence is no secret to the caller)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(AppError):
+    """A rate limit or quota was reached; ``retry_after_s`` becomes the Retry-After header."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = max(1, retry_after_s)
+
+
+class QuotaExceeded(TooManyRequests):
+    code = "quota_exceeded"

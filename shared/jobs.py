@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import session_scope
-from shared.errors import NotFound, ServiceUnavailable
+from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
 from shared.models import Job, JobResult, JobShard, JobStatus, ShardStatus
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,41 @@ def split_into_shards(symbols: Sequence[str], shard_size: int) -> list[list[str]
     return [list(symbols[i : i + shard_size]) for i in range(0, len(symbols), shard_size)]
 
 
-def submit(factory: sessionmaker[Session], job: Job, shard_size: int, enqueue: Enqueue) -> Job:
+def check_active_job_quota(session: Session, owner_id: str, max_active: int) -> None:
+    """QuotaExceeded when the owner already has ``max_active`` queued or running jobs.
+
+    A transaction-scoped advisory lock per owner serializes concurrent submissions of one user, so two
+    requests cannot both see room for one more job.
+    """
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended("jobs-of:" + owner_id, 0))))
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(_ACTIVE_JOB))
+    )
+    if (active or 0) >= max_active:
+        raise QuotaExceeded(
+            f"you have {active} jobs queued or running; at most {max_active} at a time: "
+            "wait for one to finish or cancel one",
+            retry_after_s=ACTIVE_JOBS_RETRY_AFTER_S,
+            details={"active_jobs": active, "max_active_jobs": max_active},
+        )
+
+
+ACTIVE_JOBS_RETRY_AFTER_S = 5
+
+
+def submit(
+    factory: sessionmaker[Session],
+    job: Job,
+    shard_size: int,
+    enqueue: Enqueue,
+    *,
+    max_active_per_owner: int | None = None,
+) -> Job:
     """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
 
     If enqueueing fails the job is marked failed (never left looking queued) and
     ServiceUnavailable is raised; shards already sent find a failed job and do nothing.
+    With ``max_active_per_owner``, an owner at that many active jobs gets QuotaExceeded and nothing is written.
     """
     batches = split_into_shards(job.symbols, shard_size)
     job.shard_size = shard_size
@@ -64,6 +94,8 @@ def submit(factory: sessionmaker[Session], job: Job, shard_size: int, enqueue: E
     job.symbols_total = len(job.symbols)
     job.status = JobStatus.QUEUED.value
     with session_scope(factory) as session:
+        if max_active_per_owner is not None and job.owner_id is not None:
+            check_active_job_quota(session, job.owner_id, max_active_per_owner)
         session.add(job)
         session.flush()
         shards = [

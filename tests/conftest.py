@@ -29,16 +29,32 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
+from api.ratelimit import reset_rate_limits
 from shared import dbadmin, migrate
 from shared.config import SandboxLimits, Settings
 from shared.db import make_engine, make_session_factory
 from shared.embedded import EmbeddedServers
+from shared.models import UserRole
+from shared.passwords import hash_password
+from tests.helpers import TEST_PASSWORD, ApiUser, authed_client, make_user
 from worker.celery_app import create_celery
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Tables emptied between tests, children first.
-_DATA_TABLES = ("security_events", "job_results", "job_shards", "jobs", "daily_bars", "symbols")
+_DATA_TABLES = (
+    "audit_log",
+    "api_keys",
+    "script_versions",
+    "scripts",
+    "security_events",
+    "job_results",
+    "job_shards",
+    "jobs",
+    "users",
+    "daily_bars",
+    "symbols",
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,7 @@ def settings(test_servers: ServerUrls) -> Iterator[Settings]:
         worker_concurrency=2,
         enqueue_timeout_s=3.0,
         sandbox=SandboxLimits(symbol_timeout_s=3.0, memory_mb=512),
+        jwt_secret_key=secrets.token_urlsafe(48),
     )
     dbadmin.drop_database(test_servers.server_database_url, name)
 
@@ -150,6 +167,55 @@ def flask_app(settings: Settings) -> Iterator[Flask]:
     app.extensions["alphaforge"].engine.dispose()
 
 
+# --- accounts: the API needs authentication; `client` is a regular user unless a test asks otherwise ----------
+
+
+@pytest.fixture(scope="session")
+def test_password_hash() -> str:
+    """One argon2 hash for every test account (hashing per test would cost ~0.1 s each)."""
+    return hash_password(TEST_PASSWORD)
+
+
 @pytest.fixture
-def client(flask_app: Flask, clean_db: Engine) -> FlaskClient:
+def api_state(flask_app: Flask, clean_db: Engine) -> Engine:
+    """Empty tables and full rate-limit allowances."""
+    reset_rate_limits(flask_app)
+    return clean_db
+
+
+@pytest.fixture
+def user(flask_app: Flask, api_state: Engine, test_password_hash: str) -> ApiUser:
+    return make_user(flask_app, api_state, "alice", test_password_hash)
+
+
+@pytest.fixture
+def other_user(flask_app: Flask, api_state: Engine, test_password_hash: str) -> ApiUser:
+    return make_user(flask_app, api_state, "bob", test_password_hash)
+
+
+@pytest.fixture
+def admin_user(flask_app: Flask, api_state: Engine, test_password_hash: str) -> ApiUser:
+    return make_user(flask_app, api_state, "root", test_password_hash, role=UserRole.ADMIN)
+
+
+@pytest.fixture
+def client(flask_app: Flask, user: ApiUser) -> FlaskClient:
+    """Authenticated as the regular test user ``alice`` (a Bearer access token on every request)."""
+    return authed_client(flask_app, user)
+
+
+@pytest.fixture
+def other_client(flask_app: Flask, other_user: ApiUser) -> FlaskClient:
+    """Authenticated as a second regular user, ``bob``."""
+    return authed_client(flask_app, other_user)
+
+
+@pytest.fixture
+def admin_client(flask_app: Flask, admin_user: ApiUser) -> FlaskClient:
+    return authed_client(flask_app, admin_user)
+
+
+@pytest.fixture
+def anon_client(flask_app: Flask, api_state: Engine) -> FlaskClient:
+    """No credentials at all."""
     return flask_app.test_client()

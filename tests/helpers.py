@@ -1,16 +1,19 @@
-"""Helpers for integration tests: deterministic bars, polling."""
+"""Helpers for integration tests: deterministic bars, polling, test accounts."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert
 
-from shared.models import DailyBar, Symbol
+from api.auth import issue_tokens
+from shared.models import DailyBar, Symbol, User, UserRole
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
@@ -76,3 +79,40 @@ def all_results(client: FlaskClient, job_id: str, page_size: int = 1000) -> list
         cursor = page["next_cursor"]
         if not cursor:
             return rows
+
+
+TEST_PASSWORD = "correct horse battery staple"
+
+
+@dataclass(frozen=True)
+class ApiUser:
+    id: str
+    username: str
+    password: str
+    role: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+
+def make_user(
+    app: Flask, engine: Engine, username: str, password_hash: str, *, role: UserRole = UserRole.USER
+) -> ApiUser:
+    """An account with password TEST_PASSWORD (``password_hash`` is its hash) and a token pair from ``app``."""
+    with engine.begin() as conn:
+        user_id = conn.execute(
+            insert(User).values(username=username, password_hash=password_hash, role=role.value).returning(User.id)
+        ).scalar_one()
+    with app.app_context():
+        tokens = issue_tokens(user_id)
+    return ApiUser(user_id, username, TEST_PASSWORD, role.value, tokens["access_token"], tokens["refresh_token"])
+
+
+def authed_client(app: Flask, user: ApiUser) -> FlaskClient:
+    """A test client that sends the user's access token with every request."""
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {user.access_token}"
+    return client

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from celery import Celery, group
+from celery import Celery, group, signals
 from kombu import Queue
 
+from shared import log_context
 from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
 from shared.jobs import Enqueue, ShardTask
+from shared.logs import configure_logging
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 
@@ -63,7 +66,41 @@ def create_celery(settings: Settings) -> Celery:
         enable_utc=True,
     )
     app.conf.alphaforge_settings = settings
+    _connect_context_signals(settings)
     return app
+
+
+# --- request ids and log context across the broker -----------------------------------------------------------
+
+
+def _add_request_id_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Publishing side (the API): a task sent while handling a request carries that request's id."""
+    request_id = log_context.current_request_id()
+    if request_id and headers is not None:
+        headers.setdefault(log_context.TASK_HEADER_REQUEST_ID, request_id)
+
+
+def _bind_task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """Worker side: every log line while the task runs carries its request id, task id and name."""
+    request_id = getattr(task.request, log_context.TASK_HEADER_REQUEST_ID, None) if task is not None else None
+    log_context.clear()
+    log_context.bind(request_id=request_id, task_id=task_id, task_name=getattr(task, "name", None))
+
+
+def _clear_task_context(**_: Any) -> None:
+    log_context.clear()
+
+
+def _connect_context_signals(settings: Settings) -> None:
+    def setup_logging(loglevel: Any = None, **_: Any) -> None:
+        # Connected: Celery leaves logging to us (JSON lines, with the task context) in the worker and beat.
+        level = loglevel.upper() if isinstance(loglevel, str) else loglevel
+        configure_logging("celery", level if isinstance(level, (str, int)) else settings.log_level)
+
+    signals.before_task_publish.connect(_add_request_id_header, weak=False, dispatch_uid="alphaforge-request-id")
+    signals.task_prerun.connect(_bind_task_context, weak=False, dispatch_uid="alphaforge-task-context")
+    signals.task_postrun.connect(_clear_task_context, weak=False, dispatch_uid="alphaforge-task-context-end")
+    signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="alphaforge-logging")
 
 
 def shard_enqueuer(app: Celery, task_name: str = TASK_RUN_CALCULATION_SHARD) -> Enqueue:

@@ -11,7 +11,7 @@ from celery import Task, shared_task
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs
+from shared import calculations, jobs, log_context
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from worker.celery_app import TASK_RUN_CALCULATION_SHARD
@@ -67,6 +67,8 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
     services: WorkerServices = self.services
     settings = services.settings
     attempt = self.request.retries + 1
+    log_context.bind(shard_id=shard_id, attempt=attempt)
+    log.info("shard %s: attempt %s", shard_id, attempt)
     try:
         stored = calculations.run_shard(services.session_factory, shard_id, limits=settings.sandbox, runner=run_script)
     except Exception as exc:

@@ -8,11 +8,15 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
+from shared import api_keys
 from shared.config import Settings
+from shared.db import session_scope
 from shared.embedded import free_tcp_port
 from shared.models import Job, JobShard
+from tests.helpers import ApiUser, authed_client
 
 GOOD = {"script": "result = close[-1]", "column_name": "last", "stock_symbols": ["AAPL", "MSFT"]}
 
@@ -190,11 +194,17 @@ def test_results_paging_parameters_are_validated(client: FlaskClient) -> None:
     assert_error(client.get(f"/api/jobs/{job_id}/results?cursor=%%%"), 422, "validation_error", "cursor")
 
 
-def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(clean_db: Engine, settings: Settings) -> None:
+def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(
+    clean_db: Engine, settings: Settings, session_factory: sessionmaker[Session], user: ApiUser
+) -> None:
     broken = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_tcp_port()}/0", enqueue_timeout_s=1.0)
     app = create_app(broken)
+    # An API key: checking it needs only PostgreSQL (a JWT's revocation check would need the dead Redis).
+    with session_scope(session_factory) as session:
+        _, key = api_keys.create_api_key(session, user.id, "broker test")
+    headers = {"Authorization": f"Bearer {key}"}
     try:
-        response = app.test_client().post("/api/custom-calculations/execute", json=GOOD)
+        response = app.test_client().post("/api/custom-calculations/execute", json=GOOD, headers=headers)
         error = assert_error(response, 503, "service_unavailable")
         with clean_db.connect() as conn:
             job = conn.execute(select(Job.id, Job.status, Job.error)).one()
@@ -202,17 +212,17 @@ def test_unreachable_broker_fails_the_job_instead_of_leaving_it_queued(clean_db:
         assert str(job.id) == error["details"]["job_id"]
         assert job.status == "failed" and "could not be queued" in job.error
         assert shard_statuses == {"failed"}
-        assert app.test_client().get(f"/api/jobs/{job.id}").get_json()["status"] == "failed"
+        assert app.test_client().get(f"/api/jobs/{job.id}", headers=headers).get_json()["status"] == "failed"
     finally:
         app.extensions["alphaforge"].engine.dispose()
 
 
-def test_unreachable_database_is_503_not_500(settings: Settings) -> None:
+def test_unreachable_database_is_503_not_500(settings: Settings, user: ApiUser) -> None:
     port = free_tcp_port()
     broken = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{port}/nowhere")
     app = create_app(broken)
     try:
-        client = app.test_client()
+        client = authed_client(app, user)  # checking the token needs the database: 503, not 401
         assert_error(client.get(f"/api/jobs/{uuid.uuid4()}"), 503, "service_unavailable")
         assert_error(client.post("/api/custom-calculations/execute", json=GOOD), 503, "service_unavailable")
         health = client.get("/api/health")
