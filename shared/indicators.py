@@ -68,8 +68,9 @@ def _nan(n: int) -> FloatArray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _blocks(x: FloatArray, p: int, fill: float) -> FloatArray:
-    """A copy of ``x`` padded with ``fill`` to a multiple of ``p``, shaped (blocks, p).
+def _blocks(x: FloatArray, p: int, fill: float, divisor: float = 1.0) -> FloatArray:
+    """A copy of ``x`` (divided by ``divisor``, in the same pass) padded with ``fill`` to a multiple of ``p``,
+    shaped (blocks, p).
 
     The padding is never part of a window (a window's last value is at most n - 1); ``fill`` is the
     reduction's identity only so that the arrays are tidy. Size < n + p <= 2n.
@@ -77,7 +78,10 @@ def _blocks(x: FloatArray, p: int, fill: float) -> FloatArray:
     n = x.shape[0]
     count = -(-n // p)
     buffer = np.empty(count * p)
-    buffer[:n] = x
+    if divisor == 1.0:
+        buffer[:n] = x
+    else:
+        np.divide(x, divisor, out=buffer[:n])
     buffer[n:] = fill
     return buffer.reshape(count, p)
 
@@ -108,8 +112,9 @@ def _head_tail(
     return head, tail
 
 
-def _finite_window_sums(x: FloatArray, p: int) -> FloatArray:
-    """Sums of every full window of all-finite data, from prefix sums within blocks of max(p, 256) values.
+def _finite_window_sums(x: FloatArray, p: int, divisor: float = 1.0) -> FloatArray:
+    """Rolling sums of all-finite data divided by ``divisor`` (first p - 1 NaN), from prefix sums within
+    blocks of max(p, 256); dividing the values first saves a pass (the SMA's rounding stays ~p ulp).
 
     A window lies in one block (prefix difference) or straddles two (the first block's total minus the
     exclusive prefix at its start, plus the second block's prefix at its end): the error stays bounded by
@@ -119,31 +124,37 @@ def _finite_window_sums(x: FloatArray, p: int) -> FloatArray:
     n = x.shape[0]
     width = max(p, _SUM_BLOCK)
     count = n - p + 1
-    blocks = _blocks(x, width, 0.0)
+    blocks = _blocks(x, width, 0.0, divisor)
     prefix = np.add.accumulate(blocks, axis=1)
     totals = prefix[:, -1:].copy()
-    exclusive = (prefix - blocks).reshape(-1)
-    flat = prefix.reshape(-1)
-    sums = np.empty(blocks.size)
+    prefix -= blocks
+    exclusive = prefix.reshape(-1)  # the prefix sums before each value, within its block
+    flat = exclusive + blocks.reshape(-1)  # ... and including it
+    # One buffer for the result: p - 1 NaNs, then the sums laid out as (blocks, width) for the fix-up.
+    buffer = np.empty(p - 1 + blocks.size)
+    buffer[: p - 1] = np.nan
+    sums = buffer[p - 1 :]
     np.subtract(flat[p - 1 : n], exclusive[:count], out=sums[:count])
     sums.reshape(-1, width)[:, width - p + 1 :] += totals  # windows that run into the next block
-    return sums[:count]
+    return buffer[:n]
 
 
-def _window_reduce(x: FloatArray, period: int, ufunc: np.ufunc, fill: float) -> FloatArray:
+def _window_reduce(x: FloatArray, period: int, ufunc: np.ufunc, fill: float, mean: bool = False) -> FloatArray:
+    """Rolling ``ufunc`` reduction (np.add, np.maximum, np.minimum); with ``mean``, sums divided by period."""
     n = x.shape[0]
     if period > n:
         return _nan(n)
     if period == 1:
         return x.copy()
-    out = np.empty(n)
-    out[: period - 1] = np.nan
     with np.errstate(all="ignore"):  # sums may overflow to inf, and inf + -inf is NaN: silently
-        if ufunc is np.add and bool(np.isfinite(x).all()):
-            out[period - 1 :] = _finite_window_sums(x, period)
-        else:
-            head, tail = _head_tail(_blocks(x, period, fill), ufunc, fill, n)
-            ufunc(head, tail, out=out[period - 1 :])
+        if ufunc is np.add and math.isfinite(float(x.sum())):  # a NaN or inf anywhere makes the sum NaN/inf
+            return _finite_window_sums(x, period, period if mean else 1.0)
+        out = np.empty(n)
+        out[: period - 1] = np.nan
+        head, tail = _head_tail(_blocks(x, period, fill), ufunc, fill, n)
+        ufunc(head, tail, out=out[period - 1 :])
+        if mean:
+            out[period - 1 :] /= period
     return out
 
 
@@ -254,10 +265,7 @@ def rolling_min(values: npt.ArrayLike, period: int) -> FloatArray:
 def sma(values: npt.ArrayLike, period: int) -> FloatArray:
     """Simple moving average: mean of the last ``period`` values; the first period - 1 are NaN."""
     x, p = as_series(values), _check_period(period)
-    out = _window_reduce(x, p, np.add, 0.0)
-    if p > 1:
-        out /= p
-    return out
+    return _window_reduce(x, p, np.add, 0.0, mean=True)
 
 
 def wma(values: npt.ArrayLike, period: int) -> FloatArray:
