@@ -732,7 +732,40 @@ def test_module_namespace_is_the_public_functions_and_private_names_only() -> No
         assert all(type(d) in (int, float) for d in func.__defaults__ or ())
         assert func.__closure__ is None
     mutable = (list, dict, set, bytearray, np.ndarray)
-    assert not [name for name, value in vars(ta).items() if isinstance(value, mutable) and name != "__builtins__"]
+    state = [name for name, value in vars(ta).items() if isinstance(value, mutable) and name != "__builtins__"]
+    assert state == ["_REGISTERED"]  # the trusted child's series registry, out of scripts' reach
+
+
+@pytest.fixture
+def registry() -> Any:
+    yield ta._register_series
+    ta._register_series()
+
+
+def test_registered_series_are_taken_by_identity_without_rechecking(registry: Any) -> None:
+    close = tuple(list(CLOSE))  # a tuple of its own (tuple(CLOSE) would be CLOSE itself)
+    clean = ta.sma(close, 10)
+    other_values = np.asarray(OTHER).tobytes()
+    registry((close, other_values))  # a trusted claim; a wrong one shows which bytes ta used
+    assert same(ta.sma(close, 10), ta.sma(OTHER, 10))
+    assert same(ta.sma(CLOSE, 10), clean)  # an equal but distinct tuple is checked and packed
+    registry((close, np.asarray(close).tobytes()))
+    assert same(ta.sma(close, 10), clean) and same(ta.atr(HIGH, LOW, close), ta.atr(HIGH, LOW, CLOSE))
+    assert close is not CLOSE
+    registry()
+    assert ta._REGISTERED == {}
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [([1.0, 2.0], b"\0" * 16), ((1.0, 2.0), b"\0" * 8), ((1.0,), bytearray(8)), ((1.0,), memoryview(b"\0" * 8))],
+)
+def test_registration_is_checked_and_leaves_the_previous_one_on_error(registry: Any, pair: Any) -> None:
+    kept = (1.0, 2.0, 3.0)
+    registry((kept, np.asarray(kept).tobytes()))
+    with pytest.raises(ValueError, match="tuple with its float64 bytes"):
+        registry(pair)
+    assert list(ta._REGISTERED) == [id(kept)]
 
 
 def test_results_are_fresh_immutable_tuples() -> None:
