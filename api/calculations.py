@@ -6,6 +6,7 @@ import uuid
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy.orm import Session
 
 from api import BEARER_SECURITY, services
 from api.audit import audit
@@ -15,8 +16,8 @@ from api.views import job_links
 from shared import scripts
 from shared.audit import AuditAction
 from shared.calculations import CalculationRequest, submit_calculation
-from shared.db import session_scope
-from shared.errors import ServiceUnavailable, ValidationFailed
+from shared.errors import ValidationFailed
+from shared.models import Job
 from worker.celery_app import shard_enqueuer
 
 bp = APIBlueprint(
@@ -89,18 +90,20 @@ def execute(body: CalculationExecuteBody) -> Response:
         script_id=script_id,
         script_version=script_version,
     )
-    try:
-        job = submit_calculation(
-            svc.session_factory,
-            request,
-            shard_size=settings.shard_size,
-            enqueue=shard_enqueuer(svc.celery),
-            max_active_per_owner=settings.rate_limits.max_active_jobs,
-        )
-    except ServiceUnavailable as exc:  # the job row exists (failed): the attempt is on record too
-        _audit_submission(exc.details.get("job_id"), script_id, script_version, outcome="not_queued")
-        raise
-    _audit_submission(job.id, script_id, script_version, outcome="queued")
+
+    def record_submission(session: Session, job: Job) -> None:  # in the job's own transaction
+        audit(session, AuditAction.JOB_SUBMITTED, resource_type="job", resource_id=job.id, kind=job.kind,
+              script_id=str(script_id) if script_id else None, script_version=script_version,
+              symbols=len(symbols))  # fmt: skip
+
+    job = submit_calculation(
+        svc.session_factory,
+        request,
+        shard_size=settings.shard_size,
+        enqueue=shard_enqueuer(svc.celery),
+        max_active_per_owner=settings.rate_limits.max_active_jobs,
+        on_write=record_submission,
+    )
     links = job_links(job.id)
     accepted = JobAccepted(
         job_id=str(job.id), status=job.status, shards=job.shards_total, symbols=job.symbols_total, links=links
@@ -109,17 +112,3 @@ def execute(body: CalculationExecuteBody) -> Response:
     response.status_code = 202
     response.headers["Location"] = links.self
     return response
-
-
-def _audit_submission(job_id: object, script_id: uuid.UUID | None, script_version: int | None, *, outcome: str) -> None:
-    with session_scope(services().session_factory) as session:
-        audit(
-            session,
-            AuditAction.JOB_SUBMITTED,
-            resource_type="job",
-            resource_id=job_id,
-            kind="calculation",
-            script_id=str(script_id) if script_id else None,
-            script_version=script_version,
-            outcome=outcome,
-        )

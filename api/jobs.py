@@ -18,7 +18,6 @@ from api.views import job_view
 from shared import jobs
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
-from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
 from shared.models import Job
 
@@ -93,10 +92,11 @@ def cancel(path: JobPath) -> Response:
     with svc.session_factory() as session:
         owner_id = jobs.get_job(session, job_id).owner_id
     require_owner(current_principal(), owner_id, _not_found(job_id))
-    job, task_ids = jobs.cancel_job(svc.session_factory, job_id)
+
+    def record_cancellation(session: Session, job: Job) -> None:  # in the cancelling transaction
+        audit(session, AuditAction.JOB_CANCELLED, resource_type="job", resource_id=job.id)
+
+    job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record_cancellation)
     if task_ids:
         svc.celery.control.revoke(task_ids)
-    with session_scope(svc.session_factory) as session:
-        audit(session, AuditAction.JOB_CANCELLED, resource_type="job", resource_id=job.id, status=job.status,
-              revoked_shards=len(task_ids))  # fmt: skip
     return jsonify(job_view(job).model_dump(mode="json"))

@@ -40,7 +40,6 @@ class CalculationRequest:
     script_version: int | None = None  # ... and this is the version whose exact text is ``script``
 
 
-
 def sha256_text(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
@@ -57,6 +56,7 @@ def submit_calculation(
     shard_size: int,
     enqueue: jobs.Enqueue,
     max_active_per_owner: int | None = None,
+    on_write: jobs.OnWrite | None = None,
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
     try:
@@ -79,7 +79,7 @@ def submit_calculation(
         end_date=request.end_date,
         params=json.loads(json.dumps(request.params)),
     )
-    return jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner)
+    return jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=on_write)
 
 
 ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimits], Sequence[jobs.Outcome]]

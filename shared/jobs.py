@@ -38,6 +38,9 @@ class ShardTask:
 
 Enqueue = Callable[[Sequence[ShardTask]], None]
 
+OnWrite = Callable[[Session, Job], None]
+"""Called inside the transaction that writes a job change (to add its audit row, say): both commit together."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -81,6 +84,7 @@ def submit(
     enqueue: Enqueue,
     *,
     max_active_per_owner: int | None = None,
+    on_write: OnWrite | None = None,
 ) -> Job:
     """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
 
@@ -104,6 +108,8 @@ def submit(
         ]
         session.add_all(shards)
         session.flush()
+        if on_write is not None:
+            on_write(session, job)
         tasks = [ShardTask(shard.id, shard.task_id) for shard in shards]
     try:
         enqueue(tasks)
@@ -258,9 +264,12 @@ def page_results(session: Session, job_id: uuid.UUID, *, limit: int, after: str 
     return list(session.scalars(query.order_by(JobResult.symbol).limit(limit)))
 
 
-def cancel_job(factory: sessionmaker[Session], job_id: uuid.UUID) -> tuple[Job, list[str]]:
+def cancel_job(
+    factory: sessionmaker[Session], job_id: uuid.UUID, *, on_write: OnWrite | None = None
+) -> tuple[Job, list[str]]:
     """Cancel an active job: its queued shards are cancelled (their task ids returned for revoking);
-    running shards finish and keep their results. Cancelling a finished job changes nothing."""
+    running shards finish and keep their results. Cancelling a finished job changes nothing (and calls
+    no ``on_write``)."""
     with session_scope(factory) as session:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
@@ -275,4 +284,6 @@ def cancel_job(factory: sessionmaker[Session], job_id: uuid.UUID) -> tuple[Job, 
             .values(status=ShardStatus.CANCELLED.value, finished_at=text("now()"))
             .returning(JobShard.task_id)
         ).all()
+        if on_write is not None:
+            on_write(session, job)
         return job, list(task_ids)

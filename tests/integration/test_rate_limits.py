@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, select
 
 from api import create_app
 from shared.config import RateLimits, Settings
-from shared.models import Job
+from shared.models import AuditLog, Job
 from tests.helpers import ApiUser, authed_client, seed_bars
 
 EXECUTE = "/api/custom-calculations/execute"
@@ -68,6 +68,11 @@ def test_concurrently_active_jobs_per_user(
         _check_active_jobs_quota(authed_client(app, user), authed_client(app, other_user))
     finally:
         app.extensions["alphaforge"].engine.dispose()
+    with engine.connect() as conn:  # a refused submission left no job and no audit row behind
+        submitted = conn.execute(select(AuditLog.actor_id, AuditLog.resource_id).where(AuditLog.action == "job.submit"))
+        jobs = conn.execute(select(Job.owner_id, Job.id))
+        assert sorted((a, r) for a, r in submitted) == sorted((o, str(i)) for o, i in jobs)
+        assert conn.scalar(select(func.count()).select_from(Job)) == 4
 
 
 def _check_active_jobs_quota(alice: FlaskClient, bob: FlaskClient) -> None:
