@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import text
 
 from api import services
 from api.schemas import HealthView
+from shared.security import SANDBOX_LAYERS_KEY
 
 bp = APIBlueprint("health", __name__, url_prefix="/api", abp_tags=[Tag(name="health")])
 
@@ -28,7 +30,8 @@ def _timed(check: Any) -> dict[str, Any]:
 
 @bp.get("/health", responses={200: HealthView, 503: HealthView})
 def health() -> Response:
-    """200 when the database and broker answer ("degraded" if no worker does); 503 otherwise."""
+    """200 when the database and broker answer ("degraded" if no worker does, or a worker runs user code
+    without every sandbox layer); 503 otherwise."""
     svc = services()
 
     def database() -> None:
@@ -43,12 +46,28 @@ def health() -> Response:
         names = sorted(name for reply in replies for name in reply)
         return {"count": len(names), "names": names}
 
+    def sandbox() -> dict[str, Any]:
+        names = view["workers"].get("names") or []
+        raw = svc.redis.hmget(SANDBOX_LAYERS_KEY, names) if names else []
+        per_worker = {name: json.loads(value) if value else None for name, value in zip(names, raw, strict=True)}
+        inactive = []
+        for name, rec in per_worker.items():
+            if not rec:
+                inactive.append(f"{name}: not probed")
+            else:
+                inactive.extend(f"{name}: {layer}" for layer, on in sorted(rec["layers"].items()) if not on)
+        return {"workers": per_worker, "inactive": inactive}
+
     view = {"database": _timed(database), "broker": _timed(broker)}
     view["workers"] = _timed(workers) if view["broker"]["ok"] else {"ok": False, "error": "broker unreachable"}
     if view["workers"].get("ok") and not view["workers"].get("count"):
         view["workers"]["ok"] = False
+    view["sandbox"] = _timed(sandbox) if view["workers"]["ok"] else {"ok": False, "error": "no worker answered"}
+    if view["sandbox"].get("inactive"):
+        view["sandbox"]["ok"] = False
     core_ok = view["database"]["ok"] and view["broker"]["ok"]
-    status = "ok" if core_ok and view["workers"]["ok"] else ("degraded" if core_ok else "unavailable")
+    all_ok = core_ok and view["workers"]["ok"] and view["sandbox"]["ok"]
+    status = "ok" if all_ok else ("degraded" if core_ok else "unavailable")
     response = jsonify(HealthView(status=status, **view).model_dump(mode="json"))
     response.status_code = 200 if core_ok else 503
     return response

@@ -15,7 +15,7 @@ from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
 from api.views import job_view
-from shared import jobs
+from shared import jobs, security
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.errors import NotFound, ValidationFailed
@@ -58,10 +58,12 @@ def decode_cursor(cursor: str) -> str:
 
 @bp.get("/<job_id>", responses={200: JobView, 404: ErrorResponse})
 def get_job(path: JobPath) -> Response:
-    """Status, progress, timings, errors and the reproducibility record of a job."""
+    """Status, progress, timings, errors, what the sandbox rejected (per symbol, in plain words) and the
+    reproducibility record of a job."""
     with services().session_factory() as session:
         job = _readable_job(session, path.job_id)
-        return jsonify(job_view(job).model_dump(mode="json"))
+        rejections = security.job_rejections(session, job.id)
+        return jsonify(job_view(job, rejections).model_dump(mode="json"))
 
 
 @bp.get("/<job_id>/results", responses={200: ResultsPage, 404: ErrorResponse, 422: ErrorResponse})

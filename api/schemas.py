@@ -145,6 +145,23 @@ class Reproducibility(BaseModel):
     shard_size: int
 
 
+class SecurityRejection(BaseModel):
+    symbol: str | None
+    layer: str
+    reason: str
+    explanation: str
+    detail: str
+
+
+class Rejections(BaseModel):
+    """What the sandbox refused while running the job (README, "The sandbox")."""
+
+    total: int
+    by_reason: dict[str, int]
+    events: list[SecurityRejection]
+    truncated: bool
+
+
 class ScriptRef(BaseModel):
     """The saved script a job ran, and the exact version (its text is the job's; the script may be gone)."""
 
@@ -166,6 +183,7 @@ class JobView(BaseModel):
     error: str | None
     reproducibility: Reproducibility
     links: JobLinks
+    rejections: Rejections | None = None
 
 
 class ResultError(BaseModel):
@@ -193,6 +211,7 @@ class HealthView(BaseModel):
     database: dict[str, Any]
     broker: dict[str, Any]
     workers: dict[str, Any]
+    sandbox: dict[str, Any]
 
 
 class ErrorBody(BaseModel):

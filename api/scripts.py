@@ -29,10 +29,10 @@ from api.account_schemas import ScriptView as ScriptViewSchema
 from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import scripts
+from shared import scripts, security
 from shared.audit import AuditAction
 from shared.db import session_scope
-from shared.errors import Forbidden, ValidationFailed
+from shared.errors import Forbidden, ScriptCompileError, ValidationFailed
 from shared.models import Script, ScriptVersion
 
 bp = APIBlueprint(
@@ -103,11 +103,15 @@ def create_script(body: ScriptCreateBody) -> Response:
         nightly=body.nightly,
         universe=tuple(body.universe),
     )
-    with session_scope(svc.session_factory) as session:
-        script = scripts.create_script(session, principal.user_id, fields, max_chars=svc.settings.max_script_chars)
-        audit(session, AuditAction.SCRIPT_CREATED, resource_type="script", resource_id=script.id, name=script.name,
-              version=script.version)  # fmt: skip
-        view = script_view(script)
+    try:
+        with session_scope(svc.session_factory) as session:
+            script = scripts.create_script(session, principal.user_id, fields, max_chars=svc.settings.max_script_chars)
+            audit(session, AuditAction.SCRIPT_CREATED, resource_type="script", resource_id=script.id,
+                  name=script.name, version=script.version)  # fmt: skip
+            view = script_view(script)
+    except ScriptCompileError as exc:  # the save is rolled back; the refusal is kept on record
+        security.record_compile_refusal(svc.session_factory, exc, owner_id=principal.user_id)
+        raise
     response = jsonify(view.model_dump(mode="json"))
     response.status_code = 201
     response.headers["Location"] = view.links.self
@@ -180,13 +184,17 @@ def update_script(path: ScriptPath, body: ScriptUpdateBody) -> Response:
     if all(getattr(changes, f) is None for f in ("name", "code", "description", "nightly", "universe")):
         raise ValidationFailed.for_field("body", "nothing to change: give at least one of name, description, "
                                          "code, nightly, universe")  # fmt: skip
-    with session_scope(svc.session_factory) as session:
-        script = scripts.get_owned_script(session, principal, path.script_id, for_update=True)
-        changed = scripts.update_script(session, script, changes, max_chars=svc.settings.max_script_chars)
-        if changed:
-            audit(session, AuditAction.SCRIPT_UPDATED, resource_type="script", resource_id=script.id,
-                  changed=changed, version=script.version)  # fmt: skip
-        view = script_view(script)
+    try:
+        with session_scope(svc.session_factory) as session:
+            script = scripts.get_owned_script(session, principal, path.script_id, for_update=True)
+            changed = scripts.update_script(session, script, changes, max_chars=svc.settings.max_script_chars)
+            if changed:
+                audit(session, AuditAction.SCRIPT_UPDATED, resource_type="script", resource_id=script.id,
+                      changed=changed, version=script.version)  # fmt: skip
+            view = script_view(script)
+    except ScriptCompileError as exc:
+        security.record_compile_refusal(svc.session_factory, exc, owner_id=principal.user_id)
+        raise
     return jsonify(view.model_dump(mode="json"))
 
 

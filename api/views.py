@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from api.schemas import JobLinks, JobView, Progress, Reproducibility, ScriptRef
+from api.schemas import JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
 from shared.models import Job
 
 
@@ -13,7 +14,7 @@ def job_links(job_id: uuid.UUID) -> JobLinks:
     return JobLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel")
 
 
-def job_view(job: Job) -> JobView:
+def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
     percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
     return JobView(
         job_id=str(job.id),
@@ -49,4 +50,5 @@ def job_view(job: Job) -> JobView:
             shard_size=job.shard_size,
         ),
         links=job_links(job.id),
+        rejections=Rejections.model_validate(rejections) if rejections is not None else None,
     )

@@ -20,7 +20,7 @@ from shared.config import SandboxLimits
 from shared.errors import ScriptCompileError
 from shared.models import Job, JobKind, Symbol
 from shared.sandbox.policy import compile_script
-from shared.security import SANDBOX_REJECTIONS, security_event
+from shared.security import record, record_compile_refusal
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,7 @@ def submit_calculation(
     on_write: jobs.OnWrite | None = None,
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
-    try:
-        compile_script(request.script)
-    except ScriptCompileError as exc:
-        if not exc.reason.startswith(("SyntaxError", "IndentationError", "TabError")):
-            security_event("compile", exc.message, owner=request.owner_id)
-        raise
+    check_script(factory, request.script, owner_id=request.owner_id)
     job = Job(
         kind=JobKind.CALCULATION.value,
         owner_id=request.owner_id,
@@ -80,6 +75,15 @@ def submit_calculation(
         params=json.loads(json.dumps(request.params)),
     )
     return jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=on_write)
+
+
+def check_script(factory: sessionmaker[Session], source: str, *, owner_id: str | None) -> None:
+    """Compile ``source`` under the sandbox policy; a policy refusal is recorded as a security event."""
+    try:
+        compile_script(source)
+    except ScriptCompileError as exc:
+        record_compile_refusal(factory, exc, owner_id=owner_id)
+        raise
 
 
 ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimits], Sequence[jobs.Outcome]]
@@ -114,9 +118,7 @@ def run_shard(
     present = [bars[s] for s in started.symbols if s in bars]
     computed = {o.symbol: o for o in runner(job.script, job.params, present, limits)}
     outcomes = [computed[s] if s in computed else _missing_outcome(s, known, job) for s in started.symbols]
-    for outcome in outcomes:
-        if outcome.error is not None and outcome.error.get("type") in SANDBOX_REJECTIONS:
-            security_event(
-                "sandbox", str(outcome.error.get("message")), job=job.id, symbol=outcome.symbol, owner=job.owner_id
-            )
+    # Recorded before the results, in a transaction of their own: a rejection happened whether or not
+    # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
+    record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)
     return jobs.complete_shard(factory, shard_id, outcomes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, text, update
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import session_scope
 from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
 from shared.models import Job, JobResult, JobShard, JobStatus, ShardStatus
+from shared.security import Incident
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,13 @@ OnWrite = Callable[[Session, Job], None]
 
 @dataclass(frozen=True)
 class Outcome:
-    """One symbol's result: a value (or None), or an error dict ``{type, message, line}``."""
+    """One symbol's result: a value (or None), or an error dict ``{type, message, line}``; plus what the
+    sandbox rejected while computing it (even when the script caught the refusal and went on)."""
 
     symbol: str
     value: float | None
     error: dict[str, Any] | None
+    incidents: tuple[Incident, ...] = field(default=(), compare=False)
 
 
 def split_into_shards(symbols: Sequence[str], shard_size: int) -> list[list[str]]:

@@ -41,6 +41,10 @@ from worker.celery_app import create_celery
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# A secret only the test worker's environment holds: the attack suite checks it never appears anywhere.
+WORKER_SECRET = f"af-canary-{secrets.token_hex(8)}"
+WORKER_LOG_NAME = "celery-worker.log"  # under settings.data_dir
+
 # Tables emptied between tests, children first.
 _DATA_TABLES = (
     "audit_log",
@@ -125,8 +129,8 @@ def clean_db(engine: Engine) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def celery_worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     """A real Celery worker process (``python -m worker worker``) on the test database and Redis."""
-    log_path = settings.data_dir / f"worker-{secrets.token_hex(3)}.log"
-    env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
+    log_path = settings.data_dir / WORKER_LOG_NAME
+    env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1", "ALPHAFORGE_CANARY_SECRET": WORKER_SECRET}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "worker", "--hostname", f"test-{secrets.token_hex(3)}@%h"],

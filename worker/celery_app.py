@@ -31,7 +31,13 @@ def visibility_timeout_s(settings: Settings) -> int:
 
 def create_celery(settings: Settings) -> Celery:
     redis_url = settings.require_redis_url()
-    app = Celery("alphaforge", broker=redis_url, backend=redis_url, include=["worker.tasks"], set_as_current=True)
+    app = Celery(
+        "alphaforge",
+        broker=redis_url,
+        backend=redis_url,
+        include=["worker.tasks", "worker.sandbox_probe"],
+        set_as_current=True,
+    )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

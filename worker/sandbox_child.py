@@ -4,10 +4,14 @@ Started by worker/sandbox_runner.py as ``python -I -c <boot> <project root>`` wi
 environment, ``cwd=/`` and its own session. Protocol (the parent is trusted, this process is not):
 
 * stdin: 8-byte big-endian length, then a pickle of the request (script, params, limits, items);
-* stdout: one JSON line ``{"ready": true}`` once limits are applied, then per item, in order,
-  ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``.
+* stdout: one JSON line ``{"ready": true, "layers": {...}}`` once limits are applied, then per item, in
+  order, ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``, plus
+  ``"incidents": [[layer, reason, detail], ...]`` when a layer refused something for that item.
 
-The parent re-validates every line: nothing this process says is trusted.
+Set-up order: read the input, preload what the script imports (``ta`` needs numpy, which opens files),
+apply resource limits, isolate (network namespace, no_new_privs, unprivileged uid), load the seccomp
+filter, and only then compile and run user code. The parent re-validates every line: nothing this
+process says is trusted.
 """
 
 from __future__ import annotations
@@ -23,9 +27,20 @@ import signal
 import sys
 import traceback
 from array import array
+from collections.abc import Collection
 from typing import Any, BinaryIO
 
-from shared.sandbox.policy import RESULT_NAME, SCRIPT_FILENAME, compile_script, script_globals
+from shared.sandbox.policy import (
+    INDICATOR_MODULE,
+    RESULT_NAME,
+    SCRIPT_FILENAME,
+    Violations,
+    compile_script,
+    imports_of,
+    indicator_facade,
+    script_globals,
+)
+from worker import sandbox_seccomp
 
 SERIES = ("open", "high", "low", "close", "volume")
 _PR_SET_PDEATHSIG = 1
@@ -34,6 +49,7 @@ _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 NOBODY = 65534  # uid/gid of the sandbox when the worker runs as root
 _MISSING = object()
+MAX_VIOLATIONS_REPORTED = 5  # per item; the count of the rest is reported too
 
 
 def _read_exact(stream: BinaryIO, size: int) -> bytes:
@@ -84,10 +100,11 @@ def _isolate() -> dict[str, bool]:
 
 
 def _error_line(exc: BaseException) -> int | None:
+    """The deepest line of the user script in the traceback (read from frames: no source file access)."""
     line = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == SCRIPT_FILENAME:
-            line = frame.lineno
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == SCRIPT_FILENAME:
+            line = lineno
     return line
 
 
@@ -119,20 +136,62 @@ def check_result(value: Any) -> float | None:
 
 def _run_one(code: Any, item: dict[str, Any], params_json: str, max_chars: int) -> dict[str, Any]:
     inputs: dict[str, Any] = {name: tuple(array("d", item[name])) for name in SERIES}
+    indicators = sys.modules.get("shared.sandbox.ta")
+    if indicators is not None:  # `ta` skips re-checking and re-packing these exact tuples (trusted bytes)
+        indicators._register_series(*((inputs[name], item[name]) for name in SERIES))
     inputs["dates"] = tuple(item["dates"])
     inputs["symbol"] = item["symbol"]
     inputs["params"] = json.loads(params_json)  # a fresh copy per symbol
-    namespace = script_globals(inputs)
+    violations: Violations = []
+    incidents: list[list[str]] = []
+    namespace = script_globals(inputs, violations)
     try:
         exec(code, namespace)
         value = namespace.get(RESULT_NAME, _MISSING)
         if value is _MISSING:
-            return {
+            outcome: dict[str, Any] = {
                 "error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}
             }
-        return {"value": check_result(value)}
+        else:
+            try:
+                outcome = {"value": check_result(value)}
+            except (TypeError, ValueError, OverflowError) as exc:
+                outcome = {"error": _describe(exc, max_chars)}
+                incidents.append(["result", "invalid_result", outcome["error"]["message"]])
     except BaseException as exc:
-        return {"error": _describe(exc, max_chars)}
+        outcome = {"error": _describe(exc, max_chars)}
+        if isinstance(exc, MemoryError):
+            incidents.append(["process", "memory_limit", outcome["error"]["message"]])
+    for reason, detail in violations[:MAX_VIOLATIONS_REPORTED]:
+        incidents.append(["language", reason, detail[:max_chars]])
+    if len(violations) > MAX_VIOLATIONS_REPORTED:
+        more = len(violations) - MAX_VIOLATIONS_REPORTED
+        incidents.append(["language", "policy_violation", f"and {more} more refusals of the same run"])
+    if incidents:
+        outcome["incidents"] = incidents
+    return outcome
+
+
+def _wanted_modules(source: str) -> set[str]:
+    try:
+        return imports_of(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return set()  # the script gets its compile error later, under the limits
+
+
+def confine(limits: dict[str, Any], n_items: int, preload: Collection[str] = ()) -> dict[str, bool]:
+    """Apply every process-level layer, in order; returns which took effect. After this, only the
+    system calls of ``sandbox_seccomp.ALLOWED`` work: anything that needs a file is loaded before."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # numpy must not start threads
+    syscall_filter = sandbox_seccomp.Filter()  # before RLIMIT_NPROC: its fallback lookup runs ldconfig
+    _apply_limits(limits, n_items)
+    if INDICATOR_MODULE in preload:
+        with contextlib.suppress(ImportError):  # then the script's `import ta` fails with a clear ImportError
+            indicator_facade()
+    layers = _isolate()
+    layers["seccomp"] = syscall_filter.load()
+    return layers
 
 
 def _die_with_parent() -> None:
@@ -156,8 +215,7 @@ def main() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    _apply_limits(limits, len(items))
-    layers = _isolate()
+    layers = confine(limits, len(items), preload=_wanted_modules(request["script"]))
 
     def emit(message: dict[str, Any]) -> None:
         out.write(json.dumps(message, allow_nan=True).encode() + b"\n")

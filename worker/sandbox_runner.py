@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import select
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from typing import Any
 from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
+from shared.security import Incident, is_known
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,22 @@ class SandboxUnavailable(RuntimeError):
     """The sandbox process could not be started or set up: an infrastructure fault, worth a retry."""
 
 
-def _failed(symbol: str, kind: str, message: str, line: int | None = None) -> Outcome:
-    return Outcome(symbol, None, {"type": kind, "message": message, "line": line})
-
-
 class _ChildFault(Exception):
     """The child broke the protocol, died or ran out of time while working on one symbol."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, layer: str = "supervisor", reason: str = "protocol_violation") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.incident = Incident(layer, reason, message)
+
+
+# How the kernel ended a sandbox process, as (layer, reason, plain words).
+_DEATHS = {
+    "SIGXCPU": ("process", "cpu_limit", " (CPU time limit)"),
+    "SIGSYS": ("seccomp", "seccomp_kill", " (a forbidden system call)"),
+    "SIGKILL": ("process", "killed", " (killed, likely the memory limit)"),
+}
 
 
 def _encode_request(script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits) -> bytes:
@@ -119,20 +126,23 @@ class _Child:
         cap = self.limits.max_output_line_bytes
         while b"\n" not in self._buffer:
             if len(self._buffer) > cap:
-                raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result")
+                raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result",
+                                  "supervisor", "output_limit")  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _ChildFault("TimeoutError", f"the script exceeded the {timeout_s:g} s time limit")
+                raise _ChildFault("TimeoutError", f"the script exceeded the {timeout_s:g} s time limit",
+                                  "supervisor", "wall_clock_timeout")  # fmt: skip
             ready, _, _ = select.select([fd], [], [], remaining)
             if not ready:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise _ChildFault("SandboxError", self._death_reason())
+                raise self._death()
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         if len(line) > cap:
-            raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result")
+            raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result",
+                              "supervisor", "output_limit")  # fmt: skip
         try:
             message = json.loads(line)
         except ValueError:
@@ -141,17 +151,18 @@ class _Child:
             raise _ChildFault("SandboxError", "the sandbox broke the result protocol")
         return message
 
-    def _death_reason(self) -> str:
+    def _death(self) -> _ChildFault:
+        """Why the child's output ended (it died, or closed its output and hangs)."""
         try:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.kill()
-            return "the sandbox process stopped answering"
+            return _ChildFault("SandboxError", "the sandbox process stopped answering")
         if code < 0:
             name = signal.Signals(-code).name
-            hint = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (killed, likely the memory limit)"}.get(name, "")
-            return f"the sandbox process was terminated by {name}{hint}"
-        return f"the sandbox process exited with status {code}"
+            layer, reason, hint = _DEATHS.get(name, ("process", "crashed", ""))
+            return _ChildFault("SandboxError", f"the sandbox process was terminated by {name}{hint}", layer, reason)
+        return _ChildFault("SandboxError", f"the sandbox process exited with status {code}", "process", "crashed")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -165,37 +176,64 @@ class _Child:
             self.proc.stdout.close()
 
 
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
+def scrub_addresses(text: str) -> str:
+    """Memory addresses (``<function f at 0x7f...>``, what ``id()`` would give) never leave the sandbox."""
+    return _ADDRESS.sub("0x…", text)
+
+
 def storable_text(value: object, max_chars: int) -> str:
     """Untrusted text made safe to store: bounded, no NUL, no lone surrogates (PostgreSQL refuses both)."""
     text = str(value)[:max_chars].replace("\x00", "\\x00")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+MAX_INCIDENTS_PER_SYMBOL = 10
+
+
+def _checked_incidents(raw: object, max_chars: int) -> tuple[Incident, ...]:
+    """The child's own report of what it refused: only known (layer, reason) pairs, bounded."""
+    if not isinstance(raw, list):
+        return ()
+    incidents = []
+    for entry in raw[:MAX_INCIDENTS_PER_SYMBOL]:
+        if isinstance(entry, list) and len(entry) == 3 and is_known(entry[0], entry[1]):
+            incidents.append(Incident(entry[0], entry[1], scrub_addresses(storable_text(entry[2], max_chars))))
+    return tuple(incidents)
+
+
 def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars: int) -> Outcome:
     """Re-check the child's claim: the right symbol, a finite float or None, or a well-formed error."""
     if message.get("i") != index:
         raise _ChildFault("SandboxError", "the sandbox broke the result protocol (out-of-order result)")
+    incidents = _checked_incidents(message.get("incidents"), max_chars)
     if "error" in message:
         err = message["error"]
         if not isinstance(err, dict):
             raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad error)")
         line = err.get("line")
-        return _failed(
+        return Outcome(
             symbol,
-            storable_text(err.get("type", "Error"), 100),
-            storable_text(err.get("message", ""), max_chars),
-            line if type(line) is int and line > 0 else None,
+            None,
+            {
+                "type": storable_text(err.get("type", "Error"), 100),
+                "message": scrub_addresses(storable_text(err.get("message", ""), max_chars)),
+                "line": line if type(line) is int and line > 0 else None,
+            },
+            incidents,
         )
     value = message.get("value", "missing")
     if value is None:
-        return Outcome(symbol, None, None)
+        return Outcome(symbol, None, None, incidents)
     try:
         number = float(value) if type(value) in (int, float) else math.nan
     except OverflowError:
         number = math.nan
     if not math.isfinite(number):
         raise _ChildFault("SandboxError", "the sandbox returned a value that is not a finite number")
-    return Outcome(symbol, number, None)
+    return Outcome(symbol, number, None, incidents)
 
 
 # Which kernel-level layers the last sandbox process of this worker process reported as active.
@@ -211,6 +249,21 @@ def _note_layers(layers: object) -> None:
         if not active and SANDBOX_LAYERS.get(name, True):
             log.warning("sandbox layer %r is not active on this host", name)
         SANDBOX_LAYERS[str(name)] = active
+
+
+def probe_layers(limits: SandboxLimits) -> dict[str, bool]:
+    """Start one sandbox process with nothing to run and return the layers it could apply on this host."""
+    child = _Child(limits)
+    try:
+        child.send(_encode_request("result = None", {}, [], limits))
+        try:
+            ready = child.read_message(limits.startup_timeout_s)
+        except _ChildFault as fault:
+            raise SandboxUnavailable(f"sandbox process failed to start: {fault.message}") from None
+    finally:
+        child.close()
+    _note_layers(ready.get("layers"))
+    return dict(SANDBOX_LAYERS)
 
 
 def run_script(
@@ -242,7 +295,10 @@ def run_script(
             except _ChildFault as fault:
                 victim = pending[done]
                 log.warning("sandbox fault on %s: %s", victim.symbol, fault.message)
-                outcomes.append(_failed(victim.symbol, fault.kind, fault.message))
+                outcomes.append(
+                    Outcome(victim.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
+                            (fault.incident,))
+                )  # fmt: skip
                 done += 1
             pending = pending[done:]
         finally:

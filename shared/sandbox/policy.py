@@ -20,12 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from RestrictedPython import compile_restricted_exec
-from RestrictedPython.Guards import (
-    full_write_guard,
-    guarded_iter_unpack_sequence,
-    guarded_unpack_sequence,
-    safer_getattr_raise,
-)
+from RestrictedPython.Guards import full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence
+from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from shared.errors import ScriptCompileError
 
@@ -35,6 +31,15 @@ MAX_RANGE = 10_000_000  # largest range() a script may build
 PRINT_LIMIT_CHARS = 10_000  # what print() may collect per symbol (discarded; kept bounded)
 
 _LINE_PREFIX = re.compile(r"^Line (\d+): (.*)$", re.DOTALL)
+
+Violations = list[tuple[str, str]]
+"""Where the runtime guards note each refusal as ``(reason, detail)``, before raising. The list lives in
+the trusted part of the sandbox process (a script cannot reach it), so a script that catches the error
+still leaves the record."""
+
+
+class SecurityViolation(Exception):
+    """A runtime guard refused an operation (a forbidden import, attribute or object)."""
 
 
 def compile_script(source: str) -> types.CodeType:
@@ -76,11 +81,46 @@ def compile_script(source: str) -> types.CodeType:
 # ---------------------------------------------------------------------------------------------
 
 
-def _bounded_range(*args: int) -> range:
-    r = range(*args)
-    if len(r) > MAX_RANGE:
-        raise ValueError(f"range() larger than {MAX_RANGE:,} elements is not allowed")
-    return r
+def _refuse(violations: Violations, reason: str, detail: str) -> SecurityViolation:
+    violations.append((reason, detail))
+    return SecurityViolation(detail)
+
+
+def _make_range(violations: Violations) -> Callable[..., range]:
+    def bounded_range(*args: int) -> range:
+        r = range(*args)
+        if len(r) > MAX_RANGE:
+            raise _refuse(violations, "resource_limit", f"range() larger than {MAX_RANGE:,} elements is not allowed")
+        return r
+
+    return bounded_range
+
+
+# Attribute names refused on every object, whatever the compile step let through: str.format-style
+# traversal, frames and code reached from generators, coroutines and tracebacks, AttributeError.obj.
+DENIED_ATTRIBUTES = frozenset(INSPECT_ATTRIBUTES) | {
+    "format", "format_map", "obj", "with_traceback", "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame",
+    "cr_code", "cr_await", "cr_origin", "ag_frame", "ag_code", "ag_await", "tb_frame", "tb_next", "f_back",
+    "f_globals", "f_locals", "f_builtins", "f_code", "mro",
+}  # fmt: skip
+
+# Only objects of these modules' types are open to attribute access: what scripts can reach is built-in
+# data, statistics' result tuples and our facades. Anything else (a numpy object leaked by a bug, say)
+# is refused, so even a leak gives no methods such as ``ndarray.tofile``.
+_ATTRIBUTE_MODULES = frozenset({"builtins", "statistics", __name__})
+
+
+def _make_getattr(violations: Violations) -> Callable[..., Any]:
+    def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
+        if type(name) is not str or name.startswith("_") or name in DENIED_ATTRIBUTES:
+            raise _refuse(violations, "policy_violation", f"access to attribute {name!r} is not allowed")
+        owner = type(obj).__module__ if not isinstance(obj, type) else obj.__module__
+        if owner not in _ATTRIBUTE_MODULES:
+            raise _refuse(violations, "policy_violation",
+                          f"attribute access on {type(obj).__name__} objects is not allowed")  # fmt: skip
+        return getattr(obj, name, *default)
+
+    return guarded_getattr
 
 
 _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
@@ -188,17 +228,49 @@ ALLOWED_MODULES: dict[str, ReadOnlyModule] = {
 }
 
 
-def _guarded_import(
-    name: str,
-    globals_: Mapping[str, Any] | None = None,
-    locals_: Mapping[str, Any] | None = None,
-    fromlist: Iterable[str] | None = (),
-    level: int = 0,
-) -> ReadOnlyModule:
-    if level != 0 or name not in ALLOWED_MODULES:
-        allowed = ", ".join(sorted(ALLOWED_MODULES))
-        raise ImportError(f"import of {name!r} is not allowed (allowed: {allowed})")
-    return ALLOWED_MODULES[name]
+INDICATOR_MODULE = "ta"  # the indicator library (shared/sandbox/ta.py), loaded only for scripts that import it
+IMPORTABLE = ("math", "statistics", INDICATOR_MODULE)
+
+
+def indicator_facade() -> ReadOnlyModule:
+    """The ``ta`` facade: its public functions only (they take and return tuples of plain floats).
+
+    Imports numpy, so the sandbox process calls it before its seccomp filter closes ``open``.
+    """
+    if INDICATOR_MODULE not in ALLOWED_MODULES:
+        from shared.sandbox import ta
+
+        ALLOWED_MODULES[INDICATOR_MODULE] = ReadOnlyModule(INDICATOR_MODULE, {n: getattr(ta, n) for n in ta.__all__})
+    return ALLOWED_MODULES[INDICATOR_MODULE]
+
+
+def imports_of(source: str) -> set[str]:
+    """Top-level module names a script imports (imports are statements only: ``__import__`` is unreachable)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source, SCRIPT_FILENAME, "exec")):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def _make_import(violations: Violations) -> Callable[..., ReadOnlyModule]:
+    def guarded_import(
+        name: str,
+        globals_: Mapping[str, Any] | None = None,
+        locals_: Mapping[str, Any] | None = None,
+        fromlist: Iterable[str] | None = (),
+        level: int = 0,
+    ) -> ReadOnlyModule:
+        if level != 0 or name not in IMPORTABLE:
+            raise _refuse(violations, "policy_violation",
+                          f"import of {name!r} is not allowed (allowed: {', '.join(IMPORTABLE)})")  # fmt: skip
+        if name not in ALLOWED_MODULES:  # `ta` outside a process that preloaded it
+            raise ImportError(f"module {name!r} is not available here")
+        return ALLOWED_MODULES[name]
+
+    return guarded_import
 
 
 _SAFE_BUILTIN_NAMES = (
@@ -213,22 +285,21 @@ _SAFE_BUILTIN_NAMES = (
 )  # fmt: skip
 
 
-def _make_builtins() -> dict[str, Any]:
-    table: dict[str, Any] = {name: getattr(builtins, name) for name in _SAFE_BUILTIN_NAMES}
-    table["range"] = _bounded_range
-    table["__import__"] = _guarded_import
-    return table
+SAFE_BUILTINS: Mapping[str, Any] = types.MappingProxyType(
+    {name: getattr(builtins, name) for name in _SAFE_BUILTIN_NAMES}
+)
 
 
-SAFE_BUILTINS: Mapping[str, Any] = types.MappingProxyType(_make_builtins())
+def script_globals(inputs: Mapping[str, Any], violations: Violations | None = None) -> dict[str, Any]:
+    """Fresh globals for one execution: guards, builtins, module facades, then the inputs.
 
-
-def script_globals(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Fresh globals for one execution: guards, builtins, module facades, then the inputs."""
+    Guards note each refusal in ``violations`` (the sandbox reports them as security events).
+    """
+    sink: Violations = [] if violations is None else violations
     namespace: dict[str, Any] = {
-        "__builtins__": dict(SAFE_BUILTINS),
+        "__builtins__": {**SAFE_BUILTINS, "range": _make_range(sink), "__import__": _make_import(sink)},
         "__name__": "script",
-        "_getattr_": safer_getattr_raise,
+        "_getattr_": _make_getattr(sink),
         # Plain C-level item access and iteration: every object a script can reach is data (tuples,
         # lists, dicts, numbers, strings) or a facade, so there is nothing to guard, and these run
         # once per bar in the hot loop of every script.

@@ -16,6 +16,8 @@ from shared.config import Settings
 from shared.models import Job, JobResult, JobShard
 from tests.helpers import all_results, seed_bars, wait_for_job
 from worker.celery_app import TASK_RUN_CALCULATION_SHARD, create_celery
+from worker.sandbox_probe import publish_layers
+from worker.sandbox_runner import probe_layers
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 
@@ -205,6 +207,25 @@ def test_health_reports_database_broker_and_workers(client: FlaskClient) -> None
     body = response.get_json()
     assert body["status"] == "ok"
     assert body["database"]["ok"] and body["broker"]["ok"] and body["workers"]["count"] >= 1
+    # Each live worker published the sandbox layers its host applies (probed at worker start).
+    sandbox = body["sandbox"]
+    assert sandbox["ok"] and sandbox["inactive"] == []
+    for name in body["workers"]["names"]:
+        assert sandbox["workers"][name]["layers"] == {
+            "network_namespace": True, "no_new_privs": True, "unprivileged_uid": True, "seccomp": True,
+        }  # fmt: skip
+
+
+def test_health_is_degraded_while_a_worker_lacks_a_sandbox_layer(client: FlaskClient, settings: Settings) -> None:
+    name = client.get("/api/health").get_json()["workers"]["names"][0]
+    real = probe_layers(settings.sandbox)
+    try:
+        publish_layers(settings, name, {**real, "seccomp": False})  # as a host without libseccomp reports it
+        body = client.get("/api/health").get_json()
+        assert body["status"] == "degraded" and body["sandbox"]["inactive"] == [f"{name}: seccomp"]
+    finally:
+        publish_layers(settings, name, real)
+    assert client.get("/api/health").get_json()["status"] == "ok"
 
 
 def test_shard_of_a_killed_pool_process_is_delivered_again(

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
 from shared.config import Settings
-from shared.models import Job, JobResult, Script, ScriptVersion
+from shared.models import Job, JobResult, Script, ScriptVersion, SecurityEvent
 from tests.helpers import all_results, seed_bars, wait_for_job
 
 SCRIPTS = "/api/custom-calculations/scripts"
@@ -251,3 +251,18 @@ def test_jobs_record_the_version_they_ran_and_outlive_the_script(client: FlaskCl
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(JobResult)) == 6
     error_of(client.post(EXECUTE, json=body), 404, "not_found")
+
+
+def test_a_policy_refusal_on_save_is_a_security_event_and_a_syntax_error_is_not(
+    client: FlaskClient, user: Any, engine: Engine
+) -> None:
+    error_of(client.post(SCRIPTS, json={"name": "typo", "code": "x = (\n"}), 422, "script_compile_error")
+    error_of(client.post(SCRIPTS, json={"name": "evil", "code": "x = ().__class__"}), 422, "script_compile_error")
+    script_id = create(client)["script_id"]
+    error_of(client.put(f"{SCRIPTS}/{script_id}", json={"code": "g = (i for i in [1])\nx = g.gi_frame"}), 422,
+             "script_compile_error")  # fmt: skip
+    with engine.connect() as conn:
+        events = conn.execute(select(SecurityEvent.owner_id, SecurityEvent.layer, SecurityEvent.reason,
+                                     SecurityEvent.detail).order_by(SecurityEvent.id)).all()  # fmt: skip
+    assert [(e.owner_id, e.layer, e.reason) for e in events] == [(user.id, "language", "compile_policy")] * 2
+    assert "__class__" in events[0].detail and "gi_frame" in events[1].detail

@@ -13,7 +13,7 @@ from shared import calculations, jobs
 from shared.calculations import CalculationRequest
 from shared.config import SandboxLimits
 from shared.errors import ScriptCompileError
-from shared.models import Job, JobResult, JobShard
+from shared.models import Job, JobResult, JobShard, SecurityEvent
 from tests.helpers import seed_bars
 from worker.sandbox_runner import run_script
 
@@ -75,6 +75,16 @@ def test_sandbox_rejections_and_policy_violations_are_security_events(
     job, shard_ids = submit(session_factory, "while True:\n    pass", ["SLOW"])
     calculations.run_shard(session_factory, shard_ids[0], limits=LIMITS, runner=run_script)
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "alphaforge.security"]
-    assert [e["layer"] for e in events] == ["compile", "sandbox"]
-    assert "__class__" in events[0]["reason"]
-    assert events[1]["job"] == str(job.id) and events[1]["symbol"] == "SLOW" and "time limit" in events[1]["reason"]
+    assert [(e["layer"], e["reason"]) for e in events] == [
+        ("language", "compile_policy"),
+        ("supervisor", "wall_clock_timeout"),
+    ]
+    assert "__class__" in events[0]["detail"]
+    assert events[1]["job"] == str(job.id) and events[1]["symbol"] == "SLOW" and "time limit" in events[1]["detail"]
+    with session_factory() as session:
+        rows = session.scalars(select(SecurityEvent).order_by(SecurityEvent.id)).all()
+        assert [(r.job_id, r.symbol, r.layer, r.reason) for r in rows] == [
+            (None, None, "language", "compile_policy"),
+            (job.id, "SLOW", "supervisor", "wall_clock_timeout"),
+        ]
+        assert "time limit" in rows[1].detail

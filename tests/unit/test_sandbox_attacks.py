@@ -31,13 +31,13 @@ RUNTIME_ATTACKS = {
         "while True:\n    try:\n        pass\n    except Exception:\n        pass",
         "TimeoutError",
     ),
-    "huge range": ("x = range(10**12)", "ValueError"),
+    "huge range": ("x = range(10**12)", "SecurityViolation"),
     "no input": ("x = input()", "NameError"),
     "no exit": ("raise SystemExit(0)", "NameError"),
     "no classes": ("class A:\n    pass", "NameError"),
     "no os via statistics": ("import statistics\nx = statistics.sys", "AttributeError"),
-    "no other modules": ("import os", "ImportError"),
-    "no str.format traversal": ("x = '{0.real}'.format(1)", "NotImplementedError"),
+    "no other modules": ("import os", "SecurityViolation"),
+    "no str.format traversal": ("x = '{0.real}'.format(1)", "SecurityViolation"),
 }
 
 COMPILE_ATTACKS = {

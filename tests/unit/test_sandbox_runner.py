@@ -147,4 +147,9 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     assert limits["Max processes"] == ("0", "0") and limits["Max open files"] == ("8", "8")
     if os.geteuid() == 0:  # user code never runs as root, and has no network at all
         assert seen["uids"] == (NOBODY, NOBODY, NOBODY)
-        assert SANDBOX_LAYERS == {"network_namespace": True, "no_new_privs": True, "unprivileged_uid": True}
+        assert SANDBOX_LAYERS == {
+            "network_namespace": True,
+            "no_new_privs": True,
+            "unprivileged_uid": True,
+            "seccomp": True,
+        }

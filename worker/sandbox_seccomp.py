@@ -1,0 +1,114 @@
+"""The seccomp layer of the sandbox process: a system-call allow-list installed after all imports.
+
+Once loaded, the process can compute, allocate memory, read and write the descriptors it already has and
+exit; nothing else. Calls that only an escape attempt would make (executing programs, tracing, mounting,
+namespaces, kernel modules, BPF, ...) kill the process at once (SIGSYS, reported as a security event);
+every other call outside the allow-list (opening files, sockets, new processes or threads, signals to
+other processes, changing limits) fails with EPERM, which Python turns into an ordinary exception.
+
+The filter is built with libseccomp (the system library every container runtime uses), called through
+ctypes by its stable soname: no wrapper package, no ``ldconfig`` run, a few milliseconds per sandbox
+process. libseccomp also handles the architecture checks (a foreign-ABI call, such as x32 on x86-64, kills
+the process). Hosts without libseccomp get no filter: the sandbox reports the layer inactive and the
+worker says so, never pretends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+# What CPython needs to run already-imported pure-Python code on data it holds: memory, the existing
+# descriptors (its result pipe, /dev/null), time, signals to itself, and exit.
+ALLOWED = (
+    "read", "write", "readv", "writev", "pread64", "close", "lseek", "fstat", "newfstatat", "fcntl",
+    "dup", "dup2", "dup3", "poll", "ppoll", "select", "pselect6",
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "set_robust_list", "rseq",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
+    "clock_gettime", "clock_getres", "gettimeofday", "time", "nanosleep", "clock_nanosleep",
+    "getrandom", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getrusage",
+    "times", "sched_yield", "sched_getaffinity", "uname", "getcwd", "exit", "exit_group",
+)  # fmt: skip
+
+# Calls with no innocent use here: the process is killed on the spot.
+KILLED = (
+    "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig",
+    "fspick", "mount_setattr", "unshare", "setns", "bpf", "perf_event_open", "userfaultfd",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
+    "swapon", "swapoff", "acct", "keyctl", "add_key", "request_key", "personality", "iopl", "ioperm",
+    "open_by_handle_at", "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog", "quotactl", "vhangup",
+)  # fmt: skip
+
+
+_SCMP_ACT_KILL_PROCESS = 0x80000000
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_FLTATR_CTL_TSYNC = 4
+_NR_UNKNOWN = -1  # __NR_SCMP_ERROR: a name this kernel/architecture does not have
+
+
+def _scmp_act_errno(code: int) -> int:
+    return 0x00050000 | (code & 0x0000FFFF)
+
+
+def _find_libseccomp() -> str | None:
+    import ctypes.util  # slow (runs ldconfig): only when the usual soname is missing
+
+    return ctypes.util.find_library("seccomp")
+
+
+def _load_libseccomp() -> ctypes.CDLL | None:
+    for find in (lambda: "libseccomp.so.2", _find_libseccomp):
+        name = find()
+        if name:
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+            except OSError:
+                continue
+            lib.seccomp_init.argtypes = [ctypes.c_uint32]
+            lib.seccomp_init.restype = ctypes.c_void_p
+            lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+            lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+            lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+            lib.seccomp_rule_add.restype = ctypes.c_int
+            lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+            lib.seccomp_attr_set.restype = ctypes.c_int
+            lib.seccomp_load.argtypes = [ctypes.c_void_p]
+            lib.seccomp_load.restype = ctypes.c_int
+            lib.seccomp_release.argtypes = [ctypes.c_void_p]
+            lib.seccomp_release.restype = None
+            return lib
+    return None
+
+
+class Filter:
+    """Built before the process drops its privileges and limits; loaded last, just before user code."""
+
+    def __init__(self) -> None:
+        self._lib = _load_libseccomp()
+        self._ctx: int | None = None
+        if self._lib is None:  # no libseccomp on this host
+            return
+        ctx = self._lib.seccomp_init(_scmp_act_errno(errno.EPERM))
+        if not ctx:
+            return
+        ok = self._lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) == 0  # every thread (there is one)
+        for action, names in ((_SCMP_ACT_ALLOW, ALLOWED), (_SCMP_ACT_KILL_PROCESS, KILLED)):
+            for name in names:
+                number = self._lib.seccomp_syscall_resolve_name(name.encode())
+                if number != _NR_UNKNOWN:
+                    ok = ok and self._lib.seccomp_rule_add(ctx, action, number, 0) == 0
+        if ok:
+            self._ctx = ctx
+        else:
+            self._lib.seccomp_release(ctx)
+
+    def load(self) -> bool:
+        """Install the filter into this process. False when the host cannot do it."""
+        if self._lib is None or self._ctx is None:
+            return False
+        loaded = self._lib.seccomp_load(self._ctx) == 0
+        self._lib.seccomp_release(self._ctx)
+        self._ctx = None
+        return loaded
