@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ALPHAFORGE_DATA_DIR=/app/data \
     ALPHAFORGE_API_HOST=0.0.0.0 \
-    ALPHAFORGE_API_PORT=8000
+    ALPHAFORGE_API_PORT=8000 \
+    NUMBA_CACHE_DIR=/app/numba-cache
 
 WORKDIR /app
 
@@ -25,8 +26,12 @@ COPY shared ./shared
 COPY worker ./worker
 COPY api ./api
 
+# Compile the backtest kernels into the image: a fresh worker would otherwise spend 10-20 s on its first
+# backtest. (The sandbox needs libseccomp2, which the Debian base already has: apt depends on it.)
+RUN python -m shared.backtest.warmup && chown -R alphaforge:alphaforge /app/numba-cache
+
 USER alphaforge
 
 EXPOSE 8000 5555
 
-CMD ["python", "-m", "gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--access-logfile", "-", "api:create_app()"]
+CMD ["python", "-m", "gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--access-logfile", "-", "api:create_wsgi_app()"]

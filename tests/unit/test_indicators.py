@@ -871,9 +871,9 @@ def test_work_does_not_grow_with_the_period(name: str) -> None:
     assert best(50_000) < 5 * best(5) + 0.01
 
 
-def test_sma_is_much_faster_than_a_python_loop() -> None:
-    """A regression guard for the performance goal (measured figures are in the report, not asserted:
-    timings on a shared 2-core machine are noisy). ta.sma includes validation and conversions."""
+def test_sma_equals_a_plain_python_loop() -> None:
+    """A plain Python loop gives the same values (the speed is measured in benchmarks/sandbox_overhead.py,
+    not asserted in a test)."""
     close = walk(2520, 13)
 
     def loop_sma(values: tuple[float, ...], n: int) -> tuple[float, ...]:
@@ -889,14 +889,3 @@ def test_sma_is_much_faster_than_a_python_loop() -> None:
         return tuple(out)
 
     assert ta.sma(close, 20) == pytest.approx(loop_sma(close, 20), rel=1e-12, nan_ok=True)
-
-    def best(call: Callable[[], object], number: int) -> float:
-        runs = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(number):
-                call()
-            runs.append((time.perf_counter() - start) / number)
-        return min(runs)
-
-    assert best(lambda: ta.sma(close, 20), 50) * 5 < best(lambda: loop_sma(close, 20), 3)
