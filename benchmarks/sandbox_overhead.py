@@ -116,9 +116,14 @@ def restricted_in_process(script: str, items: list[SymbolBars]) -> float:
     fresh guarded globals per symbol, as in the sandbox): the computation without the process around it."""
     code = compile_script(script)
     inputs = [_inputs(item) for item in items]
+    # The child registers each symbol's tuples with the float64 bytes it received (so `ta` skips re-checking).
+    series = [
+        tuple((data[name], getattr(item, name).tobytes()) for name in SERIES)
+        for item, data in zip(items, inputs, strict=True)
+    ]
     started = time.perf_counter()
-    for item, data in zip(items, inputs, strict=True):
-        ta._register_series(*((data[name], getattr(item, name).tobytes()) for name in SERIES))  # as the child does
+    for data, pairs in zip(inputs, series, strict=True):
+        ta._register_series(*pairs)
         namespace = script_globals(data)
         exec(code, namespace)
         assert namespace["result"] is None or math.isfinite(namespace["result"])
