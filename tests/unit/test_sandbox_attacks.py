@@ -1,7 +1,8 @@
 """Hostile scripts: each is contained to its own symbol and names the reason; the next symbol is fine.
 
-(A larger attack suite arrives with the sandbox-hardening issue; these are the classes the spine must
-already hold against: CPU, memory and output bombs, recursion, frame and attribute traversal.)
+These call the sandbox runner directly (no database or worker), for quick feedback on the classic bombs
+and traversals; the full attack suite, through the API and a real worker, is tests/integration/
+test_attack_suite.py with the catalogue in tests/attacks.py.
 """
 
 from __future__ import annotations
