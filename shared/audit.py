@@ -29,6 +29,8 @@ class AuditAction(str, enum.Enum):
     SCRIPT_DELETED = "script.delete"
     JOB_SUBMITTED = "job.submit"
     JOB_CANCELLED = "job.cancel"
+    RUN_SUBMITTED = "run.submit"
+    RUN_CANCELLED = "run.cancel"
 
 
 def record(

@@ -52,6 +52,7 @@ class Outcome:
     value: float | None
     error: dict[str, Any] | None
     incidents: tuple[Incident, ...] = field(default=(), compare=False)
+    data: dict[str, Any] | None = None  # what a job kind keeps beside the value (a backtest: its metrics)
 
 
 def split_into_shards(symbols: Sequence[str], shard_size: int) -> list[list[str]]:
@@ -199,12 +200,20 @@ def _finish_shard(
     job_id = claimed[0]
     if outcomes:
         stmt = insert(JobResult).values(
-            [{"job_id": job_id, "symbol": o.symbol, "value": o.value, "error": o.error} for o in outcomes]
+            [
+                {"job_id": job_id, "symbol": o.symbol, "value": o.value, "error": o.error, "data": o.data}
+                for o in outcomes
+            ]
         )
         session.execute(
             stmt.on_conflict_do_update(
                 index_elements=[JobResult.job_id, JobResult.symbol],
-                set_={"value": stmt.excluded.value, "error": stmt.excluded.error, "computed_at": text("now()")},
+                set_={
+                    "value": stmt.excluded.value,
+                    "error": stmt.excluded.error,
+                    "data": stmt.excluded.data,
+                    "computed_at": text("now()"),
+                },
             )
         )
     failed = sum(1 for o in outcomes if o.error is not None)

@@ -49,6 +49,7 @@ class ShardStatus(str, enum.Enum):
 
 class JobKind(str, enum.Enum):
     CALCULATION = "calculation"
+    BACKTEST = "backtest"
 
 
 class UserRole(str, enum.Enum):
@@ -161,6 +162,8 @@ class JobResult(Base):
     symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[float | None] = mapped_column(Double)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # What a job kind keeps beside the one value (a backtest: the symbol's full metrics); NULL for calculations.
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     computed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -281,3 +284,42 @@ class AuditLog(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     client_address: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+
+
+class BacktestRun(Base):
+    """A backtest job's run record: its validated config and the config's canonical hash.
+
+    The job row (kind ``backtest``) carries status, shards and per-symbol results like any job; this row adds
+    what only a run has. ``(owner_id, config_hash)`` is unique: submitting the same config again finds this run.
+    """
+
+    __tablename__ = "backtest_runs"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "config_hash", name="uq_backtest_runs_owner_config"),
+        Index("ix_backtest_runs_owner_created", "owner_id", "created_at"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(100))
+    strategy: Mapped[str] = mapped_column(String(64), nullable=False)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Portfolio-level metrics of a finished multi-symbol run (equal-cash sleeves), computed once on first read.
+    portfolio: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class BacktestCurve(Base):
+    """One symbol's daily equity curve in a run (for portfolio metrics, charts): written by the shard task."""
+
+    __tablename__ = "backtest_curves"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dates: Mapped[list[dt.date]] = mapped_column(ARRAY(Date), nullable=False)
+    equity: Mapped[list[float]] = mapped_column(ARRAY(Double), nullable=False)

@@ -14,6 +14,7 @@ from shared.jobs import Enqueue, ShardTask
 from shared.logs import configure_logging
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
+TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
 
 
 def shard_time_limit_s(settings: Settings) -> int:
@@ -35,7 +36,7 @@ def create_celery(settings: Settings) -> Celery:
         "alphaforge",
         broker=redis_url,
         backend=redis_url,
-        include=["worker.tasks", "worker.sandbox_probe"],
+        include=["worker.tasks", "worker.sandbox_probe", "worker.backtest_tasks"],
         set_as_current=True,
     )
     app.conf.update(
@@ -52,7 +53,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_max_memory_per_child=512_000,  # KiB: recycle a pool process that grew past 500 MB
         task_default_queue=QUEUE_INTERACTIVE,
         task_queues=(Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
-        task_routes={TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE}},
+        task_routes={
+            TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE},
+            TASK_RUN_BACKTEST_SHARD: {"queue": QUEUE_INTERACTIVE},
+        },
         broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         result_backend_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         broker_connection_retry_on_startup=True,

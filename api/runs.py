@@ -1,0 +1,326 @@
+"""Backtest runs: ``/api/runs`` (create, list), ``/api/runs/<run_id>`` (view, results, cancel).
+
+A run is a job of kind ``backtest``: ``/api/jobs/<run_id>`` shows it as a job too. Ownership, audit and the
+error shape are the calculation endpoints' (someone else's run is a 404; admins may read, not cancel).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+from flask import Response, jsonify, request
+from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api import BEARER_SECURITY, services
+from api.audit import audit
+from api.auth import current_principal
+from api.jobs import decode_cursor, encode_cursor
+from api.run_schemas import (
+    RunAccepted,
+    RunLinks,
+    RunPath,
+    RunResultRow,
+    RunResultsPage,
+    RunResultsQuery,
+    RunsPage,
+    RunsQuery,
+    RunSummaryItem,
+    RunView,
+    SymbolSummary,
+)
+from api.schemas import ErrorResponse, Progress
+from shared import jobs, runs
+from shared.access import require_owner, require_read
+from shared.audit import AuditAction
+from shared.backtest import BacktestConfig
+from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.models import BacktestRun, Job, JobResult
+from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
+
+bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
+
+IDEMPOTENCY_HEADER = "Idempotent-Replayed"
+"""``true`` on a create that found the caller's existing run of the same config (200 instead of 202)."""
+
+
+def _not_found(raw: object) -> NotFound:
+    return NotFound(f"run {str(raw)[:64]} not found", details={"run_id": str(raw)[:64]})
+
+
+def _run_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise _not_found(raw) from None
+
+
+def _readable_run(session: Session, raw_id: str) -> tuple[Job, BacktestRun]:
+    job, run = runs.get_run(session, _run_id(raw_id))
+    require_read(current_principal(), job.owner_id, _not_found(job.id))
+    return job, run
+
+
+def run_links(run_id: uuid.UUID) -> RunLinks:
+    base = f"/api/runs/{run_id}"
+    return RunLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel", job=f"/api/jobs/{run_id}")
+
+
+def progress(job: Job) -> Progress:
+    percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
+    return Progress(
+        shards_total=job.shards_total,
+        shards_done=job.shards_done,
+        shards_failed=job.shards_failed,
+        symbols_total=job.symbols_total,
+        symbols_done=job.symbols_done,
+        symbols_failed=job.symbols_failed,
+        percent=round(percent, 2),
+    )
+
+
+def _symbol_summary(row: JobResult) -> SymbolSummary:
+    metrics: dict[str, Any] = (row.data or {}).get("metrics") or {}
+    picked = {name: metrics.get(key) for name, key in runs.SUMMARY_METRICS.items()}
+    return SymbolSummary.model_validate({"symbol": row.symbol, **picked, "error": row.error})
+
+
+def run_view(job: Job, run: BacktestRun, results: list[JobResult], portfolio: dict[str, Any] | None) -> RunView:
+    return RunView(
+        run_id=str(job.id),
+        name=run.name,
+        status=job.status,
+        owner_id=run.owner_id,
+        strategy=run.strategy,
+        config_hash=run.config_hash,
+        config=run.config,
+        progress=progress(job),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        symbols=[_symbol_summary(r) for r in results],
+        portfolio=portfolio,
+        links=run_links(job.id),
+    )
+
+
+def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]:
+    """The engine's config (``symbol`` is a shorthand for a one-symbol ``symbols``) and the optional run name.
+    Invalid fields raise pydantic's ValidationError: a 422 naming each field."""
+    body = dict(body)
+    name = body.pop("name", None)
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 100):
+        raise ValidationFailed.for_field("name", "must be a non-blank string of at most 100 characters")
+    if "symbol" in body:
+        if "symbols" in body:
+            raise ValidationFailed.for_field("symbol", "send either symbol or symbols, not both")
+        symbol = body.pop("symbol")
+        if not isinstance(symbol, str):
+            raise ValidationFailed.for_field("symbol", "must be a string")
+        body["symbols"] = [symbol]
+    elif "symbols" not in body:
+        raise ValidationFailed.for_field("symbols", "a list of symbols (or one symbol as symbol) is required")
+    _check_date_order(body)
+    config = BacktestConfig.model_validate(body)
+    return config, (name.strip() if name else None)
+
+
+def _check_date_order(body: dict[str, Any]) -> None:
+    """The engine reports an inverted range on the whole config; the API names the field."""
+    start, end = body.get("start_date"), body.get("end_date")
+    if not (isinstance(start, str) and isinstance(end, str)):
+        return
+    try:
+        inverted = dt.date.fromisoformat(start) > dt.date.fromisoformat(end)
+    except ValueError:
+        return  # the config's validation names the malformed date
+    if inverted:
+        raise ValidationFailed.for_field("end_date", f"the date range is empty: end_date {end} is before {start}")
+
+
+@bp.post(
+    "",
+    responses={
+        200: RunAccepted,
+        202: RunAccepted,
+        400: ErrorResponse,
+        401: ErrorResponse,
+        415: ErrorResponse,
+        422: ErrorResponse,
+        429: ErrorResponse,
+        503: ErrorResponse,
+    },
+)
+def create_run() -> Response:
+    """Create a backtest run from a config (the engine's schema; ``symbol`` or ``symbols``, optional ``name``).
+    202 for a new run; 200 with ``Idempotent-Replayed: true`` when you already have a run of this config."""
+    svc = services()
+    settings = svc.settings
+    principal = current_principal()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed.for_field("body", "a JSON object with the backtest config is required")
+    config, name = _config_from_body(body)
+    if len(config.symbols) > settings.max_symbols_per_job:
+        raise ValidationFailed.for_field(
+            "symbols", f"{len(config.symbols):,} symbols; at most {settings.max_symbols_per_job:,} per run"
+        )
+
+    def record_submission(session: Session, job: Job) -> None:  # in the run's own transaction
+        audit(session, AuditAction.RUN_SUBMITTED, resource_type="run", resource_id=job.id,
+              strategy=config.strategy.name, config_hash=config.config_hash, symbols=len(config.symbols))  # fmt: skip
+
+    submitted = runs.submit_run(
+        svc.session_factory,
+        runs.RunRequest(config=config, owner_id=principal.user_id, name=name),
+        shard_size=settings.shard_size,
+        enqueue=shard_enqueuer(svc.celery, TASK_RUN_BACKTEST_SHARD),
+        max_active_per_owner=settings.rate_limits.max_active_jobs,
+        on_write=record_submission,
+    )
+    job = submitted.job
+    links = run_links(job.id)
+    accepted = RunAccepted(
+        run_id=str(job.id),
+        status=job.status,
+        config_hash=submitted.run.config_hash,
+        shards=job.shards_total,
+        symbols=job.symbols_total,
+        links=links,
+    )
+    response = jsonify(accepted.model_dump(mode="json"))
+    response.status_code = 202 if submitted.created else 200
+    response.headers["Location"] = links.self
+    response.headers[IDEMPOTENCY_HEADER] = "false" if submitted.created else "true"
+    return response
+
+
+def _encode_list_cursor(created_at: dt.datetime, run_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(run_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_list_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        created, run_id = json.loads(raw)
+        return dt.datetime.fromisoformat(created), uuid.UUID(run_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+        raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page") from None
+
+
+@bp.get("", responses={200: RunsPage, 401: ErrorResponse, 422: ErrorResponse})
+def list_runs(query: RunsQuery) -> Response:
+    """Your runs, newest first, keyset-paged; filter by ``status`` and ``strategy``."""
+    principal = current_principal()
+    stmt = select(Job, BacktestRun).join(BacktestRun, BacktestRun.job_id == Job.id)
+    stmt = stmt.where(BacktestRun.owner_id == principal.user_id)
+    if query.status:
+        stmt = stmt.where(Job.status == query.status)
+    if query.strategy:
+        stmt = stmt.where(BacktestRun.strategy == query.strategy)
+    if query.cursor:
+        created_at, run_id = _decode_list_cursor(query.cursor)
+        stmt = stmt.where(
+            (BacktestRun.created_at < created_at)
+            | ((BacktestRun.created_at == created_at) & (BacktestRun.job_id < run_id))
+        )
+    stmt = stmt.order_by(BacktestRun.created_at.desc(), BacktestRun.job_id.desc()).limit(query.limit + 1)
+    with services().session_factory() as session:
+        rows = session.execute(stmt).all()
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    page = RunsPage(
+        runs=[
+            RunSummaryItem(
+                run_id=str(job.id),
+                name=run.name,
+                status=job.status,
+                strategy=run.strategy,
+                config_hash=run.config_hash,
+                symbols=job.symbols_total,
+                progress=progress(job),
+                created_at=run.created_at,
+                finished_at=job.finished_at,
+                links=run_links(job.id),
+            )
+            for job, run in rows
+        ],
+        next_cursor=_encode_list_cursor(rows[-1][1].created_at, rows[-1][1].job_id) if more and rows else None,
+    )
+    return jsonify(page.model_dump(mode="json"))
+
+
+@bp.get("/<run_id>", responses={200: RunView, 401: ErrorResponse, 404: ErrorResponse})
+def get_run(path: RunPath) -> Response:
+    """Status, progress, a metrics summary per finished symbol and, for a finished run of several symbols,
+    portfolio-level metrics."""
+    svc = services()
+    with svc.session_factory() as session:
+        job, run = _readable_run(session, path.run_id)
+        results = list(session.scalars(select(JobResult).where(JobResult.job_id == job.id).order_by(JobResult.symbol)))
+    portfolio = runs.ensure_portfolio(svc.session_factory, job, run)
+    return jsonify(run_view(job, run, results, portfolio).model_dump(mode="json"))
+
+
+@bp.get("/<run_id>/results", responses={200: RunResultsPage, 404: ErrorResponse, 422: ErrorResponse})
+def get_results(path: RunPath, query: RunResultsQuery) -> Response:
+    """Every metric of each finished symbol (or its error), ordered by symbol, keyset-paged with ``cursor``."""
+    after = decode_cursor(query.cursor) if query.cursor else None
+    with services().session_factory() as session:
+        job, _ = _readable_run(session, path.run_id)
+        rows = jobs.page_results(session, job.id, limit=query.limit + 1, after=after)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    page = RunResultsPage(
+        run_id=str(job.id),
+        status=job.status,
+        results=[
+            RunResultRow(
+                symbol=r.symbol,
+                metrics=(r.data or {}).get("metrics"),
+                orders=(r.data or {}).get("orders"),
+                error=r.error,
+            )
+            for r in rows
+        ],
+        next_cursor=encode_cursor(rows[-1].symbol) if more and rows else None,
+    )
+    return jsonify(page.model_dump(mode="json"))
+
+
+@bp.post("/<run_id>/cancel", responses={200: RunView, 404: ErrorResponse, 409: ErrorResponse})
+def cancel_run(path: RunPath) -> Response:
+    """Cancel a queued or running run: queued shards are revoked, running ones stop at their next checkpoint,
+    finished symbols are kept. A run that has already finished is a 409."""
+    svc = services()
+    run_id = _run_id(path.run_id)
+    with svc.session_factory() as session:
+        job, _ = runs.get_run(session, run_id)
+        owner_id, status = job.owner_id, job.status
+    require_owner(current_principal(), owner_id, _not_found(run_id))
+    if status in runs.FINAL_STATUSES:
+        details = {"run_id": str(run_id), "status": status}
+        raise Conflict(f"run {run_id} has already finished ({status})", details=details)
+
+    def record_cancellation(session: Session, cancelled: Job) -> None:  # in the cancelling transaction
+        audit(session, AuditAction.RUN_CANCELLED, resource_type="run", resource_id=cancelled.id)
+
+    job, task_ids = jobs.cancel_job(svc.session_factory, run_id, on_write=record_cancellation)
+    if task_ids:
+        svc.celery.control.revoke(task_ids)
+    if job.status != "cancelled":  # it finished between the read and the cancel
+        raise Conflict(
+            f"run {run_id} has already finished ({job.status})", details={"run_id": str(run_id), "status": job.status}
+        )
+    with svc.session_factory() as session:
+        job, run = runs.get_run(session, run_id)
+        results = list(session.scalars(select(JobResult).where(JobResult.job_id == job.id).order_by(JobResult.symbol)))
+    return jsonify(run_view(job, run, results, None).model_dump(mode="json"))

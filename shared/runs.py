@@ -1,0 +1,348 @@
+"""Backtest runs: the engine's config over many symbols, as a job of kind ``backtest``.
+
+A run is a job like a calculation job (``shared.jobs``: the same shards, counters, finalization and cancel);
+this module adds what only a run has: creation that is idempotent per owner on the config's canonical hash,
+symbol checks before anything is written, the shard body (load bars, ``run_backtest`` per symbol, store its
+metrics and equity curve) with a cancellation checkpoint between symbols, and portfolio-level metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sqlalchemy.exc
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs
+from shared.backtest import BacktestConfig, Bars, BarsError, run_backtest
+from shared.bars import SymbolBars, load_bars
+from shared.calculations import symbols_sha256
+from shared.db import session_scope
+from shared.errors import NotFound, ValidationFailed
+from shared.models import BacktestCurve, BacktestRun, Job, JobKind, JobStatus, Symbol
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED.value, JobStatus.PARTIAL.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value}
+)
+CANCEL_CHECK_INTERVAL_S = 0.25
+"""A running shard looks at its job's status between symbols at most this often (its cancellation checkpoint)."""
+
+# The per-symbol metrics repeated in a run's summary (the full set is in the run's results).
+SUMMARY_METRICS = {
+    "return_pct": "Return [%]",
+    "buy_and_hold_return_pct": "Buy & Hold Return [%]",
+    "sharpe": "Sharpe Ratio",
+    "max_drawdown_pct": "Max. Drawdown [%]",
+    "trades": "# Trades",
+    "win_rate_pct": "Win Rate [%]",
+}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    config: BacktestConfig
+    owner_id: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    run: BacktestRun
+    created: bool  # False: the owner already had a run of this exact config, returned as it is
+
+
+def find_run(session: Session, owner_id: str, config_hash: str) -> tuple[Job, BacktestRun] | None:
+    run = session.scalar(
+        select(BacktestRun).where(BacktestRun.owner_id == owner_id, BacktestRun.config_hash == config_hash)
+    )
+    if run is None:
+        return None
+    job = session.get(Job, run.job_id)
+    assert job is not None
+    return job, run
+
+
+def get_run(session: Session, job_id: uuid.UUID) -> tuple[Job, BacktestRun]:
+    run = session.get(BacktestRun, job_id)
+    job = session.get(Job, job_id) if run is not None else None
+    if run is None or job is None:
+        raise NotFound(f"run {job_id} not found", details={"run_id": str(job_id)})
+    return job, run
+
+
+_SYMBOLS_WITH_BARS = text(
+    """
+    SELECT s FROM unnest(CAST(:symbols AS varchar[])) AS s
+    WHERE EXISTS (
+        SELECT 1 FROM daily_bars b
+        WHERE b.symbol = s
+          AND (CAST(:start AS date) IS NULL OR b.date >= CAST(:start AS date))
+          AND (CAST(:end AS date) IS NULL OR b.date <= CAST(:end AS date))
+    )
+    """
+)
+
+
+def check_symbols(session: Session, config: BacktestConfig) -> None:
+    """Unknown symbols are a 422 naming each one (``symbols[i]``); a date range in which none of the symbols
+    has a bar is a 422 on ``start_date``. A symbol without bars in the range while others have some is that
+    symbol's ``NoData`` error in the results (a universe often holds a symbol listed later)."""
+    known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(config.symbols))))
+    unknown = [(i, s) for i, s in enumerate(config.symbols) if s not in known]
+    if unknown:
+        errors = [{"field": f"symbols[{i}]", "message": f"unknown symbol {s}"} for i, s in unknown]
+        shown = ", ".join(s for _, s in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise ValidationFailed(f"symbols: unknown symbol(s) {shown}", details={"errors": errors})
+    params = {"symbols": config.symbols, "start": config.start_date, "end": config.end_date}
+    if session.execute(_SYMBOLS_WITH_BARS, params).first() is None:
+        start = config.start_date.isoformat() if config.start_date else "the first bar"
+        end = config.end_date.isoformat() if config.end_date else "the last bar"
+        message = f"no bars between {start} and {end} for any of the {len(config.symbols)} symbols"
+        raise ValidationFailed(
+            f"start_date: {message}", details={"errors": [{"field": "start_date", "message": message}]}
+        )
+
+
+def submit_run(
+    factory: sessionmaker[Session],
+    request: RunRequest,
+    *,
+    shard_size: int,
+    enqueue: jobs.Enqueue,
+    max_active_per_owner: int | None = None,
+    on_write: jobs.OnWrite | None = None,
+) -> Submitted:
+    """The owner's existing run of this config, or a new one written and enqueued through ``jobs.submit``.
+
+    The run row is written in the job's own transaction; two concurrent submissions of one config meet at the
+    unique ``(owner_id, config_hash)`` constraint, and the loser returns the winner's run.
+    """
+    config = request.config
+    with factory() as session:
+        found = find_run(session, request.owner_id, config.config_hash)
+        if found is not None:
+            return Submitted(found[0], found[1], created=False)
+        check_symbols(session, config)
+    job = Job(
+        kind=JobKind.BACKTEST.value,
+        owner_id=request.owner_id,
+        column_name=f"backtest:{config.strategy.name}",
+        script=config.canonical_json(),  # the exact thing that runs, as for a calculation's script
+        script_sha256=config.config_hash,
+        symbols=list(config.symbols),
+        symbols_sha256=symbols_sha256(config.symbols),
+        start_date=config.start_date,
+        end_date=config.end_date,
+        params=config.strategy.params.model_dump(mode="json"),
+    )
+    run = BacktestRun(
+        owner_id=request.owner_id,
+        name=request.name,
+        strategy=config.strategy.name,
+        config=config.model_dump(mode="json"),
+        config_hash=config.config_hash,
+    )
+
+    def write_run(session: Session, written: Job) -> None:
+        run.job_id = written.id
+        session.add(run)
+        session.flush()
+        if on_write is not None:
+            on_write(session, written)
+
+    try:
+        jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=write_run)
+    except sqlalchemy.exc.IntegrityError:
+        with factory() as session:
+            found = find_run(session, request.owner_id, config.config_hash)
+            if found is None:
+                raise
+            session.expunge_all()
+            return Submitted(found[0], found[1], created=False)
+    return Submitted(job, run, created=True)
+
+
+def run_config(session: Session, job_id: uuid.UUID) -> BacktestConfig:
+    run = session.get(BacktestRun, job_id)
+    if run is None:
+        raise NotFound(f"run {job_id} not found", details={"run_id": str(job_id)})
+    return BacktestConfig.model_validate(run.config)
+
+
+def engine_bars(bars: SymbolBars) -> Bars:
+    """The database's bars as the engine takes them."""
+    return Bars.from_arrays(
+        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.dates
+    )
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "message": message, "line": None}
+
+
+@dataclass(frozen=True)
+class SymbolRun:
+    outcome: jobs.Outcome
+    curve: tuple[list[dt.date], list[float]] | None
+
+
+def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig) -> SymbolRun:
+    """One symbol: its metrics as the outcome (value = total return in %), and its equity curve."""
+    if bars is None:
+        start = config.start_date.isoformat() if config.start_date else "the first bar"
+        end = config.end_date.isoformat() if config.end_date else "the last bar"
+        message = f"no bars for {symbol} between {start} and {end}"
+        return SymbolRun(jobs.Outcome(symbol, None, _error("NoData", message)), None)
+    try:
+        result = run_backtest(engine_bars(bars), config)
+    except BarsError as exc:
+        return SymbolRun(jobs.Outcome(symbol, None, _error("BarsError", str(exc)[:500])), None)
+    metrics = {key: _finite(value) for key, value in result.metrics.items()}
+    value = metrics.get("Return [%]")
+    data = {"metrics": metrics, "orders": result.orders, "warmup_bars": result.warmup}
+    dates = [dt.date.fromisoformat(str(d)) for d in result.dates]
+    outcome = jobs.Outcome(symbol, float(value) if isinstance(value, (int, float)) else None, None, data=data)
+    return SymbolRun(outcome, (dates, [float(x) for x in result.equity]))
+
+
+def job_is_active(factory: sessionmaker[Session], job_id: uuid.UUID) -> bool:
+    with factory() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Sequence[SymbolRun]) -> None:
+    rows = [
+        {"job_id": job_id, "symbol": r.outcome.symbol, "dates": r.curve[0], "equity": r.curve[1]}
+        for r in runs
+        if r.curve is not None
+    ]
+    if not rows:
+        return
+    with session_scope(factory) as session:
+        stmt = insert(BacktestCurve).values(rows)
+        # A duplicate delivery computes the same curve (the engine is deterministic): overwriting is harmless.
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[BacktestCurve.job_id, BacktestCurve.symbol],
+                set_={"dates": stmt.excluded.dates, "equity": stmt.excluded.equity},
+            )
+        )
+
+
+def run_shard(factory: sessionmaker[Session], shard_id: int) -> bool | None:
+    """Run one shard of a backtest run. None: nothing to do (finished, cancelled or duplicate).
+    True/False: whether this delivery's results were the ones stored.
+
+    Between symbols the shard checks whether its run was cancelled and, if so, stores what it finished and
+    stops (the job stays ``cancelled``; the finished symbols are kept)."""
+    started = jobs.start_shard(factory, shard_id)
+    if started is None:
+        log.info("backtest shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
+        return None
+    job = started.job
+    with factory() as session:
+        config = run_config(session, job.id)
+        bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
+    done: list[SymbolRun] = []
+    last_check = time.monotonic()
+    for symbol in started.symbols:
+        if time.monotonic() - last_check >= CANCEL_CHECK_INTERVAL_S:
+            last_check = time.monotonic()
+            if not job_is_active(factory, job.id):
+                log.info("backtest shard %s: run %s no longer active, stopping after %s symbols", shard_id,
+                         job.id, len(done))  # fmt: skip
+                break
+        done.append(backtest_symbol(symbol, bars.get(symbol), config))
+    _store_curves(factory, job.id, done)
+    return jobs.complete_shard(factory, shard_id, [r.outcome for r in done])
+
+
+# --- portfolio ------------------------------------------------------------------------------------------------
+
+TRADING_DAYS = 252
+
+
+def portfolio_metrics(
+    curves: Sequence[tuple[Sequence[dt.date], Sequence[float]]], initial_cash: float, risk_free_rate: float = 0.0
+) -> dict[str, Any] | None:
+    """Metrics of the run as one portfolio: each symbol a sleeve given ``initial_cash``, equal cash, never
+    rebalanced. A sleeve holds its cash before its first bar and its last equity after its last bar; the
+    portfolio's equity on each date of the union of dates is the sum of the sleeves'.
+
+    Returns None without curves. Sharpe and volatility use daily returns annualised with 252 periods.
+    """
+    if not curves:
+        return None
+    all_dates = np.unique(np.concatenate([np.asarray(d, dtype="datetime64[D]") for d, _ in curves]))
+    total = np.zeros(len(all_dates))
+    for dates, equity in curves:
+        positions = np.searchsorted(np.asarray(dates, dtype="datetime64[D]"), all_dates, side="right") - 1
+        values = np.asarray(equity, dtype=np.float64)
+        total += np.where(positions >= 0, values[np.clip(positions, 0, None)], initial_cash)
+    start_equity = initial_cash * len(curves)
+    final_equity = float(total[-1])
+    series = np.concatenate([[start_equity], total])
+    returns = series[1:] / series[:-1] - 1
+    excess = returns - risk_free_rate / TRADING_DAYS
+    std = float(np.std(excess, ddof=1)) if len(excess) > 1 else math.nan
+    sharpe = float(np.mean(excess)) / std * math.sqrt(TRADING_DAYS) if std and math.isfinite(std) else math.nan
+    peak = np.maximum.accumulate(series)
+    max_drawdown = float(np.min(series / peak - 1))
+    days = int((all_dates[-1] - all_dates[0]).astype(np.int64))
+    growth = final_equity / start_equity
+    annual = growth ** (365.25 / days) - 1 if days > 0 and growth > 0 else math.nan
+    metrics = {
+        "sleeves": len(curves),
+        "start": str(all_dates[0]),
+        "end": str(all_dates[-1]),
+        "initial_equity": start_equity,
+        "final_equity": final_equity,
+        "return_pct": (growth - 1) * 100,
+        "return_ann_pct": annual * 100,
+        "volatility_ann_pct": std * math.sqrt(TRADING_DAYS) * 100,
+        "sharpe": sharpe,
+        "max_drawdown_pct": max_drawdown * 100,
+    }
+    return {k: _finite(float(v)) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def ensure_portfolio(factory: sessionmaker[Session], job: Job, run: BacktestRun) -> dict[str, Any] | None:
+    """Portfolio metrics of a finished run of several symbols: computed from its curves on first read, then
+    kept. None while the run is active, or for a one-symbol run (its metrics are the symbol's)."""
+    if run.portfolio is not None:
+        return run.portfolio
+    if job.status not in FINAL_STATUSES or len(job.symbols) < 2:
+        return None
+    config = BacktestConfig.model_validate(run.config)
+    with factory() as session:
+        rows = session.execute(
+            select(BacktestCurve.dates, BacktestCurve.equity).where(BacktestCurve.job_id == job.id)
+        ).all()
+    portfolio = portfolio_metrics([(d, e) for d, e in rows], config.initial_cash, config.risk_free_rate)
+    if portfolio is None:
+        return None
+    with session_scope(factory) as session:
+        session.execute(
+            update(BacktestRun)
+            .where(BacktestRun.job_id == job.id, BacktestRun.portfolio.is_(None))
+            .values(portfolio=portfolio)
+        )
+    return portfolio
