@@ -20,6 +20,7 @@ from shared.errors import ConfigError
 # Queue names: interactive jobs never wait behind bulk work on the same queue.
 QUEUE_INTERACTIVE = "interactive"
 QUEUE_BULK = "bulk"
+QUEUE_MAINTENANCE = "maintenance"  # reconciler, retention: never stuck behind a flood of shards
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
@@ -92,6 +93,19 @@ class RateLimits:
     max_active_jobs: int = 8  # ALPHAFORGE_MAX_ACTIVE_JOBS: queued + running jobs per user
 
 
+@dataclass(frozen=True)
+class Maintenance:
+    """Self-healing and housekeeping that Celery beat schedules (shared/reconciler.py, shared/retention.py)."""
+
+    reconcile_interval_s: float = 60.0  # ALPHAFORGE_RECONCILE_INTERVAL: seconds between reconciler passes
+    # ALPHAFORGE_RECONCILE_GRACE: a shard (re-)enqueued less than this long ago is never judged vanished
+    reconcile_grace_s: float = 120.0
+    reconcile_max_requeues: int = 3  # ALPHAFORGE_RECONCILE_MAX_REQUEUES: then the shard fails, with the reason
+    retention_interval_s: float = 3600.0  # ALPHAFORGE_RETENTION_INTERVAL: seconds between retention passes
+    retention_days: int = 30  # ALPHAFORGE_RETENTION_DAYS: finished calculation jobs older than this go (0: never)
+    retention_max_jobs: int = 1000  # ALPHAFORGE_RETENTION_MAX_JOBS: finished jobs kept per owner (0: no limit)
+
+
 MIN_JWT_SECRET_CHARS = 32  # HS256 wants a key of at least 256 bits
 
 
@@ -120,6 +134,7 @@ class Settings:
     proxy_hops: int = 0  # ALPHAFORGE_PROXY_HOPS: trusted reverse proxies in front of the API (X-Forwarded-For)
     log_level: str = "INFO"  # ALPHAFORGE_LOG_LEVEL
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    maintenance: Maintenance = field(default_factory=Maintenance)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -137,6 +152,15 @@ class Settings:
             failed_login_address=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS", rate.failed_login_address),
             register=_rate(env, "ALPHAFORGE_RATE_LIMIT_REGISTER", rate.register),
             max_active_jobs=_int(env, "ALPHAFORGE_MAX_ACTIVE_JOBS", rate.max_active_jobs),
+        )
+        maint = defaults.maintenance
+        maintenance = Maintenance(
+            reconcile_interval_s=_float(env, "ALPHAFORGE_RECONCILE_INTERVAL", maint.reconcile_interval_s),
+            reconcile_grace_s=_float(env, "ALPHAFORGE_RECONCILE_GRACE", maint.reconcile_grace_s),
+            reconcile_max_requeues=_int(env, "ALPHAFORGE_RECONCILE_MAX_REQUEUES", maint.reconcile_max_requeues),
+            retention_interval_s=_float(env, "ALPHAFORGE_RETENTION_INTERVAL", maint.retention_interval_s),
+            retention_days=_int(env, "ALPHAFORGE_RETENTION_DAYS", maint.retention_days, minimum=0),
+            retention_max_jobs=_int(env, "ALPHAFORGE_RETENTION_MAX_JOBS", maint.retention_max_jobs, minimum=0),
         )
         log_level = (env.get("ALPHAFORGE_LOG_LEVEL") or defaults.log_level).strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -162,6 +186,7 @@ class Settings:
             proxy_hops=_int(env, "ALPHAFORGE_PROXY_HOPS", defaults.proxy_hops, minimum=0),
             log_level=log_level,
             rate_limits=rate_limits,
+            maintenance=maintenance,
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -219,6 +244,12 @@ class Settings:
             "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS": self.rate_limits.failed_login_address,
             "ALPHAFORGE_RATE_LIMIT_REGISTER": self.rate_limits.register,
             "ALPHAFORGE_MAX_ACTIVE_JOBS": str(self.rate_limits.max_active_jobs),
+            "ALPHAFORGE_RECONCILE_INTERVAL": str(self.maintenance.reconcile_interval_s),
+            "ALPHAFORGE_RECONCILE_GRACE": str(self.maintenance.reconcile_grace_s),
+            "ALPHAFORGE_RECONCILE_MAX_REQUEUES": str(self.maintenance.reconcile_max_requeues),
+            "ALPHAFORGE_RETENTION_INTERVAL": str(self.maintenance.retention_interval_s),
+            "ALPHAFORGE_RETENTION_DAYS": str(self.maintenance.retention_days),
+            "ALPHAFORGE_RETENTION_MAX_JOBS": str(self.maintenance.retention_max_jobs),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url

@@ -148,6 +148,10 @@ class JobShard(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Self-healing (shared/reconciler.py): when the current task_id was published, and how often the reconciler
+    # re-published the shard because its task had vanished (bounded; then the shard fails with the reason).
+    enqueued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
 
 
 class JobResult(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
+from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
 from worker.celery_app import create_celery
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         defaults = [
             "--loglevel=INFO",
             f"--concurrency={settings.worker_concurrency}",
-            f"--queues={QUEUE_INTERACTIVE},{QUEUE_BULK}",
+            f"--queues={QUEUE_INTERACTIVE},{QUEUE_BULK},{QUEUE_MAINTENANCE}",
             "--without-gossip",
             "--without-mingle",
         ]

@@ -9,9 +9,10 @@ from celery import Celery, group, signals
 from kombu import Queue
 
 from shared import log_context
-from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
+from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
 from shared.jobs import Enqueue, ShardTask
 from shared.logs import configure_logging
+from worker.schedule import beat_schedule
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
@@ -75,6 +76,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
+    # Housekeeping (worker/maintenance_tasks.py): its tasks, its own queue and beat's schedule of them.
+    app.conf.imports = ("worker.maintenance_tasks",)
+    app.conf.task_queues = (*app.conf.task_queues, Queue(QUEUE_MAINTENANCE))
+    app.conf.beat_schedule = beat_schedule(settings)
     app.conf.alphaforge_settings = settings
     _connect_context_signals(settings)
     return app

@@ -1,0 +1,171 @@
+"""Self-healing: find shards whose task vanished and publish them again, a bounded number of times.
+
+A shard's task can vanish without any process noticing: the worker holding it is killed (on Redis an
+acknowledged-late message then waits in the ``unacked`` set until the visibility timeout, an hour), the broker
+restarts without the message, or a message expires. The job would then stay ``running`` forever. The reconciler
+(run by Celery beat, see worker/maintenance_tasks.py) looks at the open shards of active jobs that were published
+more than a grace period ago, asks where their current task is (still in a broker queue, or held by a live
+worker: :data:`LiveTasks`), and for each one found nowhere:
+
+* re-publishes it under a fresh task id (``requeues`` + 1, ``enqueued_at`` = now), or
+* after ``max_requeues`` re-publications, fails the shard with the reason (each of its symbols gets it as its
+  error, and the job finalizes like any other), so no job waits forever.
+
+A false "vanished" (a live worker that did not answer in time) costs one duplicate delivery: shards are claimed
+with a conditional update and results upserted, so the duplicate changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs
+from shared.db import session_scope
+from shared.models import Job, JobShard, JobStatus, ShardStatus
+
+log = logging.getLogger(__name__)
+
+LiveTasks = Callable[[Collection[str]], "set[str] | None"]
+"""Given task ids, those still alive somewhere (waiting in a broker queue or held by a live worker); None when
+that cannot be told right now (broker unreachable, no worker answered): then nothing is judged vanished."""
+
+Requeue = Callable[[str, Sequence[jobs.ShardTask]], None]
+"""Publishes shard tasks of one job kind (the kind picks the Celery task)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An open shard of an active job, published more than the grace period ago."""
+
+    shard_id: int
+    job_id: uuid.UUID
+    kind: str
+    task_id: str
+    status: str
+    requeues: int
+
+
+@dataclass
+class ReconcileReport:
+    candidates: int = 0
+    alive: int = 0
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    skipped: str | None = None  # why this pass judged nothing
+
+    def as_dict(self) -> dict[str, object]:
+        return {"candidates": self.candidates, "alive": self.alive, "requeued": len(self.requeued),
+                "failed": len(self.failed), "skipped": self.skipped}  # fmt: skip
+
+
+_OPEN = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
+_ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def find_candidates(session: Session, *, grace_s: float, kinds: Collection[str], limit: int) -> list[Candidate]:
+    """Open shards of active jobs of the given kinds, (re-)published more than ``grace_s`` seconds ago."""
+    rows = session.execute(
+        select(JobShard.id, JobShard.job_id, Job.kind, JobShard.task_id, JobShard.status, JobShard.requeues)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(
+            JobShard.status.in_(_OPEN),
+            Job.status.in_(_ACTIVE),
+            Job.kind.in_(list(kinds)),
+            JobShard.enqueued_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s),
+        )
+        .order_by(JobShard.enqueued_at, JobShard.id)
+        .limit(limit)
+    ).all()
+    return [Candidate(*row) for row in rows]
+
+
+def gave_up_reason(requeues: int) -> str:
+    return (
+        f"the shard's task vanished {requeues + 1} times (worker killed, broker restarted or message lost); "
+        f"gave up after {requeues} re-enqueues"
+    )
+
+
+def _claim_requeue(session: Session, candidate: Candidate) -> str | None:
+    """Give the shard a fresh task id, unless it moved on meanwhile (finished, or re-published by someone else)."""
+    new_task_id = str(uuid.uuid4())
+    claimed = session.execute(
+        update(JobShard)
+        .where(JobShard.id == candidate.shard_id, JobShard.task_id == candidate.task_id, JobShard.status.in_(_OPEN))
+        .values(
+            task_id=new_task_id,
+            status=ShardStatus.QUEUED.value,
+            requeues=JobShard.requeues + 1,
+            enqueued_at=text("now()"),
+        )
+        .returning(JobShard.id)
+    ).first()
+    return new_task_id if claimed is not None else None
+
+
+def reconcile(
+    factory: sessionmaker[Session],
+    *,
+    live_tasks: LiveTasks,
+    requeue: Requeue,
+    kinds: Collection[str],
+    grace_s: float,
+    max_requeues: int,
+    limit: int = 5000,
+) -> ReconcileReport:
+    """One pass: judge the candidates, re-publish or fail the vanished ones. Safe to run concurrently with
+    workers (every change is a conditional update); run one pass at a time (:func:`single_flight`)."""
+    report = ReconcileReport()
+    with factory() as session:
+        candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit)
+    report.candidates = len(candidates)
+    if not candidates:
+        return report
+    alive = live_tasks([c.task_id for c in candidates])
+    if alive is None:
+        report.skipped = "could not tell which tasks are alive (broker or workers did not answer)"
+        log.warning("reconciler: %s; %d candidate shards left for the next pass", report.skipped, len(candidates))
+        return report
+    vanished = [c for c in candidates if c.task_id not in alive]
+    report.alive = len(candidates) - len(vanished)
+    to_publish: dict[str, list[jobs.ShardTask]] = defaultdict(list)
+    for candidate in vanished:
+        if candidate.requeues >= max_requeues:
+            reason = gave_up_reason(candidate.requeues)
+            if jobs.fail_shard(factory, candidate.shard_id, reason):
+                report.failed.append(candidate.shard_id)
+                log.error("reconciler: shard %s of job %s failed: %s", candidate.shard_id, candidate.job_id, reason)
+            continue
+        with session_scope(factory) as session:
+            new_task_id = _claim_requeue(session, candidate)
+        if new_task_id is not None:
+            to_publish[candidate.kind].append(jobs.ShardTask(candidate.shard_id, new_task_id))
+    for kind, tasks in to_publish.items():
+        requeue(kind, tasks)  # if this fails, the shards wait one grace period and are judged again
+        report.requeued.extend(t.shard_id for t in tasks)
+        log.warning("reconciler: re-enqueued %d %s shards whose task vanished: %s", len(tasks), kind,
+                    [t.shard_id for t in tasks])  # fmt: skip
+    return report
+
+
+@contextlib.contextmanager
+def single_flight(engine: Engine, name: str) -> Iterator[bool]:
+    """A PostgreSQL session advisory lock: True inside for the one holder, False for anyone else meanwhile.
+    The lock dies with the connection, so a killed holder never blocks the next pass."""
+    with engine.connect() as conn:
+        key = func.hashtextextended("alphaforge-single-flight:" + name, 0)
+        got = bool(conn.scalar(select(func.pg_try_advisory_lock(key))))
+        try:
+            yield got
+        finally:
+            if got:
+                conn.scalar(select(func.pg_advisory_unlock(key)))
+            conn.commit()

@@ -1,0 +1,138 @@
+"""Housekeeping tasks Celery beat schedules (worker/schedule.py): the shard reconciler and job retention.
+
+Thin wrappers: the decisions live in shared/reconciler.py and shared/retention.py; here is only what needs
+Celery and the broker: where a task id can still be found (a broker queue or a live worker) and how a shard of
+each job kind is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+import redis
+from celery import Celery, shared_task
+
+from shared import reconciler, retention
+from shared.jobs import ShardTask
+from shared.models import JobKind
+from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, shard_enqueuer
+from worker.schedule import TASK_PRUNE_JOBS, TASK_RECONCILE_SHARDS
+from worker.tasks import ServicesTask, WorkerServices
+
+log = logging.getLogger(__name__)
+
+SHARD_TASKS: dict[str, str] = {
+    JobKind.CALCULATION.value: TASK_RUN_CALCULATION_SHARD,
+    JobKind.BACKTEST.value: TASK_RUN_BACKTEST_SHARD,
+}
+"""The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
+
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>".
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (3, 6, 9)
+MAX_QUEUE_SCAN = 100_000  # beyond this many waiting messages in one queue, the pass is skipped (cannot tell)
+SCAN_PAGE = 1_000
+WORKER_QUERY_TIMEOUT_S = 2.0
+
+
+def _message_task_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)
+        task_id = message.get("headers", {}).get("id") or message.get("properties", {}).get("correlation_id")
+    except (ValueError, AttributeError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def queue_keys(queues: Iterable[str]) -> list[str]:
+    return [key for name in queues for key in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))]
+
+
+def task_ids_in_queues(client: redis.Redis, queues: Iterable[str], wanted: Collection[str]) -> set[str] | None:
+    """Which of ``wanted`` wait in the broker's queue lists; None when a queue is too long to scan.
+
+    Pages from the head (newest) while workers pop at the tail: a message pushed meanwhile shifts the rest
+    towards the tail, so a page may show a message twice but never skips one still waiting.
+    """
+    found: set[str] = set()
+    for key in queue_keys(queues):
+        length = int(client.llen(key))
+        if length > MAX_QUEUE_SCAN:
+            log.warning("reconciler: queue %r holds %d messages (more than %d): not scanned", key, length,
+                        MAX_QUEUE_SCAN)  # fmt: skip
+            return None
+        for start in range(0, length, SCAN_PAGE):
+            for raw in client.lrange(key, start, start + SCAN_PAGE - 1):
+                task_id = _message_task_id(raw)
+                if task_id is not None and task_id in wanted:
+                    found.add(task_id)
+    return found
+
+
+def task_ids_held_by_workers(app: Celery, wanted: Collection[str]) -> set[str] | None:
+    """Which of ``wanted`` a live worker holds (prefetched, scheduled for a retry, or running); None when no
+    worker answered at all."""
+    replies: dict[str, dict[str, Any]] | None = app.control.inspect(timeout=WORKER_QUERY_TIMEOUT_S).query_task(*wanted)
+    if not replies:
+        return None
+    return {task_id for reply in replies.values() for task_id in (reply or {})}
+
+
+def live_task_ids(app: Celery, client: redis.Redis, wanted: Collection[str]) -> set[str] | None:
+    """Queues first, then workers: a message a worker takes between the two looks is seen by the second."""
+    queue_names = [q.name for q in app.conf.task_queues or ()]
+    in_queues = task_ids_in_queues(client, queue_names, set(wanted))
+    if in_queues is None:
+        return None
+    remaining = [t for t in wanted if t not in in_queues]
+    if not remaining:
+        return in_queues
+    held = task_ids_held_by_workers(app, remaining)
+    return None if held is None else in_queues | held
+
+
+def shard_publisher(app: Celery) -> reconciler.Requeue:
+    def publish(kind: str, tasks: Sequence[ShardTask]) -> None:
+        shard_enqueuer(app, SHARD_TASKS[kind])(tasks)
+
+    return publish
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_RECONCILE_SHARDS, acks_late=False, ignore_result=True)
+def reconcile_shards(self: Any) -> dict[str, object]:
+    services: WorkerServices = self.services
+    maint = services.settings.maintenance
+    with reconciler.single_flight(services.engine, "reconcile-shards") as mine:
+        if not mine:
+            return {"skipped": "another reconciler pass is running"}
+        client = redis.Redis.from_url(services.settings.require_redis_url(), socket_timeout=10)
+        try:
+            report = reconciler.reconcile(
+                services.session_factory,
+                live_tasks=lambda wanted: live_task_ids(self.app, client, wanted),
+                requeue=shard_publisher(self.app),
+                kinds=SHARD_TASKS.keys(),
+                grace_s=maint.reconcile_grace_s,
+                max_requeues=maint.reconcile_max_requeues,
+            )
+        finally:
+            client.close()
+    if report.requeued or report.failed:
+        log.warning("reconciler pass: %s", report.as_dict())
+    return report.as_dict()
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_PRUNE_JOBS, acks_late=False, ignore_result=True)
+def prune_jobs(self: Any) -> dict[str, int]:
+    services: WorkerServices = self.services
+    maint = services.settings.maintenance
+    with reconciler.single_flight(services.engine, "prune-jobs") as mine:
+        if not mine:
+            return {"by_age": 0, "by_count": 0}
+        report = retention.prune(
+            services.session_factory, max_age_days=maint.retention_days, max_jobs_per_owner=maint.retention_max_jobs
+        )
+    return {"by_age": report.by_age, "by_count": report.by_count}
