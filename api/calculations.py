@@ -17,6 +17,7 @@ from shared import scripts
 from shared.audit import AuditAction
 from shared.calculations import CalculationRequest, submit_calculation
 from shared.errors import ValidationFailed
+from shared.events import RedisJobEvents
 from shared.models import Job
 from worker.celery_app import shard_enqueuer
 
@@ -103,6 +104,7 @@ def execute(body: CalculationExecuteBody) -> Response:
         enqueue=shard_enqueuer(svc.celery),
         max_active_per_owner=settings.rate_limits.max_active_jobs,
         on_write=record_submission,
+        events=RedisJobEvents(svc.redis),
     )
     links = job_links(job.id)
     accepted = JobAccepted(

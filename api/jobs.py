@@ -19,6 +19,7 @@ from shared import jobs, security
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.errors import NotFound, ValidationFailed
+from shared.events import RedisJobEvents
 from shared.models import Job
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/jobs", abp_tags=[Tag(name="jobs")], abp_security=BEARER_SECURITY)
@@ -98,7 +99,9 @@ def cancel(path: JobPath) -> Response:
     def record_cancellation(session: Session, job: Job) -> None:  # in the cancelling transaction
         audit(session, AuditAction.JOB_CANCELLED, resource_type="job", resource_id=job.id)
 
-    job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record_cancellation)
+    job, task_ids = jobs.cancel_job(
+        svc.session_factory, job_id, on_write=record_cancellation, events=RedisJobEvents(svc.redis)
+    )
     if task_ids:
         svc.celery.control.revoke(task_ids)
     return jsonify(job_view(job).model_dump(mode="json"))

@@ -36,6 +36,7 @@ class RunLinks(BaseModel):
     self: str
     results: str
     cancel: str
+    events: str
     job: str
 
 

@@ -41,6 +41,7 @@ from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.backtest import BacktestConfig
 from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.events import RedisJobEvents
 from shared.models import BacktestRun, Job, JobResult
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
 
@@ -69,7 +70,13 @@ def _readable_run(session: Session, raw_id: str) -> tuple[Job, BacktestRun]:
 
 def run_links(run_id: uuid.UUID) -> RunLinks:
     base = f"/api/runs/{run_id}"
-    return RunLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel", job=f"/api/jobs/{run_id}")
+    return RunLinks(
+        self=base,
+        results=f"{base}/results",
+        cancel=f"{base}/cancel",
+        events=f"{base}/events",
+        job=f"/api/jobs/{run_id}",
+    )
 
 
 def progress(job: Job) -> Progress:
@@ -184,6 +191,7 @@ def create_run() -> Response:
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_BACKTEST_SHARD),
         max_active_per_owner=settings.rate_limits.max_active_jobs,
         on_write=record_submission,
+        events=RedisJobEvents(svc.redis),
     )
     job = submitted.job
     links = run_links(job.id)
@@ -313,7 +321,9 @@ def cancel_run(path: RunPath) -> Response:
     def record_cancellation(session: Session, cancelled: Job) -> None:  # in the cancelling transaction
         audit(session, AuditAction.RUN_CANCELLED, resource_type="run", resource_id=cancelled.id)
 
-    job, task_ids = jobs.cancel_job(svc.session_factory, run_id, on_write=record_cancellation)
+    job, task_ids = jobs.cancel_job(
+        svc.session_factory, run_id, on_write=record_cancellation, events=RedisJobEvents(svc.redis)
+    )
     if task_ids:
         svc.celery.control.revoke(task_ids)
     if job.status != "cancelled":  # it finished between the read and the cancel

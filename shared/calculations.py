@@ -18,6 +18,7 @@ from shared import jobs
 from shared.bars import SymbolBars, load_bars
 from shared.config import SandboxLimits
 from shared.errors import ScriptCompileError
+from shared.events import JobEvents
 from shared.models import Job, JobKind, Symbol
 from shared.sandbox.policy import compile_script
 from shared.security import record, record_compile_refusal
@@ -57,6 +58,7 @@ def submit_calculation(
     enqueue: jobs.Enqueue,
     max_active_per_owner: int | None = None,
     on_write: jobs.OnWrite | None = None,
+    events: JobEvents | None = None,
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
     check_script(factory, request.script, owner_id=request.owner_id)
@@ -74,7 +76,9 @@ def submit_calculation(
         end_date=request.end_date,
         params=json.loads(json.dumps(request.params)),
     )
-    return jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=on_write)
+    return jobs.submit(
+        factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=on_write, events=events
+    )
 
 
 def check_script(factory: sessionmaker[Session], source: str, *, owner_id: str | None) -> None:
@@ -102,11 +106,16 @@ def _missing_outcome(symbol: str, known: set[str], job: Job) -> jobs.Outcome:
 
 
 def run_shard(
-    factory: sessionmaker[Session], shard_id: int, *, limits: SandboxLimits, runner: ScriptRunner
+    factory: sessionmaker[Session],
+    shard_id: int,
+    *,
+    limits: SandboxLimits,
+    runner: ScriptRunner,
+    events: JobEvents | None = None,
 ) -> bool | None:
     """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored."""
-    started = jobs.start_shard(factory, shard_id)
+    started = jobs.start_shard(factory, shard_id, events=events)
     if started is None:
         log.info("shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
         return None
@@ -121,4 +130,4 @@ def run_shard(
     # Recorded before the results, in a transaction of their own: a rejection happened whether or not
     # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
     record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)
-    return jobs.complete_shard(factory, shard_id, outcomes)
+    return jobs.complete_shard(factory, shard_id, outcomes, events=events)

@@ -18,8 +18,10 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import events as job_events
 from shared.db import session_scope
 from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
+from shared.events import JobEvents
 from shared.models import Job, JobResult, JobShard, JobStatus, ShardStatus
 from shared.security import Incident
 
@@ -89,6 +91,7 @@ def submit(
     *,
     max_active_per_owner: int | None = None,
     on_write: OnWrite | None = None,
+    events: JobEvents | None = None,
 ) -> Job:
     """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
 
@@ -115,6 +118,10 @@ def submit(
         if on_write is not None:
             on_write(session, job)
         tasks = [ShardTask(shard.id, shard.task_id) for shard in shards]
+    if events is not None:  # before the tasks exist: a shard's first event can never precede it
+        events.publish(
+            job.id, job_events.QUEUED, {"kind": job.kind, "shards": len(batches), "symbols": len(job.symbols)}
+        )
     try:
         enqueue(tasks)
     except Exception as exc:
@@ -131,6 +138,8 @@ def submit(
                 .where(JobShard.job_id == job.id, JobShard.status.in_(_OPEN_SHARD))
                 .values(status=ShardStatus.FAILED.value, error=reason, finished_at=text("now()"))
             )
+        if events is not None:
+            events.publish(job.id, job_events.FAILED, {"status": JobStatus.FAILED.value, "error": reason})
         raise ServiceUnavailable(
             "the job could not be queued (broker unavailable); nothing will run, please retry",
             details={"job_id": str(job.id)},
@@ -153,8 +162,19 @@ def _lock_job_of_shard(session: Session, shard_id: int) -> uuid.UUID | None:
     return job_id
 
 
-def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard | None:
+def start_shard(
+    factory: sessionmaker[Session], shard_id: int, *, events: JobEvents | None = None
+) -> StartedShard | None:
     """Claim a shard for running; None when it is finished, cancelled or its job is no longer active."""
+    started = _claim_shard(factory, shard_id)
+    if started is not None and events is not None:
+        shard, index, attempt = started
+        detail = {"shard": index, "symbols": len(shard.symbols), "attempt": attempt}
+        events.publish(shard.job.id, job_events.SHARD_STARTED, detail)
+    return started[0] if started is not None else None
+
+
+def _claim_shard(factory: sessionmaker[Session], shard_id: int) -> tuple[StartedShard, int, int] | None:
     with session_scope(factory) as session:
         if _lock_job_of_shard(session, shard_id) is None:
             return None
@@ -166,14 +186,14 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
                 FROM jobs j
                 WHERE s.id = :id AND j.id = s.job_id
                   AND s.status IN ('queued', 'running') AND j.status IN ('queued', 'running')
-                RETURNING s.job_id, s.symbols
+                RETURNING s.job_id, s.symbols, s.index, s.attempts
                 """
             ),
             {"id": shard_id},
         ).first()
         if row is None:
             return None
-        job_id, symbols = row
+        job_id, symbols, index, attempts = row
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
@@ -181,23 +201,41 @@ def start_shard(factory: sessionmaker[Session], shard_id: int) -> StartedShard |
         )
         job = session.get(Job, job_id)
         assert job is not None
-        return StartedShard(shard_id, job, list(symbols))
+        return StartedShard(shard_id, job, list(symbols)), index, attempts
+
+
+@dataclass(frozen=True)
+class _ShardEnd:
+    """What finishing a shard changed: its lifecycle events once the transaction has committed."""
+
+    job_id: uuid.UUID
+    shard: dict[str, Any]  # the shard_finished event
+    final: str | None  # the job's final status when this shard completed it
+
+
+def _publish_end(events: JobEvents | None, end: _ShardEnd | None) -> None:
+    if events is None or end is None:
+        return
+    events.publish(end.job_id, job_events.SHARD_FINISHED, end.shard)
+    if end.final is not None:
+        counters = {k: v for k, v in end.shard.items() if k.startswith(("shards_", "symbols_"))}
+        events.publish(end.job_id, job_events.terminal_kind(end.final), {"status": end.final, **counters})
 
 
 def _finish_shard(
     session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None
-) -> bool:
+) -> _ShardEnd | None:
     if _lock_job_of_shard(session, shard_id) is None:
-        return False
+        return None
     claimed = session.execute(
         update(JobShard)
         .where(JobShard.id == shard_id, JobShard.status.in_(_OPEN_SHARD))
         .values(status=status.value, error=error, finished_at=text("now()"))
-        .returning(JobShard.job_id)
+        .returning(JobShard.job_id, JobShard.index)
     ).first()
     if claimed is None:
-        return False  # already finished by another delivery: change nothing
-    job_id = claimed[0]
+        return None  # already finished by another delivery: change nothing
+    job_id, index = claimed
     if outcomes:
         stmt = insert(JobResult).values(
             [
@@ -227,9 +265,21 @@ def _finish_shard(
             symbols_failed=Job.symbols_failed + failed,
             error=func.coalesce(Job.error, error),
         )
-        .returning(Job.shards_done, Job.shards_total, Job.symbols_failed, Job.symbols_total)
+        .returning(Job.shards_done, Job.shards_total, Job.symbols_done, Job.symbols_failed, Job.symbols_total)
     ).one()
-    shards_done, shards_total, symbols_failed, symbols_total = counters
+    shards_done, shards_total, symbols_done, symbols_failed, symbols_total = counters
+    shard_event = {
+        "shard": index,
+        "status": status.value,
+        "symbols": len(outcomes),
+        "failed": failed,
+        "shards_done": shards_done,
+        "shards_total": shards_total,
+        "symbols_done": symbols_done,
+        "symbols_failed": symbols_failed,
+        "symbols_total": symbols_total,
+    }
+    end = _ShardEnd(job_id, shard_event, None)
     if shards_done >= shards_total:
         if symbols_failed == 0:
             final = JobStatus.SUCCEEDED
@@ -237,28 +287,36 @@ def _finish_shard(
             final = JobStatus.FAILED
         else:
             final = JobStatus.PARTIAL
-        session.execute(
+        finalized = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_ACTIVE_JOB))
             .values(status=final.value, finished_at=text("now()"))
         )
-    return True
+        if finalized.rowcount:  # type: ignore[attr-defined]
+            end = _ShardEnd(end.job_id, end.shard, final.value)
+    return end
 
 
-def complete_shard(factory: sessionmaker[Session], shard_id: int, outcomes: Sequence[Outcome]) -> bool:
+def complete_shard(
+    factory: sessionmaker[Session], shard_id: int, outcomes: Sequence[Outcome], *, events: JobEvents | None = None
+) -> bool:
     """Store results and mark the shard succeeded, atomically. False if it was already finished."""
     with session_scope(factory) as session:
-        return _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None)
+        end = _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None)
+    _publish_end(events, end)
+    return end is not None
 
 
-def fail_shard(factory: sessionmaker[Session], shard_id: int, reason: str) -> bool:
+def fail_shard(factory: sessionmaker[Session], shard_id: int, reason: str, *, events: JobEvents | None = None) -> bool:
     """Give up on a shard: each of its symbols gets the reason as its error. False if already finished."""
     with session_scope(factory) as session:
         symbols = session.scalar(select(JobShard.symbols).where(JobShard.id == shard_id))
         if symbols is None:
             return False
         outcomes = [Outcome(s, None, {"type": "ShardFailed", "message": reason, "line": None}) for s in symbols]
-        return _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason)
+        end = _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason)
+    _publish_end(events, end)
+    return end is not None
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:
@@ -277,7 +335,11 @@ def page_results(session: Session, job_id: uuid.UUID, *, limit: int, after: str 
 
 
 def cancel_job(
-    factory: sessionmaker[Session], job_id: uuid.UUID, *, on_write: OnWrite | None = None
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    *,
+    on_write: OnWrite | None = None,
+    events: JobEvents | None = None,
 ) -> tuple[Job, list[str]]:
     """Cancel an active job: its queued shards are cancelled (their task ids returned for revoking);
     running shards finish and keep their results. Cancelling a finished job changes nothing (and calls
@@ -298,4 +360,12 @@ def cancel_job(
         ).all()
         if on_write is not None:
             on_write(session, job)
-        return job, list(task_ids)
+    if events is not None:
+        detail = {
+            "status": JobStatus.CANCELLED.value,
+            "shards_revoked": len(task_ids),
+            "shards_done": job.shards_done,
+            "symbols_done": job.symbols_done,
+        }
+        events.publish(job.id, job_events.CANCELLED, detail)
+    return job, list(task_ids)

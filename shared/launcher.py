@@ -476,7 +476,10 @@ def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
     py = sys.executable
     # No control socket: its default path (~/.gunicorn/gunicorn.ctl) would be shared by every `up` on the machine.
     # No gunicorn access log: the API writes its own, as JSON with the request id.
-    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--no-control-socket"]
+    # Threaded workers: a server-sent events stream holds its thread while the client follows a job, so sync
+    # workers (one request each) would be taken by a couple of streams.
+    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+                "--no-control-socket"]  # fmt: skip
     return [
         ("api", [py, "-m", *gunicorn, "api:create_wsgi_app()"]),
         ("worker", [py, "-m", "worker", "worker"]),

@@ -29,6 +29,7 @@ from shared.bars import SymbolBars, load_bars
 from shared.calculations import symbols_sha256
 from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
+from shared.events import JobEvents
 from shared.models import BacktestCurve, BacktestRun, Job, JobKind, JobStatus, Symbol
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def submit_run(
     enqueue: jobs.Enqueue,
     max_active_per_owner: int | None = None,
     on_write: jobs.OnWrite | None = None,
+    events: JobEvents | None = None,
 ) -> Submitted:
     """The owner's existing run of this config, or a new one written and enqueued through ``jobs.submit``.
 
@@ -164,7 +166,10 @@ def submit_run(
             on_write(session, written)
 
     try:
-        jobs.submit(factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=write_run)
+        jobs.submit(
+            factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=write_run,
+            events=events,
+        )  # fmt: skip
     except sqlalchemy.exc.IntegrityError:
         with factory() as session:
             found = find_run(session, request.owner_id, config.config_hash)
@@ -247,13 +252,13 @@ def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Seque
         )
 
 
-def run_shard(factory: sessionmaker[Session], shard_id: int) -> bool | None:
+def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvents | None = None) -> bool | None:
     """Run one shard of a backtest run. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored.
 
     Between symbols the shard checks whether its run was cancelled and, if so, stores what it finished and
     stops (the job stays ``cancelled``; the finished symbols are kept)."""
-    started = jobs.start_shard(factory, shard_id)
+    started = jobs.start_shard(factory, shard_id, events=events)
     if started is None:
         log.info("backtest shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
         return None
@@ -272,7 +277,7 @@ def run_shard(factory: sessionmaker[Session], shard_id: int) -> bool | None:
                 break
         done.append(backtest_symbol(symbol, bars.get(symbol), config))
     _store_curves(factory, job.id, done)
-    return jobs.complete_shard(factory, shard_id, [r.outcome for r in done])
+    return jobs.complete_shard(factory, shard_id, [r.outcome for r in done], events=events)
 
 
 # --- portfolio ------------------------------------------------------------------------------------------------

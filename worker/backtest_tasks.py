@@ -25,7 +25,7 @@ def run_backtest_shard(self: Any, shard_id: int) -> str:
     log_context.bind(shard_id=shard_id, attempt=attempt)
     log.info("backtest shard %s: attempt %s", shard_id, attempt)
     try:
-        stored = runs.run_shard(services.session_factory, shard_id)
+        stored = runs.run_shard(services.session_factory, shard_id, events=services.events)
     except Exception as exc:
         countdown = retry_countdown(exc, attempt, services.settings.shard_max_retries)
         if countdown is not None:
@@ -36,7 +36,7 @@ def run_backtest_shard(self: Any, shard_id: int) -> str:
         log.exception("backtest shard %s failed for good", shard_id)
         try:
             jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
-                            f"{type(exc).__name__}: {detail}")  # fmt: skip
+                            f"{type(exc).__name__}: {detail}", events=services.events)  # fmt: skip
         except Exception as record_exc:
             if is_database_outage(record_exc):
                 raise self.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import sqlalchemy.exc
 from celery import Task, shared_task
 from sqlalchemy import Engine
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import calculations, jobs, log_context
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
+from shared.events import RedisJobEvents
 from worker.celery_app import TASK_RUN_CALCULATION_SHARD
 from worker.sandbox_runner import run_script
 
@@ -25,6 +27,7 @@ class WorkerServices:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
+    events: RedisJobEvents
 
 
 class ServicesTask(Task):
@@ -37,7 +40,10 @@ class ServicesTask(Task):
         if self._services is None:
             settings: Settings = self.app.conf.alphaforge_settings
             engine = make_engine(settings.require_database_url(), pool_size=2)
-            self._services = WorkerServices(settings, engine, make_session_factory(engine))
+            events = RedisJobEvents(
+                redis.Redis.from_url(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
+            )
+            self._services = WorkerServices(settings, engine, make_session_factory(engine), events)
         return self._services
 
 
@@ -70,7 +76,9 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
     log_context.bind(shard_id=shard_id, attempt=attempt)
     log.info("shard %s: attempt %s", shard_id, attempt)
     try:
-        stored = calculations.run_shard(services.session_factory, shard_id, limits=settings.sandbox, runner=run_script)
+        stored = calculations.run_shard(
+            services.session_factory, shard_id, limits=settings.sandbox, runner=run_script, events=services.events
+        )
     except Exception as exc:
         countdown = retry_countdown(exc, attempt, settings.shard_max_retries)
         if countdown is not None:
@@ -81,7 +89,7 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
         log.exception("shard %s failed for good", shard_id)
         try:
             jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
-                            f"{type(exc).__name__}: {detail}")  # fmt: skip
+                            f"{type(exc).__name__}: {detail}", events=services.events)  # fmt: skip
         except Exception as record_exc:
             if is_database_outage(record_exc):
                 raise self.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc

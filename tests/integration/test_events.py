@@ -1,0 +1,307 @@
+"""Job lifecycle events: Redis streams written by the job service, served as SSE by a real gunicorn server
+(the launcher's own command line) and as JSON pages with ETags."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, func, update
+
+from api.events import HEARTBEAT_CONFIG_KEY
+from shared import jobs
+from shared.config import Settings
+from shared.events import RedisJobEvents
+from shared.launcher import child_commands
+from shared.models import Job, JobKind
+from tests.conftest import PROJECT_ROOT, _stop_process_group
+from tests.helpers import ApiUser, seed_bars, wait_for_job
+
+SYMBOLS = [f"EV{i:02d}" for i in range(12)]
+SHARD_SIZE = 3  # 12 symbols -> 4 shards
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def api_server(settings: Settings) -> Iterator[tuple[str, int]]:
+    """The API as ``up`` runs it (gunicorn, threaded workers), on a free port, with shards of 3 symbols."""
+    server_settings = settings.with_overrides(api_port=_free_port(), shard_size=SHARD_SIZE)
+    [command] = [cmd for name, cmd in child_commands(server_settings) if name == "api"]
+    assert settings.jwt_secret_key
+    env = {**os.environ, **server_settings.child_env(), "JWT_SECRET_KEY": settings.jwt_secret_key}
+    log_path = settings.data_dir / "gunicorn-events-test.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    host, port = server_settings.api_host, server_settings.api_port
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection(host, port, timeout=2)
+                conn.request("GET", "/api/openapi.json")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not come up; log:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield host, port
+    finally:
+        _stop_process_group(proc)
+
+
+def request_json(server: tuple[str, int], method: str, path: str, user: ApiUser, body: Any = None) -> Any:
+    conn = http.client.HTTPConnection(*server, timeout=30)
+    headers = {**user.headers, "Content-Type": "application/json"}
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    response = conn.getresponse()
+    payload = json.loads(response.read() or b"null")
+    assert response.status < 300, (response.status, payload)
+    return payload
+
+
+class SseReader:
+    """A minimal server-sent events client over http.client (a real HTTP connection)."""
+
+    def __init__(self, server: tuple[str, int], path: str, user: ApiUser, last_event_id: str | None = None) -> None:
+        self.conn = http.client.HTTPConnection(*server, timeout=30)
+        headers = {**user.headers, "Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        self.conn.request("GET", path, headers=headers)
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200, self.response.read()
+        assert self.response.getheader("Content-Type", "").startswith("text/event-stream")
+        self.comments: list[str] = []
+
+    def next_event(self) -> dict[str, Any] | None:
+        """The next event (id, type, data), or None at the end of the stream."""
+        fields: dict[str, Any] = {}
+        while True:
+            raw = self.response.readline()
+            if not raw:
+                return None
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "type" in fields:
+                    return fields
+                continue
+            if line.startswith(":"):
+                self.comments.append(line)
+            elif line.startswith("id: "):
+                fields["id"] = line[4:]
+            elif line.startswith("event: "):
+                fields["type"] = line[7:]
+            elif line.startswith("data: "):
+                fields["data"] = json.loads(line[6:])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_sse_over_http_with_resume(
+    api_server: tuple[str, int], user: ApiUser, engine: Engine, celery_worker: Any
+) -> None:
+    seed_bars(engine, SYMBOLS, days=300, seed=5)
+    body = {"symbols": SYMBOLS, "strategy": {"name": "dual_sma", "params": {"fast": 5, "slow": 30}}}
+    run = request_json(api_server, "POST", "/api/runs", user, body)
+    run_id = run["run_id"]
+    assert run["shards"] == 4 and run["links"]["events"] == f"/api/runs/{run_id}/events"
+
+    first = SseReader(api_server, f"/api/runs/{run_id}/events", user)
+    head = [first.next_event(), first.next_event()]
+    first.close()  # the client goes away after two events
+    assert head[0] is not None and head[0]["type"] == "queued"
+    assert head[0]["data"] == {"kind": "backtest", "shards": 4, "symbols": 12}
+    assert head[1] is not None
+
+    resumed = SseReader(api_server, f"/api/runs/{run_id}/events", user, last_event_id=head[1]["id"])
+    rest = []
+    while (event := resumed.next_event()) is not None:
+        rest.append(event)
+    resumed.close()  # the server ended the stream after the terminal event
+    assert rest and rest[-1]["type"] == "finished" and rest[-1]["data"]["status"] == "succeeded"
+    assert rest[-1]["data"]["symbols_done"] == 12
+
+    streamed = [e for e in head if e] + rest
+    ids = [e["id"] for e in streamed]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(ids)
+    kinds = [e["type"] for e in streamed]
+    assert kinds.count("shard_started") == 4 and kinds.count("shard_finished") == 4
+    finished = [e["data"] for e in streamed if e["type"] == "shard_finished"]
+    assert sorted(d["shard"] for d in finished) == [0, 1, 2, 3]
+    assert [d["shards_done"] for d in finished] == [1, 2, 3, 4]  # counters as each shard committed
+    assert all(d["symbols"] == 3 and d["failed"] == 0 for d in finished)
+
+    # The same events, in the same order with the same ids, from the non-streaming variant, on any server.
+    page = request_json(api_server, "GET", f"/api/runs/{run_id}/events", user)
+    assert [e["id"] for e in page["events"]] == ids and page["done"] is True
+    # A stream opened after the end replays everything from the start and closes.
+    replay = SseReader(api_server, f"/api/jobs/{run_id}/events", user)
+    again = []
+    while (event := replay.next_event()) is not None:
+        again.append(event)
+    assert [e["id"] for e in again] == ids
+
+
+def test_open_streams_do_not_block_the_server(
+    api_server: tuple[str, int], flask_app: Flask, user: ApiUser, settings: Settings
+) -> None:
+    """Four streams held open on a job that never moves (more than the two gunicorn workers): other requests
+    are still answered (threaded workers), and every stream gets its heartbeat-free first events."""
+    factory = flask_app.extensions["alphaforge"].session_factory
+    events = RedisJobEvents(redis.Redis.from_url(settings.require_redis_url()))
+    job = jobs.submit(factory, idle_job(user), 50, lambda tasks: None, events=events)
+    streams = [SseReader(api_server, f"/api/jobs/{job.id}/events", user) for _ in range(4)]
+    try:
+        for stream in streams:
+            first = stream.next_event()
+            assert first is not None and first["type"] == "queued"
+        started = time.monotonic()
+        view = request_json(api_server, "GET", f"/api/jobs/{job.id}", user)
+        assert view["status"] == "queued" and time.monotonic() - started < 5
+        request_json(api_server, "POST", f"/api/jobs/{job.id}/cancel", user)
+        for stream in streams:
+            last = stream.next_event()
+            assert last is not None and last["type"] == "cancelled"
+            assert stream.next_event() is None
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def idle_job(user: ApiUser) -> Job:
+    return Job(
+        kind=JobKind.CALCULATION.value,
+        owner_id=user.id,
+        column_name="c",
+        script="result = 1",
+        script_sha256="0" * 64,
+        symbols=["A"],
+        symbols_sha256="0" * 64,
+        params={},
+    )
+
+
+def test_event_pages_with_etags(client: FlaskClient, user: ApiUser, engine: Engine, celery_worker: Any) -> None:
+    seed_bars(engine, ["ET1", "ET2"], days=40)
+    response = client.post(
+        "/api/custom-calculations/execute",
+        json={"script": "result = close[-1]", "column_name": "c", "stock_symbols": ["ET1", "ET2", "NOPE"]},
+    )
+    assert response.status_code == 202
+    job_id = response.get_json()["job_id"]
+    wait_for_job(client, job_id)
+    deadline = time.monotonic() + 10
+    while not (page := client.get(f"/api/jobs/{job_id}/events")).get_json()["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    body = page.get_json()
+    assert [e["type"] for e in body["events"]] == ["queued", "shard_started", "shard_finished", "finished"]
+    assert body["events"][-1]["data"]["status"] == "partial"
+    assert body["events"][2]["data"]["failed"] == 1
+    etag = page.headers["ETag"]
+    assert client.get(f"/api/jobs/{job_id}/events", headers={"If-None-Match": etag}).status_code == 304
+
+    last = body["last_id"]
+    empty = client.get(f"/api/jobs/{job_id}/events?after_id={last}")
+    assert empty.status_code == 200 and empty.get_json()["events"] == [] and empty.get_json()["last_id"] == last
+    not_modified = client.get(
+        f"/api/jobs/{job_id}/events?after_id={last}", headers={"If-None-Match": empty.headers["ETag"]}
+    )
+    assert not_modified.status_code == 304 and not_modified.data == b""
+    two = client.get(f"/api/jobs/{job_id}/events?limit=2").get_json()
+    assert [e["id"] for e in two["events"]] == [e["id"] for e in body["events"][:2]] and not two["done"]
+    after_two = client.get(f"/api/jobs/{job_id}/events?after_id={two['last_id']}").get_json()
+    assert [e["id"] for e in after_two["events"]] == [e["id"] for e in body["events"][2:]]
+    assert client.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": two["last_id"]}).get_json() == after_two
+
+    bad = client.get(f"/api/jobs/{job_id}/events?after_id=yesterday")
+    assert bad.status_code == 422 and bad.get_json()["error"]["details"]["errors"][0]["field"] == "after_id"
+    bad_header = client.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+    assert bad_header.status_code == 422
+    # A calculation job is not a run.
+    assert client.get(f"/api/runs/{job_id}/events").status_code == 404
+
+
+def test_events_need_ownership(
+    client: FlaskClient, other_client: FlaskClient, engine: Engine, celery_worker: Any
+) -> None:
+    seed_bars(engine, ["OWN"], days=30)
+    response = client.post(
+        "/api/custom-calculations/execute", json={"script": "result = 1", "column_name": "c", "stock_symbols": ["OWN"]}
+    )
+    job_id = response.get_json()["job_id"]
+    for path in (f"/api/jobs/{job_id}/events", "/api/jobs/not-a-uuid/events"):
+        got = other_client.get(path)
+        assert got.status_code == 404 and got.get_json()["error"]["code"] == "not_found"
+
+
+def test_heartbeat_cancel_and_recovered_terminal_event(
+    flask_app: Flask, client: FlaskClient, user: ApiUser, engine: Engine, settings: Settings
+) -> None:
+    """A job that stays queued (nothing was enqueued): heartbeat comments, then its cancellation ends the
+    stream; and a job final in the database whose terminal event was never written gets one from the reader."""
+    factory = flask_app.extensions["alphaforge"].session_factory
+    events = RedisJobEvents(redis.Redis.from_url(settings.require_redis_url()))
+    job = jobs.submit(
+        factory,
+        idle_job(user),
+        50,
+        lambda tasks: None,  # never reaches a worker
+        events=events,
+    )
+    flask_app.config[HEARTBEAT_CONFIG_KEY] = 0.3
+    try:
+        response = client.get(f"/api/jobs/{job.id}/events", headers={"Accept": "text/event-stream"}, buffered=False)
+        chunks = (bytes(chunk) for chunk in response.response)  # type: ignore[arg-type]
+        assert next(chunks).startswith(b"retry: ")
+        queued = next(chunks).decode()
+        assert queued.startswith("id: ") and "event: queued" in queued
+        assert next(chunks) == b": heartbeat\n\n"
+        assert next(chunks) == b": heartbeat\n\n"
+        assert client.post(f"/api/jobs/{job.id}/cancel").status_code == 200
+        cancelled = next(chunks).decode()
+        assert "event: cancelled" in cancelled
+        assert list(chunks) == []  # closed after the terminal event
+        response.close()
+    finally:
+        flask_app.config.pop(HEARTBEAT_CONFIG_KEY)
+
+    # Final in the database for a while, no terminal event in the stream (a lost publish): the reader writes it.
+    silent = jobs.submit(
+        factory,
+        idle_job(user),
+        50,
+        lambda tasks: None,
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job)
+            .where(Job.id == silent.id)
+            .values(status="failed", finished_at=func.now() - dt.timedelta(minutes=1))
+        )
+    page = client.get(f"/api/jobs/{silent.id}/events").get_json()
+    assert [e["type"] for e in page["events"]] == ["failed"] and page["done"]
+    assert page["events"][0]["data"]["recovered"] is True
+    again = client.get(f"/api/jobs/{silent.id}/events").get_json()
+    assert again["events"] == page["events"]  # written once
