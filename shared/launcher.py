@@ -1,7 +1,7 @@
 """``alphaforge up``: the whole system in the foreground of one terminal.
 
 Order: pid file lock → embedded PostgreSQL/Redis for whatever URL is unset → migrations → demo data when
-``daily_bars`` is empty → API (gunicorn), Celery worker and Celery beat as child processes → supervise.
+``daily_bars`` is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise.
 
 Environment read here (in addition to :meth:`Settings.from_env`):
 
@@ -12,7 +12,9 @@ Accounts: in *embedded mode* (``DATABASE_URL`` or ``REDIS_URL`` unset, so ``up``
 development setup), a missing ``JWT_SECRET_KEY`` is generated once and kept in ``<data dir>/jwt-secret``, and a
 ``demo`` account is created (its password kept in ``<data dir>/demo-account.json``) and printed in the banner.
 With both URLs set nothing is made up: no default secret, no account, and ``up`` refuses to start without
-``JWT_SECRET_KEY``. Only the API process receives the secret.
+``JWT_SECRET_KEY``. Only the API process receives the secret. Flower is never open: its ``FLOWER_BASIC_AUTH``
+(``user:password``) is generated in embedded mode (``<data dir>/flower-auth.json``, printed in the banner) and
+required otherwise; only the Flower process receives it.
 
 Shutdown: SIGINT (Ctrl-C), SIGTERM or SIGHUP stops everything and exits 0; a child that dies on its own stops
 everything and exits 1. Every child runs in its own session/process group. Stopping sends SIGTERM to each
@@ -372,14 +374,14 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, variable: str = "ALPHAFORGE_API_PORT") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
             raise StartupError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); set ALPHAFORGE_API_PORT to a free port"
+                f"cannot listen on {host}:{port} ({exc.strerror}); set {variable} to a free port"
             ) from None
 
 
@@ -441,6 +443,32 @@ def resolve_jwt_secret(settings: Settings, data_dir: Path) -> str:
     return secret
 
 
+FLOWER_AUTH_FILE = "flower-auth.json"
+FLOWER_USERNAME = "ops"
+
+
+def resolve_flower_auth(settings: Settings, data_dir: Path) -> tuple[str, str]:
+    """Flower's (user, password): FLOWER_BASIC_AUTH if set; in embedded mode generated once and kept in the data
+    dir (printed in the banner); otherwise a StartupError. Flower is never started open."""
+    from shared.errors import ConfigError
+
+    if settings.flower_basic_auth or not is_embedded_mode(settings):
+        try:
+            return settings.require_flower_basic_auth()
+        except ConfigError as exc:
+            hint = "" if settings.flower_basic_auth else " (with DATABASE_URL and REDIS_URL both set, none is made up)"
+            raise StartupError(f"{exc}{hint}") from None
+    path = data_dir / FLOWER_AUTH_FILE
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+        checked = settings.with_overrides(flower_basic_auth=f"{saved['username']}:{saved['password']}")
+        return checked.require_flower_basic_auth()
+    password = secrets.token_urlsafe(18)
+    _write_private(path, json.dumps({"username": FLOWER_USERNAME, "password": password}) + "\n")
+    log.info("embedded mode: generated Flower credentials in %s", path)
+    return FLOWER_USERNAME, password
+
+
 def ensure_demo_account(database_url: str, data_dir: Path) -> tuple[str, str]:
     """The demo account (created, or its password reset when the credentials file is gone); returns
     (username, password)."""
@@ -480,10 +508,13 @@ def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
     # workers (one request each) would be taken by a couple of streams.
     gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread", "--threads", "8",
                 "--no-control-socket"]  # fmt: skip
+    # Flower: broker from the same Settings, no state kept; credentials come in FLOWER_BASIC_AUTH, never in argv.
+    flower = [f"--address={settings.api_host}", f"--port={settings.flower_port}", "--persistent=False"]
     return [
         ("api", [py, "-m", *gunicorn, "api:create_wsgi_app()"]),
         ("worker", [py, "-m", "worker", "worker"]),
         ("beat", [py, "-m", "worker", "beat", "--schedule", str(settings.data_dir / "celerybeat-schedule")]),
+        ("flower", [py, "-m", "worker", "flower", *flower]),
     ]
 
 
@@ -498,8 +529,16 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _banner(settings: Settings, database_url: str, redis_url: str, demo: tuple[str, str] | None = None) -> str:
+def _banner(
+    settings: Settings,
+    database_url: str,
+    redis_url: str,
+    demo: tuple[str, str] | None = None,
+    flower: tuple[str, str] | None = None,
+) -> str:
     base = f"http://{settings.api_host}:{settings.api_port}"
+    flower_url = f"http://{settings.api_host}:{settings.flower_port}"
+    flower_login = f" (username {flower[0]!r}, password {flower[1]!r})" if flower else " (FLOWER_BASIC_AUTH)"
     login = [f"  demo login  username {demo[0]!r}, password {demo[1]!r} (POST {base}/api/auth/login)"] if demo else []
     return "\n".join(
         [
@@ -508,6 +547,7 @@ def _banner(settings: Settings, database_url: str, redis_url: str, demo: tuple[s
             f"  API       {base}/api",
             f"  API docs  {base}/api/docs",
             f"  health    {base}/api/health",
+            f"  Flower    {flower_url}{flower_login}",
             f"  database  {mask_url(database_url)}",
             f"  redis     {mask_url(redis_url)}",
             f"  data dir  {settings.data_dir}",
@@ -551,8 +591,10 @@ def run_up(settings: Settings) -> int:
         demo_symbols = _env_int("ALPHAFORGE_DEMO_SYMBOLS", 500)
         demo_years = _env_int("ALPHAFORGE_DEMO_YEARS", 10)
         _check_port_free(settings.api_host, settings.api_port)  # fail before minutes of setup, not after
+        _check_port_free(settings.api_host, settings.flower_port, "ALPHAFORGE_FLOWER_PORT")
         embedded_mode = is_embedded_mode(settings)
         jwt_secret = resolve_jwt_secret(settings, data_dir)  # likewise: no secret outside embedded mode, no start
+        flower_auth = resolve_flower_auth(settings, data_dir)  # and Flower never runs without credentials
         with signals.deferred():
             if pid_file.previous_pid is not None:
                 log.warning("previous run (pid %d) did not shut down cleanly; cleaning up", pid_file.previous_pid)
@@ -565,10 +607,13 @@ def run_up(settings: Settings) -> int:
         demo = ensure_demo_account(database_url, data_dir) if embedded_mode else None
 
         settings = settings.with_overrides(database_url=database_url, redis_url=redis_url)
-        env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET_KEY"} | settings.child_env()
+        secret_env = ("JWT_SECRET_KEY", "FLOWER_BASIC_AUTH")  # each goes to the one child that needs it
+        env = {k: v for k, v in os.environ.items() if k not in secret_env} | settings.child_env()
         with signals.deferred():
             for name, argv in child_commands(settings):
                 child_env = (env | {"JWT_SECRET_KEY": jwt_secret}) if name == "api" else env
+                if name == "flower":
+                    child_env = env | {"FLOWER_BASIC_AUTH": ":".join(flower_auth)}
                 supervisor.start(name, argv, env=child_env, cwd=PROJECT_ROOT)
 
         health_url = f"http://{settings.api_host}:{settings.api_port}/api/health"
@@ -579,12 +624,14 @@ def run_up(settings: Settings) -> int:
             nonlocal announced
             if announced:
                 return
+            made_up = embedded_mode and not settings.flower_basic_auth  # print generated credentials only
+            banner = _banner(settings, database_url, redis_url, demo, flower_auth if made_up else None)
             if _http_ok(health_url):
-                print(_banner(settings, database_url, redis_url, demo), flush=True)
+                print(banner, flush=True)
                 announced = True
             elif time.monotonic() - started > API_READY_TIMEOUT_S:
                 log.warning("%s has not answered 200 within %.0f s; still waiting", health_url, API_READY_TIMEOUT_S)
-                print(_banner(settings, database_url, redis_url, demo), flush=True)
+                print(banner, flush=True)
                 announced = True
 
         return supervisor.watch(on_tick=announce_when_ready)

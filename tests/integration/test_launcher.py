@@ -9,6 +9,7 @@ everything: exit code 0 and not one process left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -189,13 +190,14 @@ def _belongs_to_run(proc: psutil.Process, data_dir: Path, port: int) -> bool:
 
 
 def test_up_serves_health_and_stops_cleanly_on_sigterm(up_database: str, up_data_dir: Path) -> None:
-    port = free_tcp_port()
+    port, flower_port = free_tcp_port(), free_tcp_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALPHAFORGE_") and k not in ("REDIS_URL",)}
     env.update(
         DATABASE_URL=up_database,  # REDIS_URL unset: `up` starts an embedded Redis under the data dir
         ALPHAFORGE_DATA_DIR=str(up_data_dir),
         ALPHAFORGE_API_HOST="127.0.0.1",
         ALPHAFORGE_API_PORT=str(port),
+        ALPHAFORGE_FLOWER_PORT=str(flower_port),
         ALPHAFORGE_WORKER_CONCURRENCY="1",
         ALPHAFORGE_DEMO_SYMBOLS="5",
         ALPHAFORGE_DEMO_YEARS="1",
@@ -216,8 +218,14 @@ def test_up_serves_health_and_stops_cleanly_on_sigterm(up_database: str, up_data
             assert proc.poll() is None, f"`up` exited with {proc.returncode}:\n{log_tail()}"
             assert time.monotonic() < deadline, f"{health} did not answer 200 within 60 s:\n{log_tail()}"
             time.sleep(0.5)
+        # Flower is up too, and never open (its generated credentials are in the banner).
+        _wait_for(lambda: _http_status(f"http://127.0.0.1:{flower_port}/") == 401, 30, "Flower to ask for credentials")
+        flower_login = json.loads((up_data_dir / "flower-auth.json").read_text())
+        password = flower_login["password"]
+        banner_line = f"Flower    http://127.0.0.1:{flower_port} (username 'ops', password '{password}')"
+        _wait_for(lambda: banner_line in log_tail(), 10, "the banner")
         tree = _descendants(proc.pid)
-        assert len(tree) >= 3, [p.cmdline() for p in tree]
+        assert len(tree) >= 4, [p.cmdline() for p in tree]
 
         # The demo universe was loaded into the empty database.
         engine = make_engine(up_database, pool_size=1)
