@@ -23,12 +23,17 @@ import errno
 ALLOWED = (
     "read", "write", "readv", "writev", "pread64", "close", "lseek", "fstat", "newfstatat", "fcntl",
     "dup", "dup2", "dup3", "poll", "ppoll", "select", "pselect6",
-    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "set_robust_list", "rseq",
+    "brk", "munmap", "mremap", "madvise", "futex", "set_robust_list", "rseq",
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
     "clock_gettime", "clock_getres", "gettimeofday", "time", "nanosleep", "clock_nanosleep",
     "getrandom", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getrusage",
     "times", "sched_yield", "sched_getaffinity", "uname", "getcwd", "exit", "exit_group",
 )  # fmt: skip
+
+# Allowed only for memory that is not executable (``prot``, argument 2 of both, without PROT_EXEC): after a
+# memory-corruption bug there is still nowhere to put machine code. (mmap/mprotect of PROT_EXEC -> EPERM.)
+NO_EXEC_MEMORY = ("mmap", "mprotect")
+_PROT_EXEC = 0x4
 
 # Calls with no innocent use here: the process is killed on the spot.
 KILLED = (
@@ -46,6 +51,18 @@ _SCMP_ACT_KILL_PROCESS = 0x80000000
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_FLTATR_CTL_TSYNC = 4
 _NR_UNKNOWN = -1  # __NR_SCMP_ERROR: a name this kernel/architecture does not have
+_SCMP_CMP_MASKED_EQ = 7
+
+
+class _ArgCmp(ctypes.Structure):
+    """libseccomp's ``struct scmp_arg_cmp``: (argument & datum_a) == datum_b for MASKED_EQ."""
+
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 def _scmp_act_errno(code: int) -> int:
@@ -70,8 +87,10 @@ def _load_libseccomp() -> ctypes.CDLL | None:
             lib.seccomp_init.restype = ctypes.c_void_p
             lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
             lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
-            lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
-            lib.seccomp_rule_add.restype = ctypes.c_int
+            lib.seccomp_rule_add_array.argtypes = [
+                ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)
+            ]  # fmt: skip
+            lib.seccomp_rule_add_array.restype = ctypes.c_int
             lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
             lib.seccomp_attr_set.restype = ctypes.c_int
             lib.seccomp_load.argtypes = [ctypes.c_void_p]
@@ -94,11 +113,15 @@ class Filter:
         if not ctx:
             return
         ok = self._lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) == 0  # every thread (there is one)
-        for action, names in ((_SCMP_ACT_ALLOW, ALLOWED), (_SCMP_ACT_KILL_PROCESS, KILLED)):
-            for name in names:
-                number = self._lib.seccomp_syscall_resolve_name(name.encode())
-                if number != _NR_UNKNOWN:
-                    ok = ok and self._lib.seccomp_rule_add(ctx, action, number, 0) == 0
+        no_exec = (_ArgCmp * 1)(_ArgCmp(2, _SCMP_CMP_MASKED_EQ, _PROT_EXEC, 0))
+        rules: list[tuple[int, str, ctypes.Array[_ArgCmp] | None]] = [(_SCMP_ACT_ALLOW, name, None) for name in ALLOWED]
+        rules += [(_SCMP_ACT_ALLOW, name, no_exec) for name in NO_EXEC_MEMORY]
+        rules += [(_SCMP_ACT_KILL_PROCESS, name, None) for name in KILLED]
+        for action, name, conditions in rules:
+            number = self._lib.seccomp_syscall_resolve_name(name.encode())
+            if number != _NR_UNKNOWN:
+                count = len(conditions) if conditions is not None else 0
+                ok = ok and self._lib.seccomp_rule_add_array(ctx, action, number, count, conditions) == 0
         if ok:
             self._ctx = ctx
         else:

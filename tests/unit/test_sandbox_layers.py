@@ -25,7 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 _HARNESS = """
 import json, os, sys
-import resource, socket, threading  # loaded before the filter, as an escaped script would find them
+import mmap, resource, socket, threading  # loaded before the filter, as an escaped script would find them
 sys.path.insert(0, sys.argv[1])
 from worker.sandbox_child import confine
 layers = confine(json.loads(sys.argv[2]), 1)
@@ -110,3 +110,27 @@ def test_escape_class_system_calls_kill_the_process(code: str) -> None:
 def test_user_code_runs_as_nobody() -> None:
     status, report = escape("import os; report(ids=[os.getuid(), os.geteuid(), os.getgid(), os.getegid()])")
     assert status == 0 and report["ids"] == [NOBODY, NOBODY, NOBODY, NOBODY]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param("import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)", id="mmap executable"),
+        pytest.param(
+            "import ctypes, mmap\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "buf = mmap.mmap(-1, 4096)\n"
+            "address = ctypes.addressof(ctypes.c_char.from_buffer(buf))\n"
+            "if libc.mprotect(ctypes.c_void_p(address), 4096, 7) != 0:\n"
+            "    raise PermissionError(ctypes.get_errno(), 'mprotect refused')",
+            id="mprotect to executable",
+        ),
+    ],
+)
+def test_no_memory_can_be_made_executable(code: str) -> None:
+    refused(code)
+
+
+def test_plain_memory_still_works_after_the_filter() -> None:
+    status, report = escape("import mmap; m = mmap.mmap(-1, 1 << 20); m[:5] = b'hello'; report(ok=m[:5].decode())")
+    assert status == 0 and report["ok"] == "hello"
