@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
 from shared.bars import SymbolBars, load_bars
-from shared.config import SandboxLimits
+from shared.config import QUEUE_INTERACTIVE, SandboxLimits
 from shared.errors import ScriptCompileError
 from shared.events import JobEvents
 from shared.models import Job, JobKind, Symbol
@@ -39,6 +39,7 @@ class CalculationRequest:
     owner_id: str | None = None
     script_id: uuid.UUID | None = None  # set when the script text comes from a saved script ...
     script_version: int | None = None  # ... and this is the version whose exact text is ``script``
+    queue: str = QUEUE_INTERACTIVE  # QUEUE_BULK for nightly recalculations (worker/fairness.py)
 
 
 def sha256_text(value: str) -> str:
@@ -70,6 +71,7 @@ def submit_calculation(
         script_sha256=sha256_text(request.script),
         script_id=request.script_id,
         script_version=request.script_version,
+        queue=request.queue,
         symbols=list(request.symbols),
         symbols_sha256=symbols_sha256(request.symbols),
         start_date=request.start_date,

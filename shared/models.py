@@ -98,6 +98,8 @@ class Job(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    # Which Celery queue its shards go to (and go back to when the reconciler re-publishes them).
+    queue: Mapped[str] = mapped_column(String(16), nullable=False, server_default="interactive", default="interactive")
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.QUEUED.value)
     # Every job the API writes has an owner; NULL only for jobs written before accounts existed (admins see those).
     owner_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("users.id"))

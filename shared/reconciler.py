@@ -37,8 +37,8 @@ LiveTasks = Callable[[Collection[str]], "set[str] | None"]
 """Given task ids, those still alive somewhere (waiting in a broker queue or held by a live worker); None when
 that cannot be told right now (broker unreachable, no worker answered): then nothing is judged vanished."""
 
-Requeue = Callable[[str, Sequence[jobs.ShardTask]], None]
-"""Publishes shard tasks of one job kind (the kind picks the Celery task)."""
+Requeue = Callable[[str, str, Sequence[jobs.ShardTask]], None]
+"""Publishes shard tasks of one job kind on one queue: ``requeue(kind, queue, tasks)`` (the kind picks the task)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Candidate:
     shard_id: int
     job_id: uuid.UUID
     kind: str
+    queue: str
     task_id: str
     status: str
     requeues: int
@@ -73,7 +74,7 @@ _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 def find_candidates(session: Session, *, grace_s: float, kinds: Collection[str], limit: int) -> list[Candidate]:
     """Open shards of active jobs of the given kinds, (re-)published more than ``grace_s`` seconds ago."""
     rows = session.execute(
-        select(JobShard.id, JobShard.job_id, Job.kind, JobShard.task_id, JobShard.status, JobShard.requeues)
+        select(JobShard.id, JobShard.job_id, Job.kind, Job.queue, JobShard.task_id, JobShard.status, JobShard.requeues)
         .join(Job, Job.id == JobShard.job_id)
         .where(
             JobShard.status.in_(_OPEN),
@@ -136,7 +137,7 @@ def reconcile(
         return report
     vanished = [c for c in candidates if c.task_id not in alive]
     report.alive = len(candidates) - len(vanished)
-    to_publish: dict[str, list[jobs.ShardTask]] = defaultdict(list)
+    to_publish: dict[tuple[str, str], list[jobs.ShardTask]] = defaultdict(list)
     for candidate in vanished:
         if candidate.requeues >= max_requeues:
             reason = gave_up_reason(candidate.requeues)
@@ -147,9 +148,9 @@ def reconcile(
         with session_scope(factory) as session:
             new_task_id = _claim_requeue(session, candidate)
         if new_task_id is not None:
-            to_publish[candidate.kind].append(jobs.ShardTask(candidate.shard_id, new_task_id))
-    for kind, tasks in to_publish.items():
-        requeue(kind, tasks)  # if this fails, the shards wait one grace period and are judged again
+            to_publish[candidate.kind, candidate.queue].append(jobs.ShardTask(candidate.shard_id, new_task_id))
+    for (kind, queue), tasks in to_publish.items():
+        requeue(kind, queue, tasks)  # if this fails, the shards wait one grace period and are judged again
         report.requeued.extend(t.shard_id for t in tasks)
         log.warning("reconciler: re-enqueued %d %s shards whose task vanished: %s", len(tasks), kind,
                     [t.shard_id for t in tasks])  # fmt: skip

@@ -12,6 +12,7 @@ from shared import log_context
 from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
 from shared.jobs import Enqueue, ShardTask
 from shared.logs import configure_logging
+from worker.fairness import PRIORITY_STEPS, shard_priority
 from worker.schedule import beat_schedule
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
@@ -80,6 +81,12 @@ def create_celery(settings: Settings) -> Celery:
     app.conf.imports = ("worker.maintenance_tasks",)
     app.conf.task_queues = (*app.conf.task_queues, Queue(QUEUE_MAINTENANCE))
     app.conf.beat_schedule = beat_schedule(settings)
+    # Ten Redis priority lists per queue, asked in the order the worker lists its queues (worker/fairness.py).
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "priority_steps": PRIORITY_STEPS,
+        "queue_order_strategy": "priority",
+    }
     app.conf.alphaforge_settings = settings
     _connect_context_signals(settings)
     return app
@@ -118,10 +125,16 @@ def _connect_context_signals(settings: Settings) -> None:
     signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="alphaforge-logging")
 
 
-def shard_enqueuer(app: Celery, task_name: str = TASK_RUN_CALCULATION_SHARD) -> Enqueue:
-    """An ``Enqueue`` that publishes one task per shard as a plain group (no chord)."""
+def shard_enqueuer(app: Celery, task_name: str = TASK_RUN_CALCULATION_SHARD, queue: str | None = None) -> Enqueue:
+    """An ``Enqueue`` that publishes one task per shard as a plain group (no chord), on ``queue`` (default: the
+    task's route), each with its priority (worker/fairness.py: interactive first, jobs interleaved)."""
+    options = {"queue": queue} if queue else {}
 
     def enqueue(tasks: Sequence[ShardTask]) -> None:
-        group(app.signature(task_name, args=(t.shard_id,), task_id=t.task_id) for t in tasks).apply_async()
+        signatures = [
+            app.signature(task_name, args=(t.shard_id,), task_id=t.task_id, priority=priority, **options)
+            for priority, t in ((shard_priority(i, queue), t) for i, t in enumerate(tasks))
+        ]
+        group(signatures).apply_async()
 
     return enqueue

@@ -19,6 +19,7 @@ from shared import reconciler, retention
 from shared.jobs import ShardTask
 from shared.models import JobKind
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, shard_enqueuer
+from worker.fairness import PRIORITY_STEPS
 from worker.schedule import TASK_PRUNE_JOBS, TASK_RECONCILE_SHARDS
 from worker.tasks import ServicesTask, WorkerServices
 
@@ -32,7 +33,7 @@ SHARD_TASKS: dict[str, str] = {
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>".
 KOMBU_PRIORITY_SEP = "\x06\x16"
-KOMBU_PRIORITY_STEPS = (3, 6, 9)
+KOMBU_PRIORITY_STEPS = tuple(p for p in PRIORITY_STEPS if p > 0)
 MAX_QUEUE_SCAN = 100_000  # beyond this many waiting messages in one queue, the pass is skipped (cannot tell)
 SCAN_PAGE = 1_000
 WORKER_QUERY_TIMEOUT_S = 2.0
@@ -95,8 +96,8 @@ def live_task_ids(app: Celery, client: redis.Redis, wanted: Collection[str]) -> 
 
 
 def shard_publisher(app: Celery) -> reconciler.Requeue:
-    def publish(kind: str, tasks: Sequence[ShardTask]) -> None:
-        shard_enqueuer(app, SHARD_TASKS[kind])(tasks)
+    def publish(kind: str, queue: str, tasks: Sequence[ShardTask]) -> None:
+        shard_enqueuer(app, SHARD_TASKS[kind], queue)(tasks)
 
     return publish
 

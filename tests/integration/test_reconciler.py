@@ -131,7 +131,7 @@ def test_a_shard_that_keeps_vanishing_fails_with_the_reason(
     seed_bars(clean_db, ["V1", "V2", "V3"], days=5)
     job = submit(session_factory, ["V1", "V2", "V3"], lose_messages, shard_size=2)
     for expected_requeues in (1, 2):
-        report = run_pass(session_factory, celery_app, broker, max_requeues=2, requeue=lambda kind, tasks: None)
+        report = run_pass(session_factory, celery_app, broker, max_requeues=2, requeue=lambda kind, queue, tasks: None)
         assert len(report.requeued) == 2 and report.failed == []
         assert [s.requeues for s in shards_of(session_factory, job.id)] == [expected_requeues] * 2
     report = run_pass(session_factory, celery_app, broker, max_requeues=2)
