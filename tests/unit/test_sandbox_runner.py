@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from array import array
@@ -153,3 +154,31 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
             "unprivileged_uid": True,
             "seccomp": True,
         }
+
+
+@pytest.mark.parametrize(
+    ("sig", "layer", "reason"),
+    [
+        (signal.SIGSYS, "seccomp", "seccomp_kill"),  # what the kernel sends for a forbidden system call
+        (signal.SIGXCPU, "process", "cpu_limit"),  # RLIMIT_CPU
+        (signal.SIGKILL, "process", "killed"),  # the OOM killer, say
+    ],
+)
+def test_a_kernel_kill_is_named_and_costs_only_that_symbol(sig: signal.Signals, layer: str, reason: str) -> None:
+    def kill_the_sandbox() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "worker.sandbox_child" in " ".join(child.cmdline()) and child.cpu_times().user > 0.3:
+                        os.kill(child.pid, sig)  # root may signal it after the uid drop
+                        return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_sandbox)
+    killer.start()
+    outcomes = run("if symbol == 'A':\n    while True:\n        pass\nresult = close[-1]", ["A", "B"])
+    killer.join()
+    assert outcomes["A"].error is not None and sig.name in outcomes["A"].error["message"]
+    assert [(i.layer, i.reason) for i in outcomes["A"].incidents] == [(layer, reason)]
+    assert outcomes["B"] == Outcome("B", 149.0, None)
