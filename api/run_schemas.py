@@ -37,6 +37,7 @@ class RunLinks(BaseModel):
     results: str
     cancel: str
     events: str
+    artifacts: str
     job: str
 
 

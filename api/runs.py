@@ -75,6 +75,7 @@ def run_links(run_id: uuid.UUID) -> RunLinks:
         results=f"{base}/results",
         cancel=f"{base}/cancel",
         events=f"{base}/events",
+        artifacts=f"{base}/artifacts",
         job=f"/api/jobs/{run_id}",
     )
 

@@ -329,3 +329,27 @@ class BacktestCurve(Base):
     symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
     dates: Mapped[list[dt.date]] = mapped_column(ARRAY(Date), nullable=False)
     equity: Mapped[list[float]] = mapped_column(ARRAY(Double), nullable=False)
+    # Buy and hold of the same cash from the first tradable bar (the chart's benchmark), and the closed trades.
+    benchmark: Mapped[list[float] | None] = mapped_column(ARRAY(Double))
+    trades: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]", default=list)
+
+
+class RunManifest(Base):
+    """The manifest of a run's artifacts: each file's name, size and SHA-256, chained to the owner's previous
+    manifest (``chain_prev`` is that manifest's ``manifest_sha256``) so that an altered or removed file, or a
+    rewritten manifest, is detectable. No foreign keys on purpose: the chain must outlive deleted runs."""
+
+    __tablename__ = "run_manifests"
+    __table_args__ = (
+        UniqueConstraint("job_id", name="uq_run_manifests_job"),
+        Index("ix_run_manifests_owner_id", "owner_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    owner_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    location: Mapped[str] = mapped_column(Text, nullable=False)  # the artifact directory
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    manifest_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    chain_prev: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy.exc
+from numpy.typing import NDArray
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +31,7 @@ from shared.calculations import symbols_sha256
 from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
 from shared.events import JobEvents
-from shared.models import BacktestCurve, BacktestRun, Job, JobKind, JobStatus, Symbol
+from shared.models import BacktestCurve, BacktestRun, Job, JobKind, JobShard, JobStatus, Symbol
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,17 @@ def _error(kind: str, message: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Curve:
+    dates: list[dt.date]
+    equity: list[float]
+    benchmark: list[float]  # the same cash in buy and hold from the first tradable bar
+    trades: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class SymbolRun:
     outcome: jobs.Outcome
-    curve: tuple[list[dt.date], list[float]] | None
+    curve: Curve | None
 
 
 def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig) -> SymbolRun:
@@ -216,7 +225,8 @@ def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig
         message = f"no bars for {symbol} between {start} and {end}"
         return SymbolRun(jobs.Outcome(symbol, None, _error("NoData", message)), None)
     try:
-        result = run_backtest(engine_bars(bars), config)
+        cut = engine_bars(bars).between(config.start_date, config.end_date)
+        result = run_backtest(cut, config)
     except BarsError as exc:
         return SymbolRun(jobs.Outcome(symbol, None, _error("BarsError", str(exc)[:500])), None)
     metrics = {key: _finite(value) for key, value in result.metrics.items()}
@@ -224,7 +234,17 @@ def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig
     data = {"metrics": metrics, "orders": result.orders, "warmup_bars": result.warmup}
     dates = [dt.date.fromisoformat(str(d)) for d in result.dates]
     outcome = jobs.Outcome(symbol, float(value) if isinstance(value, (int, float)) else None, None, data=data)
-    return SymbolRun(outcome, (dates, [float(x) for x in result.equity]))
+    first = max(0, min(result.warmup, len(cut) - 1))
+    held = config.initial_cash * cut.close / cut.close[first]
+    benchmark = np.where(np.arange(len(cut)) < first, config.initial_cash, held)
+    trades = [{k: _finite(v) for k, v in t.items()} for t in result.trades.to_records()]
+    curve = Curve(dates, [float(x) for x in result.equity], [float(x) for x in benchmark], trades)
+    return SymbolRun(outcome, curve)
+
+
+def job_of_shard(factory: sessionmaker[Session], shard_id: int) -> uuid.UUID | None:
+    with factory() as session:
+        return session.scalar(select(JobShard.job_id).where(JobShard.id == shard_id))
 
 
 def job_is_active(factory: sessionmaker[Session], job_id: uuid.UUID) -> bool:
@@ -235,10 +255,11 @@ def job_is_active(factory: sessionmaker[Session], job_id: uuid.UUID) -> bool:
 
 def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Sequence[SymbolRun]) -> None:
     rows = [
-        {"job_id": job_id, "symbol": r.outcome.symbol, "dates": r.curve[0], "equity": r.curve[1]}
+        {"job_id": job_id, "symbol": r.outcome.symbol, "dates": r.curve.dates, "equity": r.curve.equity,
+         "benchmark": r.curve.benchmark, "trades": r.curve.trades}
         for r in runs
         if r.curve is not None
-    ]
+    ]  # fmt: skip
     if not rows:
         return
     with session_scope(factory) as session:
@@ -247,7 +268,12 @@ def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Seque
         session.execute(
             stmt.on_conflict_do_update(
                 index_elements=[BacktestCurve.job_id, BacktestCurve.symbol],
-                set_={"dates": stmt.excluded.dates, "equity": stmt.excluded.equity},
+                set_={
+                    "dates": stmt.excluded.dates,
+                    "equity": stmt.excluded.equity,
+                    "benchmark": stmt.excluded.benchmark,
+                    "trades": stmt.excluded.trades,
+                },
             )
         )
 
@@ -285,6 +311,19 @@ def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvent
 TRADING_DAYS = 252
 
 
+def portfolio_curve(
+    curves: Sequence[tuple[Sequence[dt.date], Sequence[float]]], initial_cash: float
+) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
+    """(dates, equity) of equal-cash sleeves summed on the union of their dates (see ``portfolio_metrics``)."""
+    all_dates = np.unique(np.concatenate([np.asarray(d, dtype="datetime64[D]") for d, _ in curves]))
+    total = np.zeros(len(all_dates))
+    for dates, equity in curves:
+        positions = np.searchsorted(np.asarray(dates, dtype="datetime64[D]"), all_dates, side="right") - 1
+        values = np.asarray(equity, dtype=np.float64)
+        total += np.where(positions >= 0, values[np.clip(positions, 0, None)], initial_cash)
+    return all_dates, total
+
+
 def portfolio_metrics(
     curves: Sequence[tuple[Sequence[dt.date], Sequence[float]]], initial_cash: float, risk_free_rate: float = 0.0
 ) -> dict[str, Any] | None:
@@ -296,12 +335,7 @@ def portfolio_metrics(
     """
     if not curves:
         return None
-    all_dates = np.unique(np.concatenate([np.asarray(d, dtype="datetime64[D]") for d, _ in curves]))
-    total = np.zeros(len(all_dates))
-    for dates, equity in curves:
-        positions = np.searchsorted(np.asarray(dates, dtype="datetime64[D]"), all_dates, side="right") - 1
-        values = np.asarray(equity, dtype=np.float64)
-        total += np.where(positions >= 0, values[np.clip(positions, 0, None)], initial_cash)
+    all_dates, total = portfolio_curve(curves, initial_cash)
     start_equity = initial_cash * len(curves)
     final_equity = float(total[-1])
     series = np.concatenate([[start_equity], total])

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import shared_task
 
-from shared import jobs, log_context, runs
+from shared import artifacts, jobs, log_context, runs
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD
 from worker.tasks import MAX_BACKOFF_S, ServicesTask, WorkerServices, is_database_outage, retry_countdown
 
@@ -41,5 +41,19 @@ def run_backtest_shard(self: Any, shard_id: int) -> str:
             if is_database_outage(record_exc):
                 raise self.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc
             raise
+        build_artifacts(services, shard_id)
         return "failed"
+    build_artifacts(services, shard_id)
     return {None: "skipped", True: "stored", False: "duplicate"}[stored]
+
+
+def build_artifacts(services: WorkerServices, shard_id: int) -> None:
+    """After a shard: if that was the run's last open shard, write its artifacts and manifest. A failure here
+    is logged and leaves the run without artifacts; it never undoes or retries the shard, whose results stand."""
+    job_id = None
+    try:
+        job_id = runs.job_of_shard(services.session_factory, shard_id)
+        if job_id is not None:
+            artifacts.build_if_finished(services.session_factory, services.settings.data_dir, job_id)
+    except Exception:
+        log.exception("run %s: artifacts not built", job_id)
