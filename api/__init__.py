@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.before_request(_require_json_body)
     limiter = init_rate_limits(app, settings)
 
-    from api import accounts, artifacts, audit, calculations, events, health, jobs, runs, scripts
+    from api import accounts, artifacts, audit, calculations, events, health, jobs, previews, runs, scripts
 
     app.register_api(calculations.bp)
     app.register_api(jobs.bp)
@@ -139,6 +139,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(runs.bp)
     app.register_api(events.bp)
     app.register_api(artifacts.bp)
+    app.register_api(previews.bp)
     apply_rate_limits(app, limiter, settings)
 
     @app.get("/api/docs", doc_ui=False)
