@@ -140,6 +140,13 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(events.bp)
     app.register_api(artifacts.bp)
     app.register_api(previews.bp)
+    from api import metrics, nightly, webhooks
+
+    app.register_api(nightly.latest_bp)
+    app.register_api(nightly.runs_bp)
+    app.register_api(metrics.bp)
+    app.register_api(webhooks.bp)
+    metrics.init_request_metrics(app)
     apply_rate_limits(app, limiter, settings)
 
     @app.get("/api/docs", doc_ui=False)

@@ -32,6 +32,8 @@ from shared.models import User
 JWT_ISSUER = "alphaforge"
 
 PUBLIC_ENDPOINTS = frozenset({"accounts.register", "accounts.login", "accounts.refresh", "health.health", "docs"})
+# Operations (api/metrics.py): readiness for orchestrators; metrics guarded by ALPHAFORGE_METRICS_TOKEN when set.
+PUBLIC_ENDPOINTS |= {"ops_metrics.ready", "ops_metrics.metrics"}
 _PUBLIC_BLUEPRINTS = ("openapi.", "swagger.")  # the generated OpenAPI document and the Swagger UI
 
 

@@ -13,7 +13,7 @@ from api.audit import audit
 from api.auth import current_principal
 from api.schemas import CalculationExecuteBody, ErrorResponse, JobAccepted
 from api.views import job_links
-from shared import scripts
+from shared import scripts, webhooks
 from shared.audit import AuditAction
 from shared.calculations import CalculationRequest, submit_calculation
 from shared.errors import ValidationFailed
@@ -90,6 +90,11 @@ def execute(body: CalculationExecuteBody) -> Response:
         owner_id=principal.user_id,
         script_id=script_id,
         script_version=script_version,
+        callback_url=(
+            webhooks.validate_callback_url(body.callback_url, allow_private=settings.webhooks.allow_private)
+            if body.callback_url
+            else None
+        ),
     )
 
     def record_submission(session: Session, job: Job) -> None:  # in the job's own transaction

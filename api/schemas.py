@@ -92,6 +92,9 @@ class CalculationExecuteBody(BaseModel):
     start_date: IsoDate | None = None
     end_date: IsoDate | None = None
     params: Annotated[dict[str, Any], AfterValidator(_params)] = Field(default_factory=dict)
+    callback_url: str | None = Field(
+        default=None, max_length=2000, description="POSTed a signed JSON summary when the job ends (http/https, public)"
+    )
 
     @model_validator(mode="after")
     def _date_order(self) -> CalculationExecuteBody:
@@ -184,6 +187,17 @@ class JobView(BaseModel):
     reproducibility: Reproducibility
     links: JobLinks
     rejections: Rejections | None = None
+    callback: CallbackView | None = None
+
+
+class CallbackView(BaseModel):
+    """The job's webhook: its delivery state and attempts (details: ``GET /api/jobs/<id>/callback-deliveries``)."""
+
+    url: str
+    state: str  # pending | delivered | failed
+    attempts: int
+    next_attempt_at: dt.datetime | None
+    last_error: str | None
 
 
 class ResultError(BaseModel):

@@ -5,13 +5,25 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from api.schemas import JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
+from api.schemas import CallbackView, JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
 from shared.models import Job
 
 
 def job_links(job_id: uuid.UUID) -> JobLinks:
     base = f"/api/jobs/{job_id}"
     return JobLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel")
+
+
+def _callback_view(job: Job) -> CallbackView | None:
+    if not job.callback_url:
+        return None
+    return CallbackView(
+        url=job.callback_url,
+        state=job.callback_state or "pending",
+        attempts=job.callback_attempts,
+        next_attempt_at=job.callback_next_at,
+        last_error=job.callback_last_error,
+    )
 
 
 def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
@@ -51,4 +63,5 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
         ),
         links=job_links(job.id),
         rejections=Rejections.model_validate(rejections) if rejections is not None else None,
+        callback=_callback_view(job),
     )

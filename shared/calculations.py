@@ -40,6 +40,7 @@ class CalculationRequest:
     script_id: uuid.UUID | None = None  # set when the script text comes from a saved script ...
     script_version: int | None = None  # ... and this is the version whose exact text is ``script``
     queue: str = QUEUE_INTERACTIVE  # QUEUE_BULK for nightly recalculations (worker/fairness.py)
+    callback_url: str | None = None  # checked by shared/webhooks.validate_callback_url before it gets here
 
 
 def sha256_text(value: str) -> str:
@@ -72,6 +73,8 @@ def submit_calculation(
         script_id=request.script_id,
         script_version=request.script_version,
         queue=request.queue,
+        callback_url=request.callback_url,
+        callback_state="pending" if request.callback_url else None,
         symbols=list(request.symbols),
         symbols_sha256=symbols_sha256(request.symbols),
         start_date=request.start_date,

@@ -16,6 +16,8 @@ from worker.fairness import PRIORITY_STEPS, shard_priority
 from worker.schedule import beat_schedule
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
+BEAT_MAX_LOOP_S = 5  # beat wakes at least this often (and renews its lock)
+BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replaced by a waiting one
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
 
 
@@ -81,6 +83,15 @@ def create_celery(settings: Settings) -> Celery:
     app.conf.imports = ("worker.maintenance_tasks",)
     app.conf.task_queues = (*app.conf.task_queues, Queue(QUEUE_MAINTENANCE))
     app.conf.beat_schedule = beat_schedule(settings)
+    # celery-redbeat: the schedule lives in Redis and a lock lets only one beat process fire (a second one waits to
+    # take over, within the lock timeout, if the first dies). Crontab entries are read in the exchange's time zone.
+    app.conf.beat_scheduler = "redbeat.RedBeatScheduler"
+    app.conf.redbeat_redis_url = redis_url
+    app.conf.redbeat_redis_options = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0}
+    app.conf.redbeat_key_prefix = "alphaforge:redbeat:"
+    app.conf.redbeat_lock_timeout = BEAT_LOCK_TIMEOUT_S
+    app.conf.beat_max_loop_interval = BEAT_MAX_LOOP_S
+    app.conf.timezone = settings.maintenance.exchange_timezone
     # Ten Redis priority lists per queue, asked in the order the worker lists its queues (worker/fairness.py).
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,

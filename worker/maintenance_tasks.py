@@ -15,12 +15,20 @@ from typing import Any
 import redis
 from celery import Celery, shared_task
 
-from shared import reconciler, retention
+from shared import nightly, reconciler, retention, webhooks
+from shared.config import QUEUE_BULK
 from shared.jobs import ShardTask
 from shared.models import JobKind
+from worker import metrics_signals
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, shard_enqueuer
 from worker.fairness import PRIORITY_STEPS
-from worker.schedule import TASK_PRUNE_JOBS, TASK_RECONCILE_SHARDS
+from worker.schedule import (
+    TASK_NIGHTLY_HARVEST,
+    TASK_NIGHTLY_RUN,
+    TASK_PRUNE_JOBS,
+    TASK_RECONCILE_SHARDS,
+    TASK_WEBHOOK_DISPATCH,
+)
 from worker.tasks import ServicesTask, WorkerServices
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ SHARD_TASKS: dict[str, str] = {
     JobKind.BACKTEST.value: TASK_RUN_BACKTEST_SHARD,
 }
 """The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
+
+metrics_signals.connect(SHARD_TASKS)  # shard wall time into the shared histogram of GET /metrics
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in the list "<queue>\x06\x16<p>".
 KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -137,3 +147,44 @@ def prune_jobs(self: Any) -> dict[str, int]:
             services.session_factory, max_age_days=maint.retention_days, max_jobs_per_owner=maint.retention_max_jobs
         )
     return {"by_age": report.by_age, "by_count": report.by_count}
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_NIGHTLY_RUN, acks_late=False, ignore_result=True)
+def start_nightly_run(self: Any, trigger: str = "schedule", requested_by: str | None = None) -> dict[str, object]:
+    """Beat's nightly tick (or ``python -m worker call alphaforge.nightly.start_run``): a no-op while the previous
+    run is still going."""
+    services: WorkerServices = self.services
+    started = nightly.start_run(
+        services.session_factory,
+        trigger=trigger,
+        requested_by=requested_by,
+        enqueue=shard_enqueuer(self.app, queue=QUEUE_BULK),
+        shard_size=services.settings.shard_size,
+    )
+    return {"run_id": str(started.run_id) if started.run_id else None,
+            "running_id": str(started.running_id) if started.running_id else None,
+            "jobs": started.jobs, "errors": started.errors}  # fmt: skip
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_NIGHTLY_HARVEST, acks_late=False, ignore_result=True)
+def harvest_nightly(self: Any) -> int:
+    services: WorkerServices = self.services
+    client = redis.Redis.from_url(services.settings.require_redis_url(), socket_timeout=10)
+    try:
+        return nightly.harvest(services.session_factory, client)
+    finally:
+        client.close()
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_WEBHOOK_DISPATCH, acks_late=False, ignore_result=True)
+def dispatch_webhooks(self: Any) -> int:
+    """Deliver the webhooks that are due (finished jobs; retries once their backoff has passed)."""
+    services: WorkerServices = self.services
+    hooks = services.settings.webhooks
+    return webhooks.dispatch(
+        services.session_factory,
+        allow_private=hooks.allow_private,
+        max_attempts=hooks.max_attempts,
+        backoff_base_s=hooks.backoff_s,
+        timeout_s=hooks.timeout_s,
+    )

@@ -1,0 +1,269 @@
+"""API under load: many clients submitting small jobs and polling them, and a trivial job's latency against its floor.
+
+    .venv/bin/python -m benchmarks.api_load [--clients 200] [--duration 30] [--users 20]
+
+Starts embedded PostgreSQL and Redis (unless ALPHAFORGE_BENCH_DATABASE_URL / ALPHAFORGE_BENCH_REDIS_URL name
+servers), a fresh database with a small synthetic universe, the API exactly as ``up`` starts it (gunicorn, threaded
+workers) and one Celery worker (ALPHAFORGE_WORKER_CONCURRENCY, default 2). Rate limits and the active-jobs quota
+are raised for the run (they would otherwise answer 429 by design); logs at WARNING.
+
+1. Load: ``--clients`` threads, each logged in as one of ``--users`` accounts, submit a one-symbol job, poll it
+   every 50 ms until it is final, and start again, for ``--duration`` seconds. Printed: requests, errors (any
+   non-2xx answer or failed request; goal 0), submit and poll latency p50/p99, jobs/s.
+2. Latency of a trivial one-symbol job, submit -> finished status seen by a client polling every 2 ms over a
+   kept-alive connection, against its floor measured in the same run: one bare Celery task round trip on the same
+   broker (``celery.accumulate``, result over the Redis backend) plus one sandbox process start (the same runner the
+   worker uses, one symbol). Goal: at most 2x the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from shared import dbadmin, migrate, users
+from shared.bars import load_bars
+from shared.bars_demo import load_demo_universe
+from shared.config import Settings
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.embedded import EmbeddedServers, free_tcp_port
+from shared.launcher import child_commands
+from worker.celery_app import create_celery
+from worker.sandbox_runner import run_script
+
+ROOT = Path(__file__).resolve().parent.parent
+FINAL = {"succeeded", "partial", "failed", "cancelled"}
+SCRIPT = "result = close[-1] / close[0] - 1"
+PASSWORD = "benchmark passphrase"
+
+
+class Client:
+    """One kept-alive HTTP connection with a bearer token."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        data = json.dumps(body) if body is not None else None
+        for attempt in (1, 2):
+            try:
+                self.conn.request(method, path, body=data, headers=self.headers)
+                response = self.conn.getresponse()
+                return response.status, json.loads(response.read() or b"{}")
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()  # the server closed a kept-alive connection: reconnect once
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Tally:
+    submit: list[float] = field(default_factory=list)
+    poll: list[float] = field(default_factory=list)
+    jobs: int = 0
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def load_client(port: int, token: str, symbol: str, until: float, tally: Tally) -> None:
+    client = Client(port, token)
+    submit: list[float] = []
+    poll: list[float] = []
+    jobs = 0
+    errors: list[str] = []
+    while time.monotonic() < until:
+        try:
+            began = time.perf_counter()
+            job_body = {"script": SCRIPT, "column_name": "c", "stock_symbols": [symbol]}
+            status, body = client.request("POST", "/api/custom-calculations/execute", job_body)
+            submit.append(time.perf_counter() - began)
+            if status != 202:
+                errors.append(f"submit {status}: {body.get('error', {}).get('code')}")
+                continue
+            while True:
+                time.sleep(0.05)
+                began = time.perf_counter()
+                status, job = client.request("GET", f"/api/jobs/{body['job_id']}")
+                poll.append(time.perf_counter() - began)
+                if status != 200:
+                    errors.append(f"poll {status}")
+                    break
+                if job["status"] in FINAL:
+                    jobs += 1
+                    if job["status"] != "succeeded":
+                        errors.append(f"job {job['status']}")
+                    break
+        except Exception as exc:  # a failed request is an error of the run, not of the benchmark
+            errors.append(f"{type(exc).__name__}: {exc}")
+            client = Client(port, token)
+    with tally.lock:
+        tally.submit += submit
+        tally.poll += poll
+        tally.jobs += jobs
+        tally.errors += errors
+
+
+def trivial_job_latency(port: int, token: str, symbol: str) -> float:
+    client = Client(port, token)
+    began = time.perf_counter()
+    status, body = client.request("POST", "/api/custom-calculations/execute",
+                                  {"script": SCRIPT, "column_name": "c", "stock_symbols": [symbol]})  # fmt: skip
+    assert status == 202, body
+    while True:
+        status, job = client.request("GET", f"/api/jobs/{body['job_id']}")
+        if job["status"] in FINAL:
+            assert job["status"] == "succeeded", job
+            return time.perf_counter() - began
+        time.sleep(0.002)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--latency-samples", type=int, default=20)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="af-load-", dir="/tmp"))
+    servers = EmbeddedServers(work)
+    server_url, redis_url = servers.start(
+        database_url=os.environ.get("ALPHAFORGE_BENCH_DATABASE_URL"),
+        redis_url=os.environ.get("ALPHAFORGE_BENCH_REDIS_URL"),
+    )
+    db_name = f"af_load_{secrets.token_hex(4)}"
+    database_url = dbadmin.create_database(server_url, db_name)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        migrate.upgrade(database_url)
+        engine = make_engine(database_url, pool_size=1)
+        load_demo_universe(engine, symbols=50, years=1, seed=3)
+        with engine.connect() as conn:
+            symbols = list(conn.scalars(text("SELECT symbol FROM symbols ORDER BY symbol")))
+        with session_scope(make_session_factory(engine)) as session:
+            for n in range(args.users):
+                users.create_user(session, f"load{n:03d}", PASSWORD)
+
+        port = free_tcp_port()
+        settings = Settings.from_env().with_overrides(
+            database_url=database_url, redis_url=redis_url, data_dir=work, api_port=port, log_level="WARNING"
+        )
+        env = {**os.environ, **settings.child_env(), "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+               "ALPHAFORGE_RATE_LIMIT_SUBMIT": "1000000/minute", "ALPHAFORGE_RATE_LIMIT_LOGIN": "1000/minute",
+               "ALPHAFORGE_MAX_ACTIVE_JOBS": "100000"}  # fmt: skip
+        logs = open(work / "processes.log", "wb")  # noqa: SIM115 - closed with the processes
+        commands = dict(child_commands(settings))
+        for name in ("api", "worker"):
+            children.append(subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=logs,
+                                             stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                status, health = Client(port, "none").request("GET", "/api/health")
+                if status == 200 and health["workers"]["ok"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the API or the worker did not come up"
+            time.sleep(0.3)
+        tokens = []
+        for n in range(args.users):
+            status, body = Client(port, "none").request("POST", "/api/auth/login",
+                                                        {"username": f"load{n:03d}", "password": PASSWORD})  # fmt: skip
+            assert status == 200, body
+            tokens.append(body["access_token"])
+        trivial_job_latency(port, tokens[0], symbols[0])  # warm-up
+
+        tally = Tally()
+        until = time.monotonic() + args.duration
+        threads = [
+            threading.Thread(
+                target=load_client, args=(port, tokens[i % len(tokens)], symbols[i % len(symbols)], until, tally)
+            )
+            for i in range(args.clients)
+        ]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - began
+        requests = len(tally.submit) + len(tally.poll)
+        print(f"load: {args.clients} concurrent clients ({args.users} users) for {elapsed:.1f} s, gunicorn "
+              f"{' '.join(commands['api'][3:-1])}, worker concurrency {settings.worker_concurrency}, "
+              f"cpus {os.cpu_count()}")  # fmt: skip
+        print(f"  requests {requests:,} ({requests / elapsed:,.0f}/s), errors {len(tally.errors)}"
+              + (f" (first: {tally.errors[:3]})" if tally.errors else ""))  # fmt: skip
+        print(f"  submit latency p50 {1000 * pct(tally.submit, 50):.1f} ms, p99 {1000 * pct(tally.submit, 99):.1f} ms"
+              f" ({len(tally.submit):,} submissions)")  # fmt: skip
+        print(f"  poll latency   p50 {1000 * pct(tally.poll, 50):.1f} ms, p99 {1000 * pct(tally.poll, 99):.1f} ms "
+              f"({len(tally.poll):,} polls)")  # fmt: skip
+        print(f"  jobs finished {tally.jobs:,}: {tally.jobs / elapsed:.1f} jobs/s")
+
+        time.sleep(2)  # let the queue drain
+        latencies = [trivial_job_latency(port, tokens[0], symbols[0]) for _ in range(args.latency_samples)]
+        app = create_celery(settings)
+        round_trips = []
+        for _ in range(args.latency_samples):
+            t0 = time.perf_counter()
+            app.send_task("celery.accumulate", args=(1,), ignore_result=False).get(timeout=10)
+            round_trips.append(time.perf_counter() - t0)
+        app.close()
+        with engine.connect() as conn:
+            bars = load_bars(conn, [symbols[0]], None, None)
+        starts = []
+        for _ in range(args.latency_samples):
+            t0 = time.perf_counter()
+            run_script(SCRIPT, {}, list(bars.values()), settings.sandbox)
+            starts.append(time.perf_counter() - t0)
+        floor = statistics.median(round_trips) + statistics.median(starts)
+        trivial = statistics.median(latencies)
+        print(f"trivial one-symbol job, submit -> finished seen by a client polling every 2 ms (median of "
+              f"{len(latencies)}): {1000 * trivial:.1f} ms (min {1000 * min(latencies):.1f}, "
+              f"max {1000 * max(latencies):.1f})")  # fmt: skip
+        print(f"floor: bare Celery round trip {1000 * statistics.median(round_trips):.1f} ms + sandbox process "
+              f"start (one symbol) {1000 * statistics.median(starts):.1f} ms = {1000 * floor:.1f} ms; "
+              f"ratio {trivial / floor:.2f} (goal <= 2.00)")  # fmt: skip
+        engine.dispose()
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        dbadmin.drop_database(server_url, db_name)
+        servers.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

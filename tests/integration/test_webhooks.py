@@ -1,0 +1,170 @@
+"""Webhooks: SSRF checks, HMAC signatures, bounded retries with backoff, attempts visible on the job."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from shared import webhooks
+from shared.config import Settings, Webhooks
+from tests.helpers import authed_client, make_user, seed_bars, wait_for_job
+
+PUBLIC = "93.184.216.34"
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses", "reason"),
+    [
+        ("ftp://example.com/x", [PUBLIC], "only http and https"),
+        ("http:///nohost", [PUBLIC], "no host"),
+        ("http://user:pw@example.com/", [PUBLIC], "credentials"),
+        ("http://localhost/hook", ["127.0.0.1"], "non-public"),
+        ("http://metadata/latest", ["169.254.169.254"], "non-public"),
+        ("http://intranet/hook", ["10.1.2.3"], "non-public"),
+        ("https://cgnat.example/", ["100.64.0.1"], "non-public"),
+        ("http://six.example/", ["::1"], "non-public"),
+        ("http://mixed.example/", [PUBLIC, "192.168.1.5"], "non-public"),
+    ],
+)
+def test_unsafe_urls_are_refused(url: str, addresses: list[str], reason: str) -> None:
+    with pytest.raises(webhooks.UnsafeUrl, match=reason):
+        webhooks.check_url(url, allow_private=False, resolver=lambda host, port: addresses)
+
+
+def test_public_urls_pass_and_private_ones_only_when_allowed() -> None:
+    host, port, found = webhooks.check_url("https://hooks.example.com/x?y=1", allow_private=False,
+                                           resolver=lambda h, p: [PUBLIC])  # fmt: skip
+    assert (host, port, found) == ("hooks.example.com", 443, [PUBLIC])
+    assert webhooks.check_url("http://127.0.0.1:9/x", allow_private=True)[2] == ["127.0.0.1"]
+    with pytest.raises(webhooks.UnsafeUrl):
+        webhooks.check_url("http://127.0.0.1:9/x", allow_private=False)
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that answers ``codes`` in turn (then 200) and records what it got."""
+
+    codes: list[int]
+    received: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver(codes=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            rec.received.append({"headers": dict(self.headers), "body": body, "path": self.path})
+            code = rec.codes.pop(0) if rec.codes else 200
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/alphaforge?source=test"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield rec
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def hook_client(settings: Settings, api_state: Engine, test_password_hash: str) -> Iterator[FlaskClient]:
+    """An API whose operator allows private webhook targets (the receiver is on loopback)."""
+    app = create_app(settings.with_overrides(webhooks=Webhooks(allow_private=True)))
+    yield authed_client(app, make_user(app, api_state, "hooker", test_password_hash))
+    app.extensions["alphaforge"].engine.dispose()
+
+
+def deliver_until_settled(factory: sessionmaker[Session], max_attempts: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        webhooks.dispatch(factory, allow_private=True, max_attempts=max_attempts, backoff_base_s=0.2, timeout_s=5)
+        with factory() as session:
+            pending = session.execute(
+                webhooks.select(webhooks.Job.id).where(webhooks.Job.callback_state == "pending")
+            ).first()
+        if pending is None:
+            return
+        time.sleep(0.1)
+    raise AssertionError("webhook deliveries did not settle")
+
+
+@pytest.mark.usefixtures("celery_worker")
+def test_signed_summary_retried_with_backoff_until_delivered(
+    hook_client: FlaskClient, client: FlaskClient, engine: Engine, session_factory: sessionmaker[Session],
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    seed_bars(engine, ["W1", "W2"], days=10)
+    body = {"script": "result = close[-1]", "column_name": "c", "stock_symbols": ["W1", "W2"]}
+    refused = client.post("/api/custom-calculations/execute", json={**body, "callback_url": receiver.url})
+    assert refused.status_code == 422 and "non-public" in refused.json["error"]["message"]  # type: ignore[index]
+
+    receiver.codes = [500, 503]
+    accepted = hook_client.post("/api/custom-calculations/execute", json={**body, "callback_url": receiver.url})
+    assert accepted.status_code == 202, accepted.json
+    job_id = accepted.json["job_id"]  # type: ignore[index]
+    job = wait_for_job(hook_client, job_id)
+    assert job["callback"]["state"] == "pending" and job["callback"]["attempts"] == 0
+    deliver_until_settled(session_factory, max_attempts=5)
+
+    viewed: dict[str, Any] = hook_client.get(f"/api/jobs/{job_id}").json  # type: ignore[assignment]
+    assert viewed["callback"] == {
+        "url": receiver.url, "state": "delivered", "attempts": 3, "next_attempt_at": None, "last_error": None
+    }  # fmt: skip
+    attempts = hook_client.get(f"/api/jobs/{job_id}/callback-deliveries").json["deliveries"]  # type: ignore[index]
+    assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 503), (3, 200)]
+    assert attempts[0]["error"] == "HTTP 500"
+    assert client.get(f"/api/jobs/{job_id}/callback-deliveries").status_code == 404  # someone else's job
+
+    secret = hook_client.get("/api/auth/webhook-secret").json["secret"]  # type: ignore[index]
+    assert len(receiver.received) == 3
+    for got in receiver.received:
+        assert got["path"] == "/hooks/alphaforge?source=test"
+        stamp, signature = (part.split("=", 1)[1] for part in got["headers"]["X-AlphaForge-Signature"].split(","))
+        expected = hmac.new(secret.encode(), f"{stamp}.".encode() + got["body"], hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(signature, expected)
+        summary = json.loads(got["body"])
+        assert summary["job_id"] == job_id and summary["status"] == "succeeded"
+        assert summary["progress"]["symbols_done"] == 2
+    stamps = [int(g["headers"]["X-AlphaForge-Signature"].split(",")[0][2:]) for g in receiver.received]
+    assert stamps == sorted(stamps)
+
+    rotated = hook_client.post("/api/auth/webhook-secret/rotate").json["secret"]  # type: ignore[index]
+    assert rotated != secret and hook_client.get("/api/auth/webhook-secret").json["secret"] == rotated  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("celery_worker")
+def test_delivery_gives_up_after_the_bounded_attempts(
+    hook_client: FlaskClient, engine: Engine, session_factory: sessionmaker[Session], receiver: Receiver
+) -> None:
+    seed_bars(engine, ["X1"], days=5)
+    receiver.codes = [500] * 10
+    body = {"script": "result = 1", "column_name": "c", "stock_symbols": ["X1"], "callback_url": receiver.url}
+    job_id = hook_client.post("/api/custom-calculations/execute", json=body).json["job_id"]  # type: ignore[index]
+    wait_for_job(hook_client, job_id)
+    started = time.monotonic()
+    deliver_until_settled(session_factory, max_attempts=3)
+    callback = hook_client.get(f"/api/jobs/{job_id}").json["callback"]  # type: ignore[index]
+    assert callback["state"] == "failed" and callback["attempts"] == 3 and callback["last_error"] == "HTTP 500"
+    assert len(receiver.received) == 3
+    assert time.monotonic() - started >= 0.2 + 0.4  # the backoff doubled between attempts
