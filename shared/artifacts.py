@@ -100,13 +100,17 @@ def _equity_csv(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     curves = sorted(data.curves, key=lambda c: c.symbol)
-    by_symbol = [
-        dict(zip((str(d) for d in np.asarray(c.dates, "datetime64[D]")), c.equity, strict=True)) for c in curves
-    ]
+    columns = []
+    for c in curves:  # each symbol's equity on the run's dates; "" where the symbol has no bar
+        own = runs.as_days(c.dates)
+        at = np.clip(np.searchsorted(own, dates), 0, len(own) - 1)
+        present = own[at] == dates
+        text = [repr(x) for x in np.asarray(c.equity, dtype=np.float64)[at].tolist()]
+        columns.append([t if p else "" for t, p in zip(text, present.tolist(), strict=True)])
     peak = np.maximum.accumulate(equity)
     writer.writerow(["date", "equity", "buy_and_hold", "drawdown_pct", *(c.symbol for c in curves)])
     for i, day in enumerate(str(d) for d in dates):
-        per_symbol = [_fmt(values[day]) if day in values else "" for values in by_symbol]
+        per_symbol = [column[i] for column in columns]
         writer.writerow([day, _fmt(equity[i]), _fmt(benchmark[i]), _fmt((equity[i] / peak[i] - 1) * 100), *per_symbol])
     return out.getvalue().encode()
 

@@ -232,13 +232,13 @@ def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig
     metrics = {key: _finite(value) for key, value in result.metrics.items()}
     value = metrics.get("Return [%]")
     data = {"metrics": metrics, "orders": result.orders, "warmup_bars": result.warmup}
-    dates = [dt.date.fromisoformat(str(d)) for d in result.dates]
+    dates: list[dt.date] = result.dates.astype("datetime64[D]").tolist()  # numpy converts in C
     outcome = jobs.Outcome(symbol, float(value) if isinstance(value, (int, float)) else None, None, data=data)
     first = max(0, min(result.warmup, len(cut) - 1))
     held = config.initial_cash * cut.close / cut.close[first]
     benchmark = np.where(np.arange(len(cut)) < first, config.initial_cash, held)
     trades = [{k: _finite(v) for k, v in t.items()} for t in result.trades.to_records()]
-    curve = Curve(dates, [float(x) for x in result.equity], [float(x) for x in benchmark], trades)
+    curve = Curve(dates, result.equity.tolist(), benchmark.tolist(), trades)
     return SymbolRun(outcome, curve)
 
 
@@ -311,14 +311,27 @@ def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvent
 TRADING_DAYS = 252
 
 
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+def as_days(dates: Sequence[dt.date] | NDArray[np.datetime64]) -> NDArray[np.datetime64]:
+    """``datetime64[D]`` of a list of dates; through ordinals, which is several times faster than numpy's own
+    conversion of date objects (it matters for hundreds of curves of thousands of bars)."""
+    if isinstance(dates, np.ndarray):
+        return dates.astype("datetime64[D]")
+    ordinals = np.fromiter((d.toordinal() for d in dates), dtype=np.int64, count=len(dates))
+    return (ordinals - _EPOCH_ORDINAL).astype("datetime64[D]")
+
+
 def portfolio_curve(
     curves: Sequence[tuple[Sequence[dt.date], Sequence[float]]], initial_cash: float
 ) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
     """(dates, equity) of equal-cash sleeves summed on the union of their dates (see ``portfolio_metrics``)."""
-    all_dates = np.unique(np.concatenate([np.asarray(d, dtype="datetime64[D]") for d, _ in curves]))
+    days = [as_days(d) for d, _ in curves]
+    all_dates = np.unique(np.concatenate(days))
     total = np.zeros(len(all_dates))
-    for dates, equity in curves:
-        positions = np.searchsorted(np.asarray(dates, dtype="datetime64[D]"), all_dates, side="right") - 1
+    for own, (_, equity) in zip(days, curves, strict=True):
+        positions = np.searchsorted(own, all_dates, side="right") - 1
         values = np.asarray(equity, dtype=np.float64)
         total += np.where(positions >= 0, values[np.clip(positions, 0, None)], initial_cash)
     return all_dates, total
