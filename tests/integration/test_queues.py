@@ -106,6 +106,11 @@ def test_a_small_job_waits_about_one_shard_behind_a_big_one(
     finally:
         _, task_ids = jobs.cancel_job(session_factory, big.id)
         celery_app.control.revoke(task_ids)
+        # The shards still running finish (cancel keeps them): wait, so that the next test's TRUNCATE does not
+        # meet their transactions (a lock-order deadlock between TRUNCATE and a finishing shard).
+        deadline = time.monotonic() + 30
+        while shard_counts(session_factory, big.id).get("running", 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
     print(f"\n[queues] small job behind a {big_queue} job of {BIG_SHARDS} shards: finished {waited:.2f} s after "
           f"submission; one big shard takes {shard_s:.2f} s; {left} big shards still to run (FIFO would have "
           f"waited ~{left * shard_s / 2:.1f} s)")  # fmt: skip
