@@ -44,7 +44,10 @@ def test_prune_keeps_the_newest_finished_runs_per_owner(
         enqueue=lambda t: None,
     ).job.id  # fmt: skip
     with session_factory() as session:
-        dirs = {m.job_id: Path(m.location) for m in session.scalars(select(RunManifest))}
+        dirs = {
+            m.job_id: Path(m.location)
+            for m in session.scalars(select(RunManifest).where(RunManifest.job_id.in_([*mine, *theirs])))
+        }
     assert all(d.is_dir() for d in dirs.values())
 
     pruned = prune_runs(session_factory, keep=2)
@@ -53,7 +56,8 @@ def test_prune_keeps_the_newest_finished_runs_per_owner(
         left = set(session.scalars(select(BacktestRun.job_id)))
         assert left == {*mine[-2:], *theirs, active}
         assert session.scalar(select(func.count()).select_from(Job).where(Job.id.in_(mine[:3]))) == 0
-        assert session.scalar(select(func.count()).select_from(RunManifest)) == 7  # the chain stays
+        owners = RunManifest.owner_id.in_([user.id, other_user.id])
+        assert session.scalar(select(func.count()).select_from(RunManifest).where(owners)) == 7  # the chain stays
         newest = session.scalar(select(RunManifest).where(RunManifest.job_id == mine[-1]))
         assert newest is not None and artifacts.verify(session, newest)["ok"] is True
     assert not any(dirs[j].exists() for j in mine[:3]) and all(dirs[j].is_dir() for j in (*mine[-2:], *theirs))
