@@ -47,6 +47,8 @@ WORKER_LOG_NAME = "celery-worker.log"  # under settings.data_dir
 
 # Tables emptied between tests, children first.
 _DATA_TABLES = (
+    "nightly_run_jobs",
+    "nightly_runs",
     "audit_log",
     "api_keys",
     "script_versions",
