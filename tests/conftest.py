@@ -34,7 +34,7 @@ from shared import dbadmin, migrate
 from shared.config import SandboxLimits, Settings
 from shared.db import make_engine, make_session_factory
 from shared.embedded import EmbeddedServers
-from shared.models import UserRole
+from shared.models import Base, UserRole
 from shared.passwords import hash_password
 from tests.helpers import TEST_PASSWORD, ApiUser, authed_client, make_user
 from worker.celery_app import create_celery
@@ -45,22 +45,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SECRET = f"af-canary-{secrets.token_hex(8)}"
 WORKER_LOG_NAME = "celery-worker.log"  # under settings.data_dir
 
-# Tables emptied between tests, children first.
-_DATA_TABLES = (
-    "nightly_run_jobs",
-    "nightly_runs",
-    "audit_log",
-    "api_keys",
-    "script_versions",
-    "scripts",
-    "security_events",
-    "job_results",
-    "job_shards",
-    "jobs",
-    "users",
-    "daily_bars",
-    "symbols",
-)
+# Every table of the models is emptied between tests (a table added later cannot be forgotten here).
+_DATA_TABLES = tuple(table.name for table in reversed(Base.metadata.sorted_tables))
 
 
 @dataclass(frozen=True)
