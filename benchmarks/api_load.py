@@ -23,31 +23,26 @@ import http.client
 import json
 import os
 import secrets
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from shared import dbadmin, migrate, users
+from benchmarks.stack import bench_stack
+from shared import users
 from shared.bars import load_bars
 from shared.bars_demo import load_demo_universe
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory, session_scope
-from shared.embedded import EmbeddedServers, free_tcp_port
+from shared.embedded import free_tcp_port
 from shared.launcher import child_commands
 from worker.celery_app import create_celery
 from worker.sandbox_runner import run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 SCRIPT = "result = close[-1] / close[0] - 1"
 PASSWORD = "benchmark passphrase"
@@ -150,17 +145,8 @@ def main() -> int:
     parser.add_argument("--latency-samples", type=int, default=20)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="af-load-", dir="/tmp"))
-    servers = EmbeddedServers(work)
-    server_url, redis_url = servers.start(
-        database_url=os.environ.get("ALPHAFORGE_BENCH_DATABASE_URL"),
-        redis_url=os.environ.get("ALPHAFORGE_BENCH_REDIS_URL"),
-    )
-    db_name = f"af_load_{secrets.token_hex(4)}"
-    database_url = dbadmin.create_database(server_url, db_name)
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        migrate.upgrade(database_url)
+    with bench_stack("load") as stack:
+        database_url, redis_url, work = stack.database_url, stack.redis_url, stack.work
         engine = make_engine(database_url, pool_size=1)
         load_demo_universe(engine, symbols=50, years=1, seed=3)
         with engine.connect() as conn:
@@ -176,11 +162,9 @@ def main() -> int:
         env = {**os.environ, **settings.child_env(), "JWT_SECRET_KEY": secrets.token_urlsafe(48),
                "ALPHAFORGE_RATE_LIMIT_SUBMIT": "1000000/minute", "ALPHAFORGE_RATE_LIMIT_LOGIN": "1000/minute",
                "ALPHAFORGE_MAX_ACTIVE_JOBS": "100000"}  # fmt: skip
-        logs = open(work / "processes.log", "wb")  # noqa: SIM115 - closed with the processes
         commands = dict(child_commands(settings))
         for name in ("api", "worker"):
-            children.append(subprocess.Popen(commands[name], cwd=ROOT, env=env, stdout=logs,
-                                             stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            stack.spawn(commands[name], env)
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -251,19 +235,6 @@ def main() -> int:
               f"ratio {trivial / floor:.2f} (goal <= 2.00)")  # fmt: skip
         engine.dispose()
         return 0
-    finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-        dbadmin.drop_database(server_url, db_name)
-        servers.stop()
-        shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,28 +21,23 @@ import json
 import math
 import os
 import secrets
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from shared import dbadmin, migrate
+from benchmarks.stack import bench_stack
+from shared import users
 from shared.bars import SymbolBars, load_bars
 from shared.bars_demo import load_demo_universe
 from shared.config import Settings
-from shared.db import make_engine
-from shared.embedded import EmbeddedServers, free_tcp_port
+from shared.db import make_engine, make_session_factory, session_scope
+from shared.embedded import free_tcp_port
+from shared.launcher import child_commands
 from worker.sandbox_runner import run_script
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SMA_SCRIPT = """
 n = params["n"]
@@ -57,11 +52,18 @@ for i in range(len(close)):
 result = above / (len(close) - n + 1)
 """
 PARAMS = {"n": 20}
+PASSWORD = "benchmark passphrase"
+
+
+TOKEN: dict[str, str] = {}  # the benchmark account's bearer token, once logged in
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if TOKEN:
+        headers["Authorization"] = f"Bearer {TOKEN['access']}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
@@ -154,22 +156,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="af-bench-", dir="/tmp"))
-    servers = EmbeddedServers(work)
-    server_url, redis_url = servers.start(
-        database_url=os.environ.get("ALPHAFORGE_BENCH_DATABASE_URL"),
-        redis_url=os.environ.get("ALPHAFORGE_BENCH_REDIS_URL"),
-    )
-    db_name = f"af_bench_{secrets.token_hex(4)}"
-    database_url = dbadmin.create_database(server_url, db_name)
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        migrate.upgrade(database_url)
+    with bench_stack("bench") as stack:
+        database_url = stack.database_url
         years = math.ceil(args.bars / 250) + 1
         began = time.perf_counter()
-        load_demo_universe(make_engine(database_url, pool_size=1), symbols=args.symbols, years=years, seed=1)
-        print(f"loaded {args.symbols} symbols x {years} years in {time.perf_counter() - began:.1f} s", flush=True)
         engine = make_engine(database_url, pool_size=1)
+        load_demo_universe(engine, symbols=args.symbols, years=years, seed=1)
+        print(f"loaded {args.symbols} symbols x {years} years in {time.perf_counter() - began:.1f} s", flush=True)
         with engine.connect() as conn:
             symbols = list(
                 conn.scalars(text("SELECT symbol FROM symbols ORDER BY symbol LIMIT :n"), {"n": args.symbols})
@@ -178,21 +171,22 @@ def main() -> int:
                 text("SELECT date FROM daily_bars WHERE symbol = :s ORDER BY date DESC OFFSET :k LIMIT 1"),
                 {"s": symbols[0], "k": args.bars - 1},
             )
+        with session_scope(make_session_factory(engine)) as session:
+            users.create_user(session, "bench", PASSWORD)
         engine.dispose()
 
         port = free_tcp_port()
-        settings = Settings.from_env().with_overrides(database_url=database_url, redis_url=redis_url, data_dir=work)
-        env = {**os.environ, **settings.child_env()}
-        logs = open(work / "processes.log", "wb")  # noqa: SIM115 - closed with the processes
-        children.append(subprocess.Popen([sys.executable, "-m", "worker", "worker", "--loglevel=WARNING"],
-                                         cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT,
-                                         start_new_session=True))  # fmt: skip
-        children.append(subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
-                                          "--workers", "2", "api:create_app()"],
-                                         cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT,
-                                         start_new_session=True))  # fmt: skip
+        settings = Settings.from_env().with_overrides(
+            database_url=database_url, redis_url=stack.redis_url, data_dir=stack.work, api_port=port
+        )
+        env = {**os.environ, **settings.child_env(), "JWT_SECRET_KEY": secrets.token_urlsafe(48)}
+        commands = dict(child_commands(settings))
+        for name in ("worker", "api"):  # as `up` starts them
+            stack.spawn(commands[name], env)
         base = f"http://127.0.0.1:{port}/api"
         wait_http(f"{base}/health")
+        login = http("POST", f"{base}/auth/login", {"username": "bench", "password": PASSWORD})
+        TOKEN["access"] = login["access_token"]
         run_system(base, symbols[:20], start.isoformat())  # warm-up: connections, imports
 
         system_times, reference_times = [], []
@@ -223,18 +217,6 @@ def main() -> int:
             f"(RestrictedPython + one process per {settings.shard_size} symbols): ratio {sandbox_cpu / plain_cpu:.2f}"
         )
         return 0
-    finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-        dbadmin.drop_database(server_url, db_name)
-        servers.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
