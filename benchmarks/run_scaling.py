@@ -20,11 +20,9 @@ import argparse
 import math
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,17 +31,16 @@ from typing import Any
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import dbadmin, migrate, runs
+from benchmarks.stack import ROOT, bench_stack, stop_process
+from shared import runs
 from shared.backtest import BacktestConfig, run_backtest
 from shared.bars import load_bars
 from shared.bars_demo import load_demo_universe
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
-from shared.embedded import EmbeddedServers
 from shared.models import Job, JobResult, RunManifest, User
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
-ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
 
@@ -119,16 +116,6 @@ def start_worker(settings: Settings, concurrency: int, log_path: Path) -> subpro
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--symbols", type=int, default=500)
@@ -136,17 +123,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="af-bench-", dir="/tmp"))
-    servers = EmbeddedServers(work)
-    server_url, redis_url = servers.start(
-        database_url=os.environ.get("ALPHAFORGE_BENCH_DATABASE_URL"),
-        redis_url=os.environ.get("ALPHAFORGE_BENCH_REDIS_URL"),
-    )
-    db_name = f"af_bench_{secrets.token_hex(4)}"
-    database_url = dbadmin.create_database(server_url, db_name)
-    engine = make_engine(database_url, pool_size=2)
-    try:
-        migrate.upgrade(database_url)
+    with bench_stack("runs") as stack:  # drops the database WITH (FORCE): open connections do not matter
+        database_url, redis_url, work = stack.database_url, stack.redis_url, stack.work
+        engine = make_engine(database_url, pool_size=2)
         began = time.perf_counter()
         load_demo_universe(engine, symbols=args.symbols, years=args.years, seed=1)
         print(f"loaded {args.symbols} symbols x {args.years} years in {time.perf_counter() - began:.1f} s", flush=True)
@@ -181,7 +160,7 @@ def main() -> int:
                     if not same:
                         return 1
             finally:
-                stop(proc)
+                stop_process(proc)
         ref = statistics.median(results["reference"])
         print(f"\n{args.symbols} symbols, dual SMA 10/50, median of {args.rounds} rounds each:")
         print(f"  engine directly, one process (load + backtest): {ref:.2f} s")
@@ -191,11 +170,8 @@ def main() -> int:
                   f"{statistics.median(artifacts_s[label]):.2f} s with artifacts")  # fmt: skip
         speedup = statistics.median(results["1 worker"]) / statistics.median(results["2 workers"])
         print(f"  2 workers vs 1: {speedup:.2f}x faster")
-        return 0
-    finally:
         engine.dispose()
-        dbadmin.drop_database(server_url, db_name)
-        servers.stop()
+        return 0
 
 
 if __name__ == "__main__":
