@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,31 +69,46 @@ def retry_countdown(exc: BaseException, attempt: int, max_attempts: int) -> floa
     return None
 
 
-@shared_task(bind=True, base=ServicesTask, name=TASK_RUN_CALCULATION_SHARD, acks_late=True, max_retries=None)
-def run_calculation_shard(self: Any, shard_id: int) -> str:
-    services: WorkerServices = self.services
-    settings = services.settings
-    attempt = self.request.retries + 1
+def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerServices], bool | None]) -> str:
+    """What every shard task does around its service call: log context, then retry with backoff
+    (:func:`retry_countdown`) or give up and fail the shard with the reason. ``run`` returns what the job
+    service's ``run_shard`` does: None (nothing to do), True (stored) or False (a duplicate delivery)."""
+    services: WorkerServices = task.services
+    attempt = task.request.retries + 1
     log_context.bind(shard_id=shard_id, attempt=attempt)
-    log.info("shard %s: attempt %s", shard_id, attempt)
+    log.info("%s shard %s: attempt %s", kind, shard_id, attempt)
     try:
-        stored = calculations.run_shard(
-            services.session_factory, shard_id, limits=settings.sandbox, runner=run_script, events=services.events
-        )
+        stored = run(services)
     except Exception as exc:
-        countdown = retry_countdown(exc, attempt, settings.shard_max_retries)
+        countdown = retry_countdown(exc, attempt, services.settings.shard_max_retries)
         if countdown is not None:
-            log.warning("shard %s attempt %s failed (%s: %s); retrying in %.0f s", shard_id, attempt,
+            log.warning("%s shard %s attempt %s failed (%s: %s); retrying in %.0f s", kind, shard_id, attempt,
                         type(exc).__name__, exc, countdown)  # fmt: skip
-            raise self.retry(exc=exc, countdown=countdown) from exc
+            raise task.retry(exc=exc, countdown=countdown) from exc
         detail = (str(exc).strip().splitlines() or [""])[0][:300]
-        log.exception("shard %s failed for good", shard_id)
+        log.exception("%s shard %s failed for good", kind, shard_id)
         try:
             jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
                             f"{type(exc).__name__}: {detail}", events=services.events)  # fmt: skip
         except Exception as record_exc:
             if is_database_outage(record_exc):
-                raise self.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc
+                raise task.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc
             raise
         return "failed"
     return {None: "skipped", True: "stored", False: "duplicate"}[stored]
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_RUN_CALCULATION_SHARD, acks_late=True, max_retries=None)
+def run_calculation_shard(self: Any, shard_id: int) -> str:
+    return run_shard_task(
+        self,
+        "calculation",
+        shard_id,
+        lambda services: calculations.run_shard(
+            services.session_factory,
+            shard_id,
+            limits=services.settings.sandbox,
+            runner=run_script,
+            events=services.events,
+        ),
+    )
