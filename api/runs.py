@@ -35,7 +35,8 @@ from api.run_schemas import (
     RunView,
     SymbolSummary,
 )
-from api.schemas import ErrorResponse, Progress
+from api.schemas import ErrorResponse
+from api.views import progress
 from shared import jobs, runs
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
@@ -77,19 +78,6 @@ def run_links(run_id: uuid.UUID) -> RunLinks:
         events=f"{base}/events",
         artifacts=f"{base}/artifacts",
         job=f"/api/jobs/{run_id}",
-    )
-
-
-def progress(job: Job) -> Progress:
-    percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
-    return Progress(
-        shards_total=job.shards_total,
-        shards_done=job.shards_done,
-        shards_failed=job.shards_failed,
-        symbols_total=job.symbols_total,
-        symbols_done=job.symbols_done,
-        symbols_failed=job.symbols_failed,
-        percent=round(percent, 2),
     )
 
 

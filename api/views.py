@@ -26,8 +26,20 @@ def _callback_view(job: Job) -> CallbackView | None:
     )
 
 
-def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
+def progress(job: Job) -> Progress:
     percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
+    return Progress(
+        shards_total=job.shards_total,
+        shards_done=job.shards_done,
+        shards_failed=job.shards_failed,
+        symbols_total=job.symbols_total,
+        symbols_done=job.symbols_done,
+        symbols_failed=job.symbols_failed,
+        percent=round(percent, 2),
+    )
+
+
+def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
     return JobView(
         job_id=str(job.id),
         kind=job.kind,
@@ -39,15 +51,7 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
             else None
         ),
         column_name=job.column_name,
-        progress=Progress(
-            shards_total=job.shards_total,
-            shards_done=job.shards_done,
-            shards_failed=job.shards_failed,
-            symbols_total=job.symbols_total,
-            symbols_done=job.symbols_done,
-            symbols_failed=job.symbols_failed,
-            percent=round(percent, 2),
-        ),
+        progress=progress(job),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
