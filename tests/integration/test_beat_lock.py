@@ -41,7 +41,9 @@ def test_a_second_beat_process_does_not_fire(settings: Settings) -> None:
         assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
         assert client.exists("alphaforge:redbeat::lock")  # what the compose health check of beat looks at
     finally:
-        for proc in procs:
+        # The standby first: stopped the other way round, the holder's exit frees the lock and the standby,
+        # still running, takes it and fires once before its own stop.
+        for proc in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
