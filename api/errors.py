@@ -51,7 +51,11 @@ def validation_error_response(exc: ValidationError, *, status: int = 422) -> Res
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AppError)
     def _app_error(exc: AppError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s is not None:
+            response.headers["Retry-After"] = str(retry_after_s)
+        return response
 
     @app.errorhandler(ValidationError)
     def _validation_error(exc: ValidationError) -> Response:

@@ -10,6 +10,11 @@ Otherwise: one JSON page of the events after ``after_id`` with an ``ETag``; ``If
 answers ``304`` while nothing new has happened (cheap polling).
 
 The events come from the job's Redis stream (``shared.events``), so any API process serves any job.
+
+A stream holds one of the API process's threads for as long as the client follows: each process serves at most
+``ALPHAFORGE_SSE_MAX_STREAMS`` streams at once (below its thread count, so logins, submissions and polls always
+find a thread), and one user at most ``ALPHAFORGE_SSE_MAX_STREAMS_PER_USER``. Above either limit the request is
+refused at once (503 or 429, with Retry-After) and the client can poll the JSON variant instead.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -36,7 +42,7 @@ from api.schemas import ErrorResponse
 from shared import events as job_events
 from shared import jobs, runs
 from shared.access import require_read
-from shared.errors import NotFound, ValidationFailed
+from shared.errors import CapacityExhausted, NotFound, TooManyRequests, ValidationFailed
 from shared.events import Event, RedisJobEvents
 from shared.models import Job
 
@@ -46,7 +52,73 @@ HEARTBEAT_CONFIG_KEY = "ALPHAFORGE_SSE_HEARTBEAT_S"
 DEFAULT_HEARTBEAT_S = 15.0
 RETRY_MS = 3000  # what an EventSource waits before reconnecting
 _STREAM_CLIENT_KEY = "alphaforge_sse_redis"
+_SLOTS_KEY = "alphaforge_sse_slots"
 _client_lock = threading.Lock()
+STREAM_RETRY_AFTER_S = 5
+
+
+class StreamSlots:
+    """The event streams open in this process, in all and per user: a stream takes a slot before it starts and
+    gives it back when the server closes the response (the client left, or the terminal event was sent)."""
+
+    def __init__(self, limit: int, per_user: int) -> None:
+        self.limit = limit
+        self.per_user = per_user
+        self._lock = threading.Lock()
+        self._open = 0
+        self._by_user: Counter[str] = Counter()
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def take(self, user_id: str) -> Callable[[], None]:
+        """A slot for ``user_id``, or CapacityExhausted (503) / TooManyRequests (429). Returns the release
+        function; calling it more than once is harmless."""
+        with self._lock:
+            if self._by_user[user_id] >= self.per_user:
+                raise TooManyRequests(
+                    f"you already follow {self.per_user} event streams on this server; close one, or poll "
+                    "the JSON events (after_id, ETag) instead",
+                    retry_after_s=STREAM_RETRY_AFTER_S,
+                    details={"limit": self.per_user},
+                )
+            if self._open >= self.limit:
+                raise CapacityExhausted(
+                    "this API server follows as many event streams as it may; retry shortly, or poll the JSON "
+                    "events (after_id, ETag) instead",
+                    retry_after_s=STREAM_RETRY_AFTER_S,
+                    details={"limit": self.limit},
+                )
+            self._open += 1
+            self._by_user[user_id] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                self._open -= 1
+                self._by_user[user_id] -= 1
+                if not self._by_user[user_id]:
+                    del self._by_user[user_id]
+
+        return release
+
+
+def stream_slots() -> StreamSlots:
+    slots = current_app.extensions.get(_SLOTS_KEY)
+    if slots is None:
+        with _client_lock:
+            slots = current_app.extensions.get(_SLOTS_KEY)
+            if slots is None:
+                api = services().settings.api
+                slots = current_app.extensions[_SLOTS_KEY] = StreamSlots(
+                    api.sse_max_streams, api.sse_max_streams_per_user
+                )
+    return slots
 
 
 class JobEventsPath(BaseModel):
@@ -191,8 +263,10 @@ def _events(raw_id: str, query: EventsQuery, *, run: bool) -> Response:
     reader = _stream_reader(heartbeat_s)
     _heal(reader, svc.session_factory, job_id)
     if request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream":
+        release = stream_slots().take(current_principal().user_id)
         response = Response(_stream(reader, svc.session_factory, job_id, after, heartbeat_s),
                             mimetype="text/event-stream")  # fmt: skip
+        response.call_on_close(release)
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
@@ -222,6 +296,8 @@ _RESPONSES: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None
     401: ErrorResponse,
     404: ErrorResponse,
     422: ErrorResponse,
+    429: ErrorResponse,
+    503: ErrorResponse,
 }
 
 

@@ -150,6 +150,26 @@ class Webhooks:
     poll_interval_s: float = 5.0  # ALPHAFORGE_WEBHOOK_POLL_INTERVAL: how often beat looks for due deliveries
 
 
+@dataclass(frozen=True)
+class ApiServer:
+    """The API's gunicorn processes (api/gunicorn_conf.py) and its limit on server-sent event streams."""
+
+    workers: int = 2  # ALPHAFORGE_API_WORKERS: gunicorn worker processes
+    threads: int = 16  # ALPHAFORGE_API_THREADS: threads per worker process (requests served at once)
+    # ALPHAFORGE_SSE_MAX_STREAMS: event streams open at once per worker process; the rest of the threads stay free
+    # for other requests (default: threads - 4). Above it a stream request gets a 503 with Retry-After.
+    sse_max_streams: int = 12
+    # ALPHAFORGE_SSE_MAX_STREAMS_PER_USER: event streams one user may hold at once per worker process
+    sse_max_streams_per_user: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sse_max_streams < self.threads:
+            raise ConfigError(
+                f"ALPHAFORGE_SSE_MAX_STREAMS must be between 1 and ALPHAFORGE_API_THREADS - 1 ({self.threads - 1}): "
+                f"{self.sse_max_streams}"
+            )
+
+
 MIN_JWT_SECRET_CHARS = 32  # HS256 wants a key of at least 256 bits
 MIN_FLOWER_PASSWORD_CHARS = 12
 
@@ -185,6 +205,7 @@ class Settings:
     flower_basic_auth: str | None = field(default=None, repr=False)
     metrics_token: str | None = field(default=None, repr=False)  # ALPHAFORGE_METRICS_TOKEN: bearer token of /metrics
     webhooks: Webhooks = field(default_factory=Webhooks)
+    api: ApiServer = field(default_factory=ApiServer)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -213,6 +234,15 @@ class Settings:
             retention_max_jobs=_int(env, "ALPHAFORGE_RETENTION_MAX_JOBS", maint.retention_max_jobs, minimum=0),
             nightly_schedule=_cron(env, "ALPHAFORGE_NIGHTLY_SCHEDULE", maint.nightly_schedule),
             exchange_timezone=_timezone(env, "ALPHAFORGE_EXCHANGE_TIMEZONE", maint.exchange_timezone),
+        )
+        api_threads = _int(env, "ALPHAFORGE_API_THREADS", ApiServer.threads, minimum=2)
+        api_server = ApiServer(
+            workers=_int(env, "ALPHAFORGE_API_WORKERS", ApiServer.workers),
+            threads=api_threads,
+            sse_max_streams=_int(env, "ALPHAFORGE_SSE_MAX_STREAMS", max(1, api_threads - 4)),
+            sse_max_streams_per_user=_int(
+                env, "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER", ApiServer.sse_max_streams_per_user
+            ),
         )
         log_level = (env.get("ALPHAFORGE_LOG_LEVEL") or defaults.log_level).strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -249,6 +279,7 @@ class Settings:
                 timeout_s=_float(env, "ALPHAFORGE_WEBHOOK_TIMEOUT", Webhooks.timeout_s),
                 poll_interval_s=_float(env, "ALPHAFORGE_WEBHOOK_POLL_INTERVAL", Webhooks.poll_interval_s),
             ),
+            api=api_server,
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -332,6 +363,10 @@ class Settings:
             "ALPHAFORGE_WEBHOOK_BACKOFF": str(self.webhooks.backoff_s),
             "ALPHAFORGE_WEBHOOK_TIMEOUT": str(self.webhooks.timeout_s),
             "ALPHAFORGE_WEBHOOK_POLL_INTERVAL": str(self.webhooks.poll_interval_s),
+            "ALPHAFORGE_API_WORKERS": str(self.api.workers),
+            "ALPHAFORGE_API_THREADS": str(self.api.threads),
+            "ALPHAFORGE_SSE_MAX_STREAMS": str(self.api.sse_max_streams),
+            "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": str(self.api.sse_max_streams_per_user),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url

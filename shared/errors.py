@@ -80,6 +80,16 @@ class ServiceUnavailable(AppError):
     code = "service_unavailable"
 
 
+class CapacityExhausted(ServiceUnavailable):
+    """The server is at a configured capacity (e.g. open event streams); ``retry_after_s`` becomes Retry-After."""
+
+    code = "capacity_exhausted"
+
+    def __init__(self, message: str, *, retry_after_s: int, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = max(1, retry_after_s)
+
+
 class Unauthorized(AppError):
     """No credentials, or credentials that are malformed, expired, revoked or wrong."""
 

@@ -500,14 +500,10 @@ def ensure_demo_account(database_url: str, data_dir: Path) -> tuple[str, str]:
 
 
 def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
-    bind = f"{settings.api_host}:{settings.api_port}"
     py = sys.executable
-    # No control socket: its default path (~/.gunicorn/gunicorn.ctl) would be shared by every `up` on the machine.
-    # No gunicorn access log: the API writes its own, as JSON with the request id.
-    # Threaded workers: a server-sent events stream holds its thread while the client follows a job, so sync
-    # workers (one request each) would be taken by a couple of streams.
-    gunicorn = ["gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-                "--no-control-socket"]  # fmt: skip
+    # gunicorn's settings (bind, gthread workers and threads, no control socket, no access log) come from the
+    # environment through api/gunicorn_conf.py, as in the Dockerfile and docker-compose.
+    gunicorn = ["gunicorn", "--config", "python:api.gunicorn_conf"]
     # Flower: broker from the same Settings, no state kept; credentials come in FLOWER_BASIC_AUTH, never in argv.
     flower = [f"--address={settings.api_host}", f"--port={settings.flower_port}", "--persistent=False"]
     return [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -39,14 +40,14 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
-def api_server(settings: Settings) -> Iterator[tuple[str, int]]:
+@contextlib.contextmanager
+def running_api(settings: Settings, **env: str) -> Iterator[tuple[str, int]]:
     """The API as ``up`` runs it (gunicorn, threaded workers), on a free port, with shards of 3 symbols."""
     server_settings = settings.with_overrides(api_port=_free_port(), shard_size=SHARD_SIZE)
     [command] = [cmd for name, cmd in child_commands(server_settings) if name == "api"]
     assert settings.jwt_secret_key
-    env = {**os.environ, **server_settings.child_env(), "JWT_SECRET_KEY": settings.jwt_secret_key}
-    log_path = settings.data_dir / "gunicorn-events-test.log"
+    env = {**os.environ, **server_settings.child_env(), "JWT_SECRET_KEY": settings.jwt_secret_key, **env}
+    log_path = settings.data_dir / f"gunicorn-events-test-{server_settings.api_port}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
@@ -69,6 +70,12 @@ def api_server(settings: Settings) -> Iterator[tuple[str, int]]:
         _stop_process_group(proc)
 
 
+@pytest.fixture(scope="module")
+def api_server(settings: Settings) -> Iterator[tuple[str, int]]:
+    with running_api(settings) as server:
+        yield server
+
+
 def request_json(server: tuple[str, int], method: str, path: str, user: ApiUser, body: Any = None) -> Any:
     conn = http.client.HTTPConnection(*server, timeout=30)
     headers = {**user.headers, "Content-Type": "application/json"}
@@ -77,6 +84,12 @@ def request_json(server: tuple[str, int], method: str, path: str, user: ApiUser,
     payload = json.loads(response.read() or b"null")
     assert response.status < 300, (response.status, payload)
     return payload
+
+
+class StreamRefused(Exception):
+    def __init__(self, status: int, retry_after: str | None, body: dict[str, Any]) -> None:
+        super().__init__(status, body)
+        self.status, self.retry_after, self.body = status, retry_after, body
 
 
 class SseReader:
@@ -89,7 +102,9 @@ class SseReader:
             headers["Last-Event-ID"] = last_event_id
         self.conn.request("GET", path, headers=headers)
         self.response = self.conn.getresponse()
-        assert self.response.status == 200, self.response.read()
+        if self.response.status != 200:
+            raise StreamRefused(self.response.status, self.response.getheader("Retry-After"),
+                                json.loads(self.response.read()))  # fmt: skip
         assert self.response.getheader("Content-Type", "").startswith("text/event-stream")
         self.comments: list[str] = []
 
@@ -187,6 +202,53 @@ def test_open_streams_do_not_block_the_server(
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_stream_limits_keep_threads_for_other_requests(
+    flask_app: Flask, settings: Settings, user: ApiUser, other_user: ApiUser, admin_user: ApiUser
+) -> None:
+    """One gunicorn process with 4 threads, at most 2 streams, 1 per user: a user's second stream is a 429, a
+    stream beyond the server's limit a 503 (both with Retry-After, in the one error shape), ordinary requests are
+    still served, and a stream that ends gives its slot back."""
+    factory = flask_app.extensions["alphaforge"].session_factory
+    events = RedisJobEvents(redis.Redis.from_url(settings.require_redis_url()))
+    mine = jobs.submit(factory, idle_job(user), 50, lambda tasks: None, events=events)
+    theirs = jobs.submit(factory, idle_job(other_user), 50, lambda tasks: None, events=events)
+    limits = {"ALPHAFORGE_API_WORKERS": "1", "ALPHAFORGE_API_THREADS": "4", "ALPHAFORGE_SSE_MAX_STREAMS": "2",
+              "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": "1"}  # fmt: skip
+    with running_api(settings, **limits) as server:
+        streams = [SseReader(server, f"/api/jobs/{mine.id}/events", user)]
+        try:
+            with pytest.raises(StreamRefused) as per_user:
+                SseReader(server, f"/api/jobs/{mine.id}/events", user)
+            assert per_user.value.status == 429 and per_user.value.retry_after == "5"
+            assert per_user.value.body["error"]["details"] == {"limit": 1}
+            streams.append(SseReader(server, f"/api/jobs/{theirs.id}/events", other_user))
+            with pytest.raises(StreamRefused) as full:
+                SseReader(server, f"/api/jobs/{mine.id}/events", admin_user)
+            assert full.value.status == 503 and full.value.retry_after == "5"
+            assert full.value.body["error"]["code"] == "capacity_exhausted"
+            # The two threads left serve everything else, the JSON events included.
+            started = time.monotonic()
+            page = request_json(server, "GET", f"/api/jobs/{mine.id}/events", admin_user)
+            assert [e["type"] for e in page["events"]] == ["queued"]
+            assert time.monotonic() - started < 5
+            request_json(server, "POST", f"/api/jobs/{mine.id}/cancel", user)
+            assert [streams[0].next_event() for _ in range(2)][-1]["type"] == "cancelled"  # type: ignore[index]
+            assert streams[0].next_event() is None  # the server ended the stream: its slot is free again
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    replay = SseReader(server, f"/api/jobs/{mine.id}/events", admin_user)
+                    break
+                except StreamRefused:  # the server closes the finished response just after the last byte
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert [e["type"] for e in iter(replay.next_event, None)] == ["queued", "cancelled"]
+            replay.close()
+        finally:
+            for stream in streams:
+                stream.close()
 
 
 def idle_job(user: ApiUser) -> Job:
