@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import events as job_events
+from shared.config import QUEUE_INTERACTIVE
 from shared.db import session_scope
 from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
 from shared.events import JobEvents
@@ -37,6 +38,7 @@ class ShardTask:
 
     shard_id: int
     task_id: str
+    owner_load: int = 0  # the owner's other active jobs on the job's queue at submission (worker/fairness.py)
 
 
 Enqueue = Callable[[Sequence[ShardTask]], None]
@@ -83,6 +85,19 @@ def check_active_job_quota(session: Session, owner_id: str, max_active: int) -> 
 ACTIVE_JOBS_RETRY_AFTER_S = 5
 
 
+def _owner_load(session: Session, job: Job) -> int:
+    """The owner's other active jobs on the job's queue: how far down its shards go (worker/fairness.py)."""
+    queue = job.queue or QUEUE_INTERACTIVE
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner_id == job.owner_id, Job.status.in_(_ACTIVE_JOB), Job.queue == queue)
+        )
+        or 0
+    )
+
+
 def submit(
     factory: sessionmaker[Session],
     job: Job,
@@ -107,6 +122,7 @@ def submit(
     with session_scope(factory) as session:
         if max_active_per_owner is not None and job.owner_id is not None:
             check_active_job_quota(session, job.owner_id, max_active_per_owner)
+        owner_load = _owner_load(session, job) if job.owner_id is not None else 0
         session.add(job)
         session.flush()
         shards = [
@@ -117,7 +133,7 @@ def submit(
         session.flush()
         if on_write is not None:
             on_write(session, job)
-        tasks = [ShardTask(shard.id, shard.task_id) for shard in shards]
+        tasks = [ShardTask(shard.id, shard.task_id, owner_load) for shard in shards]
     if events is not None:  # before the tasks exist: a shard's first event can never precede it
         events.publish(
             job.id, job_events.QUEUED, {"kind": job.kind, "shards": len(batches), "symbols": len(job.symbols)}

@@ -138,13 +138,13 @@ def _connect_context_signals(settings: Settings) -> None:
 
 def shard_enqueuer(app: Celery, task_name: str = TASK_RUN_CALCULATION_SHARD, queue: str | None = None) -> Enqueue:
     """An ``Enqueue`` that publishes one task per shard as a plain group (no chord), on ``queue`` (default: the
-    task's route), each with its priority (worker/fairness.py: interactive first, jobs interleaved)."""
+    task's route), each with its priority (worker/fairness.py: interactive first, users and jobs interleaved)."""
     options = {"queue": queue} if queue else {}
 
     def enqueue(tasks: Sequence[ShardTask]) -> None:
         signatures = [
             app.signature(task_name, args=(t.shard_id,), task_id=t.task_id, priority=priority, **options)
-            for priority, t in ((shard_priority(i, queue), t) for i, t in enumerate(tasks))
+            for priority, t in ((shard_priority(i, queue, t.owner_load), t) for i, t in enumerate(tasks))
         ]
         group(signatures).apply_async()
 
