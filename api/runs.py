@@ -37,7 +37,7 @@ from api.run_schemas import (
 )
 from api.schemas import ErrorResponse
 from api.views import progress
-from shared import jobs, runs
+from shared import jobs, runs, webhooks
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.backtest import BacktestConfig
@@ -163,7 +163,12 @@ def create_run() -> Response:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ValidationFailed.for_field("body", "a JSON object with the backtest config is required")
+    callback_url = body.pop("callback_url", None)  # a webhook when the run ends, as for calculation jobs
     config, name = _config_from_body(body)
+    if callback_url is not None:
+        if not isinstance(callback_url, str):
+            raise ValidationFailed.for_field("callback_url", "must be an http or https URL")
+        webhooks.validate_callback_url(callback_url, allow_private=settings.webhooks.allow_private)
     if len(config.symbols) > settings.max_symbols_per_job:
         raise ValidationFailed.for_field(
             "symbols", f"{len(config.symbols):,} symbols; at most {settings.max_symbols_per_job:,} per run"
@@ -175,7 +180,7 @@ def create_run() -> Response:
 
     submitted = runs.submit_run(
         svc.session_factory,
-        runs.RunRequest(config=config, owner_id=principal.user_id, name=name),
+        runs.RunRequest(config=config, owner_id=principal.user_id, name=name, callback_url=callback_url),
         shard_size=settings.shard_size,
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_BACKTEST_SHARD),
         max_active_per_owner=settings.rate_limits.max_active_jobs,

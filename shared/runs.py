@@ -57,6 +57,7 @@ class RunRequest:
     config: BacktestConfig
     owner_id: str
     name: str | None = None
+    callback_url: str | None = None  # checked by shared/webhooks.validate_callback_url before it gets here
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ def submit_run(
         start_date=config.start_date,
         end_date=config.end_date,
         params=config.strategy.params.model_dump(mode="json"),
+        callback_url=request.callback_url,
+        callback_state="pending" if request.callback_url else None,
     )
     run = BacktestRun(
         owner_id=request.owner_id,

@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import session_scope
 from shared.errors import ValidationFailed
-from shared.models import Job, User, WebhookDelivery
+from shared.models import Job, JobKind, JobShard, User, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,26 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={digest}"
 
 
+def event_name(job: Job) -> str:
+    """``run.finished`` for a backtest run, ``job.finished`` for any other job."""
+    return "run.finished" if job.kind == JobKind.BACKTEST.value else "job.finished"
+
+
+def _links(job: Job) -> dict[str, str]:
+    if job.kind == JobKind.BACKTEST.value:
+        base = f"/api/runs/{job.id}"
+        return {
+            "self": base,
+            "results": f"{base}/results",
+            "artifacts": f"{base}/artifacts",
+            "job": f"/api/jobs/{job.id}",
+        }
+    return {"self": f"/api/jobs/{job.id}", "results": f"/api/jobs/{job.id}/results"}
+
+
 def summary(job: Job) -> dict[str, Any]:
     return {
-        "event": "job.finished",
+        "event": event_name(job),
         "job_id": str(job.id),
         "kind": job.kind,
         "status": job.status,
@@ -128,7 +145,7 @@ def summary(job: Job) -> dict[str, Any]:
         },
         "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "links": {"self": f"/api/jobs/{job.id}", "results": f"/api/jobs/{job.id}/results"},
+        "links": _links(job),
     }
 
 
@@ -181,24 +198,25 @@ def dispatch(
     backoff_base_s: float,
     timeout_s: float,
     limit: int = 20,
+    job_ids: Collection[uuid.UUID] | None = None,
 ) -> int:
-    """Deliver what is due: finished jobs whose callback is pending and whose next attempt time has come. Each
-    job is locked while its attempt runs (others skip it). Returns the number of attempts made."""
+    """Deliver what is due: finished jobs whose callback is pending and whose next attempt time has come (only
+    ``job_ids`` when given). Each job is locked while its attempt runs (others skip it). Returns the number of
+    attempts made."""
     made = 0
+    is_due = (Job.callback_state == "pending") & (
+        (Job.callback_next_at.is_(None)) | (Job.callback_next_at <= text("now()"))
+    )
+    query = select(Job.id).where(is_due, Job.status.in_(FINISHED)).order_by(Job.finished_at).limit(limit)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(list(job_ids)))
     with factory() as session:
-        due = list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.callback_state == "pending", Job.status.in_(FINISHED))
-                .where((Job.callback_next_at.is_(None)) | (Job.callback_next_at <= text("now()")))
-                .order_by(Job.finished_at)
-                .limit(limit)
-            )
-        )
+        due = list(session.scalars(query))
     for job_id in due:
         with session_scope(factory) as session:
             job = session.scalars(
-                select(Job).where(Job.id == job_id, Job.callback_state == "pending").with_for_update(skip_locked=True)
+                # Due still: another dispatcher may have made an attempt since the list was read.
+                select(Job).where(Job.id == job_id, is_due).with_for_update(skip_locked=True)
             ).first()
             if job is None or job.callback_url is None:
                 continue
@@ -207,7 +225,7 @@ def dispatch(
             delivery_id = str(uuid.uuid4())
             headers = {
                 "X-AlphaForge-Signature": sign(secret, int(time.time()), body),
-                "X-AlphaForge-Event": "job.finished",
+                "X-AlphaForge-Event": event_name(job),
                 "X-AlphaForge-Delivery": delivery_id,
                 "User-Agent": "AlphaForge-Webhooks/1",
             }
@@ -233,3 +251,14 @@ def dispatch(
                 job.callback_next_at = now + dt.timedelta(seconds=backoff_s(attempt_no, backoff_base_s))
             made += 1
     return made
+
+
+def first_delivery_due(session: Session, shard_id: int) -> uuid.UUID | None:
+    """The job of ``shard_id`` when it has ended with its webhook not yet tried: what a worker that just ran the
+    shard checks, to start the delivery at once (the beat poll stays as the backstop, and for the retries)."""
+    return session.scalar(
+        select(Job.id)
+        .join(JobShard, JobShard.job_id == Job.id)
+        .where(JobShard.id == shard_id, Job.callback_state == "pending", Job.status.in_(FINISHED))
+        .where(Job.callback_attempts == 0)
+    )

@@ -1,4 +1,6 @@
-"""Housekeeping tasks Celery beat schedules (worker/schedule.py): the shard reconciler and job retention.
+"""Housekeeping tasks Celery beat schedules (worker/schedule.py): the shard reconciler, retention of calculation
+jobs and of backtest runs, nightly runs and webhook deliveries; and the hook that starts a job's webhook delivery
+as soon as the job ends.
 
 Thin wrappers: the decisions live in shared/reconciler.py and shared/retention.py; here is only what needs
 Celery and the broker: where a task id can still be found (a broker queue or a live worker) and how a shard of
@@ -9,14 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import redis
-from celery import Celery, shared_task
+from celery import Celery, shared_task, signals
 
 from shared import nightly, reconciler, retention, webhooks
-from shared.config import QUEUE_BULK
+from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE
 from shared.jobs import ShardTask
 from shared.models import JobKind
 from worker import metrics_signals
@@ -27,6 +30,7 @@ from worker.schedule import (
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
     TASK_RECONCILE_SHARDS,
+    TASK_WEBHOOK_DELIVER,
     TASK_WEBHOOK_DISPATCH,
 )
 from worker.tasks import ServicesTask, WorkerServices
@@ -133,6 +137,8 @@ def reconcile_shards(self: Any) -> dict[str, object]:
             client.close()
     if report.requeued or report.failed:
         log.warning("reconciler pass: %s", report.as_dict())
+    if report.failed:  # failing a shard may have ended its job: its webhook goes now, not at the next poll
+        self.app.send_task(TASK_WEBHOOK_DISPATCH, queue=QUEUE_MAINTENANCE)
     return report.as_dict()
 
 
@@ -176,10 +182,7 @@ def harvest_nightly(self: Any) -> int:
         client.close()
 
 
-@shared_task(bind=True, base=ServicesTask, name=TASK_WEBHOOK_DISPATCH, acks_late=False, ignore_result=True)
-def dispatch_webhooks(self: Any) -> int:
-    """Deliver the webhooks that are due (finished jobs; retries once their backoff has passed)."""
-    services: WorkerServices = self.services
+def _dispatch(services: WorkerServices, job_ids: list[uuid.UUID] | None = None) -> int:
     hooks = services.settings.webhooks
     return webhooks.dispatch(
         services.session_factory,
@@ -187,4 +190,36 @@ def dispatch_webhooks(self: Any) -> int:
         max_attempts=hooks.max_attempts,
         backoff_base_s=hooks.backoff_s,
         timeout_s=hooks.timeout_s,
+        job_ids=job_ids,
     )
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_WEBHOOK_DISPATCH, acks_late=False, ignore_result=True)
+def dispatch_webhooks(self: Any) -> int:
+    """Beat's poll: deliver the webhooks that are due (retries once their backoff has passed; a first attempt
+    whose prompt delivery task was lost)."""
+    return _dispatch(self.services)
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_WEBHOOK_DELIVER, acks_late=False, ignore_result=True)
+def deliver_webhook(self: Any, job_id: str) -> int:
+    """The first attempt of one job's webhook, sent by the worker that saw the job end."""
+    return _dispatch(self.services, [uuid.UUID(job_id)])
+
+
+def _start_delivery_when_job_ended(task: Any = None, args: Any = None, **_: Any) -> None:
+    """After a shard task (any outcome): if its job has ended with a webhook not yet tried, send its delivery task
+    now (on the maintenance queue) instead of leaving it to the next beat poll. One indexed query per shard; a
+    duplicate delivery task finds the job delivered or locked and does nothing."""
+    if task is None or getattr(task, "name", None) not in SHARD_TASKS.values() or not args:
+        return
+    try:
+        with task.services.session_factory() as session:
+            job_id = webhooks.first_delivery_due(session, int(args[0]))
+        if job_id is not None:
+            task.app.send_task(TASK_WEBHOOK_DELIVER, args=(str(job_id),), queue=QUEUE_MAINTENANCE)
+    except Exception:  # the beat poll delivers it: never let this fail or slow the shard's bookkeeping
+        log.warning("could not start the webhook delivery after shard %s; the beat poll will", args[0], exc_info=True)
+
+
+signals.task_postrun.connect(_start_delivery_when_job_ended, weak=False, dispatch_uid="alphaforge-webhook-on-end")

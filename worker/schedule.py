@@ -13,6 +13,7 @@ TASK_PRUNE_JOBS = "alphaforge.maintenance.prune_jobs"
 TASK_NIGHTLY_RUN = "alphaforge.nightly.start_run"
 TASK_NIGHTLY_HARVEST = "alphaforge.nightly.harvest"
 TASK_WEBHOOK_DISPATCH = "alphaforge.webhooks.dispatch"
+TASK_WEBHOOK_DELIVER = "alphaforge.webhooks.deliver"  # one job's first attempt, sent when the job ends
 NIGHTLY_TICK_EXPIRES_S = 3600  # a nightly tick no worker took within an hour is dropped, not run late
 
 

@@ -1,10 +1,22 @@
-"""Webhooks: SSRF checks, HMAC signatures, bounded retries with backoff, attempts visible on the job."""
+"""Webhooks: SSRF checks, HMAC signatures, bounded retries with backoff, attempts visible on the job; calculation
+jobs and backtest runs alike, the first attempt made by the worker that saw the job end (no beat runs here).
+
+The webhook tests run against a worker of their own (its own Redis database) whose operator allows private
+targets: the receiver listens on loopback, and the session's worker (private targets refused, the default) would
+make its prompt first attempt fail."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import hmac
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import redis
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +33,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from shared import webhooks
 from shared.config import Settings, Webhooks
-from tests.helpers import authed_client, make_user, seed_bars, wait_for_job
+from shared.migrate import PROJECT_ROOT
+from tests.helpers import FINAL, authed_client, make_user, seed_bars, wait_for_job
+from worker.celery_app import create_celery
+
+HOOKS_REDIS_DB = 12
+BACKOFF_S = 0.2
+MAX_ATTEMPTS = 3
 
 PUBLIC = "93.184.216.34"
 
@@ -87,18 +106,62 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def hook_settings(settings: Settings) -> Iterator[Settings]:
+    """Private webhook targets allowed, short backoff, a Redis database of their own."""
+    base, _, _db = settings.require_redis_url().rpartition("/")
+    hooks = settings.with_overrides(
+        redis_url=f"{base}/{HOOKS_REDIS_DB}",
+        webhooks=Webhooks(allow_private=True, max_attempts=MAX_ATTEMPTS, backoff_s=BACKOFF_S, timeout_s=5),
+    )
+    client = redis.Redis.from_url(hooks.require_redis_url())
+    client.flushdb()
+    yield hooks
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def hook_worker(hook_settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """A real worker on ``hook_settings`` (every queue, so the maintenance queue's delivery task too)."""
+    log_path = hook_settings.data_dir / "hook-worker.log"
+    env = {**os.environ, **hook_settings.child_env(), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "worker", "--hostname", "hooks@%h"], cwd=PROJECT_ROOT,
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    app = create_celery(hook_settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        yield proc
+    finally:
+        app.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture
-def hook_client(settings: Settings, api_state: Engine, test_password_hash: str) -> Iterator[FlaskClient]:
-    """An API whose operator allows private webhook targets (the receiver is on loopback)."""
-    app = create_app(settings.with_overrides(webhooks=Webhooks(allow_private=True)))
+def hook_client(
+    hook_settings: Settings, hook_worker: subprocess.Popen[bytes], api_state: Engine, test_password_hash: str
+) -> Iterator[FlaskClient]:
+    """An API (and worker) whose operator allows private webhook targets (the receiver is on loopback)."""
+    app = create_app(hook_settings)
     yield authed_client(app, make_user(app, api_state, "hooker", test_password_hash))
     app.extensions["alphaforge"].engine.dispose()
 
 
 def deliver_until_settled(factory: sessionmaker[Session], max_attempts: int, timeout_s: float = 30) -> None:
+    """What beat's poll does (no beat runs here): the retries after the worker's first attempt."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        webhooks.dispatch(factory, allow_private=True, max_attempts=max_attempts, backoff_base_s=0.2, timeout_s=5)
+        webhooks.dispatch(factory, allow_private=True, max_attempts=max_attempts, backoff_base_s=BACKOFF_S,
+                          timeout_s=5)  # fmt: skip
         with factory() as session:
             pending = session.execute(
                 webhooks.select(webhooks.Job.id).where(webhooks.Job.callback_state == "pending")
@@ -109,7 +172,14 @@ def deliver_until_settled(factory: sessionmaker[Session], max_attempts: int, tim
     raise AssertionError("webhook deliveries did not settle")
 
 
-@pytest.mark.usefixtures("celery_worker")
+def verify_signature(secret: str, got: dict[str, Any]) -> dict[str, Any]:
+    stamp, signature = (part.split("=", 1)[1] for part in got["headers"]["X-AlphaForge-Signature"].split(","))
+    expected = hmac.new(secret.encode(), f"{stamp}.".encode() + got["body"], hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(signature, expected)
+    summary: dict[str, Any] = json.loads(got["body"])
+    return summary
+
+
 def test_signed_summary_retried_with_backoff_until_delivered(
     hook_client: FlaskClient, client: FlaskClient, engine: Engine, session_factory: sessionmaker[Session],
     receiver: Receiver,
@@ -124,7 +194,7 @@ def test_signed_summary_retried_with_backoff_until_delivered(
     assert accepted.status_code == 202, accepted.json
     job_id = accepted.json["job_id"]  # type: ignore[index]
     job = wait_for_job(hook_client, job_id)
-    assert job["callback"]["state"] == "pending" and job["callback"]["attempts"] == 0
+    assert job["callback"]["url"] == receiver.url
     deliver_until_settled(session_factory, max_attempts=5)
 
     viewed: dict[str, Any] = hook_client.get(f"/api/jobs/{job_id}").json  # type: ignore[assignment]
@@ -140,10 +210,8 @@ def test_signed_summary_retried_with_backoff_until_delivered(
     assert len(receiver.received) == 3
     for got in receiver.received:
         assert got["path"] == "/hooks/alphaforge?source=test"
-        stamp, signature = (part.split("=", 1)[1] for part in got["headers"]["X-AlphaForge-Signature"].split(","))
-        expected = hmac.new(secret.encode(), f"{stamp}.".encode() + got["body"], hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(signature, expected)
-        summary = json.loads(got["body"])
+        summary = verify_signature(secret, got)
+        assert summary["event"] == "job.finished" and got["headers"]["X-AlphaForge-Event"] == "job.finished"
         assert summary["job_id"] == job_id and summary["status"] == "succeeded"
         assert summary["progress"]["symbols_done"] == 2
     stamps = [int(g["headers"]["X-AlphaForge-Signature"].split(",")[0][2:]) for g in receiver.received]
@@ -153,7 +221,6 @@ def test_signed_summary_retried_with_backoff_until_delivered(
     assert rotated != secret and hook_client.get("/api/auth/webhook-secret").json["secret"] == rotated  # type: ignore[index]
 
 
-@pytest.mark.usefixtures("celery_worker")
 def test_delivery_gives_up_after_the_bounded_attempts(
     hook_client: FlaskClient, engine: Engine, session_factory: sessionmaker[Session], receiver: Receiver
 ) -> None:
@@ -162,9 +229,61 @@ def test_delivery_gives_up_after_the_bounded_attempts(
     body = {"script": "result = 1", "column_name": "c", "stock_symbols": ["X1"], "callback_url": receiver.url}
     job_id = hook_client.post("/api/custom-calculations/execute", json=body).json["job_id"]  # type: ignore[index]
     wait_for_job(hook_client, job_id)
-    started = time.monotonic()
-    deliver_until_settled(session_factory, max_attempts=3)
+    deliver_until_settled(session_factory, max_attempts=MAX_ATTEMPTS)
     callback = hook_client.get(f"/api/jobs/{job_id}").json["callback"]  # type: ignore[index]
     assert callback["state"] == "failed" and callback["attempts"] == 3 and callback["last_error"] == "HTTP 500"
     assert len(receiver.received) == 3
-    assert time.monotonic() - started >= 0.2 + 0.4  # the backoff doubled between attempts
+    attempts = hook_client.get(f"/api/jobs/{job_id}/callback-deliveries").json["deliveries"]  # type: ignore[index]
+    made = [dt.datetime.fromisoformat(a["created_at"]) for a in attempts]
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(made)]
+    assert gaps[0] >= BACKOFF_S and gaps[1] >= 2 * BACKOFF_S  # the backoff doubled between attempts
+
+
+RUN_BODY = {
+    "symbols": ["HK1", "HK2"],
+    "strategy": {"name": "dual_sma", "params": {"fast": 5, "slow": 20}},
+}
+
+
+def test_a_backtest_run_calls_back_as_soon_as_it_ends(
+    hook_client: FlaskClient, client: FlaskClient, engine: Engine, receiver: Receiver
+) -> None:
+    """No beat and no dispatch by the test: the worker that finished the run's last shard starts the delivery."""
+    seed_bars(engine, ["HK1", "HK2"], days=120)
+    refused = client.post("/api/runs", json={**RUN_BODY, "callback_url": receiver.url})
+    assert refused.status_code == 422 and "non-public" in refused.get_data(as_text=True), refused.json
+    bad = hook_client.post("/api/runs", json={**RUN_BODY, "callback_url": 42})
+    assert bad.status_code == 422 and "callback_url" in bad.get_data(as_text=True), bad.json
+
+    accepted = hook_client.post("/api/runs", json={**RUN_BODY, "callback_url": receiver.url})
+    assert accepted.status_code == 202, accepted.json
+    run_id = accepted.json["run_id"]  # type: ignore[index]
+    deadline = time.monotonic() + 120
+    run: dict[str, Any] = hook_client.get(f"/api/runs/{run_id}").json  # type: ignore[assignment]
+    while run["status"] not in FINAL:
+        assert time.monotonic() < deadline, run
+        time.sleep(0.1)
+        run = hook_client.get(f"/api/runs/{run_id}").json  # type: ignore[assignment]
+    ended = time.monotonic()
+    while not receiver.received:
+        assert time.monotonic() - ended < 10, "no webhook within 10 s of the run's end"
+        time.sleep(0.05)
+    delivered_after_s = time.monotonic() - ended
+    job: dict[str, Any] = hook_client.get(f"/api/jobs/{run_id}").json  # type: ignore[assignment]
+    while job["callback"]["state"] == "pending":  # the attempt's row commits just after the receiver answered
+        time.sleep(0.05)
+        job = hook_client.get(f"/api/jobs/{run_id}").json  # type: ignore[assignment]
+    assert job["callback"] == {
+        "url": receiver.url, "state": "delivered", "attempts": 1, "next_attempt_at": None, "last_error": None
+    }  # fmt: skip
+    attempts = hook_client.get(f"/api/jobs/{run_id}/callback-deliveries").json["deliveries"]  # type: ignore[index]
+    assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 200)]
+
+    (got,) = receiver.received
+    secret = hook_client.get("/api/auth/webhook-secret").json["secret"]  # type: ignore[index]
+    summary = verify_signature(secret, got)
+    assert got["headers"]["X-AlphaForge-Event"] == "run.finished" and summary["event"] == "run.finished"
+    assert summary["job_id"] == run_id and summary["kind"] == "backtest" and summary["status"] == run["status"]
+    assert summary["progress"]["symbols_done"] == 2
+    assert summary["links"]["self"] == f"/api/runs/{run_id}"
+    print(f"\n[webhooks] run {run['status']}: webhook received {delivered_after_s:.2f} s after the run ended")
