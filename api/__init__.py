@@ -17,6 +17,7 @@ from api.auth import init_auth
 from api.errors import register_error_handlers, validation_error_response
 from api.ratelimit import apply_rate_limits, init_rate_limits
 from api.request_ids import init_request_ids
+from shared.artifact_store import ArtifactStore
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
@@ -35,6 +36,7 @@ class ApiServices:
     session_factory: sessionmaker[Session]
     celery: Celery
     redis: redis.Redis
+    artifacts: ArtifactStore
 
 
 def services() -> ApiServices:
@@ -120,6 +122,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         redis=redis.Redis.from_url(
             settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=2, health_check_interval=30
         ),
+        artifacts=ArtifactStore.from_settings(settings),
     )
     register_error_handlers(app)
     # Hooks run in this order: request id, authentication, body checks, then rate limits.
@@ -146,6 +149,10 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(nightly.runs_bp)
     app.register_api(metrics.bp)
     app.register_api(webhooks.bp)
+    from api import presets, universes
+
+    app.register_api(universes.bp)
+    app.register_api(presets.bp)
     metrics.init_request_metrics(app)
     apply_rate_limits(app, limiter, settings)
 

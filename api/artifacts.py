@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import uuid
 from typing import Any
 
@@ -132,22 +134,24 @@ def list_artifacts(path: RunPath) -> Response:
     return jsonify(view.model_dump(mode="json"))
 
 
-@bp.get("/<run_id>/artifacts/<name>", responses={200: None, 404: ErrorResponse, 409: ErrorResponse})
+@bp.get("/<run_id>/artifacts/<name>", responses={200: None, 404: ErrorResponse, 409: ErrorResponse, 503: ErrorResponse})
 def get_artifact(path: ArtifactPath) -> Response:
     """One artifact file (or ``manifest.json``) as stored."""
     job, manifest = _readable(path.run_id)
-    file_path = artifacts.artifact_path(_require_manifest(job, manifest), path.name)
-    if not file_path.is_file():
-        raise NotFound(f"artifact {path.name} is listed but missing from storage", details={"artifact": path.name})
+    content = artifacts.read_artifact(services().artifacts, _require_manifest(job, manifest), path.name)
     media_type = artifacts.MEDIA_TYPES.get(path.name, "application/octet-stream")
-    return send_file(file_path, mimetype=media_type, download_name=path.name, etag=True, max_age=0)
+    etag = hashlib.sha256(content).hexdigest()  # of the bytes served, so a changed object never matches an old tag
+    return send_file(io.BytesIO(content), mimetype=media_type, download_name=path.name, etag=etag, max_age=0)
 
 
-@bp.get("/<run_id>/manifest/verify", responses={200: VerifyView, 404: ErrorResponse, 409: ErrorResponse})
+@bp.get(
+    "/<run_id>/manifest/verify",
+    responses={200: VerifyView, 404: ErrorResponse, 409: ErrorResponse, 503: ErrorResponse},
+)
 def verify_manifest(path: RunPath) -> Response:
     """Recompute every file's size and SHA-256, the manifest's own hash and its link in your manifest chain."""
     job, manifest = _readable(path.run_id)
     checked = _require_manifest(job, manifest)
     with services().session_factory() as session:
-        result = artifacts.verify(session, checked)
+        result = artifacts.verify(session, services().artifacts, checked)
     return jsonify(VerifyView.model_validate(result).model_dump(mode="json"))

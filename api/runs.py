@@ -108,21 +108,38 @@ def run_view(job: Job, run: BacktestRun, results: list[JobResult], portfolio: di
 
 
 def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]:
-    """The engine's config (``symbol`` is a shorthand for a one-symbol ``symbols``) and the optional run name.
-    Invalid fields raise pydantic's ValidationError: a 422 naming each field."""
+    """The engine's config and the optional run name. The symbols come as exactly one of ``symbols``, ``symbol``
+    (one symbol) or ``universe`` (the id or name of a saved universe of yours, resolved to its symbols now). With
+    ``preset`` (id or name of a preset of yours) the rest of the body is laid over the preset's config
+    (``shared.presets.merge_overrides``). The config holds the resolved symbols and settings, so idempotency
+    works on what runs. Invalid fields raise pydantic's ValidationError: a 422 naming each field."""
+    from shared import presets, universes
+
     body = dict(body)
     name = body.pop("name", None)
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 100):
         raise ValidationFailed.for_field("name", "must be a non-blank string of at most 100 characters")
+    given = [key for key in ("symbol", "symbols", "universe") if key in body]
+    if len(given) > 1:
+        field = "symbol" if given[:2] == ["symbol", "symbols"] else "universe"
+        raise ValidationFailed.for_field(field, f"send exactly one of symbol, symbols or universe, not {given}")
     if "symbol" in body:
-        if "symbols" in body:
-            raise ValidationFailed.for_field("symbol", "send either symbol or symbols, not both")
         symbol = body.pop("symbol")
         if not isinstance(symbol, str):
             raise ValidationFailed.for_field("symbol", "must be a string")
         body["symbols"] = [symbol]
-    elif "symbols" not in body:
-        raise ValidationFailed.for_field("symbols", "a list of symbols (or one symbol as symbol) is required")
+    elif "symbols" not in body and "universe" not in body:
+        raise ValidationFailed.for_field(
+            "symbols", "a list of symbols (or one symbol as symbol, or a saved universe as universe) is required"
+        )
+    if "universe" in body or "preset" in body:
+        owner_id = current_principal().user_id
+        with services().session_factory() as session:
+            if "universe" in body:
+                body["symbols"] = universes.resolve_for_run(session, owner_id, body.pop("universe"))
+            if "preset" in body:
+                base = presets.resolve_for_run(session, owner_id, body.pop("preset"))
+                body = presets.merge_overrides(base, body)
     _check_date_order(body)
     config = BacktestConfig.model_validate(body)
     return config, (name.strip() if name else None)

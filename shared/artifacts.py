@@ -1,6 +1,7 @@
 """A finished run's artifacts and their manifest: metrics JSON, equity and trades CSV, a PNG chart.
 
-Files go to ``<data dir>/artifacts/<owner>/<run id>/``. The manifest lists each file's name, size and SHA-256 and
+Files go to the artifact store (``shared.artifact_store``: ``<data dir>/artifacts/<owner>/<run id>/`` by default,
+or an S3 bucket); every write, read and check goes through it. The manifest lists each file's name, size and SHA-256 and
 carries ``chain_prev``, the SHA-256 of the same owner's previous manifest; the manifest's own SHA-256 (of its
 canonical JSON) is kept in PostgreSQL. Verification recomputes all of it: an altered, truncated or removed file,
 an edited manifest, or a manifest taken out of the owner's chain is detected.
@@ -18,7 +19,6 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import runs
+from shared.artifact_store import ArtifactStore
 from shared.db import session_scope
 from shared.errors import NotFound
 from shared.models import BacktestCurve, BacktestRun, Job, JobResult, JobShard, RunManifest, ShardStatus
@@ -52,10 +53,6 @@ def canonical(value: Any) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def run_directory(data_dir: Path, owner_id: str, job_id: uuid.UUID) -> Path:
-    return data_dir / "artifacts" / owner_id / str(job_id)
 
 
 # --- content ---------------------------------------------------------------------------------------------------
@@ -177,7 +174,7 @@ def _lock(session: Session, key: str) -> None:
     session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
 
 
-def build_if_finished(factory: sessionmaker[Session], data_dir: Path, job_id: uuid.UUID) -> RunManifest | None:
+def build_if_finished(factory: sessionmaker[Session], store: ArtifactStore, job_id: uuid.UUID) -> RunManifest | None:
     """Build the run's artifacts if it is final and no shard is still open; the existing manifest if built."""
     with session_scope(factory) as session:
         _lock(session, f"artifacts:{job_id}")
@@ -202,10 +199,9 @@ def build_if_finished(factory: sessionmaker[Session], data_dir: Path, job_id: uu
             cash, rate = float(run.config.get("initial_cash", 10_000.0)), float(run.config.get("risk_free_rate", 0.0))
             portfolio = runs.portfolio_metrics([(c.dates, c.equity) for c in curves], cash, rate)
         files = render(data, portfolio)
-        directory = run_directory(data_dir, run.owner_id, job_id)
-        directory.mkdir(parents=True, exist_ok=True)
+        location = store.run_location(run.owner_id, job_id)
         for name, content in files.items():
-            (directory / name).write_bytes(content)
+            store.put(location, name, content)
         _lock(session, f"manifests-of:{run.owner_id}")
         chain_prev = session.scalar(
             select(RunManifest.manifest_sha256)
@@ -225,18 +221,18 @@ def build_if_finished(factory: sessionmaker[Session], data_dir: Path, job_id: uu
             ],
             "chain_prev": chain_prev,
         }
-        (directory / MANIFEST_NAME).write_bytes(canonical(manifest))
+        store.put(location, MANIFEST_NAME, canonical(manifest))
         row = RunManifest(
             job_id=job_id,
             owner_id=run.owner_id,
-            location=str(directory),
+            location=location,
             manifest=manifest,
             manifest_sha256=sha256_hex(canonical(manifest)),
             chain_prev=chain_prev,
         )
         session.add(row)
         session.flush()
-        log.info("run %s: %d artifacts written to %s", job_id, len(files), directory)
+        log.info("run %s: %d artifacts written to %s", job_id, len(files), location)
         return row
 
 
@@ -244,35 +240,34 @@ def get_manifest(session: Session, job_id: uuid.UUID) -> RunManifest | None:
     return session.scalar(select(RunManifest).where(RunManifest.job_id == job_id))
 
 
-def artifact_path(manifest: RunManifest, name: str) -> Path:
-    """The file of a listed artifact (or the manifest); anything else is a 404, so no path can be smuggled."""
+def read_artifact(store: ArtifactStore, manifest: RunManifest, name: str) -> bytes:
+    """A listed artifact (or the manifest) as stored; anything else is a 404, so no path can be smuggled."""
     listed = {f["name"] for f in manifest.manifest["files"]} | {MANIFEST_NAME}
     if name not in listed:
         raise NotFound(f"artifact {name[:64]} not found", details={"artifact": name[:64]})
-    return Path(manifest.location) / name
+    content = store.get(manifest.location, name)
+    if content is None:
+        raise NotFound(f"artifact {name} is listed but missing from storage", details={"artifact": name})
+    return content
 
 
-def verify(session: Session, manifest: RunManifest) -> dict[str, Any]:
-    """Recompute every hash: files against the manifest, the manifest against its stored hash and the file on
-    disk, and its place in the owner's chain (the previous manifest's hash, and the next one's ``chain_prev``)."""
-    directory = Path(manifest.location)
+def verify(session: Session, store: ArtifactStore, manifest: RunManifest) -> dict[str, Any]:
+    """Recompute every hash: files against the manifest, the manifest against its stored hash and the stored
+    copy, and its place in the owner's chain (the previous manifest's hash, and the next one's ``chain_prev``)."""
     files = []
     for entry in manifest.manifest["files"]:
-        path = directory / entry["name"]
+        content = store.get(manifest.location, entry["name"])
         problem = None
-        if not path.is_file():
+        if content is None:
             problem = "missing"
-        else:
-            content = path.read_bytes()
-            if len(content) != entry["size"]:
-                problem = f"size {len(content)}, manifest says {entry['size']}"
-            elif sha256_hex(content) != entry["sha256"]:
-                problem = "sha256 differs from the manifest"
+        elif len(content) != entry["size"]:
+            problem = f"size {len(content)}, manifest says {entry['size']}"
+        elif sha256_hex(content) != entry["sha256"]:
+            problem = "sha256 differs from the manifest"
         files.append({"name": entry["name"], "ok": problem is None, "problem": problem})
     recorded = canonical(manifest.manifest)
     manifest_ok = sha256_hex(recorded) == manifest.manifest_sha256
-    manifest_file = directory / MANIFEST_NAME
-    manifest_file_ok = manifest_file.is_file() and manifest_file.read_bytes() == recorded
+    manifest_file_ok = store.get(manifest.location, MANIFEST_NAME) == recorded
     before = session.scalar(
         select(RunManifest.manifest_sha256)
         .where(RunManifest.owner_id == manifest.owner_id, RunManifest.id < manifest.id)

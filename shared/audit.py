@@ -31,6 +31,12 @@ class AuditAction(str, enum.Enum):
     JOB_CANCELLED = "job.cancel"
     RUN_SUBMITTED = "run.submit"
     RUN_CANCELLED = "run.cancel"
+    UNIVERSE_CREATED = "universe.create"
+    UNIVERSE_UPDATED = "universe.update"
+    UNIVERSE_DELETED = "universe.delete"
+    PRESET_CREATED = "preset.create"
+    PRESET_UPDATED = "preset.update"
+    PRESET_DELETED = "preset.delete"
 
 
 def record(

@@ -8,6 +8,7 @@ The documented defaults are the embedded development setup.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,6 +134,9 @@ class Maintenance:
     retention_interval_s: float = 3600.0  # ALPHAFORGE_RETENTION_INTERVAL: seconds between retention passes
     retention_days: int = 30  # ALPHAFORGE_RETENTION_DAYS: finished calculation jobs older than this go (0: never)
     retention_max_jobs: int = 1000  # ALPHAFORGE_RETENTION_MAX_JOBS: finished jobs kept per owner (0: no limit)
+    # ALPHAFORGE_RUN_RETENTION_KEEP: finished backtest runs kept per owner, newest first (0: keep all); the older ones
+    # go with their artifacts, on the same beat interval (shared/run_retention.py)
+    run_retention_keep: int = 100
     # ALPHAFORGE_NIGHTLY_SCHEDULE: cron "minute hour day-of-month month day-of-week" in the exchange's time zone
     # for the nightly recalculation of scripts flagged nightly ("off": only on demand)
     nightly_schedule: str = "0 2 * * *"
@@ -170,6 +174,45 @@ class ApiServer:
             )
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class ArtifactStorage:
+    """Where run artifacts are written (shared/artifact_store.py). Unset ``url``: ``<data dir>/artifacts``.
+
+    Credentials left unset are found the way AWS tools find them (instance or container role, web identity)."""
+
+    url: str | None = None  # ALPHAFORGE_ARTIFACTS_URL: s3://bucket[/prefix]
+    s3_endpoint_url: str | None = None  # ALPHAFORGE_S3_ENDPOINT_URL: an S3-compatible server (MinIO, Ceph); unset: AWS
+    s3_region: str | None = None  # ALPHAFORGE_S3_REGION, else AWS_REGION or AWS_DEFAULT_REGION
+    s3_access_key_id: str | None = field(default=None, repr=False)  # AWS_ACCESS_KEY_ID
+    s3_secret_access_key: str | None = field(default=None, repr=False)  # AWS_SECRET_ACCESS_KEY
+    s3_session_token: str | None = field(default=None, repr=False)  # AWS_SESSION_TOKEN
+
+
+def _artifacts_url(env: Mapping[str, str], name: str) -> str | None:
+    """``s3://bucket[/prefix]`` with a valid bucket name (normalised without trailing slash), or None when unset."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    scheme, _, rest = raw.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(f"{name} must be s3://bucket[/prefix] (unset: the data directory), got {raw!r}")
+    prefix = prefix.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ConfigError(f"{name} has an empty, '.' or '..' part in its prefix: {raw!r}")
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
+def _endpoint_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = (env.get(name) or "").strip().rstrip("/")
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    return raw or None
+
+
 MIN_JWT_SECRET_CHARS = 32  # HS256 wants a key of at least 256 bits
 MIN_FLOWER_PASSWORD_CHARS = 12
 
@@ -190,6 +233,10 @@ class Settings:
     max_request_bytes: int = 2_000_000  # ALPHAFORGE_MAX_REQUEST_BYTES
     enqueue_timeout_s: float = 5.0  # ALPHAFORGE_ENQUEUE_TIMEOUT: broker publish budget per job
     shard_max_retries: int = 3  # ALPHAFORGE_SHARD_MAX_RETRIES: attempts after a failure that is not a DB outage
+    # ALPHAFORGE_MAX_VALIDATION_BACKTESTS: a run's validation, in backtests (draws x symbols + each task's baseline)
+    max_validation_backtests: int = 250_000
+    # ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS: one validation task (its chunk of draws x symbols), in backtests
+    max_validation_task_backtests: int = 50_000
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # ALPHAFORGE_SANDBOX_TIMEOUT (s per symbol), ALPHAFORGE_SANDBOX_MEMORY_MB
     jwt_secret_key: str | None = field(default=None, repr=False)  # JWT_SECRET_KEY: required by the API
@@ -206,6 +253,7 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)  # ALPHAFORGE_METRICS_TOKEN: bearer token of /metrics
     webhooks: Webhooks = field(default_factory=Webhooks)
     api: ApiServer = field(default_factory=ApiServer)
+    artifacts: ArtifactStorage = field(default_factory=ArtifactStorage)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -232,6 +280,7 @@ class Settings:
             retention_interval_s=_float(env, "ALPHAFORGE_RETENTION_INTERVAL", maint.retention_interval_s),
             retention_days=_int(env, "ALPHAFORGE_RETENTION_DAYS", maint.retention_days, minimum=0),
             retention_max_jobs=_int(env, "ALPHAFORGE_RETENTION_MAX_JOBS", maint.retention_max_jobs, minimum=0),
+            run_retention_keep=_int(env, "ALPHAFORGE_RUN_RETENTION_KEEP", maint.run_retention_keep, minimum=0),
             nightly_schedule=_cron(env, "ALPHAFORGE_NIGHTLY_SCHEDULE", maint.nightly_schedule),
             exchange_timezone=_timezone(env, "ALPHAFORGE_EXCHANGE_TIMEZONE", maint.exchange_timezone),
         )
@@ -260,6 +309,12 @@ class Settings:
             max_request_bytes=_int(env, "ALPHAFORGE_MAX_REQUEST_BYTES", defaults.max_request_bytes),
             enqueue_timeout_s=_float(env, "ALPHAFORGE_ENQUEUE_TIMEOUT", defaults.enqueue_timeout_s),
             shard_max_retries=_int(env, "ALPHAFORGE_SHARD_MAX_RETRIES", defaults.shard_max_retries, minimum=0),
+            max_validation_backtests=_int(
+                env, "ALPHAFORGE_MAX_VALIDATION_BACKTESTS", defaults.max_validation_backtests
+            ),
+            max_validation_task_backtests=_int(
+                env, "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS", defaults.max_validation_task_backtests
+            ),
             sandbox=sandbox,
             jwt_secret_key=env.get("JWT_SECRET_KEY") or None,
             access_token_ttl_s=_int(env, "ALPHAFORGE_ACCESS_TOKEN_TTL", defaults.access_token_ttl_s),
@@ -280,6 +335,14 @@ class Settings:
                 poll_interval_s=_float(env, "ALPHAFORGE_WEBHOOK_POLL_INTERVAL", Webhooks.poll_interval_s),
             ),
             api=api_server,
+            artifacts=ArtifactStorage(
+                url=_artifacts_url(env, "ALPHAFORGE_ARTIFACTS_URL"),
+                s3_endpoint_url=_endpoint_url(env, "ALPHAFORGE_S3_ENDPOINT_URL"),
+                s3_region=env.get("ALPHAFORGE_S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+                s3_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+                s3_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+                s3_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            ),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -336,6 +399,8 @@ class Settings:
             "ALPHAFORGE_MAX_REQUEST_BYTES": str(self.max_request_bytes),
             "ALPHAFORGE_ENQUEUE_TIMEOUT": str(self.enqueue_timeout_s),
             "ALPHAFORGE_SHARD_MAX_RETRIES": str(self.shard_max_retries),
+            "ALPHAFORGE_MAX_VALIDATION_BACKTESTS": str(self.max_validation_backtests),
+            "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS": str(self.max_validation_task_backtests),
             "ALPHAFORGE_SANDBOX_TIMEOUT": str(self.sandbox.symbol_timeout_s),
             "ALPHAFORGE_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
             "ALPHAFORGE_ACCESS_TOKEN_TTL": str(self.access_token_ttl_s),
@@ -355,6 +420,7 @@ class Settings:
             "ALPHAFORGE_RETENTION_INTERVAL": str(self.maintenance.retention_interval_s),
             "ALPHAFORGE_RETENTION_DAYS": str(self.maintenance.retention_days),
             "ALPHAFORGE_RETENTION_MAX_JOBS": str(self.maintenance.retention_max_jobs),
+            "ALPHAFORGE_RUN_RETENTION_KEEP": str(self.maintenance.run_retention_keep),
             "ALPHAFORGE_NIGHTLY_SCHEDULE": self.maintenance.nightly_schedule,
             "ALPHAFORGE_EXCHANGE_TIMEZONE": self.maintenance.exchange_timezone,
             "ALPHAFORGE_FLOWER_PORT": str(self.flower_port),
@@ -368,6 +434,16 @@ class Settings:
             "ALPHAFORGE_SSE_MAX_STREAMS": str(self.api.sse_max_streams),
             "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": str(self.api.sse_max_streams_per_user),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
+        store = self.artifacts  # the worker writes artifacts and the API serves them: both need the same store
+        optional = {
+            "ALPHAFORGE_ARTIFACTS_URL": store.url,
+            "ALPHAFORGE_S3_ENDPOINT_URL": store.s3_endpoint_url,
+            "ALPHAFORGE_S3_REGION": store.s3_region,
+            "AWS_ACCESS_KEY_ID": store.s3_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": store.s3_secret_access_key,
+            "AWS_SESSION_TOKEN": store.s3_session_token,
+        }
+        env.update({name: value for name, value in optional.items() if value})
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
         if self.redis_url:

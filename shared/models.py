@@ -434,3 +434,41 @@ class RunManifest(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     chain_prev: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SavedUniverse(Base):
+    """A user's named list of symbols (``/api/universes``); a run may be created over it by id or name."""
+
+    __tablename__ = "universes"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "name", name="uq_universes_owner_name"),
+        CheckConstraint("cardinality(symbols) > 0", name="ck_universes_symbols"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Preset(Base):
+    """A user's named backtest config without symbols (``/api/presets``); a run may start from it.
+    ``config_hash`` is the SHA-256 of the config's canonical JSON: creating the same name and config again
+    finds this row."""
+
+    __tablename__ = "presets"
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_presets_owner_name"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    description: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

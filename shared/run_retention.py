@@ -8,16 +8,16 @@ its artifact directory. Its manifest row stays: the manifests chain per owner, a
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import runs
+from shared.artifact_store import ArtifactStore
 from shared.db import session_scope
+from shared.errors import ServiceUnavailable
 from shared.models import Job, RunManifest
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,11 @@ class Pruned:
     artifact_dirs: int
 
 
-def prune_runs(factory: sessionmaker[Session], *, keep: int = DEFAULT_KEEP_RUNS, batch: int = 500) -> Pruned:
-    """Delete every owner's finished runs beyond the newest ``keep`` (``keep`` 0: keep all), in batches."""
+def prune_runs(
+    factory: sessionmaker[Session], store: ArtifactStore, *, keep: int = DEFAULT_KEEP_RUNS, batch: int = 500
+) -> Pruned:
+    """Delete every owner's finished runs beyond the newest ``keep`` (``keep`` 0: keep all), in batches; their
+    artifacts go through ``store`` (the data directory's folders or the bucket's objects alike)."""
     if keep <= 0:
         return Pruned(0, 0)
     deleted = dirs = 0
@@ -58,9 +61,10 @@ def prune_runs(factory: sessionmaker[Session], *, keep: int = DEFAULT_KEEP_RUNS,
             locations = list(session.scalars(select(RunManifest.location).where(RunManifest.job_id.in_(ids))))
             session.execute(delete(Job).where(Job.id.in_(ids)))
         for location in locations:
-            directory = Path(location)
-            if directory.is_dir():
-                shutil.rmtree(directory, ignore_errors=True)
-                dirs += 1
+            try:
+                if store.delete_run(location):
+                    dirs += 1
+            except ServiceUnavailable:  # the runs are gone already; a store that is down keeps their files
+                log.exception("run retention: artifacts at %s not deleted", location)
         deleted += len(ids)
         log.info("run retention: deleted %d runs beyond the newest %d per owner", len(ids), keep)

@@ -12,6 +12,7 @@ from typing import Any
 from celery import shared_task
 
 from shared import artifacts, runs
+from shared.artifact_store import ArtifactStore
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 
@@ -35,6 +36,7 @@ def build_artifacts(services: WorkerServices, shard_id: int) -> None:
     try:
         job_id = runs.job_of_shard(services.session_factory, shard_id)
         if job_id is not None:
-            artifacts.build_if_finished(services.session_factory, services.settings.data_dir, job_id)
+            store = ArtifactStore.from_settings(services.settings)
+            artifacts.build_if_finished(services.session_factory, store, job_id)
     except Exception:
         log.exception("run %s: artifacts not built", job_id)
