@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas import Progress
+from shared.validation import ValidationSpec
 
 RunStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 
@@ -63,6 +64,39 @@ class SymbolSummary(BaseModel):
     error: dict[str, Any] | None = None
 
 
+class ValidationProgress(BaseModel):
+    """The run's validation tasks (extra shards of its job, counted in ``shards_*`` too)."""
+
+    tasks_total: int
+    tasks_done: int = Field(description="finished tasks, failed ones included")
+    tasks_failed: int
+    work_total: int = Field(description="estimated backtests of all tasks (draws x symbols + baselines)")
+    work_done: int
+
+
+class RunProgress(Progress):
+    """``percent`` counts symbols and validation work alike, in backtests: a run whose symbols are done while
+    its validation still runs is not near 100 %."""
+
+    validation: ValidationProgress | None = None
+
+
+class ValidationBody(BaseModel):
+    """Wraps the request's ``validation`` so that errors name it (``validation.permutation.n``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    validation: ValidationSpec
+
+
+class RunValidation(BaseModel):
+    spec: dict[str, Any] = Field(description="the validation spec as run (all methods off unless given)")
+    seed: int = Field(description="the config's seed: every task's random stream derives from it")
+    result: dict[str, Any] | None = Field(
+        description="once the run is final: each method's result with its method, params, seed, draws and tasks"
+    )
+
+
 class RunSummaryItem(BaseModel):
     run_id: str
     name: str | None
@@ -70,7 +104,7 @@ class RunSummaryItem(BaseModel):
     strategy: str
     config_hash: str
     symbols: int
-    progress: Progress
+    progress: RunProgress
     created_at: dt.datetime
     finished_at: dt.datetime | None
     links: RunLinks
@@ -89,15 +123,20 @@ class RunView(BaseModel):
     strategy: str
     config_hash: str
     config: dict[str, Any]
-    progress: Progress
+    progress: RunProgress
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     error: str | None
-    symbols: list[SymbolSummary] = Field(description="per symbol, ordered by symbol, once it has finished")
+    symbols: list[SymbolSummary] = Field(
+        description="per symbol, ordered by symbol, once it has finished; the first ones only when "
+        "symbols_truncated (every symbol: links.results, paged)"
+    )
+    symbols_truncated: bool = False
     portfolio: dict[str, Any] | None = Field(
         description="a finished run of several symbols as one portfolio of equal-cash sleeves"
     )
+    validation: RunValidation | None = None
     links: RunLinks
 
 

@@ -26,14 +26,18 @@ from api.run_schemas import (
     RunAccepted,
     RunLinks,
     RunPath,
+    RunProgress,
     RunResultRow,
     RunResultsPage,
     RunResultsQuery,
     RunsPage,
     RunsQuery,
     RunSummaryItem,
+    RunValidation,
     RunView,
     SymbolSummary,
+    ValidationBody,
+    ValidationProgress,
 )
 from api.schemas import ErrorResponse
 from api.views import progress
@@ -44,9 +48,13 @@ from shared.backtest import BacktestConfig
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import RedisJobEvents
 from shared.models import BacktestRun, Job, JobResult
+from shared.validation import ValidationSpec
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
 
 bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
+
+SYMBOLS_IN_VIEW = 100
+"""GET /api/runs/<id> embeds at most this many symbol summaries (every symbol: /api/runs/<id>/results, paged)."""
 
 IDEMPOTENCY_HEADER = "Idempotent-Replayed"
 """``true`` on a create that found the caller's existing run of the same config (200 instead of 202)."""
@@ -87,7 +95,37 @@ def _symbol_summary(row: JobResult) -> SymbolSummary:
     return SymbolSummary.model_validate({"symbol": row.symbol, **picked, "error": row.error})
 
 
-def run_view(job: Job, run: BacktestRun, results: list[JobResult], portfolio: dict[str, Any] | None) -> RunView:
+def run_progress(job: Job, validation: runs.ValidationProgress | None) -> RunProgress:
+    """The job's progress, with the run's validation tasks; ``percent`` weighs symbols and validation work in
+    backtests (one per symbol, ``Task.work`` per task)."""
+    base = progress(job).model_dump()
+    if validation is None:
+        return RunProgress(**base)
+    total = job.symbols_total + validation.work_total
+    done = job.symbols_done + validation.work_done
+    base["percent"] = round(100.0 * done / total, 2) if total else 100.0
+    return RunProgress(**base, validation=ValidationProgress(**vars(validation)))
+
+
+def _validation_progress(session: Session, runs_: list[BacktestRun]) -> dict[uuid.UUID, runs.ValidationProgress]:
+    ids = [r.job_id for r in runs_ if r.validation is not None]
+    return runs.validation_progress(session, ids) if ids else {}
+
+
+def _validation_view(run: BacktestRun, result: dict[str, Any] | None) -> RunValidation | None:
+    if run.validation is None:
+        return None
+    return RunValidation(spec=run.validation, seed=int(run.config.get("seed", 0)), result=result)
+
+
+def run_view(
+    job: Job,
+    run: BacktestRun,
+    results: list[JobResult],
+    portfolio: dict[str, Any] | None,
+    validation: runs.ValidationProgress | None = None,
+    validation_result: dict[str, Any] | None = None,
+) -> RunView:
     return RunView(
         run_id=str(job.id),
         name=run.name,
@@ -96,13 +134,15 @@ def run_view(job: Job, run: BacktestRun, results: list[JobResult], portfolio: di
         strategy=run.strategy,
         config_hash=run.config_hash,
         config=run.config,
-        progress=progress(job),
+        progress=run_progress(job, validation),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
         error=job.error,
-        symbols=[_symbol_summary(r) for r in results],
+        symbols=[_symbol_summary(r) for r in results[:SYMBOLS_IN_VIEW]],
+        symbols_truncated=len(results) > SYMBOLS_IN_VIEW,
         portfolio=portfolio,
+        validation=_validation_view(run, validation_result),
         links=run_links(job.id),
     )
 
@@ -145,6 +185,15 @@ def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]
     return config, (name.strip() if name else None)
 
 
+def _validation_from_body(raw: object) -> ValidationSpec | None:
+    """The body's ``validation`` (absent or null: none). Invalid fields raise pydantic's ValidationError located
+    under ``validation`` (``validation.permutation.n``): a 422 naming each field."""
+    if raw is None:
+        return None
+    spec = ValidationBody.model_validate({"validation": raw}).validation
+    return spec if spec.methods() else None
+
+
 def _check_date_order(body: dict[str, Any]) -> None:
     """The engine reports an inverted range on the whole config; the API names the field."""
     start, end = body.get("start_date"), body.get("end_date")
@@ -181,6 +230,7 @@ def create_run() -> Response:
     if not isinstance(body, dict):
         raise ValidationFailed.for_field("body", "a JSON object with the backtest config is required")
     callback_url = body.pop("callback_url", None)  # a webhook when the run ends, as for calculation jobs
+    validation = _validation_from_body(body.pop("validation", None))
     config, name = _config_from_body(body)
     if callback_url is not None:
         if not isinstance(callback_url, str):
@@ -197,12 +247,17 @@ def create_run() -> Response:
 
     submitted = runs.submit_run(
         svc.session_factory,
-        runs.RunRequest(config=config, owner_id=principal.user_id, name=name, callback_url=callback_url),
+        runs.RunRequest(
+            config=config, owner_id=principal.user_id, name=name, callback_url=callback_url, validation=validation
+        ),
         shard_size=settings.shard_size,
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_BACKTEST_SHARD),
         max_active_per_owner=settings.rate_limits.max_active_jobs,
         on_write=record_submission,
         events=RedisJobEvents(svc.redis),
+        validation_limits=runs.ValidationLimits(
+            settings.max_validation_backtests, settings.max_validation_task_backtests
+        ),
     )
     job = submitted.job
     links = run_links(job.id)
@@ -254,8 +309,9 @@ def list_runs(query: RunsQuery) -> Response:
     stmt = stmt.order_by(BacktestRun.created_at.desc(), BacktestRun.job_id.desc()).limit(query.limit + 1)
     with services().session_factory() as session:
         rows = session.execute(stmt).all()
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        validating = _validation_progress(session, [run for _, run in rows])
     page = RunsPage(
         runs=[
             RunSummaryItem(
@@ -265,7 +321,7 @@ def list_runs(query: RunsQuery) -> Response:
                 strategy=run.strategy,
                 config_hash=run.config_hash,
                 symbols=job.symbols_total,
-                progress=progress(job),
+                progress=run_progress(job, validating.get(job.id)),
                 created_at=run.created_at,
                 finished_at=job.finished_at,
                 links=run_links(job.id),
@@ -279,14 +335,23 @@ def list_runs(query: RunsQuery) -> Response:
 
 @bp.get("/<run_id>", responses={200: RunView, 401: ErrorResponse, 404: ErrorResponse})
 def get_run(path: RunPath) -> Response:
-    """Status, progress, a metrics summary per finished symbol and, for a finished run of several symbols,
-    portfolio-level metrics."""
+    """Status, progress (validation tasks included), a metrics summary per finished symbol (the first
+    100; every one: ``/results``), for a finished run of several symbols portfolio-level metrics, and with a
+    validation spec its result once the run is final."""
     svc = services()
     with svc.session_factory() as session:
         job, run = _readable_run(session, path.run_id)
-        results = list(session.scalars(select(JobResult).where(JobResult.job_id == job.id).order_by(JobResult.symbol)))
+        results = _summary_rows(session, job.id)
+        validating = _validation_progress(session, [run]).get(job.id)
     portfolio = runs.ensure_portfolio(svc.session_factory, job, run)
-    return jsonify(run_view(job, run, results, portfolio).model_dump(mode="json"))
+    result = runs.ensure_validation(svc.session_factory, job, run)
+    return jsonify(run_view(job, run, results, portfolio, validating, result).model_dump(mode="json"))
+
+
+def _summary_rows(session: Session, job_id: uuid.UUID) -> list[JobResult]:
+    """The first symbols' results, one more than shown (to tell that the list was cut)."""
+    query = select(JobResult).where(JobResult.job_id == job_id).order_by(JobResult.symbol).limit(SYMBOLS_IN_VIEW + 1)
+    return list(session.scalars(query))
 
 
 @bp.get("/<run_id>/results", responses={200: RunResultsPage, 404: ErrorResponse, 422: ErrorResponse})
@@ -343,5 +408,6 @@ def cancel_run(path: RunPath) -> Response:
         )
     with svc.session_factory() as session:
         job, run = runs.get_run(session, run_id)
-        results = list(session.scalars(select(JobResult).where(JobResult.job_id == job.id).order_by(JobResult.symbol)))
-    return jsonify(run_view(job, run, results, None).model_dump(mode="json"))
+        results = _summary_rows(session, job.id)
+        validating = _validation_progress(session, [run]).get(job.id)
+    return jsonify(run_view(job, run, results, None, validating).model_dump(mode="json"))

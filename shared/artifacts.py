@@ -42,6 +42,7 @@ MEDIA_TYPES = {
     "equity.csv": "text/csv",
     "trades.csv": "text/csv",
     "chart.png": "image/png",
+    "validation.json": "application/json",
     MANIFEST_NAME: "application/json",
 }
 TRADE_COLUMNS = ("entry_date", "exit_date", "size", "entry_price", "exit_price", "pnl", "return_pct", "commission")
@@ -155,9 +156,25 @@ def _chart_png(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark: 
     return out.getvalue()
 
 
-def render(data: RunData, portfolio: dict[str, Any] | None) -> dict[str, bytes]:
+def _validation_json(data: RunData, validation: dict[str, Any]) -> bytes:
+    """The run's validation (shared.validation.combine): each method's result, params, seed, draws and tasks."""
+    doc = {
+        "run_id": str(data.job.id),
+        "status": data.job.status,
+        "config_hash": data.run.config_hash,
+        "spec": data.run.validation,
+        **validation,
+    }
+    return json.dumps(doc, indent=1, sort_keys=False, allow_nan=False).encode()
+
+
+def render(
+    data: RunData, portfolio: dict[str, Any] | None, validation: dict[str, Any] | None = None
+) -> dict[str, bytes]:
     """Every artifact's bytes, by file name (pure: no database, no disk)."""
     files = {"metrics.json": _metrics_json(data, portfolio)}
+    if validation is not None:
+        files["validation.json"] = _validation_json(data, validation)
     if data.curves:
         initial_cash = float(data.run.config.get("initial_cash", 10_000.0))
         dates, equity, benchmark = _series(data, initial_cash)
@@ -198,7 +215,7 @@ def build_if_finished(factory: sessionmaker[Session], store: ArtifactStore, job_
         if len(job.symbols) > 1:
             cash, rate = float(run.config.get("initial_cash", 10_000.0)), float(run.config.get("risk_free_rate", 0.0))
             portfolio = runs.portfolio_metrics([(c.dates, c.equity) for c in curves], cash, rate)
-        files = render(data, portfolio)
+        files = render(data, portfolio, runs.ensure_validation(factory, job, run))
         location = store.run_location(run.owner_id, job_id)
         for name, content in files.items():
             store.put(location, name, content)

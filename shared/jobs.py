@@ -107,8 +107,13 @@ def submit(
     max_active_per_owner: int | None = None,
     on_write: OnWrite | None = None,
     events: JobEvents | None = None,
+    tasks_first: Sequence[dict[str, Any]] = (),
 ) -> Job:
     """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
+
+    ``tasks_first``: shards that carry a task description instead of symbols (a backtest run's validation
+    tasks, ``JobShard.task``); they come first (the heaviest work starts first) and count in ``shards_total``
+    like any shard, so progress, cancel, retries, the reconciler and finalization treat them alike.
 
     If enqueueing fails the job is marked failed (never left looking queued) and
     ServiceUnavailable is raised; shards already sent find a failed job and do nothing.
@@ -116,7 +121,7 @@ def submit(
     """
     batches = split_into_shards(job.symbols, shard_size)
     job.shard_size = shard_size
-    job.shards_total = len(batches)
+    job.shards_total = len(tasks_first) + len(batches)
     job.symbols_total = len(job.symbols)
     job.status = JobStatus.QUEUED.value
     with session_scope(factory) as session:
@@ -126,9 +131,14 @@ def submit(
         session.add(job)
         session.flush()
         shards = [
-            JobShard(job_id=job.id, index=i, symbols=batch, status=ShardStatus.QUEUED.value, task_id=str(uuid.uuid4()))
+            JobShard(job_id=job.id, index=i, symbols=[], task=dict(task), status=ShardStatus.QUEUED.value,
+                     task_id=str(uuid.uuid4()))
+            for i, task in enumerate(tasks_first)
+        ] + [
+            JobShard(job_id=job.id, index=len(tasks_first) + i, symbols=batch, status=ShardStatus.QUEUED.value,
+                     task_id=str(uuid.uuid4()))
             for i, batch in enumerate(batches)
-        ]
+        ]  # fmt: skip
         session.add_all(shards)
         session.flush()
         if on_write is not None:
@@ -136,7 +146,7 @@ def submit(
         tasks = [ShardTask(shard.id, shard.task_id, owner_load) for shard in shards]
     if events is not None:  # before the tasks exist: a shard's first event can never precede it
         events.publish(
-            job.id, job_events.QUEUED, {"kind": job.kind, "shards": len(batches), "symbols": len(job.symbols)}
+            job.id, job_events.QUEUED, {"kind": job.kind, "shards": job.shards_total, "symbols": len(job.symbols)}
         )
     try:
         enqueue(tasks)
@@ -168,6 +178,7 @@ class StartedShard:
     shard_id: int
     job: Job
     symbols: list[str]
+    task: dict[str, Any] | None = None  # a validation task's description (JobShard.task) instead of symbols
 
 
 def _lock_job_of_shard(session: Session, shard_id: int) -> uuid.UUID | None:
@@ -185,7 +196,9 @@ def start_shard(
     started = _claim_shard(factory, shard_id)
     if started is not None and events is not None:
         shard, index, attempt = started
-        detail = {"shard": index, "symbols": len(shard.symbols), "attempt": attempt}
+        detail: dict[str, Any] = {"shard": index, "symbols": len(shard.symbols), "attempt": attempt}
+        if shard.task is not None:
+            detail["validation"] = shard.task
         events.publish(shard.job.id, job_events.SHARD_STARTED, detail)
     return started[0] if started is not None else None
 
@@ -202,14 +215,14 @@ def _claim_shard(factory: sessionmaker[Session], shard_id: int) -> tuple[Started
                 FROM jobs j
                 WHERE s.id = :id AND j.id = s.job_id
                   AND s.status IN ('queued', 'running') AND j.status IN ('queued', 'running')
-                RETURNING s.job_id, s.symbols, s.index, s.attempts
+                RETURNING s.job_id, s.symbols, s.index, s.attempts, s.task
                 """
             ),
             {"id": shard_id},
         ).first()
         if row is None:
             return None
-        job_id, symbols, index, attempts = row
+        job_id, symbols, index, attempts, task = row
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
@@ -217,7 +230,7 @@ def _claim_shard(factory: sessionmaker[Session], shard_id: int) -> tuple[Started
         )
         job = session.get(Job, job_id)
         assert job is not None
-        return StartedShard(shard_id, job, list(symbols)), index, attempts
+        return StartedShard(shard_id, job, list(symbols), task), index, attempts
 
 
 @dataclass(frozen=True)
@@ -247,11 +260,11 @@ def _finish_shard(
         update(JobShard)
         .where(JobShard.id == shard_id, JobShard.status.in_(_OPEN_SHARD))
         .values(status=status.value, error=error, finished_at=text("now()"))
-        .returning(JobShard.job_id, JobShard.index)
+        .returning(JobShard.job_id, JobShard.index, JobShard.task)
     ).first()
     if claimed is None:
         return None  # already finished by another delivery: change nothing
-    job_id, index = claimed
+    job_id, index, task = claimed
     if outcomes:
         stmt = insert(JobResult).values(
             [
@@ -281,9 +294,16 @@ def _finish_shard(
             symbols_failed=Job.symbols_failed + failed,
             error=func.coalesce(Job.error, error),
         )
-        .returning(Job.shards_done, Job.shards_total, Job.symbols_done, Job.symbols_failed, Job.symbols_total)
+        .returning(
+            Job.shards_done,
+            Job.shards_total,
+            Job.shards_failed,
+            Job.symbols_done,
+            Job.symbols_failed,
+            Job.symbols_total,
+        )
     ).one()
-    shards_done, shards_total, symbols_done, symbols_failed, symbols_total = counters
+    shards_done, shards_total, shards_failed, symbols_done, symbols_failed, symbols_total = counters
     shard_event = {
         "shard": index,
         "status": status.value,
@@ -295,9 +315,11 @@ def _finish_shard(
         "symbols_failed": symbols_failed,
         "symbols_total": symbols_total,
     }
+    if task is not None:
+        shard_event["validation"] = task
     end = _ShardEnd(job_id, shard_event, None)
     if shards_done >= shards_total:
-        if symbols_failed == 0:
+        if symbols_failed == 0 and shards_failed == 0:  # a failed shard without symbols (a task) is partial
             final = JobStatus.SUCCEEDED
         elif symbols_failed >= symbols_total:
             final = JobStatus.FAILED

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -160,6 +161,9 @@ class JobShard(Base):
     # re-published the shard because its task had vanished (bounded; then the shard fails with the reason).
     enqueued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
+    # A backtest run's validation task (shared/validation.py ``Task``: method, task index, draws, work) instead
+    # of symbols (``symbols`` is then empty); NULL for a shard of symbols.
+    task: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 
 
 class JobResult(Base):
@@ -396,6 +400,10 @@ class BacktestRun(Base):
     config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     # Portfolio-level metrics of a finished multi-symbol run (equal-cash sleeves), computed once on first read.
     portfolio: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # The run's validation spec (shared.validation.ValidationSpec; NULL: none) and, once the run is final, the
+    # result combined from its tasks' parts (computed once, then kept).
+    validation: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    validation_result: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -413,6 +421,22 @@ class BacktestCurve(Base):
     # Buy and hold of the same cash from the first tradable bar (the chart's benchmark), and the closed trades.
     benchmark: Mapped[list[float] | None] = mapped_column(ARRAY(Double))
     trades: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]", default=list)
+
+
+class RunValidationPart(Base):
+    """What one validation task of a run produced: its draws as float64 bytes (a bootstrap draw is three
+    values) and its baseline or, for walk-forward, its symbols' results (``detail``)."""
+
+    __tablename__ = "run_validation_parts"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    method: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    draws: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    computed_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class RunManifest(Base):

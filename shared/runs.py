@@ -4,11 +4,18 @@ A run is a job like a calculation job (``shared.jobs``: the same shards, counter
 this module adds what only a run has: creation that is idempotent per owner on the config's canonical hash,
 symbol checks before anything is written, the shard body (load bars, ``run_backtest`` per symbol, store its
 metrics and equity curve) with a cancellation checkpoint between symbols, and portfolio-level metrics.
+
+Validation (``shared.validation``) rides on the same machinery: its tasks are extra shards of the run's job that
+carry a task description (``JobShard.task``) instead of symbols, run by the same shard task
+(:func:`run_shard` dispatches on it), each storing its draws in ``run_validation_parts``; the parts are combined
+into the run's validation result once the run is final (:func:`ensure_validation`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import math
 import time
@@ -19,19 +26,29 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy.exc
-from numpy.typing import NDArray
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
+from shared import validation as val
 from shared.backtest import BacktestConfig, Bars, BarsError, run_backtest
 from shared.bars import SymbolBars, load_bars
 from shared.calculations import symbols_sha256
 from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
 from shared.events import JobEvents
-from shared.models import BacktestCurve, BacktestRun, Job, JobKind, JobShard, JobStatus, Symbol
+from shared.models import (
+    BacktestCurve,
+    BacktestRun,
+    Job,
+    JobKind,
+    JobShard,
+    JobStatus,
+    RunValidationPart,
+    ShardStatus,
+    Symbol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +75,53 @@ class RunRequest:
     owner_id: str
     name: str | None = None
     callback_url: str | None = None  # checked by shared/webhooks.validate_callback_url before it gets here
+    validation: val.ValidationSpec | None = None  # None (or no method enabled): no validation
+
+    @property
+    def definition(self) -> tuple[str, str]:
+        return run_definition(self.config, self.validation)
+
+
+def run_definition(config: BacktestConfig, validation: val.ValidationSpec | None) -> tuple[str, str]:
+    """(canonical JSON, SHA-256) of what a run computes: the config's own when there is no validation (so a
+    run without validation keeps the config's hash), else the config and the validation spec together. The hash
+    makes creation idempotent: same config and same validation, same run; another validation, another run."""
+    if validation is None or not validation.methods():
+        return config.canonical_json(), config.config_hash
+    doc = {"config": json.loads(config.canonical_json()), "validation": validation.model_dump(mode="json")}
+    text_ = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text_, hashlib.sha256(text_.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    max_backtests: int  # the whole validation, in backtests (Task.work summed)
+    max_task_backtests: int  # one task (keeps a task well inside the Celery time limit)
+
+
+def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: ValidationLimits) -> list[val.Task]:
+    """The tasks of a run's validation, or a 422 naming the field: walk-forward re-optimises dual SMA only; the
+    total work (draws x symbols, plus each task's own baseline) and one task's work are bounded by config."""
+    if spec.walk_forward is not None and config.strategy.name != "dual_sma":
+        raise ValidationFailed.for_field(
+            "validation.walk_forward", f"walk-forward re-optimises the dual_sma strategy, not {config.strategy.name}"
+        )
+    tasks = val.plan(spec, len(config.symbols))
+    total = sum(t.work for t in tasks)
+    if total > limits.max_backtests:
+        raise ValidationFailed.for_field(
+            "validation",
+            f"{total:,} backtests (draws x {len(config.symbols)} symbols, plus each task's baseline); at most "
+            f"{limits.max_backtests:,} per run (ALPHAFORGE_MAX_VALIDATION_BACKTESTS): use fewer draws or symbols",
+        )
+    heaviest = max((t.work for t in tasks), default=0)
+    if heaviest > limits.max_task_backtests:
+        raise ValidationFailed.for_field(
+            "validation.chunk",
+            f"a task of {spec.chunk} draws is {heaviest:,} backtests; at most {limits.max_task_backtests:,} per task "
+            "(ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS): use a smaller chunk",
+        )
+    return tasks
 
 
 @dataclass(frozen=True)
@@ -128,6 +192,7 @@ def submit_run(
     max_active_per_owner: int | None = None,
     on_write: jobs.OnWrite | None = None,
     events: JobEvents | None = None,
+    validation_limits: ValidationLimits | None = None,
 ) -> Submitted:
     """The owner's existing run of this config, or a new one written and enqueued through ``jobs.submit``.
 
@@ -135,8 +200,14 @@ def submit_run(
     unique ``(owner_id, config_hash)`` constraint, and the loser returns the winner's run.
     """
     config = request.config
+    definition, run_hash = request.definition
+    spec = request.validation if request.validation is not None and request.validation.methods() else None
+    tasks: list[val.Task] = []
+    if spec is not None:
+        limits = validation_limits or ValidationLimits(10**12, 10**12)
+        tasks = check_validation(config, spec, limits)
     with factory() as session:
-        found = find_run(session, request.owner_id, config.config_hash)
+        found = find_run(session, request.owner_id, run_hash)
         if found is not None:
             return Submitted(found[0], found[1], created=False)
         check_symbols(session, config)
@@ -144,8 +215,8 @@ def submit_run(
         kind=JobKind.BACKTEST.value,
         owner_id=request.owner_id,
         column_name=f"backtest:{config.strategy.name}",
-        script=config.canonical_json(),  # the exact thing that runs, as for a calculation's script
-        script_sha256=config.config_hash,
+        script=definition,  # the exact thing that runs (config, and validation if any), as a calculation's script
+        script_sha256=run_hash,
         symbols=list(config.symbols),
         symbols_sha256=symbols_sha256(config.symbols),
         start_date=config.start_date,
@@ -159,7 +230,8 @@ def submit_run(
         name=request.name,
         strategy=config.strategy.name,
         config=config.model_dump(mode="json"),
-        config_hash=config.config_hash,
+        config_hash=run_hash,
+        validation=spec.model_dump(mode="json") if spec is not None else None,
     )
 
     def write_run(session: Session, written: Job) -> None:
@@ -172,11 +244,11 @@ def submit_run(
     try:
         jobs.submit(
             factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=write_run,
-            events=events,
+            events=events, tasks_first=[t.as_dict() for t in tasks],
         )  # fmt: skip
     except sqlalchemy.exc.IntegrityError:
         with factory() as session:
-            found = find_run(session, request.owner_id, config.config_hash)
+            found = find_run(session, request.owner_id, run_hash)
             if found is None:
                 raise
             session.expunge_all()
@@ -189,6 +261,11 @@ def run_config(session: Session, job_id: uuid.UUID) -> BacktestConfig:
     if run is None:
         raise NotFound(f"run {job_id} not found", details={"run_id": str(job_id)})
     return BacktestConfig.model_validate(run.config)
+
+
+def run_validation_spec(session: Session, job_id: uuid.UUID) -> val.ValidationSpec | None:
+    raw = session.scalar(select(BacktestRun.validation).where(BacktestRun.job_id == job_id))
+    return val.ValidationSpec.model_validate(raw) if raw is not None else None
 
 
 def engine_bars(bars: SymbolBars) -> Bars:
@@ -292,6 +369,8 @@ def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvent
         log.info("backtest shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
         return None
     job = started.job
+    if started.task is not None:
+        return run_validation_task(factory, started, events=events)
     with factory() as session:
         config = run_config(session, job.id)
         bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
@@ -309,35 +388,148 @@ def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvent
     return jobs.complete_shard(factory, shard_id, [r.outcome for r in done], events=events)
 
 
+# --- validation tasks -----------------------------------------------------------------------------------------
+
+
+def run_sleeves(factory: sessionmaker[Session], config: BacktestConfig, positions: range | None = None) -> val.Sleeves:
+    """The run's symbols (or those at ``positions`` in the config) as the portfolio that validation works on:
+    their bars in one query, each symbol's baseline backtest."""
+    wanted = config.symbols if positions is None else [config.symbols[p] for p in positions if p < len(config.symbols)]
+    with factory() as session:
+        loaded = load_bars(session.connection(), wanted, config.start_date, config.end_date)
+    bars: dict[str, Bars] = {}
+    for symbol, own in loaded.items():
+        try:
+            bars[symbol] = engine_bars(own)
+        except BarsError:
+            continue  # the run's shard makes it this symbol's error; it is no sleeve
+    return val.sleeves(bars, config, positions)
+
+
+def run_validation_task(
+    factory: sessionmaker[Session], started: jobs.StartedShard, *, events: JobEvents | None = None
+) -> bool:
+    """One validation task of a run: its own baseline (it never waits for the symbol shards), its draws with a
+    cancellation checkpoint between two, its part stored (a cancelled run keeps the draws made), the shard
+    completed like any other."""
+    assert started.task is not None
+    job = started.job
+    task = val.Task.from_dict(started.task)
+    with factory() as session:
+        config = run_config(session, job.id)
+        spec = run_validation_spec(session, job.id)
+    if spec is None:
+        raise RuntimeError(f"run {job.id} has a validation task but no validation spec")
+    sleeves = run_sleeves(factory, config, val.task_positions(task, spec))
+    draws: list[Any] = []
+    last_check = time.monotonic()
+    for draw in val.task_draws(sleeves, spec, config.seed, task):
+        draws.append(draw)
+        if time.monotonic() - last_check >= CANCEL_CHECK_INTERVAL_S:
+            last_check = time.monotonic()
+            if len(draws) < task.draws and not job_is_active(factory, job.id):
+                log.info("validation task %s %s of run %s: run no longer active, stopping after %s of %s draws",
+                         task.method, task.task_index, job.id, len(draws), task.draws)  # fmt: skip
+                break
+    store_part(factory, job.id, val.make_part(sleeves, task, draws))
+    return jobs.complete_shard(factory, started.shard_id, [], events=events)
+
+
+def store_part(factory: sessionmaker[Session], job_id: uuid.UUID, part: val.Part) -> None:
+    row = {"job_id": job_id, "method": part.method, "task_index": part.task_index,
+           "draws": part.values.astype("<f8").tobytes(), "detail": part.detail}  # fmt: skip
+    with session_scope(factory) as session:
+        stmt = insert(RunValidationPart).values([row])
+        # A duplicate delivery computes the same draws (the stream is the task's): overwriting is harmless.
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[RunValidationPart.job_id, RunValidationPart.method, RunValidationPart.task_index],
+                set_={"draws": stmt.excluded.draws, "detail": stmt.excluded.detail, "computed_at": text("now()")},
+            )
+        )
+
+
+def load_parts(session: Session, job_id: uuid.UUID) -> list[val.Part]:
+    rows = session.execute(
+        select(RunValidationPart.method, RunValidationPart.task_index, RunValidationPart.draws,
+               RunValidationPart.detail).where(RunValidationPart.job_id == job_id)
+    ).all()  # fmt: skip
+    return [val.Part(m, k, np.frombuffer(d, dtype="<f8").astype(np.float64), detail) for m, k, d, detail in rows]
+
+
+@dataclass(frozen=True)
+class ValidationProgress:
+    tasks_total: int
+    tasks_done: int  # finished: succeeded or failed
+    tasks_failed: int
+    work_total: int  # in backtests (Task.work)
+    work_done: int
+
+
+def validation_progress(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ValidationProgress]:
+    """Per run with validation: how many of its tasks (and how much of their work) have finished."""
+    rows = session.execute(
+        select(JobShard.job_id, JobShard.task, JobShard.status).where(
+            JobShard.job_id.in_(list(job_ids)), JobShard.task.is_not(None)
+        )
+    ).all()
+    acc: dict[uuid.UUID, list[int]] = {}
+    finished = (ShardStatus.SUCCEEDED.value, ShardStatus.FAILED.value)
+    for job_id, task, status in rows:
+        totals = acc.setdefault(job_id, [0, 0, 0, 0, 0])
+        work = int(task.get("work", 0))
+        totals[0] += 1
+        totals[3] += work
+        if status in finished:
+            totals[1] += 1
+            totals[4] += work
+        totals[2] += status == ShardStatus.FAILED.value
+    return {job_id: ValidationProgress(*t) for job_id, t in acc.items()}
+
+
+def ensure_validation(factory: sessionmaker[Session], job: Job, run: BacktestRun) -> dict[str, Any] | None:
+    """The run's validation result once it is final: its tasks' parts combined (in task order), plus each
+    method's failed tasks and their reasons. Kept once no task is still open (a cancelled run's running tasks
+    store what they drew at their checkpoint); None while the run is active or without validation."""
+    if run.validation is None:
+        return None
+    if run.validation_result is not None:
+        return run.validation_result
+    if job.status not in FINAL_STATUSES:
+        return None
+    spec = val.ValidationSpec.model_validate(run.validation)
+    config = BacktestConfig.model_validate(run.config)
+    with factory() as session:
+        shards = session.execute(
+            select(JobShard.task, JobShard.status, JobShard.error).where(
+                JobShard.job_id == job.id, JobShard.task.is_not(None)
+            )
+        ).all()
+        parts = load_parts(session, job.id)
+    planned = [val.Task.from_dict(task) for task, _, _ in shards]
+    result = val.combine(spec, config.seed, planned, parts)
+    for method, block in result["methods"].items():
+        failed = [(t, e) for t, status, e in shards if t["method"] == method and status == ShardStatus.FAILED.value]
+        block["tasks_failed"] = len(failed)
+        block["errors"] = [{"task_index": t["task_index"], "error": e} for t, e in failed[:10]]
+    if any(status in (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value) for _, status, _ in shards):
+        return result  # not kept: a task may still store its draws
+    with session_scope(factory) as session:
+        session.execute(
+            update(BacktestRun)
+            .where(BacktestRun.job_id == job.id, BacktestRun.validation_result.is_(None))
+            .values(validation_result=result)
+        )
+    return result
+
+
 # --- portfolio ------------------------------------------------------------------------------------------------
 
 TRADING_DAYS = 252
 
 
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-
-
-def as_days(dates: Sequence[dt.date] | NDArray[np.datetime64]) -> NDArray[np.datetime64]:
-    """``datetime64[D]`` of a list of dates; through ordinals, which is several times faster than numpy's own
-    conversion of date objects (it matters for hundreds of curves of thousands of bars)."""
-    if isinstance(dates, np.ndarray):
-        return dates.astype("datetime64[D]")
-    ordinals = np.fromiter((d.toordinal() for d in dates), dtype=np.int64, count=len(dates))
-    return (ordinals - _EPOCH_ORDINAL).astype("datetime64[D]")
-
-
-def portfolio_curve(
-    curves: Sequence[tuple[Sequence[dt.date], Sequence[float]]], initial_cash: float
-) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
-    """(dates, equity) of equal-cash sleeves summed on the union of their dates (see ``portfolio_metrics``)."""
-    days = [as_days(d) for d, _ in curves]
-    all_dates = np.unique(np.concatenate(days))
-    total = np.zeros(len(all_dates))
-    for own, (_, equity) in zip(days, curves, strict=True):
-        positions = np.searchsorted(own, all_dates, side="right") - 1
-        values = np.asarray(equity, dtype=np.float64)
-        total += np.where(positions >= 0, values[np.clip(positions, 0, None)], initial_cash)
-    return all_dates, total
+as_days = val.as_days
+portfolio_curve = val.portfolio_curve  # the sleeves' arithmetic, shared with validation (shared.validation)
 
 
 def portfolio_metrics(
