@@ -17,8 +17,8 @@ COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/alphaforge alphaforge \
-    && mkdir -p /app/data \
-    && chown alphaforge:alphaforge /app/data
+    && mkdir -p /app/data/artifacts \
+    && chown -R alphaforge:alphaforge /app/data
 
 COPY alembic.ini ./
 COPY migrations ./migrations
@@ -34,4 +34,5 @@ USER alphaforge
 
 EXPOSE 8000 5555
 
-CMD ["python", "-m", "gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--access-logfile", "-", "api:create_wsgi_app()"]
+# gunicorn's settings come from the environment (api/gunicorn_conf.py: ALPHAFORGE_API_HOST/PORT/WORKERS/THREADS).
+CMD ["python", "-m", "gunicorn", "--config", "python:api.gunicorn_conf", "api:create_wsgi_app()"]
