@@ -18,7 +18,8 @@ from typing import Any
 import redis
 from celery import Celery, shared_task, signals
 
-from shared import nightly, reconciler, retention, webhooks
+from shared import nightly, reconciler, retention, run_retention, webhooks
+from shared.artifact_store import ArtifactStore
 from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE
 from shared.jobs import ShardTask
 from shared.models import JobKind
@@ -29,6 +30,7 @@ from worker.schedule import (
     TASK_NIGHTLY_HARVEST,
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
+    TASK_PRUNE_RUNS,
     TASK_RECONCILE_SHARDS,
     TASK_WEBHOOK_DELIVER,
     TASK_WEBHOOK_DISPATCH,
@@ -153,6 +155,22 @@ def prune_jobs(self: Any) -> dict[str, int]:
             services.session_factory, max_age_days=maint.retention_days, max_jobs_per_owner=maint.retention_max_jobs
         )
     return {"by_age": report.by_age, "by_count": report.by_count}
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_PRUNE_RUNS, acks_late=False, ignore_result=True)
+def prune_runs(self: Any) -> dict[str, int]:
+    """Each owner keeps the newest ``ALPHAFORGE_RUN_RETENTION_KEEP`` finished backtest runs; older ones go with
+    their artifacts."""
+    services: WorkerServices = self.services
+    with reconciler.single_flight(services.engine, "prune-runs") as mine:
+        if not mine:
+            return {"runs": 0, "artifact_dirs": 0}
+        pruned = run_retention.prune_runs(
+            services.session_factory,
+            ArtifactStore.from_settings(services.settings),
+            keep=services.settings.maintenance.run_retention_keep,
+        )
+    return {"runs": pruned.runs, "artifact_dirs": pruned.artifact_dirs}
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_NIGHTLY_RUN, acks_late=False, ignore_result=True)
