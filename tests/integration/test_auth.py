@@ -131,7 +131,7 @@ def _forged_tokens(flask_app: Flask, user: ApiUser) -> list[tuple[str, str]]:
               "nbf": now, "exp": now + 600, "fam": "f"}  # fmt: skip
     other_key = jwt.encode(claims, "another-secret-that-is-long-enough-for-hs256", algorithm="HS256")
     wrong_issuer = jwt.encode({**claims, "iss": "someone-else"}, flask_app.config["JWT_SECRET_KEY"], algorithm="HS256")
-    unsigned = jwt.encode(claims, None, algorithm="none")
+    unsigned = jwt.encode(claims, "", algorithm="none")  # alg "none" takes an empty key
     tampered = user.access_token[:-4] + ("AAAA" if not user.access_token.endswith("AAAA") else "BBBB")
     return [
         ("Bearer", "malformed_header"),
