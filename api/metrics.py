@@ -132,7 +132,8 @@ def _timed(check: Any) -> dict[str, Any]:
 @bp.get("/api/health/ready")
 def ready() -> Response:
     """Readiness: the database answers with the migrations at the code's head, the broker answers, and at least
-    one worker answers a ping. 200 when all hold, 503 otherwise (``/api/health`` is the liveness check)."""
+    one worker answers, one of them consuming ``interactive``; with each queue's depth and consumers (``queues``).
+    200 when all hold, 503 otherwise (``/api/health`` is the liveness check)."""
     svc = services()
 
     def database() -> dict[str, Any]:
@@ -144,12 +145,33 @@ def ready() -> Response:
     def broker() -> None:
         svc.redis.ping()
 
+    consumers: dict[str, list[dict[str, Any]]] = {}
+
     def workers() -> dict[str, Any]:
-        replies = svc.celery.control.ping(timeout=READY_WORKER_PING_S) or []
-        return {"ok": bool(replies), "count": len(replies)}
+        # Each live worker answers with the queues it consumes (one broadcast, as a ping would be).
+        consumers.update(svc.celery.control.inspect(timeout=READY_WORKER_PING_S).active_queues() or {})
+        return {"ok": bool(consumers), "count": len(consumers)}
+
+    def queues() -> dict[str, Any]:
+        """Per queue: messages waiting (all priorities) and live workers consuming it. Not ready while no worker
+        consumes ``interactive`` (the API's jobs would wait for ever)."""
+        pipe = svc.redis.pipeline(transaction=False)
+        for queue in QUEUE_NAMES:
+            for priority in range(10):
+                pipe.llen(queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}")
+        lengths = pipe.execute()
+        per_queue = {
+            queue: {
+                "depth": sum(lengths[i * 10 : (i + 1) * 10]),
+                "workers": sum(1 for qs in consumers.values() if any(q.get("name") == queue for q in qs or [])),
+            }
+            for i, queue in enumerate(QUEUE_NAMES)
+        }
+        return {"ok": per_queue["interactive"]["workers"] > 0, **per_queue}
 
     checks = {"database": _timed(database), "broker": _timed(broker)}
     checks["workers"] = _timed(workers) if checks["broker"]["ok"] else {"ok": False, "error": "broker unreachable"}
+    checks["queues"] = _timed(queues) if checks["broker"]["ok"] else {"ok": False, "error": "broker unreachable"}
     ok = all(c["ok"] for c in checks.values())
     response = jsonify({"status": "ready" if ok else "not_ready", **checks})
     response.status_code = 200 if ok else 503
