@@ -10,6 +10,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -49,7 +50,9 @@ from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import RedisJobEvents
 from shared.models import BacktestRun, Job, JobResult
 from shared.validation import ValidationSpec
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
+from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_RUN_BACKTEST_SHARD, shard_enqueuer
+
+log = logging.getLogger(__name__)
 
 bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
 
@@ -402,6 +405,11 @@ def cancel_run(path: RunPath) -> Response:
     )
     if task_ids:
         svc.celery.control.revoke(task_ids)
+    if job.status == "cancelled" and not runs.has_running_shard(svc.session_factory, run_id):
+        try:  # no shard task will finish to build the artifacts: ask a worker to
+            svc.celery.send_task(TASK_BUILD_RUN_ARTIFACTS, args=[str(run_id)])
+        except Exception:
+            log.exception("run %s: could not ask for its artifacts", run_id)
     if job.status != "cancelled":  # it finished between the read and the cancel
         raise Conflict(
             f"run {run_id} has already finished ({job.status})", details={"run_id": str(run_id), "status": job.status}

@@ -31,7 +31,7 @@ from shared import runs
 from shared.artifact_store import ArtifactStore
 from shared.db import session_scope
 from shared.errors import NotFound
-from shared.models import BacktestCurve, BacktestRun, Job, JobResult, JobShard, RunManifest, ShardStatus
+from shared.models import BacktestRun, Job, JobResult, JobShard, RunManifest, ShardStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RunData:
     job: Job
     run: BacktestRun
     results: list[JobResult]
-    curves: list[BacktestCurve]
+    curves: list[runs.StoredCurve]
 
 
 def _metrics_json(data: RunData, portfolio: dict[str, Any] | None) -> bytes:
@@ -86,7 +86,8 @@ def _series(data: RunData, initial_cash: float) -> tuple[np.ndarray, np.ndarray,
     """(dates, equity, buy and hold) of the run: the symbol's own for one symbol, else the sleeves summed."""
     curves = [(c.dates, c.equity) for c in data.curves]
     dates, equity = runs.portfolio_curve(curves, initial_cash)
-    _, benchmark = runs.portfolio_curve([(c.dates, c.benchmark or c.equity) for c in data.curves], initial_cash)
+    benchmarks = [(c.dates, c.benchmark if c.benchmark is not None else c.equity) for c in data.curves]
+    _, benchmark = runs.portfolio_curve(benchmarks, initial_cash)
     return dates, equity, benchmark
 
 
@@ -209,7 +210,7 @@ def build_if_finished(factory: sessionmaker[Session], store: ArtifactStore, job_
         if job.status not in runs.FINAL_STATUSES or open_shards:
             return None
         results = list(session.scalars(select(JobResult).where(JobResult.job_id == job_id)))
-        curves = list(session.scalars(select(BacktestCurve).where(BacktestCurve.job_id == job_id)))
+        curves = runs.load_curves(session, job_id)
         data = RunData(job, run, results, curves)
         portfolio = None
         if len(job.symbols) > 1:

@@ -4,7 +4,8 @@ A run is validated as one portfolio of equal-cash sleeves (``portfolio_curve``: 
 ``initial_cash``, never rebalanced); a one-symbol run is that symbol. :func:`sleeves` runs the baseline backtest
 of each symbol exactly as a run's shard does and keeps those that ran.
 
-Randomness is split into *tasks*: each method's ``n`` draws are cut into chunks of ``chunk`` draws, and task ``k``
+Randomness is split into *tasks*: each method's ``n`` draws are cut into chunks of ``chunk`` draws (the bootstrap's
+own ``bootstrap.chunk``: its draws are cheap), and task ``k``
 draws from ``default_rng(SeedSequence([seed, method, k]))`` (the permutation test: one stream per symbol,
 ``SeedSequence([seed, method, k, position of the symbol in the config])``). A task's numbers therefore depend only
 on the run's seed, the method, the task index (and the symbol's position), never on which worker ran it or how
@@ -23,8 +24,8 @@ Methods:
   distribution of the portfolio's final equity.
 * ``walk_forward`` (dual SMA), per symbol: rolling or anchored windows; on each in-sample window the (fast, slow)
   pair with the best Sharpe is chosen from the grid, then run on the following out-of-sample window.
-  Deterministic; its tasks are chunks of ``chunk`` symbols. The portfolio figure is the stitched out-of-sample
-  return of equal-cash sleeves (the mean of the symbols' compounded out-of-sample returns).
+  Deterministic; its tasks are chunks of ``walk_forward.chunk`` symbols. The portfolio figure is the stitched
+  out-of-sample return of equal-cash sleeves (the mean of the symbols' compounded out-of-sample returns).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class BootstrapSpec(_Spec):
     n: int = Field(default=1000, ge=10, le=100_000, description="number of bootstrap samples")
     block: int = Field(default=20, ge=1, le=1000, description="block length in bars")
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    chunk: int = Field(
+        default=1000, ge=1, le=100_000, description="draws per task (a draw resamples returns: no backtest)"
+    )
 
 
 class MonteCarloSpec(_Spec):
@@ -74,6 +78,7 @@ class WalkForwardSpec(_Spec):
     anchored: bool = Field(default=False, description="in-sample windows all start at the first bar")
     fast: list[int] = Field(default=[5, 10, 20], min_length=1, max_length=200)
     slow: list[int] = Field(default=[50, 100, 200], min_length=1, max_length=200)
+    chunk: int = Field(default=50, ge=1, le=10_000, description="symbols per task")
 
     @model_validator(mode="after")
     def _pairs(self) -> WalkForwardSpec:
@@ -89,7 +94,7 @@ class ValidationSpec(_Spec):
     bootstrap: BootstrapSpec | None = None
     monte_carlo: MonteCarloSpec | None = None
     walk_forward: WalkForwardSpec | None = None
-    chunk: int = Field(default=50, ge=1, le=10_000, description="draws (walk-forward: symbols) per task")
+    chunk: int = Field(default=50, ge=1, le=10_000, description="permutation and Monte Carlo draws per task")
 
     def methods(self) -> list[Method]:
         """The enabled methods, in the order their tasks are planned."""
@@ -134,7 +139,9 @@ def task_positions(task: Task, spec: ValidationSpec) -> range | None:
     """The config positions of the symbols a task needs: a walk-forward task its own; any other task, all."""
     if task.method != "walk_forward":
         return None
-    return range(task.task_index * spec.chunk, task.task_index * spec.chunk + task.draws)
+    assert spec.walk_forward is not None
+    first = task.task_index * spec.walk_forward.chunk
+    return range(first, first + task.draws)
 
 
 def _pairs(spec: WalkForwardSpec) -> list[tuple[int, int]]:
@@ -150,11 +157,15 @@ def plan(spec: ValidationSpec, symbols: int) -> list[Task]:
         if method == "walk_forward":
             assert spec.walk_forward is not None
             pairs = len(_pairs(spec.walk_forward))
-            tasks += [Task(method, k, d, d * (1 + pairs)) for k, d in task_plan(symbols, spec.chunk)]
+            chunk = spec.walk_forward.chunk
+            tasks += [Task(method, k, d, d * (1 + pairs)) for k, d in task_plan(symbols, chunk)]
+            continue
+        if method == "bootstrap":
+            assert spec.bootstrap is not None
+            tasks += [Task(method, k, d, symbols) for k, d in task_plan(spec.bootstrap.n, spec.bootstrap.chunk)]
             continue
         n = getattr(spec, method).n
-        per_draw = 0 if method == "bootstrap" else symbols
-        tasks += [Task(method, k, d, symbols + d * per_draw) for k, d in task_plan(n, spec.chunk)]
+        tasks += [Task(method, k, d, symbols + d * symbols) for k, d in task_plan(n, spec.chunk)]
     return tasks
 
 
@@ -530,7 +541,7 @@ def task_draws(s: Sleeves, spec: ValidationSpec, seed: int, task: Task) -> Itera
         assert spec.monte_carlo is not None
         return cost_shock_draws(s, spec.monte_carlo, seed, task.task_index, task.draws)
     assert spec.walk_forward is not None
-    return walk_forward_draws(s, spec.walk_forward, task, spec.chunk)
+    return walk_forward_draws(s, spec.walk_forward, task, spec.walk_forward.chunk)
 
 
 @dataclass(frozen=True)

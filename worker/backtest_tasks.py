@@ -7,13 +7,14 @@ long as it lasts, anything else ``shard_max_retries`` times, then the shard is f
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from celery import shared_task
 
 from shared import artifacts, runs
 from shared.artifact_store import ArtifactStore
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD
+from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_RUN_BACKTEST_SHARD
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 
 log = logging.getLogger(__name__)
@@ -40,3 +41,16 @@ def build_artifacts(services: WorkerServices, shard_id: int) -> None:
             artifacts.build_if_finished(services.session_factory, store, job_id)
     except Exception:
         log.exception("run %s: artifacts not built", job_id)
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_BUILD_RUN_ARTIFACTS, acks_late=True, max_retries=5)
+def build_run_artifacts(self: Any, job_id: str) -> str:
+    """The artifacts of a run that ended with no shard running (cancelled while every shard waited): no shard
+    task finishes to build them, so the cancel sends this. Building twice finds the first manifest."""
+    try:
+        store = ArtifactStore.from_settings(self.services.settings)
+        built = artifacts.build_if_finished(self.services.session_factory, store, uuid.UUID(job_id))
+    except Exception as exc:
+        log.warning("run %s: artifacts not built yet (%s: %s); retrying", job_id, type(exc).__name__, exc)
+        raise self.retry(exc=exc, countdown=5) from exc
+    return "built" if built is not None else "not final"

@@ -19,6 +19,7 @@ TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 BEAT_MAX_LOOP_S = 5  # beat wakes at least this often (and renews its lock)
 BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replaced by a waiting one
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
+TASK_BUILD_RUN_ARTIFACTS = "alphaforge.backtests.build_artifacts"  # a run that ended with no shard left to build them
 
 
 def shard_time_limit_s(settings: Settings) -> int:
@@ -60,6 +61,7 @@ def create_celery(settings: Settings) -> Celery:
         task_routes={
             TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE},
             TASK_RUN_BACKTEST_SHARD: {"queue": QUEUE_INTERACTIVE},
+            TASK_BUILD_RUN_ARTIFACTS: {"queue": QUEUE_INTERACTIVE},
         },
         broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         result_backend_transport_options={"visibility_timeout": visibility_timeout_s(settings)},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,11 +16,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert, select
 
 from api import create_app
+from shared import runs
 from shared.backtest import BacktestConfig, Bars, run_backtest
 from shared.bars import load_bars
 from shared.config import Settings
+from shared.db import make_session_factory
 from shared.models import AuditLog, DailyBar, JobShard, Symbol
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
+from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
 RUNS = "/api/runs"
 SYMBOLS = [f"RUN{i:02d}" for i in range(30)]
@@ -322,3 +327,29 @@ def test_symbols_without_bars_in_the_range_are_per_symbol_errors(
     assert view["status"] == "partial"
     by_symbol = {s["symbol"]: s for s in view["symbols"]}
     assert by_symbol["LATE"]["error"]["type"] == "NoData" and by_symbol["EARLY"]["error"] is None
+
+
+def test_a_run_cancelled_before_any_shard_ran_still_gets_artifacts(
+    runs_client: FlaskClient, settings: Settings, user: ApiUser, engine: Engine, celery_worker: Any
+) -> None:
+    """No shard task finishes to build them (every shard was still waiting): the cancel asks a worker to."""
+    seed_bars(engine, ["WAIT1", "WAIT2"], days=60)
+    config = BacktestConfig.model_validate(config_body(symbols=["WAIT1", "WAIT2"], start_date=None))
+    celery = create_celery(settings)
+    try:  # published on a queue no worker reads: the shards stay queued
+        submitted = runs.submit_run(
+            make_session_factory(engine), runs.RunRequest(config=config, owner_id=user.id), shard_size=1,
+            enqueue=shard_enqueuer(celery, TASK_RUN_BACKTEST_SHARD, queue=f"nobody-{uuid.uuid4().hex[:8]}"),
+        )  # fmt: skip
+    finally:
+        celery.close()
+    run_id = str(submitted.job.id)
+    cancelled = runs_client.post(f"{RUNS}/{run_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
+    deadline = time.monotonic() + 60
+    while (listing := runs_client.get(f"{RUNS}/{run_id}/artifacts")).get_json().get("status") != "ready":
+        assert time.monotonic() < deadline, listing.get_json()
+        time.sleep(0.2)
+    metrics = json.loads(runs_client.get(f"{RUNS}/{run_id}/artifacts/metrics.json").get_data())
+    assert metrics["status"] == "cancelled" and metrics["symbols"] == {}
+    assert runs_client.get(f"{RUNS}/{run_id}/manifest/verify").get_json()["ok"] is True
