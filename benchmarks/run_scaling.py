@@ -12,7 +12,8 @@ metrics of the system and of the reference are compared for equality.
 
 With validation (the default), each run also carries ``VALIDATION`` (all four methods: 24 permutations and 24
 cost scenarios, each a backtest of every symbol, 2000 bootstrap resamples of the portfolio's returns, and the
-default walk-forward grid of 9 pairs per symbol, in tasks of 4 draws / 4 symbols); the reference then also calls
+default walk-forward grid of 9 pairs per symbol; tasks of 4 permutation / Monte Carlo draws, 1000 bootstrap draws,
+50 walk-forward symbols); the reference then also calls
 the same validation functions directly, once, over the same bars (``shared.validation.validate_in_process``), and
 the run's validation result must equal it. Machines here are shared and noisy: only ratios within one run mean
 much.

@@ -55,7 +55,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=shard_time_limit_s(settings),
         worker_max_tasks_per_child=500,  # bound slow leaks in long-lived pool processes
-        worker_max_memory_per_child=512_000,  # KiB: recycle a pool process that grew past 500 MB
+        # KiB: recycle a pool process that grew past 1.5 GB. A fresh one is already ~450 MB (numpy, the compiled
+        # kernels, matplotlib); at 500 MB nearly every shard of a large run replaced it (and a run's validation
+        # tasks lost the sleeves they share in the process, reloading every symbol's bars each time).
+        worker_max_memory_per_child=1_500_000,
         task_default_queue=QUEUE_INTERACTIVE,
         task_queues=(Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
         task_routes={
