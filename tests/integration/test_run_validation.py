@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
@@ -27,6 +27,7 @@ from shared.backtest import BacktestConfig
 from shared.bars import load_bars
 from shared.config import Settings
 from shared.models import BacktestRun, Job, JobShard, RunValidationPart
+from shared.reconciler import reconcile
 from tests.conftest import PROJECT_ROOT, _stop_process_group
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
@@ -349,3 +350,52 @@ def test_a_bounded_validation_within_the_limits_is_accepted(bounded_app: Flask, 
     response = client.post(RUNS, json=body_for(["OK0", "OK1"], validation={"permutation": {"n": 40}, "chunk": 20}))
     assert response.status_code == 202, response.get_json()
     client.post(f"{RUNS}/{response.get_json()['run_id']}/cancel")
+
+
+# --- the reconciler ---------------------------------------------------------------------------------------------
+
+
+def test_reconciler_republishes_validation_tasks_and_a_given_up_task_makes_the_run_partial(
+    client: FlaskClient,
+    settings: Settings,
+    user: ApiUser,
+    engine: Engine,
+    session_factory: sessionmaker[Session],
+    celery_worker: Any,
+) -> None:
+    """Validation tasks are shards like any other: a vanished one is re-published by the reconciler and runs; one
+    it gives up on is failed with the reason, the run ends ``partial`` and its result names the failed task."""
+    symbols = ["REC0", "REC1"]
+    seed_bars(engine, symbols, days=200, seed=4)
+    body = body_for(symbols, validation={"permutation": {"n": 10}, "monte_carlo": {"n": 10}, "chunk": 5})
+    celery = create_celery(settings)
+    try:  # published where no worker reads: every task "vanishes"
+        config = BacktestConfig.model_validate({k: x for k, x in body.items() if k != "validation"})
+        spec = v.ValidationSpec.model_validate(body["validation"])
+        submitted = runs.submit_run(
+            session_factory, runs.RunRequest(config=config, owner_id=user.id, validation=spec), shard_size=2,
+            enqueue=shard_enqueuer(celery, TASK_RUN_BACKTEST_SHARD, queue=f"nobody-{secrets.token_hex(4)}"),
+        )  # fmt: skip
+        job_id = submitted.job.id
+        with session_factory() as session, session.begin():
+            doomed = session.scalar(
+                select(JobShard.id).where(JobShard.job_id == job_id, JobShard.task["method"].astext == "monte_carlo",
+                                          JobShard.task["task_index"].as_integer() == 1)
+            )  # fmt: skip
+            session.execute(update(JobShard).where(JobShard.id == doomed).values(requeues=2))
+        time.sleep(0.2)
+        report = reconcile(
+            session_factory, live_tasks=lambda ids: set(), kinds=["backtest"], grace_s=0, max_requeues=2,
+            requeue=lambda kind, queue, tasks: shard_enqueuer(celery, TASK_RUN_BACKTEST_SHARD)(tasks),
+        )  # fmt: skip
+    finally:
+        celery.close()
+    assert report.failed == [doomed] and len(report.requeued) == 4  # 2 + 1 tasks and 1 symbol shard
+    view = wait_for(client, str(job_id))
+    assert view["status"] == "partial", view
+    assert view["progress"]["validation"]["tasks_failed"] == 1 and view["progress"]["symbols_failed"] == 0
+    methods = view["validation"]["result"]["methods"]
+    assert methods["permutation"]["complete"] and methods["permutation"]["tasks_failed"] == 0
+    mc = methods["monte_carlo"]
+    assert not mc["complete"] and mc["tasks_failed"] == 1 and mc["draws"] == 5 and mc["tasks_done"] == 1
+    assert mc["errors"][0]["task_index"] == 1 and "vanished" in mc["errors"][0]["error"]
