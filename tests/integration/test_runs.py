@@ -353,3 +353,21 @@ def test_a_run_cancelled_before_any_shard_ran_still_gets_artifacts(
     metrics = json.loads(runs_client.get(f"{RUNS}/{run_id}/artifacts/metrics.json").get_data())
     assert metrics["status"] == "cancelled" and metrics["symbols"] == {}
     assert runs_client.get(f"{RUNS}/{run_id}/manifest/verify").get_json()["ok"] is True
+
+
+def test_the_run_view_embeds_the_first_100_symbols(
+    settings: Settings, user: ApiUser, engine: Engine, celery_worker: Any
+) -> None:
+    symbols = [f"CAP{i:03d}" for i in range(103)]
+    seed_bars(engine, symbols, days=40, seed=6)
+    app = create_app(settings.with_overrides(shard_size=60))
+    try:
+        client = authed_client(app, user)
+        response = client.post(RUNS, json=config_body(symbols=symbols, start_date=None))
+        assert response.status_code == 202, response.get_json()
+        view = wait_for_run(client, response.get_json()["run_id"])
+        assert view["progress"]["symbols_done"] == 103
+        assert [s["symbol"] for s in view["symbols"]] == symbols[:100] and view["symbols_truncated"] is True
+        assert len(all_run_results(client, view["run_id"], page_size=1000)) == 103
+    finally:
+        app.extensions["alphaforge"].engine.dispose()
