@@ -528,7 +528,10 @@ def walk_forward_result(per_symbol: Sequence[Sequence[Any]], spec: WalkForwardSp
 
 
 def task_draws(s: Sleeves, spec: ValidationSpec, seed: int, task: Task) -> Iterator[Any]:
-    """One task's draws, one at a time (a caller may stop between two: its cancellation checkpoint)."""
+    """One task's draws, one at a time (a caller may stop between two: its cancellation checkpoint). Without
+    sleeves (no symbol backtests) there is nothing to draw from."""
+    if not len(s) and task.method != "walk_forward":
+        return iter(())
     if task.method == "permutation":
         return permutation_draws(s, seed, task.task_index, task.draws)
     if task.method == "bootstrap":

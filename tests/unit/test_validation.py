@@ -120,6 +120,14 @@ def test_a_missing_part_is_reported_not_hidden() -> None:
     assert none["draws"] == 0 and not none["complete"] and none["params"]["n"] == 10
 
 
+def test_no_sleeves_is_no_draws_not_an_error() -> None:
+    empty = v.sleeves({}, PORTFOLIO)
+    planned = v.plan(SPEC, 4)
+    result = v.combine(SPEC, 11, planned, [v.run_task(empty, SPEC, 11, t) for t in planned])
+    assert all(block["draws"] == (4 if m == "walk_forward" else 0) for m, block in result["methods"].items())
+    assert not result["methods"]["permutation"]["complete"]
+
+
 def test_sleeve_streams_follow_the_symbol_position() -> None:
     """Each symbol's permutation comes from (seed, method, task, its position in the config): the same symbol at
     the same position permutes the same way whatever the other symbols are."""
