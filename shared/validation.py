@@ -72,6 +72,17 @@ class MonteCarloSpec(_Spec):
     slippage_bps_sigma: float = Field(default=5.0, ge=0, le=500)
 
 
+SelectionMetric = Literal["sharpe", "return_pct", "return_ann_pct", "max_drawdown_pct", "win_rate_pct"]
+SELECTION_COLUMNS: dict[str, str] = {
+    "sharpe": "Sharpe Ratio",
+    "return_pct": "Return [%]",
+    "return_ann_pct": "Return (Ann.) [%]",
+    "max_drawdown_pct": "Max. Drawdown [%]",  # negative: the largest value is the smallest drawdown
+    "win_rate_pct": "Win Rate [%]",
+}
+"""Metrics walk-forward can choose parameters by (all maximised), and their columns in the grid's summary."""
+
+
 class WalkForwardSpec(_Spec):
     in_sample: int = Field(default=504, ge=50, le=20_000, description="bars of each in-sample window")
     out_of_sample: int = Field(default=126, ge=10, le=20_000, description="bars of each out-of-sample window")
@@ -79,6 +90,9 @@ class WalkForwardSpec(_Spec):
     fast: list[int] = Field(default=[5, 10, 20], min_length=1, max_length=200)
     slow: list[int] = Field(default=[50, 100, 200], min_length=1, max_length=200)
     chunk: int = Field(default=50, ge=1, le=10_000, description="symbols per task")
+    metric: SelectionMetric = Field(
+        default="sharpe", description="what the in-sample choice maximises (max_drawdown_pct: the smallest drawdown)"
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> WalkForwardSpec:
@@ -462,9 +476,9 @@ def _slice(bars: Bars, lo: int, hi: int) -> Bars:
 
 
 def walk_forward(bars: Bars, config: BacktestConfig, spec: WalkForwardSpec) -> dict[str, Any]:
-    """Re-choose (fast, slow) on each in-sample window by Sharpe, then trade it out of sample. The out-of-sample
-    run starts ``slow`` bars early so its averages are warm on the window's first bar (those bars come from the
-    in-sample past: no look-ahead)."""
+    """Re-choose (fast, slow) on each in-sample window by ``spec.metric``, then trade it out of sample. The
+    out-of-sample run starts ``slow`` bars early so its averages are warm on the window's first bar (those bars
+    come from the in-sample past: no look-ahead)."""
     if config.strategy.name != "dual_sma":
         raise ValueError("walk-forward re-optimises the dual_sma strategy's windows")
     cut = bars.between(config.start_date, config.end_date)
@@ -475,7 +489,8 @@ def walk_forward(bars: Bars, config: BacktestConfig, spec: WalkForwardSpec) -> d
     for w in windows(len(cut), spec):
         grid = run_dual_sma_grid(_slice(cut, w.in_start, w.in_end), fast, slow, config)
         sharpe = np.nan_to_num(grid.column("Sharpe Ratio"), nan=-np.inf)
-        best = int(np.argmax(sharpe))
+        score = np.nan_to_num(grid.column(SELECTION_COLUMNS[spec.metric]), nan=-np.inf)
+        best = int(np.argmax(score))
         chosen = {"fast": int(fast[best]), "slow": int(slow[best])}
         warm = max(0, w.in_end - chosen["slow"])
         params = config.strategy.params.model_copy(update=chosen)
@@ -487,12 +502,14 @@ def walk_forward(bars: Bars, config: BacktestConfig, spec: WalkForwardSpec) -> d
             "out_of_sample": [str(cut.dates[w.in_end]), str(cut.dates[w.out_end - 1])],
             "chosen": chosen,
             "in_sample_sharpe": float(sharpe[best]) if math.isfinite(sharpe[best]) else None,
+            "in_sample_score": float(score[best]) if math.isfinite(score[best]) else None,
             "out_of_sample_return_pct": (float(equity[-1]) / float(equity[0]) - 1) * 100 if len(equity) else None,
         })  # fmt: skip
     oos: list[float] = [r["out_of_sample_return_pct"] for r in rows if r["out_of_sample_return_pct"] is not None]
     compounded = (math.prod(1 + r / 100 for r in oos) - 1) * 100 if oos else None
     return {
-        "method": ("anchored" if spec.anchored else "rolling") + " walk-forward, parameters chosen by in-sample Sharpe",
+        "method": ("anchored" if spec.anchored else "rolling")
+        + f" walk-forward, parameters chosen by in-sample {spec.metric}",
         "params": spec.model_dump(),
         "windows": rows,
         "out_of_sample_return_pct": compounded,
@@ -516,7 +533,7 @@ def walk_forward_result(per_symbol: Sequence[Sequence[Any]], spec: WalkForwardSp
     returns = [r["out_of_sample_return_pct"] for _, _, r in ordered if r["out_of_sample_return_pct"] is not None]
     return {
         "method": ("anchored" if spec.anchored else "rolling") + " walk-forward per symbol, parameters chosen by "
-        "in-sample Sharpe; portfolio: equal-cash sleeves of the stitched out-of-sample returns",
+        f"in-sample {spec.metric}; portfolio: equal-cash sleeves of the stitched out-of-sample returns",
         "params": spec.model_dump(),
         "symbols": {symbol: result for _, symbol, result in ordered},
         "portfolio_out_of_sample_return_pct": float(np.mean(returns)) if returns else None,

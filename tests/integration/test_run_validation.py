@@ -323,6 +323,7 @@ def bounded_app(settings: Settings) -> Iterator[Flask]:
         ({"monte_carlo": {"fee_bps_sigma": -1}}, {}, "validation.monte_carlo.fee_bps_sigma"),
         ({"walk_forward": {"fast": [50], "slow": [10]}}, {}, "validation.walk_forward"),
         ({"walk_forward": {}}, {"strategy": {"name": "rsi_reversion"}}, "validation.walk_forward"),
+        ({"walk_forward": {"metric": "profit_factor"}}, {}, "validation.walk_forward.metric"),
         ({"bogus": {}}, {}, "validation.bogus"),
         ({"permutation": {"n": 10}, "chunk": 0}, {}, "validation.chunk"),
         ([1, 2], {}, "validation"),

@@ -13,6 +13,7 @@ import pytest
 
 from shared import validation as v
 from shared.backtest import BacktestConfig, Bars, run_backtest
+from shared.backtest.grid import run_dual_sma_grid
 
 
 def make_bars(n: int = 900, seed: int = 3) -> Bars:
@@ -202,6 +203,24 @@ def test_walk_forward_windows_and_choices() -> None:
     assert {(w["chosen"]["fast"], w["chosen"]["slow"]) for w in single["windows"]} == {(7, 21)}
 
 
+@pytest.mark.parametrize("metric", ["sharpe", "return_pct", "max_drawdown_pct", "win_rate_pct"])
+def test_walk_forward_chooses_by_the_named_metric(metric: str) -> None:
+    """Each window's choice is the grid's best pair by the metric (checked against the grid run directly)."""
+    spec = v.WalkForwardSpec(in_sample=300, out_of_sample=100, fast=[3, 5, 10, 20], slow=[25, 30, 60, 90],
+                             metric=metric)  # fmt: skip
+    result = v.walk_forward(BARS, CONFIG, spec)
+    assert result["method"].endswith(f"chosen by in-sample {metric}")
+    pairs = [(f, s) for f in spec.fast for s in spec.slow if f < s]
+    fast, slow = (np.array(column, dtype=np.int64) for column in zip(*pairs, strict=True))
+    for window, row in zip(v.windows(len(BARS), spec), result["windows"], strict=True):
+        in_sample = v._slice(BARS.between(CONFIG.start_date, CONFIG.end_date), window.in_start, window.in_end)
+        column = run_dual_sma_grid(in_sample, fast, slow, CONFIG).column(v.SELECTION_COLUMNS[metric])
+        scores = np.nan_to_num(column, nan=-np.inf)
+        assert row["in_sample_score"] == pytest.approx(float(scores.max()))
+        best = {(int(f), int(s)) for f, s, score in zip(fast, slow, scores, strict=True) if score == scores.max()}
+        assert (row["chosen"]["fast"], row["chosen"]["slow"]) in best
+
+
 def _scrambled_after(bars: Bars, cut: int, seed: int) -> Bars:
     """The same bars up to ``cut`` (exclusive); after it, a different future."""
     other = make_bars(len(bars), seed)
@@ -239,6 +258,7 @@ def test_walk_forward_never_picks_parameters_from_out_of_sample_bars(anchored: b
         ({"permutation": {"n": 5}}, ("permutation", "n")),
         ({"walk_forward": {"fast": [50], "slow": [10]}}, ("walk_forward",)),
         ({"bogus": {}}, ("bogus",)),
+        ({"walk_forward": {"metric": "profit_factor"}}, ("walk_forward", "metric")),
     ],
 )
 def test_spec_validation(spec: dict[str, Any], loc: tuple[str, ...]) -> None:
