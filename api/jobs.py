@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import uuid
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy.orm import Session
 
-from api import BEARER_SECURITY, services
+from api import BEARER_SECURITY, ApiServices, services
 from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
 from api.views import job_view
-from shared import jobs, security
+from shared import jobs, runs, security
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
+from shared.config import QUEUE_MAINTENANCE
 from shared.errors import NotFound, ValidationFailed
 from shared.events import RedisJobEvents
-from shared.models import Job
+from shared.models import Job, JobKind
+from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS
+from worker.schedule import TASK_WEBHOOK_DELIVER
+
+log = logging.getLogger(__name__)
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/api/jobs", abp_tags=[Tag(name="jobs")], abp_security=BEARER_SECURITY)
 
@@ -102,6 +108,25 @@ def cancel(path: JobPath) -> Response:
     job, task_ids = jobs.cancel_job(
         svc.session_factory, job_id, on_write=record_cancellation, events=RedisJobEvents(svc.redis)
     )
+    after_cancel(svc, job, task_ids)
+    return jsonify(job_view(job).model_dump(mode="json"))
+
+
+def after_cancel(svc: ApiServices, job: Job, task_ids: list[str]) -> None:
+    """What a committed cancel sets going, for any job kind: revoke the queued shards' tasks; and when no shard is
+    still running (a running one does both when it stops at its checkpoint), ask a worker for a run's artifacts and
+    start the job's webhook delivery. A publish that fails is logged: the beat poll delivers the webhook anyway."""
     if task_ids:
         svc.celery.control.revoke(task_ids)
-    return jsonify(job_view(job).model_dump(mode="json"))
+    if job.status != "cancelled" or runs.has_running_shard(svc.session_factory, job.id):
+        return
+    follow_ups: list[tuple[str, str | None]] = []
+    if job.kind == JobKind.BACKTEST.value:
+        follow_ups.append((TASK_BUILD_RUN_ARTIFACTS, None))
+    if job.callback_url and job.callback_state == "pending" and job.callback_attempts == 0:
+        follow_ups.append((TASK_WEBHOOK_DELIVER, QUEUE_MAINTENANCE))
+    for name, queue in follow_ups:
+        try:
+            svc.celery.send_task(name, args=[str(job.id)], **({"queue": queue} if queue else {}))
+        except Exception:
+            log.exception("job %s: could not send %s after the cancel", job.id, name)

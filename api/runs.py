@@ -10,7 +10,6 @@ import base64
 import binascii
 import datetime as dt
 import json
-import logging
 import uuid
 from typing import Any
 
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 from api import BEARER_SECURITY, services
 from api.audit import audit
 from api.auth import current_principal
-from api.jobs import decode_cursor, encode_cursor
+from api.jobs import after_cancel, decode_cursor, encode_cursor
 from api.run_schemas import (
     RunAccepted,
     RunLinks,
@@ -50,9 +49,7 @@ from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import RedisJobEvents
 from shared.models import BacktestRun, Job, JobResult
 from shared.validation import ValidationSpec
-from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_RUN_BACKTEST_SHARD, shard_enqueuer
-
-log = logging.getLogger(__name__)
+from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
 
 bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
 
@@ -403,13 +400,7 @@ def cancel_run(path: RunPath) -> Response:
     job, task_ids = jobs.cancel_job(
         svc.session_factory, run_id, on_write=record_cancellation, events=RedisJobEvents(svc.redis)
     )
-    if task_ids:
-        svc.celery.control.revoke(task_ids)
-    if job.status == "cancelled" and not runs.has_running_shard(svc.session_factory, run_id):
-        try:  # no shard task will finish to build the artifacts: ask a worker to
-            svc.celery.send_task(TASK_BUILD_RUN_ARTIFACTS, args=[str(run_id)])
-        except Exception:
-            log.exception("run %s: could not ask for its artifacts", run_id)
+    after_cancel(svc, job, task_ids)
     if job.status != "cancelled":  # it finished between the read and the cancel
         raise Conflict(
             f"run {run_id} has already finished ({job.status})", details={"run_id": str(run_id), "status": job.status}

@@ -27,13 +27,14 @@ from typing import Any
 import pytest
 import redis
 from flask.testing import FlaskClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import webhooks
+from shared import jobs, webhooks
 from shared.config import Settings, Webhooks
 from shared.migrate import PROJECT_ROOT
+from shared.models import Job, JobKind, User
 from tests.helpers import FINAL, authed_client, make_user, seed_bars, wait_for_job
 from worker.celery_app import create_celery
 
@@ -287,3 +288,27 @@ def test_a_backtest_run_calls_back_as_soon_as_it_ends(
     assert summary["progress"]["symbols_done"] == 2
     assert summary["links"]["self"] == f"/api/runs/{run_id}"
     print(f"\n[webhooks] run {run['status']}: webhook received {delivered_after_s:.2f} s after the run ended")
+
+
+def test_a_job_cancelled_with_no_shard_running_calls_back_at_once(
+    hook_client: FlaskClient, engine: Engine, receiver: Receiver
+) -> None:
+    """No shard task will end to start the delivery (none was ever published here): the cancel itself does, with
+    no beat running."""
+    app = hook_client.application
+    factory = app.extensions["alphaforge"].session_factory
+    with factory() as session:
+        owner_id = session.scalar(select(User.id).where(User.username == "hooker"))
+    job = Job(kind=JobKind.CALCULATION.value, owner_id=owner_id, column_name="c", script="result = 1",
+              script_sha256="0" * 64, symbols=["A"], symbols_sha256="0" * 64, params={},
+              callback_url=receiver.url, callback_state="pending")  # fmt: skip
+    jobs.submit(factory, job, 50, lambda tasks: None)  # queued, its shard's task never sent
+    cancelled = hook_client.post(f"/api/jobs/{job.id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled", cancelled.json  # type: ignore[index]
+    deadline = time.monotonic() + 10
+    while not receiver.received:
+        assert time.monotonic() < deadline, "no webhook within 10 s of the cancel"
+        time.sleep(0.05)
+    (got,) = receiver.received
+    summary = verify_signature(hook_client.get("/api/auth/webhook-secret").json["secret"], got)  # type: ignore[index]
+    assert summary["job_id"] == str(job.id) and summary["status"] == "cancelled"
