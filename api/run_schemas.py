@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas import Progress
+from api.schemas import CallbackView, Progress
 from shared.validation import ValidationSpec
 
 RunStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
@@ -137,6 +137,7 @@ class RunView(BaseModel):
         description="a finished run of several symbols as one portfolio of equal-cash sleeves"
     )
     validation: RunValidation | None = None
+    callback: CallbackView | None = Field(default=None, description="the webhook delivery, if callback_url was given")
     links: RunLinks
 
 

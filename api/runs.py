@@ -40,7 +40,7 @@ from api.run_schemas import (
     ValidationProgress,
 )
 from api.schemas import ErrorResponse
-from api.views import progress
+from api.views import callback_view, progress
 from shared import jobs, runs, webhooks
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
@@ -143,6 +143,7 @@ def run_view(
         symbols_truncated=len(results) > SYMBOLS_IN_VIEW,
         portfolio=portfolio,
         validation=_validation_view(run, validation_result),
+        callback=callback_view(job),
         links=run_links(job.id),
     )
 

@@ -14,7 +14,7 @@ def job_links(job_id: uuid.UUID) -> JobLinks:
     return JobLinks(self=base, results=f"{base}/results", cancel=f"{base}/cancel")
 
 
-def _callback_view(job: Job) -> CallbackView | None:
+def callback_view(job: Job) -> CallbackView | None:
     if not job.callback_url:
         return None
     return CallbackView(
@@ -67,5 +67,5 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
         ),
         links=job_links(job.id),
         rejections=Rejections.model_validate(rejections) if rejections is not None else None,
-        callback=_callback_view(job),
+        callback=callback_view(job),
     )

@@ -277,6 +277,7 @@ def test_a_backtest_run_calls_back_as_soon_as_it_ends(
     assert job["callback"] == {
         "url": receiver.url, "state": "delivered", "attempts": 1, "next_attempt_at": None, "last_error": None
     }  # fmt: skip
+    assert hook_client.get(f"/api/runs/{run_id}").json["callback"] == job["callback"]  # type: ignore[index]
     attempts = hook_client.get(f"/api/jobs/{run_id}/callback-deliveries").json["deliveries"]  # type: ignore[index]
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 200)]
 
