@@ -251,6 +251,8 @@ class Script(Base):
         UniqueConstraint("owner_id", "name", name="uq_scripts_owner_name"),
         Index("ix_scripts_owner_updated", "owner_id", "updated_at"),
         CheckConstraint("NOT nightly OR cardinality(universe) > 0", name="ck_scripts_nightly_universe"),
+        CheckConstraint("kind IN ('calculation', 'strategy')", name="ck_scripts_kind"),
+        CheckConstraint("kind = 'calculation' OR NOT nightly", name="ck_scripts_strategy_not_nightly"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -261,6 +263,11 @@ class Script(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     nightly: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false", default=False)
     universe: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False, server_default="{}", default=list)
+    # "calculation" (assigns ``result``) or "strategy" (assigns signals; shared/strategy_scripts.py), fixed at
+    # creation; a strategy's declared parameters (name -> {type, default, min, max, description}), as of
+    # ``version`` (each version keeps its own in ``script_versions``).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, server_default="calculation", default="calculation")
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}", default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -276,6 +283,7 @@ class ScriptVersion(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     code: Mapped[str] = mapped_column(Text, nullable=False)
     code_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}", default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -404,6 +412,9 @@ class BacktestRun(Base):
     # result combined from its tasks' parts (computed once, then kept).
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     validation_result: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # A script strategy's exact code (the pinned version's text, copied at submission like a calculation job's
+    # script): the run stays explainable and runnable after the script changes or is deleted.
+    strategy_code: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

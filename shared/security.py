@@ -44,6 +44,7 @@ REASONS: dict[str, dict[str, str]] = {
     },
     "result": {
         "invalid_result": "the script's result was not a finite number or None",
+        "invalid_signals": "the strategy script's entries/exits or position were not one bool or number per bar",
     },
 }
 

@@ -7,6 +7,10 @@ environment, ``cwd=/`` and its own session. Protocol (the parent is trusted, thi
 * stdout: one JSON line ``{"ready": true, "layers": {...}}`` once limits are applied, then per item, in
   order, ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``, plus
   ``"incidents": [[layer, reason, detail], ...]`` when a layer refused something for that item.
+  A request with ``"mode": "strategy"`` (a strategy script, issue 9) answers ``{"i": k, "signals": {...}}``
+  instead of ``"value"``: ``n`` (bars), ``warmup`` and either ``entries`` and ``exits`` (base64 of packed
+  bits, least significant bit first) or ``position`` (base64 of little-endian float64); see
+  :func:`check_signals`. Without ``mode`` the request is a calculation, answered exactly as before.
 
 Set-up order: read the input, preload what the script imports (``ta`` needs numpy, which opens files),
 apply resource limits, isolate (network namespace, no_new_privs, unprivileged uid), load the seccomp
@@ -16,6 +20,7 @@ process says is trusted.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -31,9 +36,13 @@ from collections.abc import Collection
 from typing import Any, BinaryIO
 
 from shared.sandbox.policy import (
+    ENTRIES_NAME,
+    EXITS_NAME,
     INDICATOR_MODULE,
+    POSITION_NAME,
     RESULT_NAME,
     SCRIPT_FILENAME,
+    WARMUP_NAME,
     Violations,
     compile_script,
     imports_of,
@@ -134,7 +143,88 @@ def check_result(value: Any) -> float | None:
     return number
 
 
-def _run_one(code: Any, item: dict[str, Any], params_json: str, max_chars: int) -> dict[str, Any]:
+class SignalError(ValueError):
+    """A strategy script's series are not what the contract asks for (the message names the problem)."""
+
+
+def pack_bits(values: tuple[bool, ...] | list[bool]) -> str:
+    """Booleans as base64 of packed bits, least significant bit first (8 bars a byte)."""
+    out = bytearray((len(values) + 7) // 8)
+    for i, value in enumerate(values):
+        if value:
+            out[i >> 3] |= 1 << (i & 7)
+    return base64.b64encode(bytes(out)).decode("ascii")
+
+
+def _bools(name: str, value: Any, n: int) -> str:
+    kind = type(value)
+    if kind is not tuple and kind is not list:
+        raise SignalError(f"{name} must be a tuple (or list) of booleans, one per bar, not {kind.__name__}")
+    if len(value) != n:
+        raise SignalError(f"{name} has {len(value):,} values; expected {n:,} (one per bar)")
+    for i, item in enumerate(value):
+        if type(item) is not bool:  # checked by type: no __bool__ of a script's object ever runs here
+            raise SignalError(f"{name}[{i}] is {type(item).__name__}, not bool (True or False)")
+    return pack_bits(value)
+
+
+def _positions(value: Any, n: int) -> str:
+    kind = type(value)
+    if kind is not tuple and kind is not list:
+        raise SignalError(f"{POSITION_NAME} must be a tuple (or list) of numbers, one per bar, not {kind.__name__}")
+    if len(value) != n:
+        raise SignalError(f"{POSITION_NAME} has {len(value):,} values; expected {n:,} (one per bar)")
+    numbers = array("d")
+    for i, item in enumerate(value):
+        if type(item) is not float and type(item) is not int:
+            raise SignalError(f"{POSITION_NAME}[{i}] is {type(item).__name__}, not a number")
+        try:
+            number = float(item)
+        except OverflowError:
+            raise SignalError(f"{POSITION_NAME}[{i}] is too large") from None
+        if not -1.0 <= number <= 1.0:  # NaN fails this too
+            raise SignalError(f"{POSITION_NAME}[{i}] is {number!r}; a target position is between -1 and 1")
+        numbers.append(number)
+    if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
+        numbers.byteswap()
+    return base64.b64encode(numbers.tobytes()).decode("ascii")
+
+
+def check_signals(namespace: dict[str, Any], n: int) -> dict[str, Any]:
+    """A strategy script's output, checked by exact type and length and encoded compactly for the parent.
+
+    Either ``entries`` and ``exits`` (booleans) or ``position`` (numbers in [-1, 1]), one per bar; optional
+    ``warmup`` (int, the first bar the signals mean anything, default 0). The parent checks all of it again.
+    """
+    entries = namespace.get(ENTRIES_NAME, _MISSING)
+    exits = namespace.get(EXITS_NAME, _MISSING)
+    position = namespace.get(POSITION_NAME, _MISSING)
+    warmup = namespace.get(WARMUP_NAME, 0)
+    if type(warmup) is not int:
+        raise SignalError(f"{WARMUP_NAME} must be an int, not {type(warmup).__name__}")
+    if not 0 <= warmup < max(n, 1):
+        raise SignalError(f"{WARMUP_NAME} is {warmup:,}; it must be a bar index from 0 to {max(n - 1, 0):,}")
+    signals: dict[str, Any] = {"n": n, "warmup": warmup}
+    if position is not _MISSING:
+        if entries is not _MISSING or exits is not _MISSING:
+            raise SignalError(f"assign either `{ENTRIES_NAME}` and `{EXITS_NAME}`, or `{POSITION_NAME}`, not both")
+        signals[POSITION_NAME] = _positions(position, n)
+        return signals
+    if entries is _MISSING and exits is _MISSING:
+        raise SignalError(
+            f"the strategy script assigned neither `{ENTRIES_NAME}` and `{EXITS_NAME}` nor `{POSITION_NAME}`"
+        )
+    if entries is _MISSING or exits is _MISSING:
+        given, absent = (ENTRIES_NAME, EXITS_NAME) if exits is _MISSING else (EXITS_NAME, ENTRIES_NAME)
+        raise SignalError(f"the strategy script assigned `{given}` but not `{absent}`")
+    signals[ENTRIES_NAME] = _bools(ENTRIES_NAME, entries, n)
+    signals[EXITS_NAME] = _bools(EXITS_NAME, exits, n)
+    return signals
+
+
+def _run_one(
+    code: Any, item: dict[str, Any], params_json: str, max_chars: int, strategy: bool = False
+) -> dict[str, Any]:
     inputs: dict[str, Any] = {name: tuple(array("d", item[name])) for name in SERIES}
     indicators = sys.modules.get("shared.sandbox.ta")
     if indicators is not None:  # `ta` skips re-checking and re-packing these exact tuples (trusted bytes)
@@ -148,8 +238,15 @@ def _run_one(code: Any, item: dict[str, Any], params_json: str, max_chars: int) 
     try:
         exec(code, namespace)
         value = namespace.get(RESULT_NAME, _MISSING)
-        if value is _MISSING:
-            outcome: dict[str, Any] = {
+        outcome: dict[str, Any]
+        if strategy:
+            try:
+                outcome = {"signals": check_signals(namespace, len(inputs["close"]))}
+            except SignalError as exc:
+                outcome = {"error": {"type": "SignalError", "message": str(exc)[:max_chars], "line": None}}
+                incidents.append(["result", "invalid_signals", outcome["error"]["message"]])
+        elif value is _MISSING:
+            outcome = {
                 "error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}
             }
         else:
@@ -229,6 +326,7 @@ def main() -> None:
             emit({"i": index, "error": _describe(exc, max_chars)})
         return
     params_json = json.dumps(request["params"])
+    strategy = request.get("mode") == "strategy"
     emit({"ready": True, "layers": layers})
     for index, item in enumerate(items):
-        emit({"i": index, **_run_one(code, item, params_json, max_chars)})
+        emit({"i": index, **_run_one(code, item, params_json, max_chars, strategy)})

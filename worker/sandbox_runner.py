@@ -10,6 +10,7 @@ the symbols after it: one bad symbol never costs the others their results.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -23,18 +24,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
+from shared.sandbox.policy import ENTRIES_NAME, EXITS_NAME, POSITION_NAME
+from shared.sandbox.signals import ScriptSignals, StrategyOutcome
 from shared.security import Incident, is_known
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from worker.sandbox_child import main; main()"
 
@@ -61,27 +68,29 @@ _DEATHS = {
 }
 
 
-def _encode_request(script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits) -> bytes:
-    payload = pickle.dumps(
-        {
-            "script": script,
-            "params": params,
-            "limits": asdict(limits),
-            "items": [
-                {
-                    "symbol": item.symbol,
-                    "dates": item.dates,
-                    "open": item.open.tobytes(),
-                    "high": item.high.tobytes(),
-                    "low": item.low.tobytes(),
-                    "close": item.close.tobytes(),
-                    "volume": item.volume.tobytes(),
-                }
-                for item in items
-            ],
-        },
-        protocol=pickle.HIGHEST_PROTOCOL,
-    )
+def _encode_request(
+    script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits, mode: str | None = None
+) -> bytes:
+    request: dict[str, Any] = {
+        "script": script,
+        "params": params,
+        "limits": asdict(limits),
+        "items": [
+            {
+                "symbol": item.symbol,
+                "dates": item.dates,
+                "open": item.open.tobytes(),
+                "high": item.high.tobytes(),
+                "low": item.low.tobytes(),
+                "close": item.close.tobytes(),
+                "volume": item.volume.tobytes(),
+            }
+            for item in items
+        ],
+    }
+    if mode is not None:  # a calculation's request stays exactly what it was
+        request["mode"] = mode
+    payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
     return len(payload).to_bytes(8, "big") + payload
 
 
@@ -118,12 +127,13 @@ class _Child:
         finally:
             watchdog.cancel()
 
-    def read_message(self, timeout_s: float) -> dict[str, Any]:
-        """The next JSON line, within ``timeout_s``; raises _ChildFault otherwise."""
+    def read_message(self, timeout_s: float, cap: int | None = None) -> dict[str, Any]:
+        """The next JSON line of at most ``cap`` bytes (default: the limits' line cap), within ``timeout_s``;
+        raises _ChildFault otherwise."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout_s
-        cap = self.limits.max_output_line_bytes
+        cap = self.limits.max_output_line_bytes if cap is None else cap
         while b"\n" not in self._buffer:
             if len(self._buffer) > cap:
                 raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result",
@@ -273,12 +283,36 @@ def run_script(
     limits: SandboxLimits,
 ) -> list[Outcome]:
     """Run ``script`` once per item, each with fresh globals, in sandbox processes. One outcome per item."""
-    outcomes: list[Outcome] = []
+
+    def fault_outcome(item: SymbolBars, fault: _ChildFault) -> Outcome:
+        return Outcome(item.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
+                       (fault.incident,))  # fmt: skip
+
+    return _run_items(
+        script, params, items, limits, None,
+        lambda item, index, message: _checked_outcome(item.symbol, index, message, limits.max_error_chars),
+        fault_outcome, lambda item: None,
+    )  # fmt: skip
+
+
+def _run_items(
+    script: str,
+    params: dict[str, Any],
+    items: Sequence[SymbolBars],
+    limits: SandboxLimits,
+    mode: str | None,
+    check: Callable[[SymbolBars, int, dict[str, Any]], _T],
+    on_fault: Callable[[SymbolBars, _ChildFault], _T],
+    line_cap: Callable[[SymbolBars], int | None],
+) -> list[_T]:
+    """The supervision loop shared by calculations and strategies: one process for the items, a fresh one
+    continuing after an item that timed out, died or broke the protocol (that item gets ``on_fault``)."""
+    outcomes: list[_T] = []
     pending = list(items)
     while pending:
         child = _Child(limits)
         try:
-            child.send(_encode_request(script, params, pending, limits))
+            child.send(_encode_request(script, params, pending, limits, mode))
             try:
                 ready = child.read_message(limits.startup_timeout_s)
             except _ChildFault as fault:
@@ -289,18 +323,103 @@ def run_script(
             done = 0
             try:
                 for index, item in enumerate(pending):
-                    message = child.read_message(limits.symbol_timeout_s)
-                    outcomes.append(_checked_outcome(item.symbol, index, message, limits.max_error_chars))
+                    message = child.read_message(limits.symbol_timeout_s, line_cap(item))
+                    outcomes.append(check(item, index, message))
                     done += 1
             except _ChildFault as fault:
                 victim = pending[done]
                 log.warning("sandbox fault on %s: %s", victim.symbol, fault.message)
-                outcomes.append(
-                    Outcome(victim.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
-                            (fault.incident,))
-                )  # fmt: skip
+                outcomes.append(on_fault(victim, fault))
                 done += 1
             pending = pending[done:]
         finally:
             child.close()
     return outcomes
+
+
+# --- strategy scripts (issue 9) --------------------------------------------------------------------------------
+
+
+def signals_line_cap(n_bars: int, limits: SandboxLimits) -> int:
+    """Bytes one strategy answer may take: its base64 series (a position is 8 bytes a bar, 4/3 of that in
+    base64; entries and exits a bit a bar each), with room for the JSON around it, an error message and
+    incidents; never below the calculation's line cap."""
+    series = 4 * -(-8 * n_bars // 3)
+    return max(limits.max_output_line_bytes, series + 8 * limits.max_error_chars + 16_384)
+
+
+def _decode(raw: object, size: int, what: str) -> bytes:
+    if type(raw) is not str or len(raw) != 4 * -(-size // 3):
+        raise _ChildFault("SandboxError", f"the sandbox broke the result protocol ({what} has the wrong size)")
+    try:
+        data = base64.b64decode(raw.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise _ChildFault("SandboxError", f"the sandbox broke the result protocol ({what} is not base64)") from None
+    if len(data) != size:
+        raise _ChildFault("SandboxError", f"the sandbox broke the result protocol ({what} has the wrong size)")
+    return data
+
+
+def decode_bits(raw: object, n: int, what: str) -> NDArray[np.bool_]:
+    """Packed bits (least significant first) back to ``n`` booleans; the padding bits must be zero."""
+    data = np.frombuffer(_decode(raw, (n + 7) // 8, what), dtype=np.uint8)
+    bits = np.unpackbits(data, bitorder="little").astype(np.bool_)
+    if bits[n:].any():
+        raise _ChildFault("SandboxError", f"the sandbox broke the result protocol ({what} has padding bits set)")
+    return np.ascontiguousarray(bits[:n])
+
+
+def decode_positions(raw: object, n: int) -> NDArray[np.float64]:
+    """``n`` little-endian float64 targets, each finite and in [-1, 1]."""
+    values = np.frombuffer(_decode(raw, 8 * n, POSITION_NAME), dtype="<f8").astype(np.float64)
+    if not np.all(np.isfinite(values)) or np.any(np.abs(values) > 1.0):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (position out of [-1, 1])")
+    return values
+
+
+def checked_signals(raw: object, n: int) -> ScriptSignals:
+    """Re-check a strategy answer from the child: exact keys and types, ``n`` values per series, finite."""
+    if type(raw) is not dict:
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad signals)")
+    keys = set(raw)
+    if keys not in ({"n", "warmup", ENTRIES_NAME, EXITS_NAME}, {"n", "warmup", POSITION_NAME}):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad signals)")
+    count, warmup = raw["n"], raw["warmup"]
+    if type(count) is not int or count != n or type(warmup) is not int or not 0 <= warmup < max(n, 1):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (wrong number of bars)")
+    if POSITION_NAME in raw:
+        return ScriptSignals(n, warmup, position=decode_positions(raw[POSITION_NAME], n))
+    entries = decode_bits(raw[ENTRIES_NAME], n, ENTRIES_NAME)
+    return ScriptSignals(n, warmup, entries=entries, exits=decode_bits(raw[EXITS_NAME], n, EXITS_NAME))
+
+
+def _checked_strategy(item: SymbolBars, index: int, message: dict[str, Any], max_chars: int) -> StrategyOutcome:
+    if message.get("i") != index:
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (out-of-order result)")
+    if "error" in message:
+        base = _checked_outcome(item.symbol, index, message, max_chars)
+        return StrategyOutcome(item.symbol, None, base.error, base.incidents)
+    if "value" in message:
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (a value for a strategy)")
+    incidents = _checked_incidents(message.get("incidents"), max_chars)
+    return StrategyOutcome(item.symbol, checked_signals(message.get("signals"), len(item.close)), None, incidents)
+
+
+def run_strategy(
+    script: str,
+    params: dict[str, Any],
+    items: Sequence[SymbolBars],
+    limits: SandboxLimits,
+) -> list[StrategyOutcome]:
+    """Run a strategy script once per item (fresh globals each, one sandbox process for the batch, as for
+    calculations); each item's signals re-checked here, or its error. One outcome per item, in order."""
+
+    def fault_outcome(item: SymbolBars, fault: _ChildFault) -> StrategyOutcome:
+        return StrategyOutcome(item.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
+                               (fault.incident,))  # fmt: skip
+
+    return _run_items(
+        script, params, items, limits, "strategy",
+        lambda item, index, message: _checked_strategy(item, index, message, limits.max_error_chars),
+        fault_outcome, lambda item: signals_line_cap(len(item.close), limits),
+    )  # fmt: skip

@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from datetime import date
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, field_validator, model_validator
 
 from shared.backtest.risk import FixedFractionParams, KellyFractionParams, VolatilityTargetParams
 from shared.backtest.strategies import (
@@ -72,8 +73,43 @@ class BuyAndHoldSpec(_Model):
     params: BuyAndHoldParams = BuyAndHoldParams()
 
 
+PARAMETER_NAME = r"^[a-z][a-z0-9_]{0,39}$"
+MAX_SCRIPT_PARAMETERS = 20
+ParameterValue = StrictBool | StrictInt | Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class ScriptParams(RootModel[dict[Annotated[str, Field(pattern=PARAMETER_NAME)], ParameterValue]]):
+    """A strategy script's parameter values by name (checked against the script's declared parameters by the
+    API, which also fills in their defaults: ``shared.strategy_scripts.resolve_params``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @field_validator("root")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_SCRIPT_PARAMETERS:
+            raise ValueError(f"at most {MAX_SCRIPT_PARAMETERS} parameters")
+        return value
+
+
+class ScriptStrategySpec(_Model):
+    """A saved strategy script of the run's owner (issue 9). The API pins ``version`` (the latest when omitted)
+    and completes ``params`` with the declared defaults before the config is hashed, so the hash names the
+    exact code and parameters that run."""
+
+    name: Literal["script"]
+    script_id: uuid.UUID
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    params: ScriptParams = ScriptParams({})
+
+
 StrategySpec = Annotated[
-    DualSmaSpec | RsiReversionSpec | DonchianBreakoutSpec | BollingerReversionSpec | BuyAndHoldSpec,
+    DualSmaSpec
+    | RsiReversionSpec
+    | DonchianBreakoutSpec
+    | BollingerReversionSpec
+    | BuyAndHoldSpec
+    | ScriptStrategySpec,
     Field(discriminator="name"),
 ]
 

@@ -173,14 +173,25 @@ def run_backtest(bars: Bars, config: BacktestConfig) -> BacktestResult:
     return run_events(bars, signals.events, config, warmup=first_trading_bar)
 
 
-def run_events(bars: Bars, events: NDArray[np.int8], config: BacktestConfig, *, warmup: int = 0) -> BacktestResult:
+def run_events(
+    bars: Bars,
+    events: NDArray[np.int8],
+    config: BacktestConfig,
+    *,
+    warmup: int = 0,
+    entry_scale: NDArray[np.float64] | None = None,
+) -> BacktestResult:
     """Execute given events (``strategies.LONG/SHORT/FLAT/NONE``, one per bar) under ``config``'s execution,
     risk and metrics settings; ``config.strategy`` is not used. ``warmup`` is the first bar every signal input
-    was defined (where "Buy & Hold" starts). The caller owns the causality of ``events``."""
+    was defined (where "Buy & Hold" starts). ``entry_scale`` (one value in [0, 1] per bar) scales the risk
+    model's fraction for an entry decided on that bar (a script's target position; Kelly sizing ignores it).
+    The caller owns the causality of ``events``."""
     events = np.ascontiguousarray(events, dtype=np.int8)
     if events.shape != (len(bars),):
         raise ValueError(f"events: expected {len(bars)} values, got shape {events.shape}")
     fractions = entry_fractions(bars, config)
+    if entry_scale is not None:
+        fractions = np.ascontiguousarray(fractions * entry_scale, dtype=np.float64)
     ip, fp = simulation_parameters(config)
     n = len(bars)
     equity = np.empty(n)

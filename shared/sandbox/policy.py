@@ -27,6 +27,12 @@ from shared.errors import ScriptCompileError
 
 SCRIPT_FILENAME = "<user-script>"
 RESULT_NAME = "result"
+# What a strategy script assigns (issue 9): ``entries`` and ``exits`` (one bool per bar) or ``position`` (one
+# target in [-1, 1] per bar), and optionally ``warmup`` (the first bar its signals mean anything).
+ENTRIES_NAME = "entries"
+EXITS_NAME = "exits"
+POSITION_NAME = "position"
+WARMUP_NAME = "warmup"
 MAX_RANGE = 10_000_000  # largest range() a script may build
 PRINT_LIMIT_CHARS = 10_000  # what print() may collect per symbol (discarded; kept bounded)
 
