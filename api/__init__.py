@@ -153,6 +153,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
     app.register_api(universes.bp)
     app.register_api(presets.bp)
+    from api import optimizations
+
+    app.register_api(optimizations.bp)
     metrics.init_request_metrics(app)
     apply_rate_limits(app, limiter, settings)
 

@@ -43,6 +43,9 @@ MEDIA_TYPES = {
     "trades.csv": "text/csv",
     "chart.png": "image/png",
     "validation.json": "application/json",
+    "optimization.json": "application/json",
+    "results.csv": "text/csv",
+    "heatmap.png": "image/png",
     MANIFEST_NAME: "application/json",
 }
 TRADE_COLUMNS = ("entry_date", "exit_date", "size", "entry_price", "exit_price", "pnl", "return_pct", "commission")
@@ -217,41 +220,74 @@ def build_if_finished(factory: sessionmaker[Session], store: ArtifactStore, job_
             cash, rate = float(run.config.get("initial_cash", 10_000.0)), float(run.config.get("risk_free_rate", 0.0))
             portfolio = runs.portfolio_metrics([(c.dates, c.equity) for c in curves], cash, rate)
         files = render(data, portfolio, runs.ensure_validation(factory, job, run))
-        location = store.run_location(run.owner_id, job_id)
-        for name, content in files.items():
-            store.put(location, name, content)
-        _lock(session, f"manifests-of:{run.owner_id}")
-        chain_prev = session.scalar(
-            select(RunManifest.manifest_sha256)
-            .where(RunManifest.owner_id == run.owner_id)
-            .order_by(RunManifest.id.desc())
-            .limit(1)
-        )
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "run_id": str(job_id),
-            "owner_id": run.owner_id,
-            "config_hash": run.config_hash,
-            "status": job.status,
-            "files": [
-                {"name": name, "size": len(content), "sha256": sha256_hex(content)}
-                for name, content in sorted(files.items())
-            ],
-            "chain_prev": chain_prev,
-        }
-        store.put(location, MANIFEST_NAME, canonical(manifest))
-        row = RunManifest(
-            job_id=job_id,
-            owner_id=run.owner_id,
-            location=location,
-            manifest=manifest,
-            manifest_sha256=sha256_hex(canonical(manifest)),
-            chain_prev=chain_prev,
-        )
-        session.add(row)
-        session.flush()
-        log.info("run %s: %d artifacts written to %s", job_id, len(files), location)
-        return row
+        return _store_with_manifest(session, store, job_id, run.owner_id, run.config_hash, job.status, files)
+
+
+def _store_with_manifest(
+    session: Session,
+    store: ArtifactStore,
+    job_id: uuid.UUID,
+    owner_id: str,
+    config_hash: str,
+    status: str,
+    files: dict[str, bytes],
+) -> RunManifest:
+    """Write the files and their manifest, chained to the owner's previous manifest (under the owner's lock)."""
+    location = store.run_location(owner_id, job_id)
+    for name, content in files.items():
+        store.put(location, name, content)
+    _lock(session, f"manifests-of:{owner_id}")
+    chain_prev = session.scalar(
+        select(RunManifest.manifest_sha256)
+        .where(RunManifest.owner_id == owner_id)
+        .order_by(RunManifest.id.desc())
+        .limit(1)
+    )
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "run_id": str(job_id),
+        "owner_id": owner_id,
+        "config_hash": config_hash,
+        "status": status,
+        "files": [
+            {"name": name, "size": len(content), "sha256": sha256_hex(content)}
+            for name, content in sorted(files.items())
+        ],
+        "chain_prev": chain_prev,
+    }
+    store.put(location, MANIFEST_NAME, canonical(manifest))
+    row = RunManifest(
+        job_id=job_id,
+        owner_id=owner_id,
+        location=location,
+        manifest=manifest,
+        manifest_sha256=sha256_hex(canonical(manifest)),
+        chain_prev=chain_prev,
+    )
+    session.add(row)
+    session.flush()
+    log.info("job %s: %d artifacts written to %s", job_id, len(files), location)
+    return row
+
+
+def write_manifest(
+    factory: sessionmaker[Session],
+    store: ArtifactStore,
+    *,
+    job_id: uuid.UUID,
+    owner_id: str,
+    config_hash: str,
+    status: str,
+    files: dict[str, bytes],
+) -> RunManifest:
+    """Another job kind's artifacts (an optimisation's) with a manifest in the same owner chain; built once per
+    job (a concurrent second call waits on the job's lock and returns the first manifest)."""
+    with session_scope(factory) as session:
+        _lock(session, f"artifacts:{job_id}")
+        existing = session.scalar(select(RunManifest).where(RunManifest.job_id == job_id))
+        if existing is not None:
+            return existing
+        return _store_with_manifest(session, store, job_id, owner_id, config_hash, status, files)
 
 
 def get_manifest(session: Session, job_id: uuid.UUID) -> RunManifest | None:

@@ -237,6 +237,12 @@ class Settings:
     max_validation_backtests: int = 250_000
     # ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS: one validation task (its chunk of draws x symbols), in backtests
     max_validation_task_backtests: int = 50_000
+    # ALPHAFORGE_MAX_GRID_COMBOS: parameter combinations one optimisation may evaluate (grid or random budget)
+    max_grid_combos: int = 20_000
+    # ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS: combos x symbols x (walk-forward windows or 1), per optimisation
+    max_optimization_backtests: int = 2_000_000
+    # ALPHAFORGE_OPTIMIZATION_SLICE: backtests (combos x symbols) per optimisation task (one JobShard each)
+    optimization_slice_backtests: int = 2_500
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # ALPHAFORGE_SANDBOX_TIMEOUT (s per symbol), ALPHAFORGE_SANDBOX_MEMORY_MB
     jwt_secret_key: str | None = field(default=None, repr=False)  # JWT_SECRET_KEY: required by the API
@@ -314,6 +320,13 @@ class Settings:
             ),
             max_validation_task_backtests=_int(
                 env, "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS", defaults.max_validation_task_backtests
+            ),
+            max_grid_combos=_int(env, "ALPHAFORGE_MAX_GRID_COMBOS", defaults.max_grid_combos),
+            max_optimization_backtests=_int(
+                env, "ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS", defaults.max_optimization_backtests
+            ),
+            optimization_slice_backtests=_int(
+                env, "ALPHAFORGE_OPTIMIZATION_SLICE", defaults.optimization_slice_backtests
             ),
             sandbox=sandbox,
             jwt_secret_key=env.get("JWT_SECRET_KEY") or None,
@@ -401,6 +414,9 @@ class Settings:
             "ALPHAFORGE_SHARD_MAX_RETRIES": str(self.shard_max_retries),
             "ALPHAFORGE_MAX_VALIDATION_BACKTESTS": str(self.max_validation_backtests),
             "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS": str(self.max_validation_task_backtests),
+            "ALPHAFORGE_MAX_GRID_COMBOS": str(self.max_grid_combos),
+            "ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS": str(self.max_optimization_backtests),
+            "ALPHAFORGE_OPTIMIZATION_SLICE": str(self.optimization_slice_backtests),
             "ALPHAFORGE_SANDBOX_TIMEOUT": str(self.sandbox.symbol_timeout_s),
             "ALPHAFORGE_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
             "ALPHAFORGE_ACCESS_TOKEN_TTL": str(self.access_token_ttl_s),

@@ -108,6 +108,7 @@ def submit(
     on_write: OnWrite | None = None,
     events: JobEvents | None = None,
     tasks_first: Sequence[dict[str, Any]] = (),
+    shard_symbols: bool = True,
 ) -> Job:
     """Write the job and its shards in one transaction, commit, then enqueue one task per shard.
 
@@ -118,8 +119,10 @@ def submit(
     If enqueueing fails the job is marked failed (never left looking queued) and
     ServiceUnavailable is raised; shards already sent find a failed job and do nothing.
     With ``max_active_per_owner``, an owner at that many active jobs gets QuotaExceeded and nothing is written.
+    ``shard_symbols=False``: only the task shards; the job's symbols are what every task works on (an
+    optimisation's slices), not split into shards of their own.
     """
-    batches = split_into_shards(job.symbols, shard_size)
+    batches = split_into_shards(job.symbols, shard_size) if shard_symbols else []
     job.shard_size = shard_size
     job.shards_total = len(tasks_first) + len(batches)
     job.symbols_total = len(job.symbols)

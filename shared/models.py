@@ -51,6 +51,7 @@ class ShardStatus(str, enum.Enum):
 class JobKind(str, enum.Enum):
     CALCULATION = "calculation"
     BACKTEST = "backtest"
+    OPTIMIZATION = "optimization"
 
 
 class UserRole(str, enum.Enum):
@@ -509,3 +510,52 @@ class Preset(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Optimization(Base):
+    """An optimisation job's record (``shared.optimization``): its validated spec and the spec's canonical hash.
+
+    The job row (kind ``optimization``) carries status and shards (one per slice of combos, ``JobShard.task``);
+    ``(owner_id, spec_hash)`` is unique: submitting the same spec again finds this row. ``outcome`` (best
+    combo with full metrics, walk-forward path) is computed once the job is final, then kept."""
+
+    __tablename__ = "optimizations"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "spec_hash", name="uq_optimizations_owner_spec"),
+        Index("ix_optimizations_owner_created", "owner_id", "created_at"),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(100))
+    strategy: Mapped[str] = mapped_column(String(64), nullable=False)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    spec_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    combos: Mapped[int] = mapped_column(Integer, nullable=False)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class OptimizationResult(Base):
+    """One parameter combination's summary metrics in one optimisation (``window``: the walk-forward window
+    whose in-sample period it was scored on; 0 for a plain optimisation). NaN metrics are stored as NULL."""
+
+    __tablename__ = "optimization_results"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    window: Mapped[int] = mapped_column(Integer, primary_key=True)
+    combo_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    symbols: Mapped[int] = mapped_column(Integer, nullable=False)  # symbols with a result in this combo
+    equity_final: Mapped[float | None] = mapped_column(Double)
+    return_pct: Mapped[float | None] = mapped_column(Double)
+    return_ann_pct: Mapped[float | None] = mapped_column(Double)
+    volatility_ann_pct: Mapped[float | None] = mapped_column(Double)
+    sharpe: Mapped[float | None] = mapped_column(Double)
+    max_drawdown_pct: Mapped[float | None] = mapped_column(Double)
+    trades: Mapped[float | None] = mapped_column(Double)
+    win_rate_pct: Mapped[float | None] = mapped_column(Double)

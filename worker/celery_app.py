@@ -20,6 +20,8 @@ BEAT_MAX_LOOP_S = 5  # beat wakes at least this often (and renews its lock)
 BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replaced by a waiting one
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
 TASK_BUILD_RUN_ARTIFACTS = "alphaforge.backtests.build_artifacts"  # a run that ended with no shard left to build them
+TASK_RUN_OPTIMIZATION_SHARD = "alphaforge.optimizations.run_shard"
+TASK_FINISH_OPTIMIZATION = "alphaforge.optimizations.finish"  # outcome and artifacts of one ended with no slice left
 
 
 def shard_time_limit_s(settings: Settings) -> int:
@@ -41,7 +43,7 @@ def create_celery(settings: Settings) -> Celery:
         "alphaforge",
         broker=redis_url,
         backend=redis_url,
-        include=["worker.tasks", "worker.sandbox_probe", "worker.backtest_tasks"],
+        include=["worker.tasks", "worker.sandbox_probe", "worker.backtest_tasks", "worker.optimization_tasks"],
         set_as_current=True,
     )
     app.conf.update(
@@ -65,6 +67,8 @@ def create_celery(settings: Settings) -> Celery:
             TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE},
             TASK_RUN_BACKTEST_SHARD: {"queue": QUEUE_INTERACTIVE},
             TASK_BUILD_RUN_ARTIFACTS: {"queue": QUEUE_INTERACTIVE},
+            TASK_RUN_OPTIMIZATION_SHARD: {"queue": QUEUE_INTERACTIVE},
+            TASK_FINISH_OPTIMIZATION: {"queue": QUEUE_INTERACTIVE},
         },
         broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         result_backend_transport_options={"visibility_timeout": visibility_timeout_s(settings)},

@@ -24,7 +24,12 @@ from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE
 from shared.jobs import ShardTask
 from shared.models import JobKind
 from worker import metrics_signals
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, shard_enqueuer
+from worker.celery_app import (
+    TASK_RUN_BACKTEST_SHARD,
+    TASK_RUN_CALCULATION_SHARD,
+    TASK_RUN_OPTIMIZATION_SHARD,
+    shard_enqueuer,
+)
 from worker.fairness import PRIORITY_STEPS
 from worker.schedule import (
     TASK_NIGHTLY_HARVEST,
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 SHARD_TASKS: dict[str, str] = {
     JobKind.CALCULATION.value: TASK_RUN_CALCULATION_SHARD,
     JobKind.BACKTEST.value: TASK_RUN_BACKTEST_SHARD,
+    JobKind.OPTIMIZATION.value: TASK_RUN_OPTIMIZATION_SHARD,
 }
 """The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
 

@@ -1,0 +1,362 @@
+"""Optimisations end to end: API -> job of slices -> real Celery worker -> engine -> ranked table, against a
+brute-force loop over the engine itself."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, insert, select
+
+from api import create_app
+from shared import runs
+from shared.backtest import BacktestConfig, run_backtest
+from shared.bars import load_bars
+from shared.config import Settings
+from shared.db import make_session_factory
+from shared.models import DailyBar, Job, JobShard, Symbol
+from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
+
+OPT = "/api/optimizations"
+SYMBOLS = ["OPTA", "OPTB"]
+
+pytestmark = pytest.mark.usefixtures("celery_worker")
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "symbol": SYMBOLS[0],
+        "strategy": "dual_sma",
+        "execution": {"fee_bps": 10},
+        "parameters": {"fast": {"start": 3, "stop": 15, "step": 2}, "slow": [10, 15, 20, 30, 40]},
+        "objective": {"metric": "sharpe", "direction": "max"},
+        "constraints": [{"metric": "trades", "op": ">=", "value": 3}],
+    }
+    doc.update(changes)
+    return doc
+
+
+def create(client: FlaskClient, doc: dict[str, Any], status: int = 202) -> dict[str, Any]:
+    response = client.post(OPT, json=doc)
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response.get_json()  # type: ignore[no-any-return]
+
+
+def finished(client: FlaskClient, optimization_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    """The view once final and its outcome is in (the worker computes it after the last slice)."""
+    wait_for_job(client, optimization_id, timeout_s)
+    deadline = time.monotonic() + 30
+    while True:
+        view = client.get(f"{OPT}/{optimization_id}").get_json()
+        if view["best"] is not None or view["walk_forward"] is not None or time.monotonic() > deadline:
+            return view  # type: ignore[no-any-return]
+        time.sleep(0.2)
+
+
+def table(client: FlaskClient, optimization_id: str, **query: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page = client.get(f"{OPT}/{optimization_id}/results", query_string={**query, "offset": offset, "limit": 37})
+        assert page.status_code == 200, page.get_data(as_text=True)
+        doc = page.get_json()
+        rows.extend(doc["results"])
+        if doc["next_offset"] is None:
+            return rows
+        offset = doc["next_offset"]
+
+
+def engine_bars(engine: Engine, symbol: str) -> Any:
+    with make_session_factory(engine)() as session:
+        return runs.engine_bars(load_bars(session.connection(), [symbol], None, None)[symbol])
+
+
+SUMMARY = {
+    "sharpe": "Sharpe Ratio",
+    "return_pct": "Return [%]",
+    "trades": "# Trades",
+    "max_drawdown_pct": "Max. Drawdown [%]",
+    "win_rate_pct": "Win Rate [%]",
+}
+
+
+def brute_force(engine: Engine, symbols: list[str], pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Every pair through run_backtest itself, aggregated as documented (mean; trades summed)."""
+    out = []
+    bars = {s: engine_bars(engine, s) for s in symbols}
+    for fast, slow in pairs:
+        config = BacktestConfig.model_validate(
+            {
+                "symbols": symbols,
+                "execution": {"fee_bps": 10},
+                "strategy": {"name": "dual_sma", "params": {"fast": fast, "slow": slow}},
+            }
+        )
+        per = [run_backtest(bars[s], config).metrics for s in symbols]
+        row: dict[str, Any] = {"params": {"fast": fast, "slow": slow}}
+        for name, key in SUMMARY.items():
+            values = np.array([float(m[key]) for m in per])
+            row[name] = float(values.sum()) if name == "trades" else float(np.nanmean(values))
+        row["full"] = per
+        out.append(row)
+    return out
+
+
+PAIRS = [(f, s) for f in range(3, 16, 2) for s in (10, 15, 20, 30, 40) if f < s]
+
+
+def ranked(rows: list[dict[str, Any]], min_trades: float) -> list[dict[str, Any]]:
+    passing = [r for r in rows if r["trades"] >= min_trades]
+    return sorted(passing, key=lambda r: -r["sharpe"] if math.isfinite(r["sharpe"]) else math.inf)
+
+
+def close(a: float | None, b: float) -> bool:
+    if a is None:
+        return not math.isfinite(b)
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean_db: Engine) -> None:
+    seed_bars(clean_db, SYMBOLS, days=400, seed=11)
+    accepted = create(client, body())
+    assert accepted["combos"] == len(PAIRS)
+    view = finished(client, accepted["optimization_id"])
+    assert view["status"] == "succeeded"
+    assert view["progress"]["combos_done"] == len(PAIRS) and view["progress"]["percent"] == 100.0
+    expected = ranked(brute_force(clean_db, [SYMBOLS[0]], PAIRS), 3)
+    best = view["best"]
+    assert best["params"] == expected[0]["params"]
+    truth = expected[0]["full"][0]
+    for key, value in truth.items():  # the full metrics of one run_backtest of the best combo
+        got = best["metrics"][key]
+        if isinstance(value, float) and not math.isfinite(value):
+            assert got is None, key
+        elif isinstance(value, float):
+            assert math.isclose(got, value, rel_tol=1e-12, abs_tol=1e-12), key
+        else:
+            assert got == value, key
+    rows = table(client, accepted["optimization_id"])
+    assert [r["params"] for r in rows] == [e["params"] for e in expected]
+    assert [r["rank"] for r in rows] == list(range(1, len(expected) + 1))
+    for got, want in zip(rows, expected, strict=True):
+        for name in SUMMARY:
+            assert close(got["metrics"][name], want[name]), (name, got, want)
+    # the same spec again is the same optimisation
+    again = client.post(OPT, json=body())
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["optimization_id"] == accepted["optimization_id"]
+    # artifacts: heatmap, ranked CSV, optimization.json, in a verifiable manifest
+    listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
+    for _ in range(50):
+        if listing.status_code == 200:
+            break
+        time.sleep(0.2)
+        listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
+    assert listing.status_code == 200, listing.get_data(as_text=True)
+    names = {f["name"] for f in listing.get_json()["files"]}
+    assert names == {"heatmap.png", "results.csv", "optimization.json"}
+    png = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts/heatmap.png")
+    assert png.status_code == 200 and png.data[:8] == b"\x89PNG\r\n\x1a\n"
+    text = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts/results.csv").get_data(as_text=True)
+    lines = list(csv.DictReader(io.StringIO(text)))
+    assert len(lines) == len(PAIRS)
+    assert [(int(r["fast"]), int(r["slow"])) for r in lines[: len(expected)]] == [
+        (e["params"]["fast"], e["params"]["slow"]) for e in expected
+    ]
+    assert client.get(f"{OPT}/{accepted['optimization_id']}/manifest/verify").get_json()["ok"] is True
+    # the job machinery sees it as a job
+    job = client.get(f"/api/jobs/{accepted['optimization_id']}").get_json()
+    assert job["kind"] == "optimization" and job["progress"]["shards_done"] == job["progress"]["shards_total"]
+
+
+def test_many_symbols_and_constraint_filtering(client: FlaskClient, clean_db: Engine) -> None:
+    seed_bars(clean_db, SYMBOLS, days=400, seed=5)
+    constraints = [
+        {"metric": "trades", "op": ">=", "value": 12},
+        {"metric": "max_drawdown_pct", "op": ">=", "value": -30},
+    ]
+    doc = body(symbols=SYMBOLS, constraints=constraints)
+    del doc["symbol"]
+    accepted = create(client, doc)
+    view = finished(client, accepted["optimization_id"])
+    truth = brute_force(clean_db, SYMBOLS, PAIRS)
+    passing = [r for r in truth if r["trades"] >= 12 and r["max_drawdown_pct"] >= -30]
+    expected = sorted(passing, key=lambda r: -r["sharpe"])
+    assert 0 < len(expected) < len(PAIRS), "the constraints should filter some combos and keep some"
+    assert view["combos_passing"] == len(expected)
+    assert view["best"]["params"] == expected[0]["params"]
+    assert set(view["best"]["symbols"]) == set(SYMBOLS) and view["best"]["portfolio"]["sleeves"] == 2
+    rows = table(client, accepted["optimization_id"], include_filtered="true")
+    assert len(rows) == len(PAIRS)
+    kept, dropped = rows[: len(expected)], rows[len(expected) :]
+    assert [r["params"] for r in kept] == [e["params"] for e in expected]
+    assert all(r["passed"] and not r["reasons"] for r in kept)
+    assert all(not r["passed"] and r["reasons"] and r["rank"] is None for r in dropped)
+    by_params = {(r["params"]["fast"], r["params"]["slow"]): r for r in truth}
+    for r in dropped:
+        want = by_params[r["params"]["fast"], r["params"]["slow"]]
+        assert want["trades"] < 12 or want["max_drawdown_pct"] < -30
+        assert close(r["metrics"]["trades"], want["trades"]) and close(r["metrics"]["sharpe"], want["sharpe"])
+
+
+def test_random_search_is_reproducible_by_seed(
+    client: FlaskClient, other_client: FlaskClient, clean_db: Engine
+) -> None:
+    seed_bars(clean_db, SYMBOLS, days=300, seed=3)
+    params = {"fast": {"start": 2, "stop": 30, "step": 1}, "slow": {"start": 5, "stop": 60, "step": 5}}
+
+    def search(c: FlaskClient, seed: int) -> list[dict[str, Any]]:
+        accepted = create(
+            c, body(parameters=params, search={"method": "random", "budget": 25, "seed": seed}, constraints=[])
+        )
+        assert accepted["combos"] == 25
+        finished(c, accepted["optimization_id"])
+        return sorted(table(c, accepted["optimization_id"]), key=lambda r: r["combo_index"])
+
+    first, second, other = search(client, 42), search(other_client, 42), search(client, 43)
+    assert [r["params"] for r in first] == [r["params"] for r in second]
+    assert [r["metrics"] for r in first] == [r["metrics"] for r in second]
+    assert [r["params"] for r in first] != [r["params"] for r in other]
+
+
+@pytest.fixture
+def small_slice_client(settings: Settings, user: ApiUser) -> Iterator[FlaskClient]:
+    """The API writing slices of 200 backtests (the worker runs the slices as written)."""
+    app = create_app(settings.with_overrides(optimization_slice_backtests=200))
+    yield authed_client(app, user)
+    app.extensions["alphaforge"].engine.dispose()
+
+
+def test_cancel_keeps_what_was_scored_and_409_when_final(small_slice_client: FlaskClient, clean_db: Engine) -> None:
+    client = small_slice_client
+    seed_bars(clean_db, SYMBOLS, days=500, seed=9)
+    doc = body(
+        strategy="rsi_reversion",
+        symbols=SYMBOLS,
+        symbol=None,
+        parameters={
+            "period": {"start": 5, "stop": 40, "step": 1},
+            "lower": {"start": 10, "stop": 45, "step": 5},
+            "upper": {"start": 55, "stop": 90, "step": 5},
+        },
+        constraints=[],
+    )
+    del doc["symbol"]
+    accepted = create(client, doc)
+    oid = accepted["optimization_id"]
+    assert accepted["shards"] > 2
+    cancelled = client.post(f"{OPT}/{oid}/cancel")
+    assert cancelled.status_code == 200, cancelled.get_data(as_text=True)
+    assert cancelled.get_json()["status"] == "cancelled"
+    assert client.post(f"{OPT}/{oid}/cancel").status_code == 409
+    deadline = time.monotonic() + 60
+    with make_session_factory(clean_db)() as session:
+        while True:
+            statuses = set(session.scalars(select(JobShard.status).where(JobShard.job_id == oid)))
+            session.expire_all()
+            if not statuses & {"queued", "running"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert session.scalar(select(Job.status).where(Job.id == oid)) == "cancelled"
+    view = client.get(f"{OPT}/{oid}").get_json()
+    assert view["status"] == "cancelled"
+    assert view["progress"]["combos_done"] < view["progress"]["combos_total"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"parameters": {"fast": [5], "speed": [3]}}, "parameters.speed"),
+        ({"parameters": {"fast": {"start": 9, "stop": 3, "step": 1}}}, "parameters.fast"),
+        ({"parameters": {"fast": [2.5]}}, "parameters.fast"),
+        ({"parameters": {"fast": [0, 1]}}, "parameters.fast"),
+        ({"parameters": {"fast": [50], "slow": [10]}}, "parameters"),
+        (
+            {
+                "parameters": {
+                    "fast": {"start": 1, "stop": 300, "step": 1},
+                    "slow": {"start": 2, "stop": 301, "step": 1},
+                }
+            },
+            "parameters",
+        ),
+        ({"objective": {"metric": "alpha"}}, "objective.metric"),
+        ({"objective": {"metric": "sharpe", "direction": "up"}}, "objective.direction"),
+        ({"constraints": [{"metric": "max_drawdown_pct", "op": ">=", "value": 5}]}, "constraints[0]"),
+        (
+            {
+                "constraints": [
+                    {"metric": "trades", "op": ">=", "value": 20},
+                    {"metric": "trades", "op": "<", "value": 10},
+                ]
+            },
+            "constraints[1]",
+        ),
+        ({"constraints": [{"metric": "calmar", "op": ">=", "value": 1}]}, "constraints[0].metric"),
+        ({"search": {"method": "random", "budget": 10_000_000, "seed": 1}}, "search.budget"),
+        ({"search": {"method": "random", "budget": 0, "seed": 1}}, "search.random.budget"),
+        ({"strategy": "moon"}, "strategy"),
+        ({"parameters": None}, "parameters"),
+        ({"walk_forward": {"in_sample": 5000, "out_of_sample": 50}}, "walk_forward.in_sample"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(
+    client: FlaskClient, clean_db: Engine, change: dict[str, Any], field: str
+) -> None:
+    seed_bars(clean_db, SYMBOLS[:1], days=200, seed=1)
+    doc = body()
+    doc.update(change)
+    if doc.get("parameters") is None:
+        del doc["parameters"]
+    response = client.post(OPT, json=doc)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    fields = [e["field"] for e in response.get_json()["error"]["details"]["errors"]]
+    assert any(f == field or f.startswith(field) for f in fields), fields
+
+
+def test_walk_forward_never_uses_out_of_sample_bars(client: FlaskClient, clean_db: Engine) -> None:
+    """Two symbols share their bars up to the second window's out-of-sample start and differ after it (B then
+    rewards whichever pair a peeking choice would love: a steady trend with a slow sine). Choices and in-sample
+    scores of the windows whose in-sample ends before the change are identical; later ones see the change."""
+    rows = seed_bars(clean_db, ["WFA"], days=420, seed=21)["WFA"]
+    in_sample, out_of_sample = 150, 60
+    change_at = in_sample + out_of_sample  # first bar of window 1's out-of-sample
+    altered = []
+    for i, r in enumerate(rows):
+        row = {**r, "symbol": "WFB"}
+        if i >= change_at:
+            k = i - change_at
+            base = rows[change_at - 1]["close"] * (1 + 0.004 * k) * (1 + 0.08 * math.sin(k / 6))
+            row.update(open=base * 0.999, close=base, high=base * 1.01, low=base * 0.98)
+        altered.append(row)
+    with clean_db.begin() as conn:
+        conn.execute(insert(Symbol), [{"symbol": "WFB", "is_synthetic": True}])
+        conn.execute(insert(DailyBar), altered)
+    wf = {"in_sample": in_sample, "out_of_sample": out_of_sample}
+    views = []
+    for symbol in ("WFA", "WFB"):
+        accepted = create(client, body(symbol=symbol, walk_forward=wf, constraints=[]))
+        views.append(finished(client, accepted["optimization_id"]))
+    a, b = (v["walk_forward"] for v in views)
+    assert len(a["windows"]) == len(b["windows"]) == 5  # in-sample ends at bars 150, 210, ..., 390 of 420
+    assert len(a["parameter_path"]) == 5 and all(p is not None for p in a["parameter_path"])
+    for w in (0, 1):  # in-sample ends before the change
+        assert a["windows"][w]["chosen"] == b["windows"][w]["chosen"]
+        assert a["windows"][w]["in_sample_metrics"] == b["windows"][w]["in_sample_metrics"]
+        assert a["windows"][w]["in_sample"] == b["windows"][w]["in_sample"]
+    assert a["windows"][0]["out_of_sample_return_pct"] == b["windows"][0]["out_of_sample_return_pct"]
+    assert a["windows"][2]["in_sample_metrics"] != b["windows"][2]["in_sample_metrics"]
+    # the stitched equity covers exactly the out-of-sample dates, compounding the windows
+    dates = a["equity"]["dates"]
+    assert dates[0] == a["windows"][0]["out_of_sample"][0] and dates[-1] == a["windows"][-1]["out_of_sample"][1]
+    assert dates == sorted(set(dates))
+    total = math.prod(1 + w["out_of_sample_return_pct"] / 100 for w in a["windows"])
+    assert math.isclose(a["out_of_sample_return_pct"], (total - 1) * 100, rel_tol=1e-9)
+    assert all(s in FINAL for s in (views[0]["status"], views[1]["status"]))
