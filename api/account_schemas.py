@@ -7,7 +7,7 @@ stay in one place; both feed the one OpenAPI document.)
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -110,6 +110,13 @@ class ScriptCreateBody(BaseModel):
     code: Annotated[str, Field(min_length=1, description="Python source, compiled under the sandbox policy")]
     nightly: bool = Field(default=False, description="recalculate nightly over `universe` (scheduled later)")
     universe: Universe = Field(default_factory=list, description="symbols of the nightly recalculation")
+    kind: Literal["calculation", "strategy"] = Field(
+        default="calculation", description="a calculation assigns `result`; a strategy assigns signals (fixed)"
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="a strategy's declared parameters: name -> {type: int|float|bool, default, min, max, description}",
+    )
 
 
 class ScriptUpdateBody(BaseModel):
@@ -124,6 +131,9 @@ class ScriptUpdateBody(BaseModel):
     universe: Universe | None = None
     expected_version: int | None = Field(
         default=None, ge=1, description="refuse (409) unless the script is still at this version"
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="a strategy's new declared parameters (a new version, like new code)"
     )
 
 
@@ -167,6 +177,8 @@ class ScriptView(BaseModel):
     version: int
     nightly: bool
     universe: list[str]
+    kind: str
+    parameters: dict[str, Any]
     created_at: dt.datetime
     updated_at: dt.datetime
     links: ScriptLinks
@@ -180,6 +192,7 @@ class ScriptSummary(BaseModel):
     version: int
     nightly: bool
     universe_size: int
+    kind: str
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -194,6 +207,7 @@ class ScriptVersionView(BaseModel):
     version: int
     code: str
     code_sha256: str
+    parameters: dict[str, Any]
     created_at: dt.datetime
 
 

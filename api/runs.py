@@ -41,7 +41,7 @@ from api.run_schemas import (
 )
 from api.schemas import ErrorResponse
 from api.views import callback_view, progress
-from shared import jobs, runs, webhooks
+from shared import jobs, runs, strategy_scripts, webhooks
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.backtest import BacktestConfig
@@ -233,6 +233,8 @@ def create_run() -> Response:
     callback_url = body.pop("callback_url", None)  # a webhook when the run ends, as for calculation jobs
     validation = _validation_from_body(body.pop("validation", None))
     config, name = _config_from_body(body)
+    with svc.session_factory() as session:  # a script strategy: the owner's script, version pinned, params checked
+        config, strategy_code = strategy_scripts.pin_for_run(session, principal.user_id, config)
     if callback_url is not None:
         if not isinstance(callback_url, str):
             raise ValidationFailed.for_field("callback_url", "must be an http or https URL")
@@ -249,7 +251,12 @@ def create_run() -> Response:
     submitted = runs.submit_run(
         svc.session_factory,
         runs.RunRequest(
-            config=config, owner_id=principal.user_id, name=name, callback_url=callback_url, validation=validation
+            config=config,
+            owner_id=principal.user_id,
+            name=name,
+            callback_url=callback_url,
+            validation=validation,
+            strategy_code=strategy_code,
         ),
         shard_size=settings.shard_size,
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_BACKTEST_SHARD),

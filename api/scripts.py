@@ -68,6 +68,8 @@ def script_view(script: Script) -> ScriptViewSchema:
         version=script.version,
         nightly=script.nightly,
         universe=list(script.universe),
+        kind=script.kind,
+        parameters=script.parameters,
         created_at=script.created_at,
         updated_at=script.updated_at,
         links=script_links(script),
@@ -80,6 +82,7 @@ def _version_view(row: ScriptVersion) -> ScriptVersionView:
         version=row.version,
         code=row.code,
         code_sha256=row.code_sha256,
+        parameters=row.parameters,
         created_at=row.created_at,
     )
 
@@ -102,6 +105,8 @@ def create_script(body: ScriptCreateBody) -> Response:
         description=body.description,
         nightly=body.nightly,
         universe=tuple(body.universe),
+        kind=body.kind,
+        parameters=body.parameters,
     )
     try:
         with session_scope(svc.session_factory) as session:
@@ -148,6 +153,7 @@ def list_scripts(query: ScriptListQuery) -> Response:
                     version=s.version,
                     nightly=s.nightly,
                     universe_size=len(s.universe),
+                    kind=s.kind,
                     created_at=s.created_at,
                     updated_at=s.updated_at,
                 )
@@ -180,10 +186,11 @@ def update_script(path: ScriptPath, body: ScriptUpdateBody) -> Response:
         nightly=body.nightly,
         universe=tuple(body.universe) if body.universe is not None else None,
         expected_version=body.expected_version,
+        parameters=body.parameters,
     )
-    if all(getattr(changes, f) is None for f in ("name", "code", "description", "nightly", "universe")):
+    if all(getattr(changes, f) is None for f in ("name", "code", "description", "nightly", "universe", "parameters")):
         raise ValidationFailed.for_field("body", "nothing to change: give at least one of name, description, "
-                                         "code, nightly, universe")  # fmt: skip
+                                         "code, nightly, universe, parameters")  # fmt: skip
     try:
         with session_scope(svc.session_factory) as session:
             script = scripts.get_owned_script(session, principal, path.script_id, for_update=True)

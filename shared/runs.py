@@ -30,11 +30,12 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import jobs, strategy_scripts
 from shared import validation as val
-from shared.backtest import BacktestConfig, Bars, BarsError, run_backtest
+from shared.backtest import BacktestConfig, BacktestResult, Bars, BarsError, run_backtest
 from shared.bars import SymbolBars, load_bars
 from shared.calculations import symbols_sha256
+from shared.config import SandboxLimits
 from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
 from shared.events import JobEvents
@@ -49,6 +50,7 @@ from shared.models import (
     ShardStatus,
     Symbol,
 )
+from shared.security import Incident, record
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class RunRequest:
     name: str | None = None
     callback_url: str | None = None  # checked by shared/webhooks.validate_callback_url before it gets here
     validation: val.ValidationSpec | None = None  # None (or no method enabled): no validation
+    strategy_code: str | None = None  # a script strategy's pinned code (shared.strategy_scripts.pin_for_run)
 
     @property
     def definition(self) -> tuple[str, str]:
@@ -232,7 +235,10 @@ def submit_run(
         config=config.model_dump(mode="json"),
         config_hash=run_hash,
         validation=spec.model_dump(mode="json") if spec is not None else None,
+        strategy_code=request.strategy_code,
     )
+    if (config.strategy.name == "script") != (request.strategy_code is not None):
+        raise ValueError("a script strategy's run needs its pinned code (and only such a run has one)")
 
     def write_run(session: Session, written: Job) -> None:
         run.job_id = written.id
@@ -357,10 +363,19 @@ def backtest_symbol(symbol: str, bars: SymbolBars | None, config: BacktestConfig
         result = run_backtest(cut, config)
     except BarsError as exc:
         return SymbolRun(jobs.Outcome(symbol, None, _error("BarsError", str(exc)[:500])), None)
+    return symbol_run(symbol, cut, result, config)
+
+
+def symbol_run(
+    symbol: str, cut: Bars, result: BacktestResult, config: BacktestConfig, incidents: tuple[Incident, ...] = ()
+) -> SymbolRun:
+    """A symbol's backtest result as stored: metrics in the outcome, the equity curve and its benchmark."""
     metrics = {key: _finite(value) for key, value in result.metrics.items()}
     value = metrics.get("Return [%]")
     data = {"metrics": metrics, "orders": result.orders, "warmup_bars": result.warmup}
-    outcome = jobs.Outcome(symbol, float(value) if isinstance(value, (int, float)) else None, None, data=data)
+    outcome = jobs.Outcome(
+        symbol, float(value) if isinstance(value, (int, float)) else None, None, incidents, data=data
+    )
     first = max(0, min(result.warmup, len(cut) - 1))
     held = config.initial_cash * cut.close / cut.close[first]
     benchmark = np.where(np.arange(len(cut)) < first, config.initial_cash, held)
@@ -412,7 +427,68 @@ def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Seque
         )
 
 
-def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvents | None = None) -> bool | None:
+def script_symbol_runs(
+    symbols: Sequence[str],
+    bars: dict[str, SymbolBars],
+    config: BacktestConfig,
+    code: str,
+    limits: SandboxLimits,
+    runner: strategy_scripts.StrategyRunner | None = None,
+) -> list[SymbolRun]:
+    """A shard of a script strategy: ONE sandbox process for the shard's symbols (fresh globals per symbol, as
+    for calculations), then the engine per symbol; a symbol the script fails on gets the error naming why."""
+    runs_by_symbol: dict[str, SymbolRun] = {}
+    cuts: dict[str, Bars] = {}
+    for symbol in symbols:
+        own = bars.get(symbol)
+        if own is None:
+            runs_by_symbol[symbol] = backtest_symbol(symbol, None, config)
+            continue
+        try:
+            cuts[symbol] = engine_bars(own).between(config.start_date, config.end_date)
+        except BarsError as exc:
+            runs_by_symbol[symbol] = SymbolRun(jobs.Outcome(symbol, None, _error("BarsError", str(exc)[:500])), None)
+    params = config.strategy.params.model_dump(mode="json")
+    if cuts:
+        for done in strategy_scripts.backtest_script(code, params, cuts, config, limits, runner=runner):
+            if done.result is None:
+                assert done.error is not None
+                outcome = jobs.Outcome(done.symbol, None, done.error, done.incidents)
+                runs_by_symbol[done.symbol] = SymbolRun(outcome, None)
+            else:
+                runs_by_symbol[done.symbol] = symbol_run(done.symbol, cuts[done.symbol], done.result, config,
+                                                         done.incidents)  # fmt: skip
+    return [runs_by_symbol[s] for s in symbols]
+
+
+def run_script_strategy(
+    factory: sessionmaker[Session],
+    started: jobs.StartedShard,
+    config: BacktestConfig,
+    limits: SandboxLimits,
+    events: JobEvents | None = None,
+) -> bool:
+    job = started.job
+    with factory() as session:
+        code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job.id))
+        bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
+    if code is None:
+        raise RuntimeError(f"run {job.id} has a script strategy but no code")
+    done = script_symbol_runs(started.symbols, bars, config, code, limits)
+    # Recorded before the results, in a transaction of their own, as a calculation shard does.
+    record(factory, [(r.outcome.symbol, i) for r in done for i in r.outcome.incidents], job_id=job.id,
+           owner_id=job.owner_id)  # fmt: skip
+    _store_curves(factory, job.id, done)
+    return jobs.complete_shard(factory, started.shard_id, [r.outcome for r in done], events=events)
+
+
+def run_shard(
+    factory: sessionmaker[Session],
+    shard_id: int,
+    *,
+    events: JobEvents | None = None,
+    limits: SandboxLimits | None = None,
+) -> bool | None:
     """Run one shard of a backtest run. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored.
 
@@ -427,6 +503,9 @@ def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvent
         return run_validation_task(factory, started, events=events)
     with factory() as session:
         config = run_config(session, job.id)
+    if config.strategy.name == "script":
+        return run_script_strategy(factory, started, config, limits or SandboxLimits(), events)
+    with factory() as session:
         bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
     done: list[SymbolRun] = []
     last_check = time.monotonic()

@@ -1,9 +1,14 @@
-"""Saved calculation scripts: CRUD with numbered versions of the code.
+"""Saved scripts (calculations, and strategies: issue 9): CRUD with numbered versions of the code.
 
 A script's code is compiled under the sandbox policy whenever it is saved, so a saved script always compiled
 when it was saved. Every code change adds a row to ``script_versions`` (version 1 is the first text); the
 script row holds the current text and number. Jobs copy the exact text of the version they run and record its
 number, so their results stay explainable after later edits and after the script is deleted.
+
+A script's ``kind`` is fixed when it is created: ``calculation`` (assigns ``result``) or ``strategy`` (assigns
+signals, ``shared.strategy_scripts``). A strategy declares its ``parameters``; they belong to the version (a
+change of the declarations, like a change of code, adds a version), so a run pinned to a version validates its
+parameters against that version's declarations. A strategy is never a nightly recalculation.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from shared.access import Principal, require_owner, require_read
 from shared.errors import Conflict, NotFound, ScriptCompileError, ValidationFailed
 from shared.models import Script, ScriptVersion
 from shared.sandbox.policy import compile_script
+from shared.strategy_scripts import KIND_CALCULATION, KIND_STRATEGY, check_declarations
 
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 2_000
@@ -39,6 +45,8 @@ class ScriptInput:
     description: str = ""
     nightly: bool = False
     universe: tuple[str, ...] = ()
+    kind: str = KIND_CALCULATION
+    parameters: dict[str, Any] | None = None  # a strategy's declarations (name -> type, default, bounds)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class ScriptChanges:
     nightly: bool | None = None
     universe: tuple[str, ...] | None = None
     expected_version: int | None = None
+    parameters: dict[str, Any] | None = None
 
 
 def sha256_text(value: str) -> str:
@@ -67,7 +76,9 @@ def check_code(code: str, *, max_chars: int) -> None:
         raise ScriptCompileError(exc.reason, line=exc.line, field="code") from None
 
 
-def _check_nightly(nightly: bool, universe: tuple[str, ...] | list[str]) -> None:
+def _check_nightly(nightly: bool, universe: tuple[str, ...] | list[str], kind: str = KIND_CALCULATION) -> None:
+    if nightly and kind == KIND_STRATEGY:
+        raise ValidationFailed.for_field("nightly", "a strategy script is backtested, not recalculated nightly")
     if nightly and not universe:
         raise ValidationFailed.for_field("universe", "a script flagged for nightly recalculation needs symbols")
 
@@ -95,7 +106,12 @@ def _flush_or_conflict(session: Session, name: str) -> None:
 
 def create_script(session: Session, owner_id: str, fields: ScriptInput, *, max_chars: int) -> Script:
     check_code(fields.code, max_chars=max_chars)
-    _check_nightly(fields.nightly, fields.universe)
+    if fields.kind not in (KIND_CALCULATION, KIND_STRATEGY):
+        raise ValidationFailed.for_field("kind", f"must be {KIND_CALCULATION!r} or {KIND_STRATEGY!r}")
+    if fields.kind == KIND_CALCULATION and fields.parameters:
+        raise ValidationFailed.for_field("parameters", "only a strategy script declares parameters")
+    parameters = check_declarations(fields.parameters)
+    _check_nightly(fields.nightly, fields.universe, fields.kind)
     script = Script(
         owner_id=owner_id,
         name=fields.name,
@@ -104,10 +120,13 @@ def create_script(session: Session, owner_id: str, fields: ScriptInput, *, max_c
         version=1,
         nightly=fields.nightly,
         universe=list(fields.universe),
+        kind=fields.kind,
+        parameters=parameters,
     )
     session.add(script)
     _flush_or_conflict(session, fields.name)
-    session.add(ScriptVersion(script_id=script.id, version=1, code=fields.code, code_sha256=sha256_text(fields.code)))
+    session.add(ScriptVersion(script_id=script.id, version=1, code=fields.code, code_sha256=sha256_text(fields.code),
+                              parameters=parameters))  # fmt: skip
     session.flush()
     session.refresh(script)
     return script
@@ -139,16 +158,28 @@ def update_script(session: Session, script: Script, changes: ScriptChanges, *, m
             details={"field": "expected_version", "version": script.version},
         )
     changed: list[str] = []
-    if changes.code is not None and changes.code != script.code:
-        check_code(changes.code, max_chars=max_chars)
-        script.code = changes.code
+    parameters = script.parameters
+    if changes.parameters is not None:
+        if script.kind != KIND_STRATEGY:
+            raise ValidationFailed.for_field("parameters", "only a strategy script declares parameters")
+        parameters = check_declarations(changes.parameters)
+    code_changed = changes.code is not None and changes.code != script.code
+    if code_changed or parameters != script.parameters:
+        code = changes.code if changes.code is not None else script.code
+        if code_changed:
+            check_code(code, max_chars=max_chars)
+            changed.append("code")
+        if parameters != script.parameters:
+            changed.append("parameters")
+        script.code = code
+        script.parameters = parameters
         script.version += 1
         session.add(
             ScriptVersion(
-                script_id=script.id, version=script.version, code=changes.code, code_sha256=sha256_text(changes.code)
+                script_id=script.id, version=script.version, code=code, code_sha256=sha256_text(code),
+                parameters=parameters,
             )
-        )
-        changed.append("code")
+        )  # fmt: skip
     for name in ("name", "description", "nightly"):
         value = getattr(changes, name)
         if value is not None and value != getattr(script, name):
@@ -157,7 +188,7 @@ def update_script(session: Session, script: Script, changes: ScriptChanges, *, m
     if changes.universe is not None and list(changes.universe) != list(script.universe):
         script.universe = list(changes.universe)
         changed.append("universe")
-    _check_nightly(script.nightly, script.universe)
+    _check_nightly(script.nightly, script.universe, script.kind)
     if changed:
         script.updated_at = session.scalar(select(func.now()))  # type: ignore[assignment]
         _flush_or_conflict(session, script.name)

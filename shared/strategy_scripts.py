@@ -182,6 +182,18 @@ def resolve_strategy(session: Session, owner_id: str, spec: ScriptStrategySpec) 
     return ResolvedScript(pinned, row.code)
 
 
+def pin_for_run(session: Session, owner_id: str, config: BacktestConfig) -> tuple[BacktestConfig, str | None]:
+    """A submitted config with its script strategy pinned (version, complete params) and that version's code;
+    any other config unchanged, with no code."""
+    if not isinstance(config.strategy, ScriptStrategySpec):
+        return config, None
+    resolved = resolve_strategy(session, owner_id, config.strategy)
+    pinned = BacktestConfig.model_validate(
+        {**config.model_dump(mode="json"), "strategy": resolved.spec.model_dump(mode="json")}
+    )
+    return pinned, resolved.code
+
+
 # --- signals to engine events ----------------------------------------------------------------------------------
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def run_backtest_shard(self: Any, shard_id: int) -> str:
     outcome = run_shard_task(
         self, "backtest", shard_id, lambda services: runs.run_shard(services.session_factory, shard_id,
-                                                                     events=services.events)
+                                                                     events=services.events,
+                                                                     limits=services.settings.sandbox)
     )  # fmt: skip
     build_artifacts(self.services, shard_id)  # not reached when the shard is retried (retry raises)
     return outcome
