@@ -264,7 +264,9 @@ def create_run() -> Response:
         on_write=record_submission,
         events=RedisJobEvents(svc.redis),
         validation_limits=runs.ValidationLimits(
-            settings.max_validation_backtests, settings.max_validation_task_backtests
+            settings.max_validation_backtests,
+            settings.max_validation_task_backtests,
+            settings.max_script_validation_backtests,
         ),
     )
     job = submitted.job

@@ -237,6 +237,9 @@ class Settings:
     max_validation_backtests: int = 250_000
     # ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS: one validation task (its chunk of draws x symbols), in backtests
     max_validation_task_backtests: int = 50_000
+    # ALPHAFORGE_MAX_SCRIPT_VALIDATION_BACKTESTS: a script strategy's permutation test (draws x symbols), each
+    # backtest's signals computed in the sandbox
+    max_script_validation_backtests: int = 20_000
     # ALPHAFORGE_MAX_GRID_COMBOS: parameter combinations one optimisation may evaluate (grid or random budget)
     max_grid_combos: int = 20_000
     # ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS: combos x symbols x (walk-forward windows or 1), per optimisation
@@ -320,6 +323,9 @@ class Settings:
             ),
             max_validation_task_backtests=_int(
                 env, "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS", defaults.max_validation_task_backtests
+            ),
+            max_script_validation_backtests=_int(
+                env, "ALPHAFORGE_MAX_SCRIPT_VALIDATION_BACKTESTS", defaults.max_script_validation_backtests
             ),
             max_grid_combos=_int(env, "ALPHAFORGE_MAX_GRID_COMBOS", defaults.max_grid_combos),
             max_optimization_backtests=_int(
@@ -414,6 +420,7 @@ class Settings:
             "ALPHAFORGE_SHARD_MAX_RETRIES": str(self.shard_max_retries),
             "ALPHAFORGE_MAX_VALIDATION_BACKTESTS": str(self.max_validation_backtests),
             "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS": str(self.max_validation_task_backtests),
+            "ALPHAFORGE_MAX_SCRIPT_VALIDATION_BACKTESTS": str(self.max_script_validation_backtests),
             "ALPHAFORGE_MAX_GRID_COMBOS": str(self.max_grid_combos),
             "ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS": str(self.max_optimization_backtests),
             "ALPHAFORGE_OPTIMIZATION_SLICE": str(self.optimization_slice_backtests),

@@ -100,6 +100,7 @@ def run_definition(config: BacktestConfig, validation: val.ValidationSpec | None
 class ValidationLimits:
     max_backtests: int  # the whole validation, in backtests (Task.work summed)
     max_task_backtests: int  # one task (keeps a task well inside the Celery time limit)
+    max_script_backtests: int = 20_000  # a script strategy's permutation test: draws x symbols through the sandbox
 
 
 def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: ValidationLimits) -> list[val.Task]:
@@ -109,6 +110,15 @@ def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: V
         raise ValidationFailed.for_field(
             "validation.walk_forward", f"walk-forward re-optimises the dual_sma strategy, not {config.strategy.name}"
         )
+    if spec.permutation is not None and config.strategy.name == "script":
+        sandboxed = spec.permutation.n * len(config.symbols)
+        if sandboxed > limits.max_script_backtests:
+            raise ValidationFailed.for_field(
+                "validation.permutation.n",
+                f"{sandboxed:,} permuted backtests of a script strategy (n x {len(config.symbols)} symbols), each "
+                f"through the sandbox; at most {limits.max_script_backtests:,} per run "
+                "(ALPHAFORGE_MAX_SCRIPT_VALIDATION_BACKTESTS): use fewer permutations or symbols",
+            )
     tasks = val.plan(spec, len(config.symbols))
     total = sum(t.work for t in tasks)
     if total > limits.max_backtests:
@@ -500,7 +510,7 @@ def run_shard(
         return None
     job = started.job
     if started.task is not None:
-        return run_validation_task(factory, started, events=events)
+        return run_validation_task(factory, started, events=events, limits=limits)
     with factory() as session:
         config = run_config(session, job.id)
     if config.strategy.name == "script":
@@ -524,19 +534,33 @@ def run_shard(
 # --- validation tasks -----------------------------------------------------------------------------------------
 
 
-def run_sleeves(factory: sessionmaker[Session], config: BacktestConfig, positions: range | None = None) -> val.Sleeves:
+def run_sleeves(
+    factory: sessionmaker[Session],
+    config: BacktestConfig,
+    positions: range | None = None,
+    job_id: uuid.UUID | None = None,
+    limits: SandboxLimits | None = None,
+) -> val.Sleeves:
     """The run's symbols (or those at ``positions`` in the config) as the portfolio that validation works on:
-    their bars in one query, each symbol's baseline backtest."""
+    their bars in one query, each symbol's baseline backtest (a script strategy's through the sandbox: the
+    run's pinned code, read with ``job_id``)."""
     wanted = config.symbols if positions is None else [config.symbols[p] for p in positions if p < len(config.symbols)]
+    backtester = None
     with factory() as session:
         loaded = load_bars(session.connection(), wanted, config.start_date, config.end_date)
+        if config.strategy.name == "script":
+            code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job_id))
+            if code is None:
+                raise RuntimeError(f"run {job_id} has a script strategy but no code")
+            params = config.strategy.params.model_dump(mode="json")
+            backtester = strategy_scripts.ScriptBacktester(code, params, limits or SandboxLimits())
     bars: dict[str, Bars] = {}
     for symbol, own in loaded.items():
         try:
             bars[symbol] = engine_bars(own)
         except BarsError:
             continue  # the run's shard makes it this symbol's error; it is no sleeve
-    return val.sleeves(bars, config, positions)
+    return val.sleeves(bars, config, positions, backtester)
 
 
 class SleevesCache:
@@ -549,12 +573,17 @@ class SleevesCache:
         self._sleeves: val.Sleeves | None = None
 
     def get(
-        self, factory: sessionmaker[Session], job_id: uuid.UUID, config: BacktestConfig, positions: range | None
+        self,
+        factory: sessionmaker[Session],
+        job_id: uuid.UUID,
+        config: BacktestConfig,
+        positions: range | None,
+        limits: SandboxLimits | None = None,
     ) -> val.Sleeves:
         key = (job_id, positions)
         if self._key != key or self._sleeves is None:
             self._key, self._sleeves = None, None  # drop the old one before loading the next
-            self._sleeves = run_sleeves(factory, config, positions)
+            self._sleeves = run_sleeves(factory, config, positions, job_id, limits)
             self._key = key
         return self._sleeves
 
@@ -563,7 +592,11 @@ _SLEEVES = SleevesCache()  # per worker process (prefork: one task at a time in 
 
 
 def run_validation_task(
-    factory: sessionmaker[Session], started: jobs.StartedShard, *, events: JobEvents | None = None
+    factory: sessionmaker[Session],
+    started: jobs.StartedShard,
+    *,
+    events: JobEvents | None = None,
+    limits: SandboxLimits | None = None,
 ) -> bool:
     """One validation task of a run: its own baseline (it never waits for the symbol shards), its draws with a
     cancellation checkpoint between two, its part stored (a cancelled run keeps the draws made), the shard
@@ -578,9 +611,9 @@ def run_validation_task(
         raise RuntimeError(f"run {job.id} has a validation task but no validation spec")
     positions = val.task_positions(task, spec)
     sleeves = (
-        run_sleeves(factory, config, positions)
+        run_sleeves(factory, config, positions, job.id, limits)
         if positions is not None
-        else _SLEEVES.get(factory, job.id, config, None)
+        else _SLEEVES.get(factory, job.id, config, None, limits)
     )
     draws: list[Any] = []
     last_check = time.monotonic()

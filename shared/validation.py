@@ -34,13 +34,13 @@ import datetime as dt
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.backtest import BacktestConfig, Bars, BarsError, run_backtest
+from shared.backtest import BacktestConfig, BacktestResult, Bars, BarsError, run_backtest
 from shared.backtest.grid import run_dual_sma_grid
 
 Method = Literal["permutation", "bootstrap", "monte_carlo", "walk_forward"]
@@ -226,6 +226,21 @@ def portfolio_sharpe(total: NDArray[np.float64], start_equity: float, risk_free_
     return float(np.mean(excess)) / std * math.sqrt(TRADING_DAYS) if std and math.isfinite(std) else math.nan
 
 
+class Backtester(Protocol):
+    """Backtests several symbols' bars at once: one result per bars, None where the strategy failed on them. A
+    script strategy (``shared.strategy_scripts.ScriptBacktester``) runs its sandbox once per call; ``keep``
+    asks it to keep those bars' signals (the baseline sleeves, re-run under shocked costs by Monte Carlo)."""
+
+    def __call__(
+        self, symbols: Sequence[str], bars: Sequence[Bars], config: BacktestConfig, keep: bool = False
+    ) -> list[BacktestResult | None]: ...
+
+
+SCRIPT_BATCH_BACKTESTS = 64
+"""A script strategy's permutation draws go through the sandbox in batches of about this many backtests (one
+sandbox process per batch: its start-up, ~0.1-0.3 s, is paid once per batch instead of once per draw)."""
+
+
 @dataclass(frozen=True)
 class Sleeves:
     """The symbols of a run that backtest (in the config's order), their bars cut to the config's range,
@@ -238,6 +253,7 @@ class Sleeves:
     dates: tuple[NDArray[np.datetime64], ...]
     equity: tuple[NDArray[np.float64], ...]
     _total: list[NDArray[np.float64]] = field(default_factory=list, compare=False, repr=False)
+    backtester: Backtester | None = field(default=None, compare=False, repr=False)  # a script strategy's
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -254,11 +270,18 @@ class Sleeves:
         return self._total[0]
 
 
-def sleeves(bars: Mapping[str, Bars], config: BacktestConfig, positions: range | None = None) -> Sleeves:
+def sleeves(
+    bars: Mapping[str, Bars],
+    config: BacktestConfig,
+    positions: range | None = None,
+    backtester: Backtester | None = None,
+) -> Sleeves:
     """Each symbol's baseline backtest, as a run's shard does it (bars cut to the range, a ``BarsError`` drops
     the symbol, as it makes it a per-symbol error in the run). ``positions``: only the symbols at these
-    positions of ``config.symbols`` (a walk-forward task needs its own symbols only)."""
+    positions of ``config.symbols`` (a walk-forward task needs its own symbols only). ``backtester``: a script
+    strategy's (a symbol its script fails on is dropped, as it is that symbol's error in the run)."""
     kept: list[tuple[str, int, Bars, NDArray[np.datetime64], NDArray[np.float64]]] = []
+    cuts: list[tuple[str, int, Bars]] = []
     for position, symbol in enumerate(config.symbols):
         if positions is not None and position not in positions:
             continue
@@ -267,10 +290,19 @@ def sleeves(bars: Mapping[str, Bars], config: BacktestConfig, positions: range |
             continue
         try:
             cut = own.between(config.start_date, config.end_date)
-            result = run_backtest(cut, config)
+            if backtester is None:
+                result = run_backtest(cut, config)
         except BarsError:
             continue
-        kept.append((symbol, position, cut, result.dates, result.equity))
+        if backtester is None:
+            kept.append((symbol, position, cut, result.dates, result.equity))
+        else:
+            cuts.append((symbol, position, cut))
+    if backtester is not None and cuts:
+        results = backtester([c[0] for c in cuts], [c[2] for c in cuts], config, keep=True)
+        for (symbol, position, cut), got in zip(cuts, results, strict=True):
+            if got is not None:
+                kept.append((symbol, position, cut, got.dates, got.equity))
     return Sleeves(
         config,
         tuple(k[0] for k in kept),
@@ -278,6 +310,7 @@ def sleeves(bars: Mapping[str, Bars], config: BacktestConfig, positions: range |
         tuple(k[2] for k in kept),
         tuple(k[3] for k in kept),
         tuple(k[4] for k in kept),
+        backtester=backtester,
     )
 
 
@@ -335,6 +368,9 @@ def _finite_or_floor(value: float) -> float:
 def permutation_draws(s: Sleeves, seed: int, task_index: int, draws: int) -> Iterator[float]:
     """The portfolio Sharpe of ``draws`` permutations (NaN as -inf: it never beats the observed)."""
     rngs = [sleeve_rng(seed, "permutation", task_index, p) for p in s.positions]
+    if s.backtester is not None:
+        yield from _script_permutation_draws(s, rngs, draws)
+        return
     for _ in range(draws):
         curves = []
         for bars, rng in zip(s.bars, rngs, strict=True):
@@ -342,6 +378,29 @@ def permutation_draws(s: Sleeves, seed: int, task_index: int, draws: int) -> Ite
             curves.append((result.dates, result.equity))
         total = portfolio_curve(curves, s.config.initial_cash)[1]
         yield _finite_or_floor(portfolio_sharpe(total, s.start_equity, s.config.risk_free_rate))
+
+
+def _script_permutation_draws(s: Sleeves, rngs: list[np.random.Generator], draws: int) -> Iterator[float]:
+    """Permutation draws of a script strategy: the permuted bars go through the sandbox, a batch of draws per
+    sandbox process. Each symbol's stream is consumed in draw order, as one draw at a time would (same numbers).
+    A script that fails on permuted bars fails the task with the reason."""
+    assert s.backtester is not None
+    per_batch = max(1, SCRIPT_BATCH_BACKTESTS // max(len(s), 1))
+    done = 0
+    while done < draws:
+        k = min(per_batch, draws - done)
+        batch = [permuted_bars(bars, rng) for _ in range(k) for bars, rng in zip(s.bars, rngs, strict=True)]
+        results = s.backtester(list(s.symbols) * k, batch, s.config)
+        for j in range(k):
+            curves = []
+            for i, symbol in enumerate(s.symbols):
+                result = results[j * len(s) + i]
+                if result is None:
+                    raise RuntimeError(f"the strategy script failed on permuted bars of {symbol}")
+                curves.append((result.dates, result.equity))
+            total = portfolio_curve(curves, s.config.initial_cash)[1]
+            yield _finite_or_floor(portfolio_sharpe(total, s.start_equity, s.config.risk_free_rate))
+        done += k
 
 
 def permutation_result(observed: float, sharpes: Sequence[float], spec: PermutationSpec, seed: int) -> dict[str, Any]:
@@ -430,6 +489,13 @@ def cost_shock_draws(s: Sleeves, spec: MonteCarloSpec, seed: int, task_index: in
         fee, slip = np.abs(rng.normal(0.0, 1.0, size=2)) * (spec.fee_bps_sigma, spec.slippage_bps_sigma)
         shocked = shocked_config(s.config, float(fee), float(slip))
         total = 0.0  # summed in symbol order, as portfolio_curve sums its last row
+        if s.backtester is not None:  # the baseline's kept signals under the shocked costs: no sandbox run
+            for symbol, result in zip(s.symbols, s.backtester(s.symbols, s.bars, shocked), strict=True):
+                if result is None:
+                    raise RuntimeError(f"the strategy script's signals for {symbol} do not run under shocked costs")
+                total += float(result.equity[-1])
+            yield total
+            continue
         for bars in s.bars:
             total += float(run_backtest(bars, shocked).equity[-1])
         yield total
@@ -634,8 +700,10 @@ def _method_result(
     return cost_shock_result(base["final_equity"], values.tolist(), spec.monte_carlo, seed)
 
 
-def validate_in_process(bars: Mapping[str, Bars], config: BacktestConfig, spec: ValidationSpec) -> dict[str, Any]:
+def validate_in_process(
+    bars: Mapping[str, Bars], config: BacktestConfig, spec: ValidationSpec, backtester: Backtester | None = None
+) -> dict[str, Any]:
     """Every task of the run's validation, one after the other, here: the reference a distributed run equals."""
-    s = sleeves(bars, config)
+    s = sleeves(bars, config, backtester=backtester)
     planned = plan(spec, len(config.symbols))
     return combine(spec, config.seed, planned, [run_task(s, spec, config.seed, t) for t in planned])

@@ -331,3 +331,34 @@ def test_hostile_strategy_script_is_contained(
         assert (*attack.incident, "EVIL") in [(e.layer, e.reason, e.symbol) for e in events], events
         assert all(str(e.job_id) == run["run_id"] and e.symbol == "EVIL" for e in events)
     assert celery_worker.poll() is None, "the worker died"
+
+
+# --- validation re-runs the script ---------------------------------------------------------------------------
+
+
+def test_validation_of_a_script_strategy_equals_the_built_in_s(client: FlaskClient, engine: Engine) -> None:
+    """Permutation (the permuted bars through the sandbox, in batches), Monte Carlo (the kept signals under
+    shocked costs) and bootstrap of the script's run give the built-in dual_sma's numbers exactly."""
+    symbols = ["VAL0", "VAL1", "VAL2"]
+    seed_bars(engine, symbols, days=300, seed=8)
+    script = save_strategy(client, DUAL_SMA, parameters=DUAL_SMA_PARAMETERS)
+    validation = {"permutation": {"n": 30}, "monte_carlo": {"n": 12}, "bootstrap": {"n": 50}, "chunk": 15}
+    common = {"symbols": symbols, "seed": 7, "execution": {"fee_bps": 3}, "validation": validation}
+    params = {"fast": 5, "slow": 20}
+    built_in = submit(client, common | {"strategy": {"name": "dual_sma", "params": params}})
+    scripted = submit(client, common | {"strategy": {"name": "script", "script_id": script["script_id"],
+                                                     "params": params}})  # fmt: skip
+    want, got = wait_for_run(client, built_in["run_id"]), wait_for_run(client, scripted["run_id"])
+    assert got["status"] == "succeeded", got
+    want_methods, got_methods = want["validation"]["result"]["methods"], got["validation"]["result"]["methods"]
+    assert got_methods["permutation"]["draws"] == 30 and got_methods["permutation"]["complete"]
+    assert got_methods == want_methods
+
+    # Walk-forward re-optimises dual_sma's grid: not for scripts. The permutation test is bounded by config.
+    response = client.post(RUNS, json=common | {"strategy": {"name": "script", "script_id": script["script_id"]},
+                                                "validation": {"walk_forward": {}}})  # fmt: skip
+    assert field_error(response) == "validation.walk_forward"
+    response = client.post(RUNS, json=common | {"strategy": {"name": "script", "script_id": script["script_id"]},
+                                                "validation": {"permutation": {"n": 10_000}}})  # fmt: skip
+    assert field_error(response) == "validation.permutation.n"
+    assert "ALPHAFORGE_MAX_SCRIPT_VALIDATION_BACKTESTS" in response.get_json()["error"]["message"]
