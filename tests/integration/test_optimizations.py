@@ -46,7 +46,7 @@ def body(**changes: Any) -> dict[str, Any]:
 def create(client: FlaskClient, doc: dict[str, Any], status: int = 202) -> dict[str, Any]:
     response = client.post(OPT, json=doc)
     assert response.status_code == status, response.get_data(as_text=True)
-    return response.get_json()  # type: ignore[no-any-return]
+    return response.get_json()
 
 
 def finished(client: FlaskClient, optimization_id: str, timeout_s: float = 120) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def finished(client: FlaskClient, optimization_id: str, timeout_s: float = 120) 
     while True:
         view = client.get(f"{OPT}/{optimization_id}").get_json()
         if view["best"] is not None or view["walk_forward"] is not None or time.monotonic() > deadline:
-            return view  # type: ignore[no-any-return]
+            return view
         time.sleep(0.2)
 
 
