@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import typing
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,10 @@ def test_backtesting_py_convention_defaults_to_ignoring_volume() -> None:
 def test_every_registered_strategy_is_configurable() -> None:
     (union, _) = typing.get_args(StrategySpec)
     names = {typing.get_args(spec.model_fields["name"].annotation)[0] for spec in typing.get_args(union)}
-    assert names == set(REGISTRY)
+    assert names == set(REGISTRY) | {"script"}  # "script": a saved strategy script (shared.strategy_scripts)
     for name in REGISTRY:
         BacktestConfig.model_validate(base(strategy={"name": name}))
+    BacktestConfig.model_validate(base(strategy={"name": "script", "script_id": str(uuid.UUID(int=1))}))
 
 
 def test_symbol_rule_matches_the_importers() -> None:
