@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from backtesting import Backtest, Strategy
+from backtesting.lib import crossover
 from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -156,29 +158,32 @@ def same_as_direct(factory: sessionmaker[Session], job_id: uuid.UUID, expected: 
     return summary.shape == expected.shape and bool(np.allclose(summary, expected, rtol=1e-12, equal_nan=True))
 
 
+def _sma(values: Any, n: int) -> Any:
+    import pandas as pd
+
+    return pd.Series(values).rolling(n).mean()
+
+
+class SmaCross(Strategy):
+    """backtesting.py's own example strategy (module level: its optimiser pickles it into a process pool)."""
+
+    n1 = 10
+    n2 = 20
+
+    def init(self) -> None:
+        self.sma1 = self.I(_sma, self.data.Close, self.n1)
+        self.sma2 = self.I(_sma, self.data.Close, self.n2)
+
+    def next(self) -> None:
+        if crossover(self.sma1, self.sma2):
+            self.buy()
+        elif crossover(self.sma2, self.sma1):
+            self.position.close()
+
+
 def backtesting_py_optimize() -> float:
     """backtesting.py 0.6.6's ``optimize`` over the same grid (its own process pool), maximising Sharpe."""
-    import pandas as pd
-    from backtesting import Backtest, Strategy
-    from backtesting.lib import crossover
     from backtesting.test import GOOG
-
-    def sma(values: Any, n: int) -> Any:
-        return pd.Series(values).rolling(n).mean()
-
-    class SmaCross(Strategy):
-        n1 = 10
-        n2 = 20
-
-        def init(self) -> None:
-            self.sma1 = self.I(sma, self.data.Close, self.n1)
-            self.sma2 = self.I(sma, self.data.Close, self.n2)
-
-        def next(self) -> None:
-            if crossover(self.sma1, self.sma2):
-                self.buy()
-            elif crossover(self.sma2, self.sma1):
-                self.position.close()
 
     bt = Backtest(GOOG, SmaCross, cash=10_000, commission=0.002, finalize_trades=True)
     began = time.perf_counter()

@@ -535,6 +535,9 @@ class Optimization(Base):
     spec_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     combos: Mapped[int] = mapped_column(Integer, nullable=False)
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    # A script strategy's pinned code and declared parameters (kept: deleting the script keeps what ran).
+    strategy_code: Mapped[str | None] = mapped_column(Text)
+    script_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -48,18 +48,20 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs, runs
+from shared import jobs, runs, strategy_scripts
 from shared import validation as val
 from shared.backtest import BacktestConfig, Bars, BarsError, run_backtest
+from shared.backtest.config import ScriptStrategySpec
 from shared.backtest.engine import run_events, strategy_signals
 from shared.backtest.grid import SUMMARY_NAMES, run_dual_sma_grid
 from shared.backtest.strategies import REGISTRY
 from shared.bars import load_bars
 from shared.calculations import symbols_sha256
+from shared.config import SandboxLimits
 from shared.db import session_scope
 from shared.errors import NotFound, ValidationFailed
 from shared.events import JobEvents
-from shared.models import Job, JobKind, JobShard, Optimization, OptimizationResult, ShardStatus
+from shared.models import Job, JobKind, JobShard, Optimization, OptimizationResult, ScriptVersion, ShardStatus
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ METRIC_DOMAIN: dict[str, tuple[float, float]] = {
 
 MAX_RAW_GRID = 1_000_000
 """The cartesian product enumerated before combinations are checked (a random search samples from it)."""
+SCRIPT_SLICE_COMBOS = 10
+"""Combos per slice of a script strategy (each combo is a sandbox run): many small slices spread over workers."""
 CANCEL_CHECK_COMBOS = 250
 """A slice looks at its job's status (and stores what it computed) after this many combos per symbol."""
 
@@ -196,6 +200,38 @@ def _field_adapter(strategy: str, name: str) -> TypeAdapter[Any]:
     return TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[arg-type]
 
 
+def _range_values(where: str, raw: list[float] | Range) -> list[float]:
+    if isinstance(raw, Range):
+        if raw.stop < raw.start:
+            raise ValidationFailed.for_field(where, f"empty range: stop {raw.stop:g} is below start {raw.start:g}")
+        count = math.floor((raw.stop - raw.start) / raw.step + 1e-9) + 1
+        if count > MAX_RAW_GRID:
+            raise ValidationFailed.for_field(where, f"{count:,} values; at most {MAX_RAW_GRID:,}")
+        return [round(raw.start + i * raw.step, 10) for i in range(count)]
+    return list(raw)
+
+
+def script_parameter_values(declared: Mapping[str, Any], name: str, raw: list[float] | Range) -> list[Any]:
+    """A strategy script's parameter values, each checked against its declaration (type, min, max)."""
+    where = f"parameters.{name}"
+    if name not in declared:
+        known = ", ".join(declared) or "none"
+        raise ValidationFailed.for_field(where, f"the script declares no parameter {name!r} (it declares: {known})")
+    decl = strategy_scripts.ParameterDecl.model_validate(declared[name])
+    if decl.type == "bool":
+        raise ValidationFailed.for_field(where, "a bool parameter is not optimised (give it in strategy.params)")
+    out = set()
+    for v in _range_values(where, raw):
+        if decl.type == "int" and float(v) != int(v):
+            raise ValidationFailed.for_field(where, f"{v:g} is not a whole number ({name} is an int)")
+        value: int | float = int(v) if decl.type == "int" else float(v)
+        problem = strategy_scripts.check_value(decl, value)
+        if problem:
+            raise ValidationFailed.for_field(where, f"{v:g}: {problem}")
+        out.add(value)
+    return sorted(out)
+
+
 def parameter_values(strategy: str, name: str, raw: list[float] | Range) -> list[Any]:
     """One parameter's values (sorted, distinct), each checked against the strategy's own field rules."""
     where = f"parameters.{name}"
@@ -203,15 +239,7 @@ def parameter_values(strategy: str, name: str, raw: list[float] | Range) -> list
     if name not in params_model.model_fields:
         known = ", ".join(params_model.model_fields) or "none"
         raise ValidationFailed.for_field(where, f"unknown parameter of {strategy} (its parameters: {known})")
-    if isinstance(raw, Range):
-        if raw.stop < raw.start:
-            raise ValidationFailed.for_field(where, f"empty range: stop {raw.stop:g} is below start {raw.start:g}")
-        count = math.floor((raw.stop - raw.start) / raw.step + 1e-9) + 1
-        if count > MAX_RAW_GRID:
-            raise ValidationFailed.for_field(where, f"{count:,} values; at most {MAX_RAW_GRID:,}")
-        values: list[float] = [round(raw.start + i * raw.step, 10) for i in range(count)]
-    else:
-        values = list(raw)
+    values = _range_values(where, raw)
     adapter = _field_adapter(strategy, name)
     is_int = params_model.model_fields[name].annotation is int
     out = set()
@@ -238,25 +266,33 @@ class Combos:
         return len(self.values)
 
 
-def combos(spec: OptimizationSpec) -> Combos:
-    """The spec's combos (deterministic): the valid grid, or the seeded sample of it."""
+def combos(spec: OptimizationSpec, declared: Mapping[str, Any] | None = None) -> Combos:
+    """The spec's combos (deterministic): the valid grid, or the seeded sample of it. A script strategy's
+    values are checked against its ``declared`` parameters (a script has no cross-parameter rules)."""
     strategy = spec.config.strategy.name
     names = tuple(spec.parameters)
-    axes = [parameter_values(strategy, n, spec.parameters[n]) for n in names]
+    if strategy == "script":
+        if declared is None:
+            raise ValueError("a script strategy's combos need its declared parameters")
+        axes = [script_parameter_values(declared, n, spec.parameters[n]) for n in names]
+    else:
+        axes = [parameter_values(strategy, n, spec.parameters[n]) for n in names]
     raw = math.prod(len(a) for a in axes)
     if raw > MAX_RAW_GRID:
         raise ValidationFailed.for_field(
             "parameters", f"the grid's cartesian product is {raw:,}; at most {MAX_RAW_GRID:,}"
         )
     base = spec.config.strategy.params.model_dump()
-    model = REGISTRY[strategy].params
     valid: list[tuple[Any, ...]] = []
-    if strategy == "dual_sma" and set(names) <= {"fast", "slow"}:  # the cross-field rule, without a model per combo
+    if strategy == "script":
+        valid = list(itertools.product(*axes))
+    elif strategy == "dual_sma" and set(names) <= {"fast", "slow"}:  # the cross-field rule, without a model per combo
         for combo in itertools.product(*axes):
             p = {**base, **dict(zip(names, combo, strict=True))}
             if p["fast"] < p["slow"]:
                 valid.append(combo)
     else:
+        model = REGISTRY[strategy].params
         for combo in itertools.product(*axes):
             try:
                 model.model_validate({**base, **dict(zip(names, combo, strict=True))})
@@ -462,6 +498,7 @@ class Limits:
     max_combos: int  # ALPHAFORGE_MAX_GRID_COMBOS
     max_backtests: int  # ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS
     slice_backtests: int  # ALPHAFORGE_OPTIMIZATION_SLICE
+    max_script_combos: int = 200  # ALPHAFORGE_MAX_SCRIPT_COMBOS: a script strategy runs the sandbox per combo
 
 
 @dataclass(frozen=True)
@@ -497,20 +534,23 @@ def get(session: Session, job_id: uuid.UUID) -> tuple[Job, Optimization]:
     return job, opt
 
 
-def check(spec: OptimizationSpec, limits: Limits) -> Combos:
+def check(spec: OptimizationSpec, limits: Limits, declared: Mapping[str, Any] | None = None) -> Combos:
     """The combos, or a 422 naming the field: parameters, the configured bounds, the constraints."""
     check_constraints(spec.constraints)
+    if spec.config.strategy.name == "script":
+        limits = Limits(min(limits.max_combos, limits.max_script_combos), limits.max_backtests, limits.slice_backtests)
     if isinstance(spec.search, RandomSearch) and spec.search.budget > limits.max_combos:
         raise ValidationFailed.for_field(
             "search.budget",
             f"{spec.search.budget:,} combos; at most {limits.max_combos:,} (ALPHAFORGE_MAX_GRID_COMBOS)",
         )
-    c = combos(spec)
+    c = combos(spec, declared)
     if len(c) > limits.max_combos:
+        what = "ALPHAFORGE_MAX_SCRIPT_COMBOS" if spec.config.strategy.name == "script" else "ALPHAFORGE_MAX_GRID_COMBOS"
         raise ValidationFailed.for_field(
             "parameters",
             f"the grid has {len(c):,} valid combos; at most {limits.max_combos:,} per optimisation "
-            "(ALPHAFORGE_MAX_GRID_COMBOS): narrow the ranges, or use a random search with a budget",
+            f"({what}): narrow the ranges, or use a random search with a budget",
         )
     return c
 
@@ -525,14 +565,28 @@ def submit(
     on_write: jobs.OnWrite | None = None,
     events: JobEvents | None = None,
 ) -> Submitted:
-    """The owner's optimisation of this exact spec, or a new job: one shard per slice (and window)."""
+    """The owner's optimisation of this exact spec, or a new job: one shard per slice (and window). A script
+    strategy is pinned first (version, complete params: ``strategy_scripts.pin_for_run``), so the hash names the
+    exact code, and its code and declared parameters are kept with the optimisation."""
     spec = request.spec
+    code: str | None = None
+    declared: dict[str, Any] | None = None
+    script_ref: tuple[uuid.UUID, int] | None = None
+    if isinstance(spec.config.strategy, ScriptStrategySpec):
+        with factory() as session:
+            pinned, code = strategy_scripts.pin_for_run(session, request.owner_id, spec.config)
+            assert isinstance(pinned.strategy, ScriptStrategySpec) and pinned.strategy.version is not None
+            script_ref = (pinned.strategy.script_id, pinned.strategy.version)
+            version = session.get(ScriptVersion, script_ref)
+            declared = dict(version.parameters or {}) if version is not None else {}
+        spec = spec.model_copy(update={"config": pinned})
+        spec = OptimizationSpec.model_validate(spec.model_dump(mode="json"))
     spec_hash = spec.spec_hash
     with factory() as session:
         found = find(session, request.owner_id, spec_hash)
         if found is not None:
             return Submitted(found[0], found[1], created=False)
-    c = check(spec, limits)
+    c = check(spec, limits, declared)
     config = spec.config
     windows: list[WindowDates] | None = None
     with factory() as session:
@@ -553,7 +607,8 @@ def submit(
             f"{backtests:,} backtests (combos x symbols x windows); at most {limits.max_backtests:,} "
             "(ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS)",
         )
-    tasks = plan(len(c), len(config.symbols), limits.slice_backtests, windows)
+    slice_backtests = limits.slice_backtests if code is None else min(limits.slice_backtests, SCRIPT_SLICE_COMBOS)
+    tasks = plan(len(c), len(config.symbols), slice_backtests * (len(config.symbols) if code else 1), windows)
     definition = spec.canonical_json()
     job = Job(
         kind=JobKind.OPTIMIZATION.value,
@@ -566,8 +621,12 @@ def submit(
         start_date=config.start_date,
         end_date=config.end_date,
         params={"parameters": list(c.names), "combos": len(c)},
+        script_id=script_ref[0] if script_ref else None,
+        script_version=script_ref[1] if script_ref else None,
     )
     opt = Optimization(
+        strategy_code=code,
+        script_parameters=declared,
         owner_id=request.owner_id,
         name=request.name,
         strategy=config.strategy.name,
@@ -612,41 +671,79 @@ def submit(
 # --- the shard -----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Script:
+    """A script strategy's pinned code and declared parameters, and how to run it in the sandbox."""
+
+    code: str
+    declared: dict[str, Any]
+    limits: SandboxLimits
+    runner: strategy_scripts.StrategyRunner | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a slice needs: the spec, its combos, the symbols' bars (the config's range), the script if any."""
+
+    spec: OptimizationSpec
+    combos: Combos
+    bars: dict[str, Bars]
+    script: Script | None
+
+
+def load(
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    limits: SandboxLimits | None = None,
+    runner: strategy_scripts.StrategyRunner | None = None,
+) -> Loaded:
+    with factory() as session:
+        row = session.execute(
+            select(Optimization.spec, Optimization.strategy_code, Optimization.script_parameters).where(
+                Optimization.job_id == job_id
+            )
+        ).first()
+        if row is None:
+            raise RuntimeError(f"optimization {job_id} has no spec")
+        spec = OptimizationSpec.model_validate(row[0])
+        loaded = load_bars(session.connection(), spec.config.symbols, spec.config.start_date, spec.config.end_date)
+    bars: dict[str, Bars] = {}
+    for symbol in spec.config.symbols:
+        own = loaded.get(symbol)
+        if own is None:
+            continue
+        try:
+            bars[symbol] = runs.engine_bars(own)
+        except BarsError:
+            continue
+    script = None
+    if spec.config.strategy.name == "script":
+        if row[1] is None:
+            raise RuntimeError(f"optimization {job_id} of a script strategy has no code")
+        script = Script(row[1], dict(row[2] or {}), limits or SandboxLimits(), runner)
+    return Loaded(spec, combos(spec, script.declared if script else None), bars, script)
+
+
 class _ProcessCache:
     """The last optimisation of this process: its spec, combos and bars (a job's next slice skips loading them;
     all are pure functions of the stored spec and the bars)."""
 
     def __init__(self) -> None:
         self.key: uuid.UUID | None = None
-        self.spec: OptimizationSpec | None = None
-        self.combos: Combos | None = None
-        self.bars: dict[str, Bars] = {}
+        self.loaded: Loaded | None = None
 
     def get(
-        self, factory: sessionmaker[Session], job_id: uuid.UUID
-    ) -> tuple[OptimizationSpec, Combos, dict[str, Bars]]:
-        if self.key != job_id or self.spec is None or self.combos is None:
-            self.key, self.spec, self.combos, self.bars = None, None, None, {}
-            with factory() as session:
-                raw = session.scalar(select(Optimization.spec).where(Optimization.job_id == job_id))
-                if raw is None:
-                    raise RuntimeError(f"optimization {job_id} has no spec")
-                spec = OptimizationSpec.model_validate(raw)
-                loaded = load_bars(
-                    session.connection(), spec.config.symbols, spec.config.start_date, spec.config.end_date
-                )
-            bars: dict[str, Bars] = {}
-            for symbol in spec.config.symbols:
-                own = loaded.get(symbol)
-                if own is None:
-                    continue
-                try:
-                    bars[symbol] = runs.engine_bars(own)
-                except BarsError:
-                    continue
-            self.spec, self.combos, self.bars, self.key = spec, combos(spec), bars, job_id
-        assert self.spec is not None and self.combos is not None
-        return self.spec, self.combos, self.bars
+        self,
+        factory: sessionmaker[Session],
+        job_id: uuid.UUID,
+        limits: SandboxLimits | None = None,
+        runner: strategy_scripts.StrategyRunner | None = None,
+    ) -> Loaded:
+        if self.key != job_id or self.loaded is None:
+            self.key, self.loaded = None, None
+            self.loaded = load(factory, job_id, limits, runner)
+            self.key = job_id
+        return self.loaded
 
 
 _CACHE = _ProcessCache()
@@ -699,8 +796,35 @@ def store_rows(
         session.execute(_UPSERT_ROWS, values)
 
 
+def score_script(
+    bars: Mapping[str, Bars], config: BacktestConfig, c: Combos, lo: int, hi: int, script: Script
+) -> list[NDArray[np.float64]]:
+    """Per symbol with bars, the summary of combos ``lo:hi`` of a script strategy: per combo the sandbox once
+    for every symbol (``strategy_scripts.strategy_events``), then the engine; a symbol's error is a NaN row."""
+    cuts = {s: b.between(config.start_date, config.end_date) for s, b in bars.items()}
+    cuts = {s: b for s, b in cuts.items() if len(b) >= 2}
+    out = {s: np.full((hi - lo, len(METRICS)), np.nan) for s in cuts}
+    for k, i in enumerate(range(lo, hi)):
+        cfg = config_for(config, c.params(i))
+        params = cfg.strategy.params.model_dump()
+        mapped = strategy_scripts.strategy_events(script.code, params, cuts, script.limits, cfg, runner=script.runner)
+        for symbol, events in mapped.items():
+            if isinstance(events, strategy_scripts.ScriptEvents):
+                result = run_events(
+                    cuts[symbol], events.events, cfg, warmup=events.warmup, entry_scale=events.entry_scale
+                )
+                out[symbol][k] = _summary(result.metrics)
+    return list(out.values())
+
+
 def evaluate_task(
-    spec: OptimizationSpec, c: Combos, bars: Mapping[str, Bars], task: Task, lo: int, hi: int
+    spec: OptimizationSpec,
+    c: Combos,
+    bars: Mapping[str, Bars],
+    task: Task,
+    lo: int,
+    hi: int,
+    script: Script | None = None,
 ) -> tuple[NDArray[np.float64], int]:
     """Combos ``lo:hi`` of the task scored over the symbols (aggregated); NaN rows when no symbol has bars."""
     config = spec.config
@@ -708,6 +832,11 @@ def evaluate_task(
         config = config_for(
             config, start=dt.date.fromisoformat(task.start), end=dt.date.fromisoformat(task.end or ""), dates=True
         )
+    if script is not None:
+        scored_all = score_script({s: bars[s] for s in config.symbols if s in bars}, config, c, lo, hi, script)
+        if not scored_all:
+            return np.full((hi - lo, len(METRICS)), np.nan), 0
+        return aggregate(scored_all)
     per_symbol = []
     for symbol in config.symbols:
         if symbol in bars:
@@ -719,22 +848,32 @@ def evaluate_task(
     return aggregate(per_symbol)
 
 
-def run_shard(factory: sessionmaker[Session], shard_id: int, *, events: JobEvents | None = None) -> bool | None:
+def run_shard(
+    factory: sessionmaker[Session],
+    shard_id: int,
+    *,
+    events: JobEvents | None = None,
+    limits: SandboxLimits | None = None,
+    runner: strategy_scripts.StrategyRunner | None = None,
+) -> bool | None:
     """One slice: score its combos in chunks, storing each chunk; between chunks, stop if the job was cancelled
-    (what was scored is kept). None: nothing to do; True/False as ``jobs.complete_shard``."""
+    (what was scored is kept). None: nothing to do; True/False as ``jobs.complete_shard``. ``limits`` (and
+    ``runner``): the sandbox of a script strategy."""
     started = jobs.start_shard(factory, shard_id, events=events)
     if started is None or started.task is None:
         return None
     task = Task.from_dict(started.task)
-    spec, c, bars = _CACHE.get(factory, started.job.id)
+    loaded = _CACHE.get(factory, started.job.id, limits, runner)
+    spec, c, bars = loaded.spec, loaded.combos, loaded.bars
     lo = task.lo
     while lo < task.hi:
-        hi = (
-            min(lo + CANCEL_CHECK_COMBOS * 8, task.hi)
-            if spec.config.strategy.name == "dual_sma"
-            else min(lo + max(1, CANCEL_CHECK_COMBOS // max(1, len(spec.config.symbols))), task.hi)
-        )
-        summary, symbols = evaluate_task(spec, c, bars, task, lo, hi)
+        if spec.config.strategy.name == "dual_sma":
+            hi = min(lo + CANCEL_CHECK_COMBOS * 8, task.hi)
+        elif loaded.script is not None:
+            hi = lo + 1  # a sandbox run per combo: look at the job after each
+        else:
+            hi = min(lo + max(1, CANCEL_CHECK_COMBOS // max(1, len(spec.config.symbols))), task.hi)
+        summary, symbols = evaluate_task(spec, c, bars, task, lo, hi, loaded.script)
         store_rows(factory, started.job.id, task.window, c, lo, summary, symbols)
         lo = hi
         if lo < task.hi and not runs.job_is_active(factory, started.job.id):
@@ -769,13 +908,34 @@ def _metrics_view(summary_row: NDArray[np.float64]) -> dict[str, float | None]:
     return {name: _clean(summary_row[j]) for j, name in enumerate(METRIC_NAMES)}
 
 
-def _full_run(factory: sessionmaker[Session], config: BacktestConfig) -> dict[str, Any]:
-    """``run_backtest`` of ``config`` per symbol: each symbol's full metrics, and the equal-cash portfolio's."""
+def _full_run(factory: sessionmaker[Session], config: BacktestConfig, script: Script | None = None) -> dict[str, Any]:
+    """``run_backtest`` of ``config`` per symbol (a script strategy: ``strategy_scripts.backtest_script``): each
+    symbol's full metrics, and the equal-cash portfolio's."""
     with factory() as session:
         loaded = load_bars(session.connection(), config.symbols, config.start_date, config.end_date)
     symbols: dict[str, Any] = {}
     curves = []
-    for symbol in config.symbols:
+    if script is not None:
+        cuts = {}
+        for symbol in config.symbols:
+            try:
+                if symbol in loaded:
+                    cuts[symbol] = runs.engine_bars(loaded[symbol]).between(config.start_date, config.end_date)
+            except BarsError as exc:
+                symbols[symbol] = {"error": {"type": "BarsError", "message": str(exc)[:500], "line": None}}
+        params = config.strategy.params.model_dump()
+        for done in strategy_scripts.backtest_script(
+            script.code, params, cuts, config, script.limits, runner=script.runner
+        ):
+            if done.result is None:
+                symbols[done.symbol] = {"error": done.error}
+                continue
+            symbols[done.symbol] = {k: _clean(v) if isinstance(v, float) else v for k, v in done.result.metrics.items()}
+            curves.append((done.result.dates.astype("datetime64[D]"), done.result.equity))
+        config_symbols: list[str] = []
+    else:
+        config_symbols = list(config.symbols)
+    for symbol in config_symbols:
         outcome = runs.backtest_symbol(symbol, loaded.get(symbol), config)
         symbols[symbol] = (
             (outcome.outcome.data or {}).get("metrics")
@@ -791,7 +951,7 @@ def _full_run(factory: sessionmaker[Session], config: BacktestConfig) -> dict[st
 
 
 def _oos_curve(
-    bars: Bars, config: BacktestConfig, params: Mapping[str, Any], task: Task
+    bars: Bars, config: BacktestConfig, params: Mapping[str, Any], task: Task, script: Script | None = None
 ) -> tuple[NDArray[np.datetime64], NDArray[np.float64]] | None:
     """The chosen params out of sample: signals on bars from the in-sample start (past only) to the window's end,
     events before the window dropped (it starts flat), equity from the window's first bar."""
@@ -801,9 +961,18 @@ def _oos_curve(
     if first >= len(cut):
         return None
     cfg = config_for(config, params, start=None, end=None, dates=True)
-    events = strategy_signals(cut, cfg).events.copy()
+    scale = None
+    if script is None:
+        events = strategy_signals(cut, cfg).events.copy()
+    else:
+        mapped = strategy_scripts.strategy_events(
+            script.code, cfg.strategy.params.model_dump(), {"oos": cut}, script.limits, cfg, runner=script.runner
+        )["oos"]
+        if not isinstance(mapped, strategy_scripts.ScriptEvents):
+            return None
+        events, scale = mapped.events.copy(), mapped.entry_scale
     events[:first] = 0
-    result = run_events(cut, events, cfg, warmup=first)
+    result = run_events(cut, events, cfg, warmup=first, entry_scale=scale)
     return cut.dates[first:].astype("datetime64[D]"), result.equity[first:]
 
 
@@ -813,6 +982,7 @@ def walk_forward_outcome(
     spec: OptimizationSpec,
     tasks: Sequence[Task],
     bars: Mapping[str, Bars],
+    script: Script | None = None,
 ) -> dict[str, Any]:
     """Per window the in-sample choice (from that window's stored rows only) and its out-of-sample result; the
     stitched out-of-sample equity (each window's equal-cash portfolio, compounded)."""
@@ -840,7 +1010,9 @@ def walk_forward_outcome(
             row.update(
                 chosen=params[best], combo_index=int(index[best]), in_sample_metrics=_metrics_view(summary[best])
             )
-            curves = [cv for s in config.symbols if s in bars and (cv := _oos_curve(bars[s], config, params[best], t))]
+            curves = [
+                cv for s in config.symbols if s in bars and (cv := _oos_curve(bars[s], config, params[best], t, script))
+            ]
             if curves:
                 days, total = runs.portfolio_curve(curves, config.initial_cash)
                 growth = total / (config.initial_cash * len(curves))
@@ -876,12 +1048,20 @@ def progress_counts(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
     return int(done or 0), planned
 
 
-def ensure_outcome(factory: sessionmaker[Session], job: Job, opt: Optimization) -> dict[str, Any] | None:
+def ensure_outcome(
+    factory: sessionmaker[Session],
+    job: Job,
+    opt: Optimization,
+    *,
+    limits: SandboxLimits | None = None,
+    runner: strategy_scripts.StrategyRunner | None = None,
+) -> dict[str, Any] | None:
     """Once the job is final and no slice is open: the ranking's head (best combo, with the full metrics of one
-    ``run_backtest`` per symbol) or the walk-forward path; computed once, then kept. None before that."""
+    ``run_backtest`` per symbol) or the walk-forward path; computed once, then kept. None before that. A script
+    strategy's needs the sandbox: only a worker (given ``limits``) computes it."""
     if opt.outcome is not None:
         return opt.outcome
-    if job.status not in runs.FINAL_STATUSES:
+    if job.status not in runs.FINAL_STATUSES or (opt.strategy == "script" and limits is None):
         return None
     spec = OptimizationSpec.model_validate(opt.spec)
     with factory() as session:
@@ -896,9 +1076,11 @@ def ensure_outcome(factory: sessionmaker[Session], job: Job, opt: Optimization) 
         "best": None,
         "walk_forward": None,
     }
+    loaded = load(factory, job.id, limits, runner)
     if spec.walk_forward is not None:
-        _, _, bars = _ProcessCache().get(factory, job.id)
-        outcome["walk_forward"] = _clean_doc(walk_forward_outcome(factory, job.id, spec, [t for t, _ in tasks], bars))
+        outcome["walk_forward"] = _clean_doc(
+            walk_forward_outcome(factory, job.id, spec, [t for t, _ in tasks], loaded.bars, loaded.script)
+        )
     else:
         with factory() as session:
             index, params, summary = load_summary(session, job.id, 0)
@@ -906,7 +1088,7 @@ def ensure_outcome(factory: sessionmaker[Session], job: Job, opt: Optimization) 
         outcome["combos_passing"] = len(order)
         best = best_index(summary, spec.objective, spec.constraints) if len(summary) else None
         if best is not None:
-            full = _full_run(factory, config_for(spec.config, params[best]))
+            full = _full_run(factory, config_for(spec.config, params[best]), loaded.script)
             outcome["best"] = _clean_doc(
                 {
                     "combo_index": int(index[best]),
@@ -1116,7 +1298,14 @@ def render(
     return files
 
 
-def build_if_finished(factory: sessionmaker[Session], store: Any, job_id: uuid.UUID) -> Any:
+def build_if_finished(
+    factory: sessionmaker[Session],
+    store: Any,
+    job_id: uuid.UUID,
+    *,
+    limits: SandboxLimits | None = None,
+    runner: strategy_scripts.StrategyRunner | None = None,
+) -> Any:
     """The outcome and the artifacts (with their manifest, in the owner's chain) once the job is final and no
     slice is open; the existing manifest if built; None before."""
     from shared import artifacts
@@ -1127,7 +1316,7 @@ def build_if_finished(factory: sessionmaker[Session], store: Any, job_id: uuid.U
             return existing
         job, opt = get(session, job_id)
         session.expunge_all()
-    outcome = ensure_outcome(factory, job, opt)
+    outcome = ensure_outcome(factory, job, opt, limits=limits, runner=runner)
     if outcome is None:
         return None
     with factory() as session:

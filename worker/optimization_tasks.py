@@ -24,7 +24,9 @@ def run_optimization_shard(self: Any, shard_id: int) -> str:
         self,
         "optimization",
         shard_id,
-        lambda services: optimization.run_shard(services.session_factory, shard_id, events=services.events),
+        lambda services: optimization.run_shard(
+            services.session_factory, shard_id, events=services.events, limits=services.settings.sandbox
+        ),
     )
     finish(self.services, shard_id)  # not reached when the slice is retried (retry raises)
     return outcome
@@ -38,7 +40,7 @@ def finish(services: WorkerServices, shard_id: int) -> None:
         job_id = runs.job_of_shard(services.session_factory, shard_id)
         if job_id is not None:
             store = ArtifactStore.from_settings(services.settings)
-            optimization.build_if_finished(services.session_factory, store, job_id)
+            optimization.build_if_finished(services.session_factory, store, job_id, limits=services.settings.sandbox)
     except Exception:
         log.exception("optimization %s: outcome or artifacts not built", job_id)
 
@@ -49,7 +51,9 @@ def finish_optimization(self: Any, job_id: str) -> str:
     build them, so the cancel sends this)."""
     try:
         store = ArtifactStore.from_settings(self.services.settings)
-        built = optimization.build_if_finished(self.services.session_factory, store, uuid.UUID(job_id))
+        built = optimization.build_if_finished(
+            self.services.session_factory, store, uuid.UUID(job_id), limits=self.services.settings.sandbox
+        )
     except Exception as exc:
         log.warning("optimization %s: not finished yet (%s: %s); retrying", job_id, type(exc).__name__, exc)
         raise self.retry(exc=exc, countdown=5) from exc

@@ -44,6 +44,8 @@ def upgrade() -> None:
         sa.Column("spec_hash", sa.String(64), nullable=False),
         sa.Column("combos", sa.Integer(), nullable=False),
         sa.Column("outcome", postgresql.JSONB()),
+        sa.Column("strategy_code", sa.Text()),
+        sa.Column("script_parameters", postgresql.JSONB()),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
         sa.UniqueConstraint("owner_id", "spec_hash", name="uq_optimizations_owner_spec"),
     )  # fmt: skip
