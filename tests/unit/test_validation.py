@@ -204,7 +204,7 @@ def test_walk_forward_windows_and_choices() -> None:
 
 
 @pytest.mark.parametrize("metric", ["sharpe", "return_pct", "max_drawdown_pct", "win_rate_pct"])
-def test_walk_forward_chooses_by_the_named_metric(metric: str) -> None:
+def test_walk_forward_chooses_by_the_named_metric(metric: v.SelectionMetric) -> None:
     """Each window's choice is the grid's best pair by the metric (checked against the grid run directly)."""
     spec = v.WalkForwardSpec(in_sample=300, out_of_sample=100, fast=[3, 5, 10, 20], slow=[25, 30, 60, 90],
                              metric=metric)  # fmt: skip
