@@ -45,6 +45,10 @@ def _script_source(body: CalculationExecuteBody) -> tuple[str, uuid.UUID | None,
     assert body.script_id is not None
     with services().session_factory() as session:
         script = scripts.get_owned_script(session, current_principal(), body.script_id)
+        if script.kind != scripts.KIND_CALCULATION:
+            raise ValidationFailed.for_field(
+                "script_id", f"script {script.id} is a {script.kind} script; backtest it with POST /api/runs"
+            )
         if body.version is None or body.version == script.version:
             return script.code, script.id, script.version
         version = scripts.get_version(session, script, body.version)

@@ -196,6 +196,9 @@ def test_parameter_and_ownership_errors_are_422_naming_the_field(
                          ({"slow": True}, "slow"), ({"fast": 501}, "fast")]:  # fmt: skip
         assert field_error(run({"script_id": mine["script_id"], "params": params})) == f"strategy.params.{name}"
     assert run({"script_id": "not-a-uuid"}).status_code == 422
+    # ...and a strategy is no calculation: it assigns no result.
+    calculation = {"script_id": mine["script_id"], "stock_symbols": ["PRM"], "column_name": "c"}
+    assert field_error(client.post("/api/custom-calculations/execute", json=calculation)) == "script_id"
 
     # Saving: bad declarations name the parameter; a calculation declares none; a strategy is never nightly.
     bad = {"name": "bad", "code": DUAL_SMA, "kind": "strategy"}
