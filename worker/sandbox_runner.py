@@ -94,6 +94,18 @@ def _encode_request(
     return len(payload).to_bytes(8, "big") + payload
 
 
+def parse_message(line: bytes) -> dict[str, Any]:
+    """One line from the child as a JSON object, or a protocol fault. The child may be compromised, so anything
+    goes: malformed JSON, another type, or nesting deep enough to exhaust the parser's recursion."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol") from None
+    if not isinstance(message, dict):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol")
+    return message
+
+
 class _Child:
     """One sandbox process and a bounded line reader over its stdout."""
 
@@ -153,13 +165,7 @@ class _Child:
         if len(line) > cap:
             raise _ChildFault("SandboxError", f"the sandbox wrote more than {cap} bytes for one result",
                               "supervisor", "output_limit")  # fmt: skip
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise _ChildFault("SandboxError", "the sandbox broke the result protocol") from None
-        if not isinstance(message, dict):
-            raise _ChildFault("SandboxError", "the sandbox broke the result protocol")
-        return message
+        return parse_message(line)
 
     def _death(self) -> _ChildFault:
         """Why the child's output ended (it died, or closed its output and hangs)."""

@@ -17,7 +17,7 @@ from shared.bars import SymbolBars
 from shared.config import SandboxLimits
 from shared.jobs import Outcome
 from worker.sandbox_child import NOBODY
-from worker.sandbox_runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, run_script
+from worker.sandbox_runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, parse_message, run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 
@@ -102,6 +102,16 @@ def test_parent_rechecks_what_the_child_claims() -> None:
             _checked_outcome("A", 0, bad, 100)
     long = _checked_outcome("A", 0, {"i": 0, "error": {"type": "E", "message": "m" * 500, "line": -3}}, 100)
     assert long.error == {"type": "E", "message": "m" * 100, "line": None}
+
+
+@pytest.mark.parametrize(
+    "line", [b"", b"not json", b"[1, 2]", b'"text"', b"[" * 200_000 + b"]" * 200_000, b'{"i": 0' + b"\xff"]
+)
+def test_a_line_from_a_compromised_child_is_a_protocol_fault(line: bytes) -> None:
+    """Whatever an escaped script makes its process write (even nesting that exhausts the JSON parser's
+    recursion), the supervisor sees a protocol fault for that symbol, never an exception of its own."""
+    with pytest.raises(_ChildFault, match="broke the result protocol"):
+        parse_message(line)
 
 
 def proc_limits(pid: int) -> dict[str, tuple[str, str]]:
