@@ -94,6 +94,9 @@ METRIC_DOMAIN: dict[str, tuple[float, float]] = {
 
 MAX_RAW_GRID = 1_000_000
 """The cartesian product enumerated before combinations are checked (a random search samples from it)."""
+GRID_MIN_SLICE_COMBOS = 100
+"""A dual-SMA slice holds at least this many combos: each grid call per symbol has a fixed cost (averages, bins,
+sizing) that thin slices of many symbols would pay over and over."""
 SCRIPT_SLICE_COMBOS = 10
 """Combos per slice of a script strategy (each combo is a sandbox run): many small slices spread over workers."""
 CANCEL_CHECK_COMBOS = 250
@@ -472,8 +475,11 @@ class Task:
         return cls(**{k: v for k, v in raw.items() if k != "kind"})
 
 
-def plan(n_combos: int, n_symbols: int, slice_backtests: int, windows: Sequence[WindowDates] | None) -> list[Task]:
-    per_slice = max(1, slice_backtests // max(1, n_symbols))
+def plan(
+    n_combos: int, n_symbols: int, slice_backtests: int, windows: Sequence[WindowDates] | None, min_combos: int = 1
+) -> list[Task]:
+    """Slices of about ``slice_backtests`` backtests (at least ``min_combos`` combos), per window."""
+    per_slice = max(1, min_combos, slice_backtests // max(1, n_symbols))
     cuts = [(lo, min(lo + per_slice, n_combos)) for lo in range(0, n_combos, per_slice)]
     if windows is None:
         return [Task(0, lo, hi, work=(hi - lo) * n_symbols) for lo, hi in cuts]
@@ -607,8 +613,11 @@ def submit(
             f"{backtests:,} backtests (combos x symbols x windows); at most {limits.max_backtests:,} "
             "(ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS)",
         )
-    slice_backtests = limits.slice_backtests if code is None else min(limits.slice_backtests, SCRIPT_SLICE_COMBOS)
-    tasks = plan(len(c), len(config.symbols), slice_backtests * (len(config.symbols) if code else 1), windows)
+    if code is not None:
+        tasks = plan(len(c), len(config.symbols), SCRIPT_SLICE_COMBOS * len(config.symbols), windows)
+    else:
+        grid = config.strategy.name == "dual_sma"
+        tasks = plan(len(c), len(config.symbols), limits.slice_backtests, windows, GRID_MIN_SLICE_COMBOS if grid else 1)
     definition = spec.canonical_json()
     job = Job(
         kind=JobKind.OPTIMIZATION.value,

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.Column("outcome", postgresql.JSONB()),
         sa.Column("strategy_code", sa.Text()),
         sa.Column("script_parameters", postgresql.JSONB()),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.UniqueConstraint("owner_id", "spec_hash", name="uq_optimizations_owner_spec"),
     )  # fmt: skip
     op.create_index("ix_optimizations_owner_created", "optimizations", ["owner_id", "created_at"])
