@@ -23,7 +23,7 @@ from shared.config import QUEUE_MAINTENANCE
 from shared.errors import NotFound, ValidationFailed
 from shared.events import RedisJobEvents
 from shared.models import Job, JobKind
-from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS
+from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_FINISH_OPTIMIZATION
 from worker.schedule import TASK_WEBHOOK_DELIVER
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ def after_cancel(svc: ApiServices, job: Job, task_ids: list[str]) -> None:
     follow_ups: list[tuple[str, str | None]] = []
     if job.kind == JobKind.BACKTEST.value:
         follow_ups.append((TASK_BUILD_RUN_ARTIFACTS, None))
+    elif job.kind == JobKind.OPTIMIZATION.value:  # its outcome and artifacts (worker/optimization_tasks.py)
+        follow_ups.append((TASK_FINISH_OPTIMIZATION, None))
     if job.callback_url and job.callback_state == "pending" and job.callback_attempts == 0:
         follow_ups.append((TASK_WEBHOOK_DELIVER, QUEUE_MAINTENANCE))
     for name, queue in follow_ups:
