@@ -137,6 +137,9 @@ class Maintenance:
     # ALPHAFORGE_RUN_RETENTION_KEEP: finished backtest runs kept per owner, newest first (0: keep all); the older ones
     # go with their artifacts, on the same beat interval (shared/run_retention.py)
     run_retention_keep: int = 100
+    # ALPHAFORGE_OPTIMIZATION_RETENTION_KEEP: finished optimisations kept per owner, newest first (0: keep all); the
+    # older ones go with their result rows and artifacts, on the same beat interval (shared/run_retention.py)
+    optimization_retention_keep: int = 100
     # ALPHAFORGE_NIGHTLY_SCHEDULE: cron "minute hour day-of-month month day-of-week" in the exchange's time zone
     # for the nightly recalculation of scripts flagged nightly ("off": only on demand)
     nightly_schedule: str = "0 2 * * *"
@@ -246,6 +249,10 @@ class Settings:
     max_optimization_backtests: int = 2_000_000
     # ALPHAFORGE_OPTIMIZATION_SLICE: backtests (combos x symbols) per optimisation task (one JobShard each)
     optimization_slice_backtests: int = 2_500
+    # ALPHAFORGE_MAX_SCRIPT_COMBOS: combos one optimisation of a script strategy may evaluate (a sandbox run each)
+    max_script_combos: int = 200
+    # ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE: combos per optimisation task of a script strategy
+    script_optimization_slice_combos: int = 10
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # ALPHAFORGE_SANDBOX_TIMEOUT (s per symbol), ALPHAFORGE_SANDBOX_MEMORY_MB
     jwt_secret_key: str | None = field(default=None, repr=False)  # JWT_SECRET_KEY: required by the API
@@ -290,6 +297,9 @@ class Settings:
             retention_days=_int(env, "ALPHAFORGE_RETENTION_DAYS", maint.retention_days, minimum=0),
             retention_max_jobs=_int(env, "ALPHAFORGE_RETENTION_MAX_JOBS", maint.retention_max_jobs, minimum=0),
             run_retention_keep=_int(env, "ALPHAFORGE_RUN_RETENTION_KEEP", maint.run_retention_keep, minimum=0),
+            optimization_retention_keep=_int(
+                env, "ALPHAFORGE_OPTIMIZATION_RETENTION_KEEP", maint.optimization_retention_keep, minimum=0
+            ),
             nightly_schedule=_cron(env, "ALPHAFORGE_NIGHTLY_SCHEDULE", maint.nightly_schedule),
             exchange_timezone=_timezone(env, "ALPHAFORGE_EXCHANGE_TIMEZONE", maint.exchange_timezone),
         )
@@ -333,6 +343,10 @@ class Settings:
             ),
             optimization_slice_backtests=_int(
                 env, "ALPHAFORGE_OPTIMIZATION_SLICE", defaults.optimization_slice_backtests
+            ),
+            max_script_combos=_int(env, "ALPHAFORGE_MAX_SCRIPT_COMBOS", defaults.max_script_combos),
+            script_optimization_slice_combos=_int(
+                env, "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE", defaults.script_optimization_slice_combos
             ),
             sandbox=sandbox,
             jwt_secret_key=env.get("JWT_SECRET_KEY") or None,
@@ -424,6 +438,8 @@ class Settings:
             "ALPHAFORGE_MAX_GRID_COMBOS": str(self.max_grid_combos),
             "ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS": str(self.max_optimization_backtests),
             "ALPHAFORGE_OPTIMIZATION_SLICE": str(self.optimization_slice_backtests),
+            "ALPHAFORGE_MAX_SCRIPT_COMBOS": str(self.max_script_combos),
+            "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE": str(self.script_optimization_slice_combos),
             "ALPHAFORGE_SANDBOX_TIMEOUT": str(self.sandbox.symbol_timeout_s),
             "ALPHAFORGE_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
             "ALPHAFORGE_ACCESS_TOKEN_TTL": str(self.access_token_ttl_s),
@@ -444,6 +460,7 @@ class Settings:
             "ALPHAFORGE_RETENTION_DAYS": str(self.maintenance.retention_days),
             "ALPHAFORGE_RETENTION_MAX_JOBS": str(self.maintenance.retention_max_jobs),
             "ALPHAFORGE_RUN_RETENTION_KEEP": str(self.maintenance.run_retention_keep),
+            "ALPHAFORGE_OPTIMIZATION_RETENTION_KEEP": str(self.maintenance.optimization_retention_keep),
             "ALPHAFORGE_NIGHTLY_SCHEDULE": self.maintenance.nightly_schedule,
             "ALPHAFORGE_EXCHANGE_TIMEZONE": self.maintenance.exchange_timezone,
             "ALPHAFORGE_FLOWER_PORT": str(self.flower_port),

@@ -1,6 +1,6 @@
 """Housekeeping tasks Celery beat schedules (worker/schedule.py): the shard reconciler, retention of calculation
-jobs and of backtest runs, nightly runs and webhook deliveries; and the hook that starts a job's webhook delivery
-as soon as the job ends.
+jobs, of backtest runs and of optimisations, nightly runs and webhook deliveries; and the hook that starts a job's
+webhook delivery as soon as the job ends.
 
 Thin wrappers: the decisions live in shared/reconciler.py and shared/retention.py; here is only what needs
 Celery and the broker: where a task id can still be found (a broker queue or a live worker) and how a shard of
@@ -35,6 +35,7 @@ from worker.schedule import (
     TASK_NIGHTLY_HARVEST,
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
+    TASK_PRUNE_OPTIMIZATIONS,
     TASK_PRUNE_RUNS,
     TASK_RECONCILE_SHARDS,
     TASK_WEBHOOK_DELIVER,
@@ -177,6 +178,22 @@ def prune_runs(self: Any) -> dict[str, int]:
             keep=services.settings.maintenance.run_retention_keep,
         )
     return {"runs": pruned.runs, "artifact_dirs": pruned.artifact_dirs}
+
+
+@shared_task(bind=True, base=ServicesTask, name=TASK_PRUNE_OPTIMIZATIONS, acks_late=False, ignore_result=True)
+def prune_optimizations(self: Any) -> dict[str, int]:
+    """Each owner keeps the newest ``ALPHAFORGE_OPTIMIZATION_RETENTION_KEEP`` finished optimisations; older ones go
+    with their result rows and artifacts."""
+    services: WorkerServices = self.services
+    with reconciler.single_flight(services.engine, "prune-optimizations") as mine:
+        if not mine:
+            return {"optimizations": 0, "artifact_dirs": 0}
+        pruned = run_retention.prune_optimizations(
+            services.session_factory,
+            ArtifactStore.from_settings(services.settings),
+            keep=services.settings.maintenance.optimization_retention_keep,
+        )
+    return {"optimizations": pruned.runs, "artifact_dirs": pruned.artifact_dirs}
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_NIGHTLY_RUN, acks_late=False, ignore_result=True)

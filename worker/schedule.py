@@ -11,6 +11,7 @@ from shared.config import QUEUE_MAINTENANCE, Settings
 TASK_RECONCILE_SHARDS = "alphaforge.maintenance.reconcile_shards"
 TASK_PRUNE_JOBS = "alphaforge.maintenance.prune_jobs"
 TASK_PRUNE_RUNS = "alphaforge.maintenance.prune_runs"
+TASK_PRUNE_OPTIMIZATIONS = "alphaforge.maintenance.prune_optimizations"
 TASK_NIGHTLY_RUN = "alphaforge.nightly.start_run"
 TASK_NIGHTLY_HARVEST = "alphaforge.nightly.harvest"
 TASK_WEBHOOK_DISPATCH = "alphaforge.webhooks.dispatch"
@@ -35,6 +36,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "prune-runs": {
             "task": TASK_PRUNE_RUNS,
+            "schedule": maint.retention_interval_s,
+            "options": {"queue": QUEUE_MAINTENANCE, "expires": maint.retention_interval_s},
+        },
+        "prune-optimizations": {
+            "task": TASK_PRUNE_OPTIMIZATIONS,
             "schedule": maint.retention_interval_s,
             "options": {"queue": QUEUE_MAINTENANCE, "expires": maint.retention_interval_s},
         },
