@@ -119,13 +119,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ParameterValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
+"""A searched value: finite and of a sane size (every strategy parameter is far inside this)."""
+
+
 class Range(_Model):
-    start: float
-    stop: float = Field(description="inclusive")
-    step: float = Field(gt=0)
+    start: ParameterValue
+    stop: ParameterValue = Field(description="inclusive")
+    step: ParameterValue = Field(gt=0)
 
 
-Values = Annotated[list[float], Field(min_length=1, max_length=10_000)] | Range
+Values = Annotated[list[ParameterValue], Field(min_length=1, max_length=10_000)] | Range
 
 
 class GridSearch(_Model):
