@@ -6,7 +6,8 @@ import uuid
 from typing import Any
 
 from api.schemas import CallbackView, JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
-from shared.models import Job
+from shared import runs
+from shared.models import Job, JobKind
 
 
 def job_links(job_id: uuid.UUID) -> JobLinks:
@@ -26,8 +27,17 @@ def callback_view(job: Job) -> CallbackView | None:
     )
 
 
-def progress(job: Job) -> Progress:
-    percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
+def progress(job: Job, tasks: runs.ValidationProgress | None = None) -> Progress:
+    """The job's counters; ``percent`` counts symbols, and when the job has task shards (an optimisation's slices,
+    a run's validation tasks: ``tasks``) it weighs them in backtests as the run view does: one per symbol when the
+    job has symbol shards, ``Task.work`` per finished task. Without tasks (calculations): symbols only."""
+    if tasks is None or tasks.tasks_total == 0:
+        percent = 100.0 * job.symbols_done / job.symbols_total if job.symbols_total else 100.0
+    else:
+        has_symbol_shards = job.shards_total > tasks.tasks_total
+        total = (job.symbols_total if has_symbol_shards else 0) + tasks.work_total
+        done = (job.symbols_done if has_symbol_shards else 0) + tasks.work_done
+        percent = 100.0 * done / total if total else 100.0
     return Progress(
         shards_total=job.shards_total,
         shards_done=job.shards_done,
@@ -37,6 +47,16 @@ def progress(job: Job) -> Progress:
         symbols_failed=job.symbols_failed,
         percent=round(percent, 2),
     )
+
+
+def task_progress(job: Job) -> runs.ValidationProgress | None:
+    """The job's task shards' progress (None for calculations, which have none: no query)."""
+    if job.kind == JobKind.CALCULATION.value:
+        return None
+    from api import services
+
+    with services().session_factory() as session:
+        return runs.validation_progress(session, [job.id]).get(job.id)
 
 
 def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
@@ -51,7 +71,7 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
             else None
         ),
         column_name=job.column_name,
-        progress=progress(job),
+        progress=progress(job, task_progress(job)),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

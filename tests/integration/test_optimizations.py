@@ -174,6 +174,7 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     # the job machinery sees it as a job
     job = client.get(f"/api/jobs/{accepted['optimization_id']}").get_json()
     assert job["kind"] == "optimization" and job["progress"]["shards_done"] == job["progress"]["shards_total"]
+    assert job["progress"]["percent"] == 100.0  # from its slices, not from symbols (no symbol shard)
 
 
 def test_many_symbols_and_constraint_filtering(client: FlaskClient, clean_db: Engine) -> None:
@@ -268,6 +269,13 @@ def test_cancel_keeps_what_was_scored_and_409_when_final(small_slice_client: Fla
     view = client.get(f"{OPT}/{oid}").get_json()
     assert view["status"] == "cancelled"
     assert view["progress"]["combos_done"] < view["progress"]["combos_total"]
+    # /api/jobs/<id> weighs the finished slices by their work (combos x symbols), as the run view weighs tasks
+    with make_session_factory(clean_db)() as session:
+        slices = session.execute(select(JobShard.task, JobShard.status).where(JobShard.job_id == oid)).all()
+    done = sum(t["work"] for t, status in slices if status in ("succeeded", "failed"))
+    total = sum(t["work"] for t, _ in slices)
+    job = client.get(f"/api/jobs/{oid}").get_json()
+    assert job["progress"]["percent"] == round(100.0 * done / total, 2) < 100.0
 
 
 @pytest.mark.parametrize(
