@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from api import BEARER_SECURITY, services
 from api.audit import audit
 from api.auth import current_principal
+from api.jobs import after_cancel
 from api.optimization_schemas import (
     OptimizationAccepted,
     OptimizationArtifactPath,
@@ -36,14 +37,14 @@ from api.optimization_schemas import (
     RankedRowView,
 )
 from api.schemas import ErrorResponse
-from shared import artifacts, jobs, runs
+from shared import artifacts, jobs, runs, webhooks
 from shared import optimization as opt_service
 from shared.access import require_owner, require_read
 from shared.audit import AuditAction
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import RedisJobEvents
 from shared.models import Job, Optimization, RunManifest
-from worker.celery_app import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
+from worker.celery_app import TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,13 @@ def create_optimization() -> Response:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ValidationFailed.for_field("body", "a JSON object with the optimisation spec is required")
+    body = dict(body)
+    callback_url = body.pop("callback_url", None)  # a webhook when it ends, as for runs (not part of the spec)
     spec, name = spec_from_body(body)
+    if callback_url is not None:
+        if not isinstance(callback_url, str):
+            raise ValidationFailed.for_field("callback_url", "must be an http or https URL")
+        webhooks.validate_callback_url(callback_url, allow_private=settings.webhooks.allow_private)
     if len(spec.config.symbols) > settings.max_symbols_per_job:
         raise ValidationFailed.for_field(
             "symbols", f"{len(spec.config.symbols):,} symbols; at most {settings.max_symbols_per_job:,}"
@@ -153,7 +160,9 @@ def create_optimization() -> Response:
 
     submitted = opt_service.submit(
         svc.session_factory,
-        opt_service.OptimizationRequest(spec=spec, owner_id=current_principal().user_id, name=name),
+        opt_service.OptimizationRequest(
+            spec=spec, owner_id=current_principal().user_id, name=name, callback_url=callback_url
+        ),
         opt_service.Limits(
             settings.max_grid_combos, settings.max_optimization_backtests, settings.optimization_slice_backtests
         ),
@@ -317,18 +326,13 @@ def cancel_optimization(path: OptimizationPath) -> Response:
         audit(session, AuditAction.JOB_CANCELLED, resource_type="optimization", resource_id=cancelled.id)
 
     job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record, events=RedisJobEvents(svc.redis))
-    if task_ids:
-        svc.celery.control.revoke(task_ids)
+    # Revoke; with no slice running (none will finish to do it): the outcome and artifacts, and the webhook.
+    after_cancel(svc, job, task_ids)
     if job.status != "cancelled":
         raise Conflict(
             f"optimization {job_id} has already finished ({job.status})",
             details={"optimization_id": str(job_id), "status": job.status},
         )
-    if not runs.has_running_shard(svc.session_factory, job_id):
-        try:  # no slice task will finish to compute the outcome and artifacts: ask a worker to
-            svc.celery.send_task(TASK_FINISH_OPTIMIZATION, args=[str(job_id)])
-        except Exception:
-            log.exception("optimization %s: could not ask for its outcome", job_id)
     with svc.session_factory() as session:
         job, opt = opt_service.get(session, job_id)
         progress = _progress(session, job)

@@ -516,6 +516,7 @@ class OptimizationRequest:
     spec: OptimizationSpec
     owner_id: str
     name: str | None = None
+    callback_url: str | None = None  # checked by shared/webhooks.validate_callback_url before it gets here
 
 
 @dataclass(frozen=True)
@@ -636,6 +637,8 @@ def submit(
         params={"parameters": list(c.names), "combos": len(c)},
         script_id=script_ref[0] if script_ref else None,
         script_version=script_ref[1] if script_ref else None,
+        callback_url=request.callback_url,
+        callback_state="pending" if request.callback_url else None,
     )
     opt = Optimization(
         strategy_code=code,

@@ -112,13 +112,26 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 
 
 def event_name(job: Job) -> str:
-    """``run.finished`` for a backtest run, ``job.finished`` for any other job."""
-    return "run.finished" if job.kind == JobKind.BACKTEST.value else "job.finished"
+    """``run.finished`` for a backtest run, ``optimization.finished`` for an optimisation, ``job.finished`` for any
+    other job."""
+    if job.kind == JobKind.BACKTEST.value:
+        return "run.finished"
+    if job.kind == JobKind.OPTIMIZATION.value:
+        return "optimization.finished"
+    return "job.finished"
 
 
 def _links(job: Job) -> dict[str, str]:
     if job.kind == JobKind.BACKTEST.value:
         base = f"/api/runs/{job.id}"
+        return {
+            "self": base,
+            "results": f"{base}/results",
+            "artifacts": f"{base}/artifacts",
+            "job": f"/api/jobs/{job.id}",
+        }
+    if job.kind == JobKind.OPTIMIZATION.value:
+        base = f"/api/optimizations/{job.id}"
         return {
             "self": base,
             "results": f"{base}/results",

@@ -16,15 +16,27 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert, select
 
 from api import create_app
+from api.optimizations import spec_from_body
+from shared import optimization as opt_service
 from shared import runs
 from shared.backtest import BacktestConfig, run_backtest
 from shared.bars import load_bars
 from shared.config import Settings
 from shared.db import make_session_factory
-from shared.models import DailyBar, Job, JobShard, Symbol
+from shared.models import DailyBar, Job, JobShard, Symbol, User
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
+from tests.integration import test_webhooks as hooks
+from tests.integration.test_webhooks import Receiver, verify_signature
 
 OPT = "/api/optimizations"
+
+# The webhook tests' fixtures: a worker of its own that allows private targets, and a receiver on loopback.
+hook_settings, hook_worker, hook_client, receiver = (
+    hooks.hook_settings,
+    hooks.hook_worker,
+    hooks.hook_client,
+    hooks.receiver,
+)
 SYMBOLS = ["OPTA", "OPTB"]
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
@@ -424,3 +436,64 @@ def test_a_script_strategy_optimises_like_the_built_in(client: FlaskClient, clea
         response = client.post(OPT, json=bad)
         assert response.status_code == 422, response.get_data(as_text=True)
         assert response.get_json()["error"]["details"]["errors"][0]["field"] == field
+
+
+def test_an_optimisation_calls_back_when_it_ends(
+    hook_client: FlaskClient, client: FlaskClient, clean_db: Engine, receiver: Receiver
+) -> None:
+    """``callback_url`` as for runs (the same SSRF checks, a 422 naming the field); the worker that ends the last
+    slice starts the delivery: ``optimization.finished`` with the optimisation's links."""
+    seed_bars(clean_db, SYMBOLS[:1], days=300, seed=4)
+    doc = body(parameters={"fast": [3, 5], "slow": [20, 30]})
+    refused = client.post(OPT, json={**doc, "callback_url": receiver.url})  # private targets not allowed here
+    assert refused.status_code == 422 and "non-public" in refused.get_data(as_text=True), refused.json
+    bad = hook_client.post(OPT, json={**doc, "callback_url": 42})
+    assert bad.status_code == 422, bad.json
+    assert [e["field"] for e in bad.get_json()["error"]["details"]["errors"]] == ["callback_url"]
+
+    oid = create(hook_client, {**doc, "callback_url": receiver.url})["optimization_id"]
+    view = finished(hook_client, oid)
+    deadline = time.monotonic() + 15
+    while not receiver.received:
+        assert time.monotonic() < deadline, "no webhook within 15 s of the optimisation's end"
+        time.sleep(0.05)
+    (got,) = receiver.received
+    summary = verify_signature(hook_client.get("/api/auth/webhook-secret").get_json()["secret"], got)
+    assert got["headers"]["X-AlphaForge-Event"] == "optimization.finished" == summary["event"]
+    assert summary["job_id"] == oid and summary["kind"] == "optimization" and summary["status"] == view["status"]
+    assert summary["links"] == {
+        "self": f"{OPT}/{oid}",
+        "results": f"{OPT}/{oid}/results",
+        "artifacts": f"{OPT}/{oid}/artifacts",
+        "job": f"/api/jobs/{oid}",
+    }
+    job = hook_client.get(f"/api/jobs/{oid}").get_json()
+    assert job["callback"]["url"] == receiver.url and job["callback"]["state"] in ("pending", "delivered")
+
+
+def test_an_optimisation_cancelled_with_no_slice_running_calls_back(
+    hook_client: FlaskClient, clean_db: Engine, receiver: Receiver
+) -> None:
+    """No slice task was ever published: the cancel itself starts the delivery (and the outcome)."""
+    seed_bars(clean_db, SYMBOLS[:1], days=300, seed=4)
+    app = hook_client.application
+    factory = app.extensions["alphaforge"].session_factory
+    doc = body(parameters={"fast": [3, 5], "slow": [20, 30]})
+    spec, _ = spec_from_body(doc)
+    with factory() as session:
+        owner_id = session.scalar(select(User.id).where(User.username == "hooker"))
+    submitted = opt_service.submit(
+        factory,
+        opt_service.OptimizationRequest(spec=spec, owner_id=owner_id, callback_url=receiver.url),
+        opt_service.Limits(1000, 100_000, 2_500),
+        enqueue=lambda tasks: None,  # queued, its slices' tasks never sent
+    )
+    oid = str(submitted.job.id)
+    cancelled = hook_client.post(f"{OPT}/{oid}/cancel")
+    assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled", cancelled.json
+    deadline = time.monotonic() + 15
+    while not receiver.received:
+        assert time.monotonic() < deadline, "no webhook within 15 s of the cancel"
+        time.sleep(0.05)
+    summary = verify_signature(hook_client.get("/api/auth/webhook-secret").get_json()["secret"], receiver.received[0])
+    assert summary["event"] == "optimization.finished" and summary["status"] == "cancelled"
