@@ -192,6 +192,16 @@ def _lock_job_of_shard(session: Session, shard_id: int) -> uuid.UUID | None:
     return job_id
 
 
+def task_event_keys(task: dict[str, Any]) -> dict[str, Any]:
+    """How a shard event names the task a task shard runs: always under ``task``; a run's validation task also
+    under ``validation`` (what run clients read). An optimisation slice (``kind`` ``optimization``) is no
+    validation."""
+    keys: dict[str, Any] = {"task": task}
+    if task.get("kind") != "optimization":
+        keys["validation"] = task
+    return keys
+
+
 def start_shard(
     factory: sessionmaker[Session], shard_id: int, *, events: JobEvents | None = None
 ) -> StartedShard | None:
@@ -201,7 +211,7 @@ def start_shard(
         shard, index, attempt = started
         detail: dict[str, Any] = {"shard": index, "symbols": len(shard.symbols), "attempt": attempt}
         if shard.task is not None:
-            detail["validation"] = shard.task
+            detail.update(task_event_keys(shard.task))
         events.publish(shard.job.id, job_events.SHARD_STARTED, detail)
     return started[0] if started is not None else None
 
@@ -319,7 +329,7 @@ def _finish_shard(
         "symbols_total": symbols_total,
     }
     if task is not None:
-        shard_event["validation"] = task
+        shard_event.update(task_event_keys(task))
     end = _ShardEnd(job_id, shard_event, None)
     if shards_done >= shards_total:
         if symbols_failed == 0 and shards_failed == 0:  # a failed shard without symbols (a task) is partial

@@ -187,6 +187,13 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     job = client.get(f"/api/jobs/{accepted['optimization_id']}").get_json()
     assert job["kind"] == "optimization" and job["progress"]["shards_done"] == job["progress"]["shards_total"]
     assert job["progress"]["percent"] == 100.0  # from its slices, not from symbols (no symbol shard)
+    # its shard events name each slice under the neutral key "task" (a run's validation tasks also "validation")
+    events = client.get(f"/api/jobs/{accepted['optimization_id']}/events?limit=1000").get_json()["events"]
+    shard_events = [e["data"] for e in events if e["type"] in ("shard_started", "shard_finished")]
+    assert len(shard_events) == 2 * job["progress"]["shards_total"]
+    assert all(d["task"]["kind"] == "optimization" and "validation" not in d for d in shard_events)
+    slices = sorted((d["task"]["lo"], d["task"]["hi"]) for d in shard_events if "attempt" in d)
+    assert slices[0][0] == 0 and slices[-1][1] == len(PAIRS)
 
 
 def test_many_symbols_and_constraint_filtering(client: FlaskClient, clean_db: Engine) -> None:

@@ -133,6 +133,7 @@ def test_run_with_all_four_validations(client: FlaskClient, user: ApiUser, engin
     assert sorted((t["method"], t["task_index"]) for t in started) == sorted((t.method, t.task_index)
                                                                              for t in planned)  # fmt: skip
     assert len(finished) == len(planned)
+    assert all(e["data"]["task"] == e["data"]["validation"] for e in events if "validation" in e["data"])
 
     # Idempotent: the same config and validation is the same run; another validation is another run.
     again = client.post(RUNS, json=dict(reversed(list(body.items()))))
