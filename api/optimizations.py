@@ -164,7 +164,11 @@ def create_optimization() -> Response:
             spec=spec, owner_id=current_principal().user_id, name=name, callback_url=callback_url
         ),
         opt_service.Limits(
-            settings.max_grid_combos, settings.max_optimization_backtests, settings.optimization_slice_backtests
+            settings.max_grid_combos,
+            settings.max_optimization_backtests,
+            settings.optimization_slice_backtests,
+            max_script_combos=settings.max_script_combos,
+            script_slice_combos=settings.script_optimization_slice_combos,
         ),
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_OPTIMIZATION_SHARD),
         max_active_per_owner=settings.rate_limits.max_active_jobs,

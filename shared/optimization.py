@@ -98,7 +98,10 @@ GRID_MIN_SLICE_COMBOS = 100
 """A dual-SMA slice holds at least this many combos: each grid call per symbol has a fixed cost (averages, bins,
 sizing) that thin slices of many symbols would pay over and over."""
 SCRIPT_SLICE_COMBOS = 10
-"""Combos per slice of a script strategy (each combo is a sandbox run): many small slices spread over workers."""
+"""Default combos per slice of a script strategy (each combo is a sandbox run): many small slices spread over
+workers (``ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE``)."""
+MAX_SCRIPT_COMBOS = 200
+"""Default bound on a script strategy's combos (``ALPHAFORGE_MAX_SCRIPT_COMBOS``)."""
 CANCEL_CHECK_COMBOS = 250
 """A slice looks at its job's status (and stores what it computed) after this many combos per symbol."""
 
@@ -508,7 +511,8 @@ class Limits:
     max_combos: int  # ALPHAFORGE_MAX_GRID_COMBOS
     max_backtests: int  # ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS
     slice_backtests: int  # ALPHAFORGE_OPTIMIZATION_SLICE
-    max_script_combos: int = 200  # ALPHAFORGE_MAX_SCRIPT_COMBOS: a script strategy runs the sandbox per combo
+    max_script_combos: int = MAX_SCRIPT_COMBOS  # ALPHAFORGE_MAX_SCRIPT_COMBOS: a sandbox run per combo
+    script_slice_combos: int = SCRIPT_SLICE_COMBOS  # ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE: combos per script slice
 
 
 @dataclass(frozen=True)
@@ -548,19 +552,18 @@ def get(session: Session, job_id: uuid.UUID) -> tuple[Job, Optimization]:
 def check(spec: OptimizationSpec, limits: Limits, declared: Mapping[str, Any] | None = None) -> Combos:
     """The combos, or a 422 naming the field: parameters, the configured bounds, the constraints."""
     check_constraints(spec.constraints)
-    if spec.config.strategy.name == "script":
-        limits = Limits(min(limits.max_combos, limits.max_script_combos), limits.max_backtests, limits.slice_backtests)
-    if isinstance(spec.search, RandomSearch) and spec.search.budget > limits.max_combos:
+    max_combos, what = limits.max_combos, "ALPHAFORGE_MAX_GRID_COMBOS"
+    if spec.config.strategy.name == "script" and limits.max_script_combos < max_combos:
+        max_combos, what = limits.max_script_combos, "ALPHAFORGE_MAX_SCRIPT_COMBOS"
+    if isinstance(spec.search, RandomSearch) and spec.search.budget > max_combos:
         raise ValidationFailed.for_field(
-            "search.budget",
-            f"{spec.search.budget:,} combos; at most {limits.max_combos:,} (ALPHAFORGE_MAX_GRID_COMBOS)",
+            "search.budget", f"{spec.search.budget:,} combos; at most {max_combos:,} ({what})"
         )
     c = combos(spec, declared)
-    if len(c) > limits.max_combos:
-        what = "ALPHAFORGE_MAX_SCRIPT_COMBOS" if spec.config.strategy.name == "script" else "ALPHAFORGE_MAX_GRID_COMBOS"
+    if len(c) > max_combos:
         raise ValidationFailed.for_field(
             "parameters",
-            f"the grid has {len(c):,} valid combos; at most {limits.max_combos:,} per optimisation "
+            f"the grid has {len(c):,} valid combos; at most {max_combos:,} per optimisation "
             f"({what}): narrow the ranges, or use a random search with a budget",
         )
     return c
@@ -619,7 +622,7 @@ def submit(
             "(ALPHAFORGE_MAX_OPTIMIZATION_BACKTESTS)",
         )
     if code is not None:
-        tasks = plan(len(c), len(config.symbols), SCRIPT_SLICE_COMBOS * len(config.symbols), windows)
+        tasks = plan(len(c), len(config.symbols), max(1, limits.script_slice_combos) * len(config.symbols), windows)
     else:
         grid = config.strategy.name == "dual_sma"
         tasks = plan(len(c), len(config.symbols), limits.slice_backtests, windows, GRID_MIN_SLICE_COMBOS if grid else 1)

@@ -445,6 +445,48 @@ def test_a_script_strategy_optimises_like_the_built_in(client: FlaskClient, clea
         assert response.get_json()["error"]["details"]["errors"][0]["field"] == field
 
 
+def test_script_combo_bound_and_slice_size_are_settings(
+    settings: Settings, user: ApiUser, client: FlaskClient, clean_db: Engine
+) -> None:
+    """ALPHAFORGE_MAX_SCRIPT_COMBOS bounds a script strategy's combos (a 422 naming the field above it) and
+    ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE is the combos per slice."""
+    env = {"ALPHAFORGE_MAX_SCRIPT_COMBOS": "7", "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE": "3"}
+    from_env = Settings.from_env(env)
+    assert (from_env.max_script_combos, from_env.script_optimization_slice_combos) == (7, 3)
+    assert {k: from_env.child_env()[k] for k in env} == env
+    assert (Settings.from_env({}).max_script_combos, Settings.from_env({}).script_optimization_slice_combos) == (
+        200,
+        10,
+    )
+    seed_bars(clean_db, SYMBOLS[:1], days=200, seed=4)
+    saved = client.post(
+        "/api/custom-calculations/scripts",
+        json={"name": "sma", "code": SCRIPT_DUAL_SMA, "kind": "strategy", "parameters": SCRIPT_PARAMETERS},
+    )
+    assert saved.status_code == 201, saved.get_data(as_text=True)
+    app = create_app(settings.with_overrides(max_script_combos=5, script_optimization_slice_combos=2))
+    try:
+        bounded = authed_client(app, user)
+        strategy = {"name": "script", "script_id": saved.get_json()["script_id"]}
+        doc = body(strategy=strategy, constraints=[], parameters={"fast": [3, 5, 8], "slow": [20, 30]})  # 6 combos
+        for change, field in (
+            ({}, "parameters"),
+            ({"search": {"method": "random", "budget": 6, "seed": 1}}, "search.budget"),
+        ):
+            response = bounded.post(OPT, json={**doc, **change})
+            assert response.status_code == 422, response.get_data(as_text=True)
+            error = response.get_json()["error"]
+            assert error["details"]["errors"][0]["field"] == field
+            assert "at most 5" in error["message"] and "ALPHAFORGE_MAX_SCRIPT_COMBOS" in error["message"]
+        accepted = create(bounded, {**doc, "parameters": {"fast": [3, 5, 8], "slow": [20]}})  # 3 combos: 2 slices
+        assert accepted["combos"] == 3 and accepted["shards"] == 2
+        view = finished(bounded, accepted["optimization_id"])
+        assert view["status"] == "succeeded" and view["progress"]["combos_done"] == 3, view
+        assert create(client, {**doc, "parameters": {"fast": [3, 5, 8, 9], "slow": [20, 30]}})["shards"] == 1
+    finally:
+        app.extensions["alphaforge"].engine.dispose()
+
+
 def test_an_optimisation_calls_back_when_it_ends(
     hook_client: FlaskClient, client: FlaskClient, clean_db: Engine, receiver: Receiver
 ) -> None:
