@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas import CallbackView
+
 OptimizationStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 
 
@@ -84,6 +86,7 @@ class OptimizationView(BaseModel):
     walk_forward: dict[str, Any] | None = Field(
         default=None, description="once final: per window the in-sample choice, the parameter path, stitched equity"
     )
+    callback: CallbackView | None = Field(default=None, description="the webhook delivery, if callback_url was given")
     links: OptimizationLinks
 
 

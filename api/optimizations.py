@@ -37,6 +37,7 @@ from api.optimization_schemas import (
     RankedRowView,
 )
 from api.schemas import ErrorResponse
+from api.views import callback_view
 from shared import artifacts, jobs, runs, webhooks
 from shared import optimization as opt_service
 from shared.access import require_owner, require_read
@@ -223,6 +224,7 @@ def _view(
         best=(outcome or {}).get("best"),
         combos_passing=(outcome or {}).get("combos_passing"),
         walk_forward=(outcome or {}).get("walk_forward"),
+        callback=callback_view(job),
         links=links(job.id),
     )
 

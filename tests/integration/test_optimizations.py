@@ -518,6 +518,7 @@ def test_an_optimisation_calls_back_when_it_ends(
     }
     job = hook_client.get(f"/api/jobs/{oid}").get_json()
     assert job["callback"]["url"] == receiver.url and job["callback"]["state"] in ("pending", "delivered")
+    assert hook_client.get(f"{OPT}/{oid}").get_json()["callback"]["url"] == receiver.url
 
 
 def test_an_optimisation_cancelled_with_no_slice_running_calls_back(
