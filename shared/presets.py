@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydantic
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,7 +33,7 @@ from shared.access import Principal, require_owner, require_read
 from shared.backtest import BacktestConfig
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import Preset
-from shared.scripts import decode_cursor, encode_cursor
+from shared.scripts import page_by_name
 
 PLACEHOLDER_SYMBOL = "PRESET"
 """Stands in for the symbols while ``BacktestConfig`` validates a preset; never stored."""
@@ -214,21 +214,7 @@ def list_presets(
 ) -> tuple[list[Preset], str | None]:
     """One page of an owner's presets ordered by name, and the next page's cursor (None at the end)."""
     query = select(Preset).where(Preset.owner_id == owner_id)
-    if name_prefix:
-        escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(Preset.name.like(escaped + "%", escape="\\"))
-    if cursor:
-        after_name, after_id = decode_cursor(cursor, 2)
-        try:
-            after = (str(after_name), uuid.UUID(str(after_id)))
-        except ValueError:
-            raise ValidationFailed.for_field(
-                "cursor", "invalid cursor; use next_cursor from the previous page"
-            ) from None
-        query = query.where(tuple_(Preset.name, Preset.id) > after)
-    rows = list(session.scalars(query.order_by(Preset.name, Preset.id).limit(limit + 1)))
-    next_cursor = encode_cursor([rows[limit - 1].name, str(rows[limit - 1].id)]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return page_by_name(session, Preset, query, limit=limit, cursor=cursor, name_prefix=name_prefix)
 
 
 def resolve_for_run(session: Session, owner_id: str, reference: object, *, field: str = "preset") -> dict[str, Any]:

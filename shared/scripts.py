@@ -20,15 +20,15 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.access import Principal, require_owner, require_read
 from shared.errors import Conflict, NotFound, ScriptCompileError, ValidationFailed
-from shared.models import Script, ScriptVersion
+from shared.models import Preset, SavedUniverse, Script, ScriptVersion
 from shared.sandbox.policy import compile_script
 from shared.strategy_scripts import KIND_CALCULATION, KIND_STRATEGY, check_declarations
 
@@ -220,6 +220,37 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
     return values
 
 
+_NamedT = TypeVar("_NamedT", Script, Preset, SavedUniverse)
+
+
+def page_by_name(
+    session: Session,
+    model: type[_NamedT],
+    query: Select[tuple[_NamedT]],
+    *,
+    limit: int,
+    cursor: str | None,
+    name_prefix: str | None,
+) -> tuple[list[_NamedT], str | None]:
+    """One page of ``query`` (an owner's scripts, presets or universes) ordered by name then id, keyset-paged, and
+    the next page's cursor (None at the end); ``name_prefix`` filters by a literal prefix."""
+    if name_prefix:
+        escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(model.name.like(escaped + "%", escape="\\"))
+    if cursor:
+        after_name, after_id = decode_cursor(cursor, 2)
+        try:
+            after = (str(after_name), uuid.UUID(str(after_id)))
+        except ValueError:
+            raise ValidationFailed.for_field(
+                "cursor", "invalid cursor; use next_cursor from the previous page"
+            ) from None
+        query = query.where(tuple_(model.name, model.id) > after)
+    rows = list(session.scalars(query.order_by(model.name, model.id).limit(limit + 1)))
+    next_cursor = encode_cursor([rows[limit - 1].name, str(rows[limit - 1].id)]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
 def list_scripts(
     session: Session,
     owner_id: str,
@@ -231,23 +262,9 @@ def list_scripts(
 ) -> tuple[list[Script], str | None]:
     """One page of an owner's scripts ordered by name, and the cursor of the next page (None at the end)."""
     query = select(Script).where(Script.owner_id == owner_id)
-    if name_prefix:
-        escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(Script.name.like(escaped + "%", escape="\\"))
     if updated_since is not None:
         query = query.where(Script.updated_at >= updated_since)
-    if cursor:
-        after_name, after_id = decode_cursor(cursor, 2)
-        try:
-            after = (str(after_name), uuid.UUID(str(after_id)))
-        except ValueError:
-            raise ValidationFailed.for_field(
-                "cursor", "invalid cursor; use next_cursor from the previous page"
-            ) from None
-        query = query.where(tuple_(Script.name, Script.id) > after)
-    rows = list(session.scalars(query.order_by(Script.name, Script.id).limit(limit + 1)))
-    next_cursor = encode_cursor([rows[limit - 1].name, str(rows[limit - 1].id)]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return page_by_name(session, Script, query, limit=limit, cursor=cursor, name_prefix=name_prefix)
 
 
 def list_versions(

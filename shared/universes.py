@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,7 @@ from shared.access import Principal, require_owner, require_read
 from shared.bars import SYMBOL_PATTERN
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import SavedUniverse, Symbol
-from shared.scripts import decode_cursor, encode_cursor
+from shared.scripts import page_by_name
 
 
 @dataclass(frozen=True)
@@ -158,21 +158,7 @@ def list_universes(
 ) -> tuple[list[SavedUniverse], str | None]:
     """One page of an owner's universes ordered by name, and the next page's cursor (None at the end)."""
     query = select(SavedUniverse).where(SavedUniverse.owner_id == owner_id)
-    if name_prefix:
-        escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(SavedUniverse.name.like(escaped + "%", escape="\\"))
-    if cursor:
-        after_name, after_id = decode_cursor(cursor, 2)
-        try:
-            after = (str(after_name), uuid.UUID(str(after_id)))
-        except ValueError:
-            raise ValidationFailed.for_field(
-                "cursor", "invalid cursor; use next_cursor from the previous page"
-            ) from None
-        query = query.where(tuple_(SavedUniverse.name, SavedUniverse.id) > after)
-    rows = list(session.scalars(query.order_by(SavedUniverse.name, SavedUniverse.id).limit(limit + 1)))
-    next_cursor = encode_cursor([rows[limit - 1].name, str(rows[limit - 1].id)]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return page_by_name(session, SavedUniverse, query, limit=limit, cursor=cursor, name_prefix=name_prefix)
 
 
 def resolve_for_run(session: Session, owner_id: str, reference: object, *, field: str = "universe") -> list[str]:
