@@ -166,14 +166,25 @@ class ApiServer:
     # ALPHAFORGE_SSE_MAX_STREAMS: event streams open at once per worker process; the rest of the threads stay free
     # for other requests (default: threads - 4). Above it a stream request gets a 503 with Retry-After.
     sse_max_streams: int = 12
-    # ALPHAFORGE_SSE_MAX_STREAMS_PER_USER: event streams one user may hold at once per worker process
+    # ALPHAFORGE_SSE_MAX_STREAMS_PER_USER: event streams one user may hold at once, across every API process and
+    # host (counted in Redis)
     sse_max_streams_per_user: int = 4
+    sse_heartbeat_s: float = 15.0  # ALPHAFORGE_SSE_HEARTBEAT_S: seconds between heartbeat comments on an idle stream
+    # ALPHAFORGE_SSE_SLOT_LEASE_S: a stream's per-user slot lapses unless renewed within this (a killed API process's
+    # streams stop counting after it); at least 2 x the heartbeat, since an idle stream renews once per heartbeat
+    sse_slot_lease_s: float = 45.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.sse_max_streams < self.threads:
             raise ConfigError(
                 f"ALPHAFORGE_SSE_MAX_STREAMS must be between 1 and ALPHAFORGE_API_THREADS - 1 ({self.threads - 1}): "
                 f"{self.sse_max_streams}"
+            )
+        if self.sse_slot_lease_s < 2 * self.sse_heartbeat_s:
+            raise ConfigError(
+                f"ALPHAFORGE_SSE_SLOT_LEASE_S ({self.sse_slot_lease_s:g}) must be at least twice "
+                f"ALPHAFORGE_SSE_HEARTBEAT_S ({self.sse_heartbeat_s:g}): an idle stream renews its slot once per "
+                "heartbeat"
             )
 
 
@@ -311,6 +322,8 @@ class Settings:
             sse_max_streams_per_user=_int(
                 env, "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER", ApiServer.sse_max_streams_per_user
             ),
+            sse_heartbeat_s=_float(env, "ALPHAFORGE_SSE_HEARTBEAT_S", ApiServer.sse_heartbeat_s),
+            sse_slot_lease_s=_float(env, "ALPHAFORGE_SSE_SLOT_LEASE_S", ApiServer.sse_slot_lease_s),
         )
         log_level = (env.get("ALPHAFORGE_LOG_LEVEL") or defaults.log_level).strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -473,6 +486,8 @@ class Settings:
             "ALPHAFORGE_API_THREADS": str(self.api.threads),
             "ALPHAFORGE_SSE_MAX_STREAMS": str(self.api.sse_max_streams),
             "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": str(self.api.sse_max_streams_per_user),
+            "ALPHAFORGE_SSE_HEARTBEAT_S": str(self.api.sse_heartbeat_s),
+            "ALPHAFORGE_SSE_SLOT_LEASE_S": str(self.api.sse_slot_lease_s),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         store = self.artifacts  # the worker writes artifacts and the API serves them: both need the same store
         optional = {
