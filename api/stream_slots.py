@@ -57,10 +57,6 @@ class ProcessSlots:
         self._lock = threading.Lock()
         self._open = 0
 
-    @property
-    def open(self) -> int:
-        return self._open
-
     def take(self) -> Callable[[], None]:
         """A slot, or CapacityExhausted (503). Returns the release function; calling it twice is harmless."""
         with self._lock:
