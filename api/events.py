@@ -13,8 +13,9 @@ The events come from the job's Redis stream (``shared.events``), so any API proc
 
 A stream holds one of the API process's threads for as long as the client follows: each process serves at most
 ``ALPHAFORGE_SSE_MAX_STREAMS`` streams at once (below its thread count, so logins, submissions and polls always
-find a thread), and one user at most ``ALPHAFORGE_SSE_MAX_STREAMS_PER_USER``. Above either limit the request is
-refused at once (503 or 429, with Retry-After) and the client can poll the JSON variant instead.
+find a thread), and one user at most ``ALPHAFORGE_SSE_MAX_STREAMS_PER_USER`` across all API processes and hosts
+(counted in Redis under leases, see ``api.stream_slots``). Above either limit the request is refused at once (503
+or 429, with Retry-After) and the client can poll the JSON variant instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import hashlib
 import json
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any
@@ -39,86 +39,55 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import BEARER_SECURITY, services
 from api.auth import current_principal
 from api.schemas import ErrorResponse
+from api.stream_slots import ProcessSlots, UserSlot, UserSlots
 from shared import events as job_events
 from shared import jobs, runs
 from shared.access import require_read
-from shared.errors import CapacityExhausted, NotFound, TooManyRequests, ValidationFailed
+from shared.errors import CapacityExhausted, NotFound, ValidationFailed
 from shared.events import Event, RedisJobEvents
 from shared.models import Job
 
 bp = APIBlueprint("events", __name__, url_prefix="/api", abp_tags=[Tag(name="events")], abp_security=BEARER_SECURITY)
 
 HEARTBEAT_CONFIG_KEY = "ALPHAFORGE_SSE_HEARTBEAT_S"
-DEFAULT_HEARTBEAT_S = 15.0
 RETRY_MS = 3000  # what an EventSource waits before reconnecting
 _STREAM_CLIENT_KEY = "alphaforge_sse_redis"
 _SLOTS_KEY = "alphaforge_sse_slots"
 _client_lock = threading.Lock()
-STREAM_RETRY_AFTER_S = 5
 
 
-class StreamSlots:
-    """The event streams open in this process, in all and per user: a stream takes a slot before it starts and
-    gives it back when the server closes the response (the client left, or the terminal event was sent)."""
-
-    def __init__(self, limit: int, per_user: int) -> None:
-        self.limit = limit
-        self.per_user = per_user
-        self._lock = threading.Lock()
-        self._open = 0
-        self._by_user: Counter[str] = Counter()
-
-    @property
-    def open(self) -> int:
-        return self._open
-
-    def take(self, user_id: str) -> Callable[[], None]:
-        """A slot for ``user_id``, or CapacityExhausted (503) / TooManyRequests (429). Returns the release
-        function; calling it more than once is harmless."""
-        with self._lock:
-            if self._by_user[user_id] >= self.per_user:
-                raise TooManyRequests(
-                    f"you already follow {self.per_user} event streams on this server; close one, or poll "
-                    "the JSON events (after_id, ETag) instead",
-                    retry_after_s=STREAM_RETRY_AFTER_S,
-                    details={"limit": self.per_user},
-                )
-            if self._open >= self.limit:
-                raise CapacityExhausted(
-                    "this API server follows as many event streams as it may; retry shortly, or poll the JSON "
-                    "events (after_id, ETag) instead",
-                    retry_after_s=STREAM_RETRY_AFTER_S,
-                    details={"limit": self.limit},
-                )
-            self._open += 1
-            self._by_user[user_id] += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                self._open -= 1
-                self._by_user[user_id] -= 1
-                if not self._by_user[user_id]:
-                    del self._by_user[user_id]
-
-        return release
-
-
-def stream_slots() -> StreamSlots:
+def _slots() -> tuple[ProcessSlots, UserSlots]:
+    """This process's stream slots and the per-user ones in Redis; one pair per app, built on first use."""
     slots = current_app.extensions.get(_SLOTS_KEY)
     if slots is None:
         with _client_lock:
             slots = current_app.extensions.get(_SLOTS_KEY)
             if slots is None:
-                api = services().settings.api
-                slots = current_app.extensions[_SLOTS_KEY] = StreamSlots(
-                    api.sse_max_streams, api.sse_max_streams_per_user
+                svc = services()
+                api = svc.settings.api
+                slots = current_app.extensions[_SLOTS_KEY] = (
+                    ProcessSlots(api.sse_max_streams),
+                    UserSlots(svc.redis, api.sse_max_streams_per_user, api.sse_slot_lease_s),
                 )
     return slots
+
+
+def _take_slots(user_id: str) -> tuple[UserSlot, Callable[[], None]]:
+    """The user's slot (429 at their limit, across processes), then one of this process's (503 when full).
+    Returns the user's slot (the stream renews it) and the function that gives both back."""
+    process_slots, user_slots = _slots()
+    slot = user_slots.take(user_id)
+    try:
+        release_process_slot = process_slots.take()
+    except CapacityExhausted:
+        slot.release()
+        raise
+
+    def release() -> None:
+        release_process_slot()
+        slot.release()
+
+    return slot, release
 
 
 class JobEventsPath(BaseModel):
@@ -150,7 +119,8 @@ class EventsPage(BaseModel):
 
 
 def _heartbeat_s() -> float:
-    return float(current_app.config.get(HEARTBEAT_CONFIG_KEY, DEFAULT_HEARTBEAT_S))
+    """``ALPHAFORGE_SSE_HEARTBEAT_S``; tests may set it per app in ``app.config``."""
+    return float(current_app.config.get(HEARTBEAT_CONFIG_KEY, services().settings.api.sse_heartbeat_s))
 
 
 def _stream_reader(heartbeat_s: float) -> RedisJobEvents:
@@ -238,11 +208,18 @@ def _sse(event: Event) -> str:
 
 
 def _stream(
-    reader: RedisJobEvents, factory: sessionmaker[Session], job_id: uuid.UUID, after: str, heartbeat_s: float
+    reader: RedisJobEvents,
+    factory: sessionmaker[Session],
+    job_id: uuid.UUID,
+    after: str,
+    heartbeat_s: float,
+    slot: UserSlot,
 ) -> Iterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     last = after
     while True:
+        if slot.renew_due() and not _renewed(slot):
+            return  # the lease lapsed and the user's other streams took the room: the client reconnects later
         batch = reader.read(job_id, last, count=100, block_ms=max(1, int(heartbeat_s * 1000)))
         for event in batch:
             yield _sse(event)
@@ -254,6 +231,14 @@ def _stream(
             _heal(reader, factory, job_id)
 
 
+def _renewed(slot: UserSlot) -> bool:
+    """Renew the stream's per-user lease; a Redis error keeps the stream going (its next read decides)."""
+    try:
+        return slot.renew()
+    except redis.RedisError:
+        return True
+
+
 def _events(raw_id: str, query: EventsQuery, *, run: bool) -> Response:
     svc = services()
     with svc.session_factory() as session:
@@ -263,8 +248,8 @@ def _events(raw_id: str, query: EventsQuery, *, run: bool) -> Response:
     reader = _stream_reader(heartbeat_s)
     _heal(reader, svc.session_factory, job_id)
     if request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream":
-        release = stream_slots().take(current_principal().user_id)
-        response = Response(_stream(reader, svc.session_factory, job_id, after, heartbeat_s),
+        slot, release = _take_slots(current_principal().user_id)
+        response = Response(_stream(reader, svc.session_factory, job_id, after, heartbeat_s, slot),
                             mimetype="text/event-stream")  # fmt: skip
         response.call_on_close(release)
         response.headers["Cache-Control"] = "no-cache"

@@ -1,8 +1,9 @@
 """Rate limits with flask-limiter, counted in Redis (moving windows), answered as 429 with Retry-After.
 
 * job submissions: per user (``ALPHAFORGE_RATE_LIMIT_SUBMIT``);
-* logins: every attempt per username (``..._LOGIN``); failed attempts per username (``..._FAILED_LOGIN_USER``)
-  and per client address (``..._FAILED_LOGIN_ADDRESS``), counted only when the login failed;
+* logins: attempts and failures per (username, address) pair, failures per username and per address, and the
+  distinct usernames failing from one address, with an exemption for pairs that logged in before (the rule is in
+  ``api.login_throttle``);
 * registrations: per client address (``..._REGISTER``).
 
 One :class:`~flask_limiter.Limiter` per app (tests build apps with different limits side by side); limits are
@@ -21,6 +22,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
+from api import login_throttle
 from api.errors import error_response
 from shared.config import Settings
 from shared.errors import TooManyRequests
@@ -36,14 +38,6 @@ def client_address() -> str:
 def _user_key() -> str:
     principal = g.get("principal")
     return f"user:{principal.user_id}" if principal is not None else f"addr:{client_address()}"
-
-
-def _login_username_key() -> str:
-    body: Any = request.get_json(silent=True)
-    username = body.get("username") if isinstance(body, dict) else None
-    if not isinstance(username, str) or not username.strip():
-        return "login-user:<none>"
-    return "login-user:" + username.strip().lower()[:64]
 
 
 def _address_key() -> str:
@@ -82,14 +76,17 @@ def limit_endpoint(app: Flask, endpoint: str, *decorators: Callable[[Callable[..
 def apply_rate_limits(app: Flask, limiter: Limiter, settings: Settings) -> None:
     rates = settings.rate_limits
     limit_endpoint(app, "calculations.execute", limiter.limit(rates.submit, key_func=_user_key))
+    failures: dict[str, Any] = {"deduct_when": _failed_login}
     limit_endpoint(
         app,
         "accounts.login",
-        limiter.limit(rates.login, key_func=_login_username_key, scope="attempts"),
-        limiter.limit(rates.failed_login_user, key_func=_login_username_key, deduct_when=_failed_login,
-                      scope="failed-user"),
-        limiter.limit(rates.failed_login_address, key_func=_address_key, deduct_when=_failed_login,
-                      scope="failed-address"),
+        login_throttle.throttle_logins(rates.failed_login_usernames),  # innermost: runs after the limits pass
+        limiter.limit(rates.login, key_func=login_throttle.pair_key, scope="attempts"),
+        limiter.limit(rates.failed_login_pair, key_func=login_throttle.pair_key, scope="failed-pair", **failures),
+        limiter.limit(rates.failed_login_user, key_func=login_throttle.username_key, scope="failed-user",
+                      exempt_when=login_throttle.known_pair, **failures),
+        limiter.limit(rates.failed_login_address, key_func=_address_key, scope="failed-address",
+                      exempt_when=login_throttle.known_pair, **failures),
     )  # fmt: skip
     limit_endpoint(app, "accounts.register", limiter.limit(rates.register, key_func=_address_key))
 
@@ -98,6 +95,7 @@ def reset_rate_limits(app: Flask) -> None:
     """Forget every count (tests: each test starts with full allowances)."""
     limiter: Limiter = app.extensions[_EXTENSION]
     limiter.reset()
+    login_throttle.forget(app.extensions["alphaforge"].redis)
 
 
 def _too_many_requests(exc: TooManyRequests) -> Response:

@@ -58,6 +58,14 @@ def _rate(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _single_rate(env: Mapping[str, str], name: str, default: str) -> str:
+    """One rate (``"20 per 15 minutes"``): a count within a window, not a list of limits."""
+    raw = _rate(env, name, default)
+    if len(parse_many(raw)) != 1:
+        raise ConfigError(f"{name} must be one rate like '20 per 15 minutes', not a list: {raw!r}")
+    return raw
+
+
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -116,9 +124,18 @@ class RateLimits:
     """Per-user and per-address request limits (flask-limiter strings, counted in Redis) and job quotas."""
 
     submit: str = "30/minute;500/hour"  # ALPHAFORGE_RATE_LIMIT_SUBMIT: job submissions per user
-    login: str = "10/minute"  # ALPHAFORGE_RATE_LIMIT_LOGIN: login attempts per username
-    failed_login_user: str = "5 per 15 minutes"  # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER: failures per username
-    failed_login_address: str = "20 per 15 minutes"  # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS: per client address
+    # Failed-login throttling (api/login_throttle.py): a pair that logged in before is exempt from the per-username
+    # and per-address limits, never from its own.
+    login: str = "10/minute"  # ALPHAFORGE_RATE_LIMIT_LOGIN: login attempts per (username, client address) pair
+    failed_login_pair: str = "5 per 15 minutes"  # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_PAIR: failures per pair
+    # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER: failures per username from any address (above the pair limit: one
+    # address cannot lock an account; an attacker rotating addresses gets at most this many guesses)
+    failed_login_user: str = "20 per 15 minutes"
+    # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS: failures per client address over all usernames (a NAT's ceiling)
+    failed_login_address: str = "100 per 15 minutes"
+    # ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USERNAMES: distinct usernames that may fail from one address (one limit)
+    failed_login_usernames: str = "20 per 15 minutes"
+    login_known_days: int = 30  # ALPHAFORGE_LOGIN_KNOWN_DAYS: a successful login makes its pair known (0: never)
     register: str = "10/hour"  # ALPHAFORGE_RATE_LIMIT_REGISTER: registrations per client address
     max_active_jobs: int = 8  # ALPHAFORGE_MAX_ACTIVE_JOBS: queued + running jobs per user
 
@@ -166,14 +183,25 @@ class ApiServer:
     # ALPHAFORGE_SSE_MAX_STREAMS: event streams open at once per worker process; the rest of the threads stay free
     # for other requests (default: threads - 4). Above it a stream request gets a 503 with Retry-After.
     sse_max_streams: int = 12
-    # ALPHAFORGE_SSE_MAX_STREAMS_PER_USER: event streams one user may hold at once per worker process
+    # ALPHAFORGE_SSE_MAX_STREAMS_PER_USER: event streams one user may hold at once, across every API process and
+    # host (counted in Redis)
     sse_max_streams_per_user: int = 4
+    sse_heartbeat_s: float = 15.0  # ALPHAFORGE_SSE_HEARTBEAT_S: seconds between heartbeat comments on an idle stream
+    # ALPHAFORGE_SSE_SLOT_LEASE_S: a stream's per-user slot lapses unless renewed within this (a killed API process's
+    # streams stop counting after it); at least 2 x the heartbeat, since an idle stream renews once per heartbeat
+    sse_slot_lease_s: float = 45.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.sse_max_streams < self.threads:
             raise ConfigError(
                 f"ALPHAFORGE_SSE_MAX_STREAMS must be between 1 and ALPHAFORGE_API_THREADS - 1 ({self.threads - 1}): "
                 f"{self.sse_max_streams}"
+            )
+        if self.sse_slot_lease_s < 2 * self.sse_heartbeat_s:
+            raise ConfigError(
+                f"ALPHAFORGE_SSE_SLOT_LEASE_S ({self.sse_slot_lease_s:g}) must be at least twice "
+                f"ALPHAFORGE_SSE_HEARTBEAT_S ({self.sse_heartbeat_s:g}): an idle stream renews its slot once per "
+                "heartbeat"
             )
 
 
@@ -285,6 +313,11 @@ class Settings:
             login=_rate(env, "ALPHAFORGE_RATE_LIMIT_LOGIN", rate.login),
             failed_login_user=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER", rate.failed_login_user),
             failed_login_address=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS", rate.failed_login_address),
+            failed_login_pair=_rate(env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_PAIR", rate.failed_login_pair),
+            failed_login_usernames=_single_rate(
+                env, "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USERNAMES", rate.failed_login_usernames
+            ),
+            login_known_days=_int(env, "ALPHAFORGE_LOGIN_KNOWN_DAYS", rate.login_known_days, minimum=0),
             register=_rate(env, "ALPHAFORGE_RATE_LIMIT_REGISTER", rate.register),
             max_active_jobs=_int(env, "ALPHAFORGE_MAX_ACTIVE_JOBS", rate.max_active_jobs),
         )
@@ -311,6 +344,8 @@ class Settings:
             sse_max_streams_per_user=_int(
                 env, "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER", ApiServer.sse_max_streams_per_user
             ),
+            sse_heartbeat_s=_float(env, "ALPHAFORGE_SSE_HEARTBEAT_S", ApiServer.sse_heartbeat_s),
+            sse_slot_lease_s=_float(env, "ALPHAFORGE_SSE_SLOT_LEASE_S", ApiServer.sse_slot_lease_s),
         )
         log_level = (env.get("ALPHAFORGE_LOG_LEVEL") or defaults.log_level).strip().upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -451,6 +486,9 @@ class Settings:
             "ALPHAFORGE_RATE_LIMIT_LOGIN": self.rate_limits.login,
             "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USER": self.rate_limits.failed_login_user,
             "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_ADDRESS": self.rate_limits.failed_login_address,
+            "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_PAIR": self.rate_limits.failed_login_pair,
+            "ALPHAFORGE_RATE_LIMIT_FAILED_LOGIN_USERNAMES": self.rate_limits.failed_login_usernames,
+            "ALPHAFORGE_LOGIN_KNOWN_DAYS": str(self.rate_limits.login_known_days),
             "ALPHAFORGE_RATE_LIMIT_REGISTER": self.rate_limits.register,
             "ALPHAFORGE_MAX_ACTIVE_JOBS": str(self.rate_limits.max_active_jobs),
             "ALPHAFORGE_RECONCILE_INTERVAL": str(self.maintenance.reconcile_interval_s),
@@ -473,6 +511,8 @@ class Settings:
             "ALPHAFORGE_API_THREADS": str(self.api.threads),
             "ALPHAFORGE_SSE_MAX_STREAMS": str(self.api.sse_max_streams),
             "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": str(self.api.sse_max_streams_per_user),
+            "ALPHAFORGE_SSE_HEARTBEAT_S": str(self.api.sse_heartbeat_s),
+            "ALPHAFORGE_SSE_SLOT_LEASE_S": str(self.api.sse_slot_lease_s),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         store = self.artifacts  # the worker writes artifacts and the API serves them: both need the same store
         optional = {

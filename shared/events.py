@@ -6,10 +6,20 @@ The job service (``shared.jobs``) publishes after each change has committed: ``q
 events, and a stream entry's id (``<ms>-<seq>``, assigned by Redis, increasing) is a stable event id to resume
 from (``Last-Event-ID``).
 
+The terminal event is the last one on a job's stream, always: every event is appended by one Lua script
+(``_APPEND``) that Redis runs atomically, which appends only while the stream is open and, for a terminal event,
+closes it (a ``:terminal`` marker key) in the same step. Whatever is published after that (a shard still running
+when its job was cancelled, a shard whose ``shard_finished`` raced the last shard's ``finished`` on another host)
+is dropped: the stream has ended for its readers, who stop at the terminal event, and the job's final counters
+are in PostgreSQL. A terminal event is therefore written at most once per job, whoever writes it.
+
 Publishing is best effort: PostgreSQL is the record of a job, and an event that could not be written must not
 fail the shard that did the work. A reader that finds the job final in the database without a terminal event
-in the stream writes it then (``ensure_terminal``); a terminal event is written at most once per job (a
-``SET NX`` guard), whoever writes it.
+in the stream writes it then (``ensure_terminal``).
+
+Expiry: every append renews the stream's TTL, and the terminal append gives the stream and its marker the same
+TTL, so both go together a week after the terminal event (nothing renews a closed stream). Trimming
+(``MAXLEN ~``) drops the oldest entries only, never the newest, so it cannot remove the terminal event.
 """
 
 from __future__ import annotations
@@ -76,11 +86,26 @@ def is_event_id(value: str) -> bool:
     return bool(sep) and ms.isdigit() and seq.isdigit() and len(value) <= 41
 
 
+_APPEND = """
+-- KEYS[1] the job's stream, KEYS[2] its terminal marker; ARGV: type, data, terminal (1/0), maxlen, ttl
+if redis.call('EXISTS', KEYS[2]) == 1 then
+    return false
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'type', ARGV[1], 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if ARGV[3] == '1' then
+    redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[5])
+end
+return id
+"""
+
+
 class RedisJobEvents:
     """Publishes to and reads from the per-job streams."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self._append = client.register_script(_APPEND)
 
     def publish(self, job_id: uuid.UUID, kind: str, data: dict[str, Any]) -> None:
         try:
@@ -89,13 +114,17 @@ class RedisJobEvents:
             log.warning("event %s of job %s not published: %s: %s", kind, job_id, type(exc).__name__, exc)
 
     def _publish(self, job_id: uuid.UUID | str, kind: str, data: dict[str, Any]) -> str | None:
-        if kind in TERMINAL and not self.client.set(_terminal_key(job_id), kind, nx=True, ex=STREAM_TTL_S):
-            return None  # this job's terminal event is already written
-        pipe = self.client.pipeline()
-        pipe.xadd(stream_key(job_id), {"type": kind, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.expire(stream_key(job_id), STREAM_TTL_S)
-        event_id = pipe.execute()[0]
-        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+        """The new event's id, or None when the stream is closed (its terminal event is written) and the
+        event was dropped."""
+        terminal = "1" if kind in TERMINAL else "0"
+        event_id = self._append(
+            keys=[stream_key(job_id), _terminal_key(job_id)],
+            args=[kind, json.dumps(data), terminal, STREAM_MAXLEN, STREAM_TTL_S],
+        )
+        if event_id is None:
+            log.debug("event %s of job %s dropped: the stream has its terminal event", kind, job_id)
+            return None
+        return _text(event_id)
 
     def ensure_terminal(self, job_id: uuid.UUID | str, status: str, data: dict[str, Any]) -> None:
         """Write the terminal event of a job the database says is final, unless one was written already."""

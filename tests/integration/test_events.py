@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from flask import Flask
@@ -43,6 +44,13 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_api(settings: Settings, **env: str) -> Iterator[tuple[str, int]]:
     """The API as ``up`` runs it (gunicorn, threaded workers), on a free port, with shards of 3 symbols."""
+    with running_api_process(settings, **env) as (server, _):
+        yield server
+
+
+@contextlib.contextmanager
+def running_api_process(settings: Settings, **env: str) -> Iterator[tuple[tuple[str, int], subprocess.Popen[bytes]]]:
+    """``running_api``, with the gunicorn master process."""
     server_settings = settings.with_overrides(api_port=_free_port(), shard_size=SHARD_SIZE)
     [command] = [cmd for name, cmd in child_commands(server_settings) if name == "api"]
     assert settings.jwt_secret_key
@@ -65,7 +73,7 @@ def running_api(settings: Settings, **env: str) -> Iterator[tuple[str, int]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn did not come up; log:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.2)
-        yield host, port
+        yield (host, port), proc
     finally:
         _stop_process_group(proc)
 
@@ -367,3 +375,80 @@ def test_heartbeat_cancel_and_recovered_terminal_event(
     assert page["events"][0]["data"]["recovered"] is True
     again = client.get(f"/api/jobs/{silent.id}/events").get_json()
     assert again["events"] == page["events"]  # written once
+
+
+def _open_stream(server: tuple[str, int], path: str, user: ApiUser, deadline_s: float = 30) -> SseReader:
+    """A stream, retried while the API refuses it: a 503 (the process the connection reached is at its own
+    limit) or a 429 (a slot the user gave up is not free yet)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return SseReader(server, path, user)
+        except StreamRefused as refused:
+            assert refused.status in (429, 503) and time.monotonic() < deadline, refused.body
+            time.sleep(0.1)
+
+
+def _alive(stream: SseReader, for_s: float = 2.0) -> bool:
+    """The stream still sends after ``for_s`` of reading (its heartbeats come every 0.5 s here), or it ended
+    with its process (what was buffered before the end is read first, then the end)."""
+    deadline = time.monotonic() + for_s
+    try:
+        while time.monotonic() < deadline:
+            if not stream.response.readline():
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def test_per_user_stream_limit_holds_across_api_processes(
+    flask_app: Flask, settings: Settings, user: ApiUser, other_user: ApiUser
+) -> None:
+    """Two gunicorn worker processes, each allowed 3 streams, one user allowed 4: the user's 4 streams are
+    necessarily spread over both processes, and a 5th is a 429 on either (counted per process it would be a 200
+    or a 503); closing one frees a slot; the slots of a killed process lapse after their lease."""
+    factory = flask_app.extensions["alphaforge"].session_factory
+    events = RedisJobEvents(redis.Redis.from_url(settings.require_redis_url()))
+    job = jobs.submit(factory, idle_job(user), 50, lambda tasks: None, events=events)
+    path = f"/api/jobs/{job.id}/events"
+    limits = {"ALPHAFORGE_API_WORKERS": "2", "ALPHAFORGE_API_THREADS": "8", "ALPHAFORGE_SSE_MAX_STREAMS": "3",
+              "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": "4", "ALPHAFORGE_SSE_HEARTBEAT_S": "0.5",
+              "ALPHAFORGE_SSE_SLOT_LEASE_S": "4"}  # fmt: skip
+    with running_api_process(settings, **limits) as (server, master):
+        streams = [_open_stream(server, path, user) for _ in range(4)]
+        try:
+            for _ in range(6):  # whichever process the connection reaches: the user is at the limit
+                with pytest.raises(StreamRefused) as refused:
+                    SseReader(server, path, user)
+                assert refused.value.status == 429 and refused.value.retry_after == "5", refused.value.body
+                assert refused.value.body["error"]["details"] == {"limit": 4}
+            theirs = jobs.submit(factory, idle_job(other_user), 50, lambda tasks: None, events=events)
+            other = _open_stream(server, f"/api/jobs/{theirs.id}/events", other_user)  # their own allowance
+            other.close()
+
+            streams.pop().close()  # the server notices at its next heartbeat and gives the slot back
+            started = time.monotonic()
+            streams.append(_open_stream(server, path, user))
+            print(f"slot of a closed stream free again after {time.monotonic() - started:.2f} s")
+            with pytest.raises(StreamRefused) as refused:
+                SseReader(server, path, user)
+            assert refused.value.status == 429
+
+            workers = psutil.Process(master.pid).children()
+            assert len(workers) == 2
+            workers[0].kill()  # its streams end without releasing their slots
+            killed_at = time.monotonic()
+            survivors = [s for s in streams if _alive(s)]
+            assert 1 <= len(survivors) <= 3, len(survivors)  # both processes held some of the user's streams
+            reopened = [_open_stream(server, path, user, deadline_s=60) for _ in range(4 - len(survivors))]
+            waited = time.monotonic() - killed_at
+            print(f"{4 - len(survivors)} slots of the killed process free again after {waited:.2f} s (lease 4 s)")
+            assert waited < 4 + 30
+            streams = survivors + reopened
+            with pytest.raises(StreamRefused) as refused:
+                SseReader(server, path, user)
+            assert refused.value.status == 429
+        finally:
+            for stream in streams:
+                stream.close()

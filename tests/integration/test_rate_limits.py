@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
 from api import create_app
+from api.ratelimit import reset_rate_limits
 from shared.config import RateLimits, Settings
 from shared.models import AuditLog, Job
 from tests.helpers import ApiUser, authed_client, seed_bars
@@ -24,16 +25,20 @@ EXECUTE = "/api/custom-calculations/execute"
 LIMITS = RateLimits(
     submit="3/minute",
     login="6/minute",
-    failed_login_user="2 per 15 minutes",
-    failed_login_address="3 per 15 minutes",
+    failed_login_pair="3 per 15 minutes",
+    failed_login_user="6 per 15 minutes",
+    failed_login_address="10 per 15 minutes",
+    failed_login_usernames="4 per 15 minutes",
     register="2/hour",
     max_active_jobs=2,
 )
+LOGIN = "/api/auth/login"
 
 
 @pytest.fixture
 def limited_app(settings: Settings, api_state: Engine) -> Iterator[Flask]:
     app = create_app(settings.with_overrides(rate_limits=LIMITS))
+    reset_rate_limits(app)  # the counts of earlier tests (same usernames, same Redis) are forgotten
     yield app
     app.extensions["alphaforge"].engine.dispose()
 
@@ -88,27 +93,67 @@ def _check_active_jobs_quota(alice: FlaskClient, bob: FlaskClient) -> None:
     assert alice.post(EXECUTE, json=body).status_code == 202  # room again
 
 
-def test_failed_logins_are_throttled_per_username_and_per_address(limited_app: Flask, user: ApiUser) -> None:
-    client = limited_app.test_client()
-    good = {"username": user.username, "password": user.password}
-    wrong = {"username": user.username, "password": "wrong password"}
+def login_from(app: Flask, address: str, username: str, password: str) -> Any:
+    return app.test_client().post(LOGIN, json={"username": username, "password": password},
+                                  environ_base={"REMOTE_ADDR": address})  # fmt: skip
+
+
+def test_a_guesser_at_one_address_locks_out_only_itself(limited_app: Flask, user: ApiUser, other_user: ApiUser) -> None:
+    """Three wrong passwords for alice from one address close that (alice, address) pair: the right password
+    from another address still logs her in, and bob logs in from the guesser's own address (a NAT)."""
     for _ in range(3):
-        assert client.post("/api/auth/login", json=good).status_code == 200  # successes are not failures
-    assert client.post("/api/auth/login", json=wrong).status_code == 401
-    assert client.post("/api/auth/login", json=wrong).status_code == 401
-    # Two failures for this username: even the right password waits now.
-    assert_429(client.post("/api/auth/login", json=good), max_retry_after=15 * 60)
-    # Another username from the same address: one more failure fills the address's allowance (3).
-    assert client.post("/api/auth/login", json={"username": "mallory", "password": "guess one"}).status_code == 401
-    assert_429(client.post("/api/auth/login", json={"username": "someone", "password": "guess two"}))
+        assert login_from(limited_app, "203.0.113.9", user.username, "guess").status_code == 401
+    error = assert_429(login_from(limited_app, "203.0.113.9", user.username, "guess"), max_retry_after=15 * 60)
+    assert "3 per 15 minute" in error["message"]
+    assert_429(login_from(limited_app, "203.0.113.9", user.username, user.password))  # the pair is closed
+    assert login_from(limited_app, "198.51.100.7", user.username, user.password).status_code == 200  # a first login
+    assert login_from(limited_app, "203.0.113.9", other_user.username, other_user.password).status_code == 200
+    assert login_from(limited_app, "203.0.113.9", user.username.upper(), "guess").status_code == 429  # same account
 
 
-def test_login_attempts_per_username(limited_app: Flask, user: ApiUser) -> None:
+def test_an_attacker_rotating_addresses_is_stopped_per_account(limited_app: Flask, user: ApiUser) -> None:
+    """Guesses from ever new addresses add up per account (6 here, above the pair limit of 3): then no new
+    address may try, the right password included, while alice's own known address still logs her in."""
+    assert login_from(limited_app, "192.0.2.1", user.username, user.password).status_code == 200  # her usual address
+    for attacker in ("203.0.113.1", "203.0.113.2", "203.0.113.3"):
+        for _ in range(2):
+            assert login_from(limited_app, attacker, user.username, "guess").status_code == 401
+    error = assert_429(login_from(limited_app, "203.0.113.4", user.username, "guess"), max_retry_after=15 * 60)
+    assert "6 per 15 minute" in error["message"]
+    assert_429(login_from(limited_app, "198.51.100.7", user.username, user.password))  # new address: waits
+    assert login_from(limited_app, "192.0.2.1", user.username, user.password).status_code == 200  # known: exempt
+    # Her own pair limit still holds at the known address (a guesser behind the same NAT gets 3 there).
+    for _ in range(3):
+        assert login_from(limited_app, "192.0.2.1", user.username, "typo").status_code == 401
+    assert_429(login_from(limited_app, "192.0.2.1", user.username, user.password))
+
+
+def test_a_noisy_address_keeps_its_known_users(limited_app: Flask, user: ApiUser, other_user: ApiUser) -> None:
+    """A password sprayer behind an office's address: after 4 distinct usernames failed, a 5th new username is
+    refused (the ones tried keep their pair allowance), and after 10 failures in all the address's ceiling is
+    reached; users who logged in from that address before still log in, a first login from it waits."""
+    office = "198.51.100.20"
+    assert login_from(limited_app, office, other_user.username, other_user.password).status_code == 200  # bob, known
+    for name in ("u1", "u2", "u3", "u4"):
+        assert login_from(limited_app, office, name, "Summer2024").status_code == 401
+    error = assert_429(login_from(limited_app, office, "u5", "Summer2024"), max_retry_after=15 * 60)
+    assert "different usernames" in error["message"] and error["details"]["limit"] == "4 per 15 minutes"
+    assert_429(login_from(limited_app, office, user.username, user.password))  # alice, never here: waits
+    assert login_from(limited_app, "192.0.2.50", "u5", "Summer2024").status_code == 401  # only this address
+    for name in ("u1", "u2", "u3", "u1", "u2", "u3"):  # the tried usernames go on, to the ceiling (10)
+        assert login_from(limited_app, office, name, "Winter2024").status_code == 401
+    error = assert_429(login_from(limited_app, office, "u4", "Winter2024"))
+    assert "10 per 15 minute" in error["message"]
+    assert login_from(limited_app, office, other_user.username, other_user.password).status_code == 200
+
+
+def test_login_attempts_per_username_and_address(limited_app: Flask, user: ApiUser) -> None:
     client = limited_app.test_client()
     good = {"username": user.username.upper(), "password": user.password}  # same account, however spelled
     for _ in range(6):
-        assert client.post("/api/auth/login", json=good).status_code == 200
-    assert_429(client.post("/api/auth/login", json={**good, "username": user.username}), max_retry_after=60)
+        assert client.post(LOGIN, json=good).status_code == 200
+    assert_429(client.post(LOGIN, json={**good, "username": user.username}), max_retry_after=60)
+    assert login_from(limited_app, "192.0.2.77", user.username, user.password).status_code == 200  # another address
 
 
 def test_registrations_per_address(limited_app: Flask) -> None:
