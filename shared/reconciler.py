@@ -37,8 +37,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
@@ -99,15 +100,13 @@ def _no_live_lease() -> ColumnElement[bool]:
     )
 
 
-def find_candidates(
-    session: Session, *, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True
-) -> list[Candidate]:
+def candidate_query(*, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True) -> Select[Any]:
     """Open shards of active jobs of the given kinds that are running with an expired lease, and (``queued``)
     those (re-)published more than ``grace_s`` seconds ago that hold no live lease; expired leases first.
 
     With ``queued=False`` (the frequent pass) the query reads only running shards: ``ix_job_shards_status`` finds
     them (no more than the workers run at once, plus the stranded ones), so a pass with nothing to do is one
-    cheap index scan."""
+    cheap index scan (benchmarks/reconciler_pass.py)."""
     expired = _lease_expired()
     wanted = expired
     if queued:
@@ -115,13 +114,19 @@ def find_candidates(
         stale = and_(JobShard.status.in_(_OPEN), _no_live_lease(), JobShard.enqueued_at < published_before)
         wanted = or_(expired, stale)
     columns = (JobShard.id, JobShard.job_id, Job.kind, Job.queue, JobShard.task_id, JobShard.status, JobShard.requeues)
-    rows = session.execute(
+    return (
         select(*columns, expired)
         .join(Job, Job.id == JobShard.job_id)
         .where(wanted, Job.status.in_(_ACTIVE), Job.kind.in_(list(kinds)))
         .order_by(expired.desc(), JobShard.enqueued_at, JobShard.id)
         .limit(limit)
-    ).all()
+    )
+
+
+def find_candidates(
+    session: Session, *, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True
+) -> list[Candidate]:
+    rows = session.execute(candidate_query(grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)).all()
     return [Candidate(s, j, k, q, t, st, r, bool(e)) for s, j, k, q, t, st, r, e in rows]
 
 
