@@ -186,8 +186,8 @@ def reconcile(
         judged = [c for c in candidates if c.lease_expired]
         left = len(candidates) - len(judged)
         report.skipped = "could not tell which tasks are alive (broker or workers did not answer)"
-        log.warning("reconciler: %s; %d queued shards left for the next pass, %d whose lease expired judged "
-                    "vanished", report.skipped, left, len(judged))  # fmt: skip
+        log.warning("reconciler: %s; %d shards left for the next pass, %d whose lease expired judged vanished",
+                    report.skipped, left, len(judged))  # fmt: skip
         alive = set()
     vanished = [c for c in judged if c.task_id not in alive]
     report.alive = len(judged) - len(vanished)
