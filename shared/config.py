@@ -144,9 +144,15 @@ class RateLimits:
 class Maintenance:
     """Self-healing and housekeeping that Celery beat schedules (shared/reconciler.py, shared/retention.py)."""
 
-    reconcile_interval_s: float = 60.0  # ALPHAFORGE_RECONCILE_INTERVAL: seconds between reconciler passes
-    # ALPHAFORGE_RECONCILE_GRACE: a shard (re-)enqueued less than this long ago is never judged vanished
+    # ALPHAFORGE_RECONCILE_INTERVAL: seconds between reconciler passes over running shards whose lease expired
+    # (queued shards are judged every max(this, ALPHAFORGE_RECONCILE_GRACE / 2): Maintenance.queued_pass_interval_s)
+    reconcile_interval_s: float = 2.0
+    # ALPHAFORGE_RECONCILE_GRACE: a queued shard (re-)enqueued less than this long ago is never judged vanished
     reconcile_grace_s: float = 120.0
+    # ALPHAFORGE_SHARD_LEASE: seconds a running shard's lease lasts (set by its claim, renewed while its task runs);
+    # once it has expired the reconciler's next pass re-publishes the shard unless a live worker still holds it
+    shard_lease_s: float = 6.0
+    shard_lease_renew_s: float = 2.0  # ALPHAFORGE_SHARD_LEASE_RENEW: seconds between renewals of a running lease
     reconcile_max_requeues: int = 3  # ALPHAFORGE_RECONCILE_MAX_REQUEUES: then the shard fails, with the reason
     retention_interval_s: float = 3600.0  # ALPHAFORGE_RETENTION_INTERVAL: seconds between retention passes
     retention_days: int = 30  # ALPHAFORGE_RETENTION_DAYS: finished calculation jobs older than this go (0: never)
@@ -161,6 +167,20 @@ class Maintenance:
     # for the nightly recalculation of scripts flagged nightly ("off": only on demand)
     nightly_schedule: str = "0 2 * * *"
     exchange_timezone: str = "America/New_York"  # ALPHAFORGE_EXCHANGE_TIMEZONE: the time zone of the schedule
+
+    def __post_init__(self) -> None:
+        if not 0 < self.shard_lease_renew_s <= self.shard_lease_s / 2:
+            raise ConfigError(
+                f"ALPHAFORGE_SHARD_LEASE_RENEW ({self.shard_lease_renew_s}) must be > 0 and at most half of "
+                f"ALPHAFORGE_SHARD_LEASE ({self.shard_lease_s}): a lease must survive a late or failed renewal"
+            )
+
+    @property
+    def queued_pass_interval_s(self) -> float:
+        """How often queued shards are judged by the grace rule (a queue scan and a worker query, costly during a
+        flood): a lost message waits out the grace period anyway, so looking more often than half of it buys
+        little."""
+        return max(self.reconcile_interval_s, self.reconcile_grace_s / 2)
 
 
 @dataclass(frozen=True)
@@ -326,6 +346,8 @@ class Settings:
             reconcile_interval_s=_float(env, "ALPHAFORGE_RECONCILE_INTERVAL", maint.reconcile_interval_s),
             reconcile_grace_s=_float(env, "ALPHAFORGE_RECONCILE_GRACE", maint.reconcile_grace_s),
             reconcile_max_requeues=_int(env, "ALPHAFORGE_RECONCILE_MAX_REQUEUES", maint.reconcile_max_requeues),
+            shard_lease_s=_float(env, "ALPHAFORGE_SHARD_LEASE", maint.shard_lease_s),
+            shard_lease_renew_s=_float(env, "ALPHAFORGE_SHARD_LEASE_RENEW", maint.shard_lease_renew_s),
             retention_interval_s=_float(env, "ALPHAFORGE_RETENTION_INTERVAL", maint.retention_interval_s),
             retention_days=_int(env, "ALPHAFORGE_RETENTION_DAYS", maint.retention_days, minimum=0),
             retention_max_jobs=_int(env, "ALPHAFORGE_RETENTION_MAX_JOBS", maint.retention_max_jobs, minimum=0),
@@ -494,6 +516,8 @@ class Settings:
             "ALPHAFORGE_RECONCILE_INTERVAL": str(self.maintenance.reconcile_interval_s),
             "ALPHAFORGE_RECONCILE_GRACE": str(self.maintenance.reconcile_grace_s),
             "ALPHAFORGE_RECONCILE_MAX_REQUEUES": str(self.maintenance.reconcile_max_requeues),
+            "ALPHAFORGE_SHARD_LEASE": str(self.maintenance.shard_lease_s),
+            "ALPHAFORGE_SHARD_LEASE_RENEW": str(self.maintenance.shard_lease_renew_s),
             "ALPHAFORGE_RETENTION_INTERVAL": str(self.maintenance.retention_interval_s),
             "ALPHAFORGE_RETENTION_DAYS": str(self.maintenance.retention_days),
             "ALPHAFORGE_RETENTION_MAX_JOBS": str(self.maintenance.retention_max_jobs),

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import events as job_events
+from shared import leases
 from shared.config import QUEUE_INTERACTIVE
 from shared.db import session_scope
 from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
@@ -217,6 +218,9 @@ def start_shard(
 
 
 def _claim_shard(factory: sessionmaker[Session], shard_id: int) -> tuple[StartedShard, int, int] | None:
+    """Mark the shard running (one more attempt) and, inside a lease heartbeat (shared/leases.py), take its lease
+    in the same update: a shard is never running without saying who holds it. Outside one, the lease is NULL."""
+    terms = leases.current_terms()
     with session_scope(factory) as session:
         if _lock_job_of_shard(session, shard_id) is None:
             return None
@@ -224,14 +228,15 @@ def _claim_shard(factory: sessionmaker[Session], shard_id: int) -> tuple[Started
             text(
                 """
                 UPDATE job_shards s
-                SET status = 'running', attempts = s.attempts + 1, started_at = coalesce(s.started_at, now())
+                SET status = 'running', attempts = s.attempts + 1, started_at = coalesce(s.started_at, now()),
+                    lease_holder = :holder, lease_expires_at = now() + make_interval(secs => :lease_s)
                 FROM jobs j
                 WHERE s.id = :id AND j.id = s.job_id
                   AND s.status IN ('queued', 'running') AND j.status IN ('queued', 'running')
                 RETURNING s.job_id, s.symbols, s.index, s.attempts, s.task
                 """
             ),
-            {"id": shard_id},
+            {"id": shard_id, "holder": terms.holder if terms else None, "lease_s": terms.lease_s if terms else None},
         ).first()
         if row is None:
             return None

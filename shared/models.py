@@ -162,6 +162,11 @@ class JobShard(Base):
     # re-published the shard because its task had vanished (bounded; then the shard fails with the reason).
     enqueued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     requeues: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
+    # The running delivery's lease (shared/leases.py): who claimed the shard last (worker node name and pool pid)
+    # and until when; renewed while its task runs. Expired on a running shard: its holder died or stalled, and the
+    # reconciler re-publishes it at once. NULL: claimed without a lease (then the grace rule judges it).
+    lease_holder: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # A backtest run's validation task (shared/validation.py ``Task``: method, task index, draws, work) instead
     # of symbols (``symbols`` is then empty); NULL for a shard of symbols.
     task: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))

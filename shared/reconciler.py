@@ -3,16 +3,30 @@
 A shard's task can vanish without any process noticing: the worker holding it is killed (on Redis an
 acknowledged-late message then waits in the ``unacked`` set until the visibility timeout, an hour), the broker
 restarts without the message, or a message expires. The job would then stay ``running`` forever. The reconciler
-(run by Celery beat, see worker/maintenance_tasks.py) looks at the open shards of active jobs that were published
-more than a grace period ago, asks where their current task is (still in a broker queue, or held by a live
-worker: :data:`LiveTasks`), and for each one found nowhere:
+(run by Celery beat, see worker/maintenance_tasks.py) takes two kinds of candidates among the open shards of
+active jobs:
+
+* a **running shard whose lease has expired** (shared/leases.py): its holder stopped renewing it (killed, or
+  stalled), so it is looked at in the next pass, seconds after the death, with no grace period;
+* a **queued shard** (or a running one claimed without a lease) published more than a grace period ago: a message
+  can legitimately wait in a queue for a long time, so only these passes scan the queues (less often, see
+  ``Maintenance.queued_pass_interval_s``).
+
+It asks where each candidate's current task is (still in a broker queue, or held by a live worker:
+:data:`LiveTasks`), and for each one found nowhere:
 
 * re-publishes it under a fresh task id (``requeues`` + 1, ``enqueued_at`` = now), or
 * after ``max_requeues`` re-publications, fails the shard with the reason (each of its symbols gets it as its
   error, and the job finalizes like any other), so no job waits forever.
 
-A false "vanished" (a live worker that did not answer in time) costs one duplicate delivery: shards are claimed
-with a conditional update and results upserted, so the duplicate changes nothing.
+When that cannot be told (no worker answered at all), queued candidates are left for the next pass, but shards
+whose lease expired are judged vanished anyway: the silence of the holder is the evidence, and a worker that is
+alive but did not answer (or a reconciler run where no worker can answer, a solo pool) must not keep them waiting.
+
+A false "vanished" (a live worker that did not answer in time, a lease that lapsed while PostgreSQL was paused)
+costs one duplicate delivery: shards are claimed and finished with conditional updates and results upserted, so
+the duplicate changes nothing. That is also why the lease fences nothing: the holder that finishes first stores
+its (deterministic) results, whether or not its lease lapsed meanwhile.
 """
 
 from __future__ import annotations
@@ -23,8 +37,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
@@ -43,7 +58,7 @@ Requeue = Callable[[str, str, Sequence[jobs.ShardTask]], None]
 
 @dataclass(frozen=True)
 class Candidate:
-    """An open shard of an active job, published more than the grace period ago."""
+    """An open shard of an active job: running with an expired lease, or published more than the grace ago."""
 
     shard_id: int
     job_id: uuid.UUID
@@ -52,6 +67,7 @@ class Candidate:
     task_id: str
     status: str
     requeues: int
+    lease_expired: bool
 
 
 @dataclass
@@ -60,7 +76,7 @@ class ReconcileReport:
     alive: int = 0
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
-    skipped: str | None = None  # why this pass judged nothing
+    skipped: str | None = None  # why this pass left (some) candidates unjudged
 
     def as_dict(self) -> dict[str, object]:
         return {"candidates": self.candidates, "alive": self.alive, "requeued": len(self.requeued),
@@ -71,21 +87,47 @@ _OPEN = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-def find_candidates(session: Session, *, grace_s: float, kinds: Collection[str], limit: int) -> list[Candidate]:
-    """Open shards of active jobs of the given kinds, (re-)published more than ``grace_s`` seconds ago."""
-    rows = session.execute(
-        select(JobShard.id, JobShard.job_id, Job.kind, Job.queue, JobShard.task_id, JobShard.status, JobShard.requeues)
+def _lease_expired() -> ColumnElement[bool]:
+    return and_(JobShard.status == ShardStatus.RUNNING.value, JobShard.lease_expires_at < func.now())
+
+
+def _no_live_lease() -> ColumnElement[bool]:
+    """Queued, running without a lease (claimed outside a heartbeat, or before leases existed), or expired."""
+    return or_(
+        JobShard.status == ShardStatus.QUEUED.value,
+        JobShard.lease_expires_at.is_(None),
+        JobShard.lease_expires_at < func.now(),
+    )
+
+
+def candidate_query(*, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True) -> Select[Any]:
+    """Open shards of active jobs of the given kinds that are running with an expired lease, and (``queued``)
+    those (re-)published more than ``grace_s`` seconds ago that hold no live lease; expired leases first.
+
+    With ``queued=False`` (the frequent pass) the query reads only running shards: ``ix_job_shards_status`` finds
+    them (no more than the workers run at once, plus the stranded ones), so a pass with nothing to do is one
+    cheap index scan (benchmarks/reconciler_pass.py)."""
+    expired = _lease_expired()
+    wanted = expired
+    if queued:
+        published_before = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)
+        stale = and_(JobShard.status.in_(_OPEN), _no_live_lease(), JobShard.enqueued_at < published_before)
+        wanted = or_(expired, stale)
+    columns = (JobShard.id, JobShard.job_id, Job.kind, Job.queue, JobShard.task_id, JobShard.status, JobShard.requeues)
+    return (
+        select(*columns, expired)
         .join(Job, Job.id == JobShard.job_id)
-        .where(
-            JobShard.status.in_(_OPEN),
-            Job.status.in_(_ACTIVE),
-            Job.kind.in_(list(kinds)),
-            JobShard.enqueued_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s),
-        )
-        .order_by(JobShard.enqueued_at, JobShard.id)
+        .where(wanted, Job.status.in_(_ACTIVE), Job.kind.in_(list(kinds)))
+        .order_by(expired.desc(), JobShard.enqueued_at, JobShard.id)
         .limit(limit)
-    ).all()
-    return [Candidate(*row) for row in rows]
+    )
+
+
+def find_candidates(
+    session: Session, *, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True
+) -> list[Candidate]:
+    rows = session.execute(candidate_query(grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)).all()
+    return [Candidate(s, j, k, q, t, st, r, bool(e)) for s, j, k, q, t, st, r, e in rows]
 
 
 def gave_up_reason(requeues: int) -> str:
@@ -96,11 +138,17 @@ def gave_up_reason(requeues: int) -> str:
 
 
 def _claim_requeue(session: Session, candidate: Candidate) -> str | None:
-    """Give the shard a fresh task id, unless it moved on meanwhile (finished, or re-published by someone else)."""
+    """Give the shard a fresh task id, unless it moved on meanwhile (finished, re-published by someone else, or
+    its lease renewed)."""
     new_task_id = str(uuid.uuid4())
     claimed = session.execute(
         update(JobShard)
-        .where(JobShard.id == candidate.shard_id, JobShard.task_id == candidate.task_id, JobShard.status.in_(_OPEN))
+        .where(
+            JobShard.id == candidate.shard_id,
+            JobShard.task_id == candidate.task_id,
+            JobShard.status.in_(_OPEN),
+            _no_live_lease(),  # a heartbeat that renewed meanwhile (the database was paused) keeps its shard
+        )
         .values(
             task_id=new_task_id,
             status=ShardStatus.QUEUED.value,
@@ -121,22 +169,28 @@ def reconcile(
     grace_s: float,
     max_requeues: int,
     limit: int = 5000,
+    queued: bool = True,
 ) -> ReconcileReport:
-    """One pass: judge the candidates, re-publish or fail the vanished ones. Safe to run concurrently with
-    workers (every change is a conditional update); run one pass at a time (:func:`single_flight`)."""
+    """One pass: judge the candidates, re-publish or fail the vanished ones. ``queued=False``: only running
+    shards whose lease expired (the frequent pass). Safe to run concurrently with workers and with other passes
+    (every change is a conditional update); run one pass of each kind at a time (:func:`single_flight`)."""
     report = ReconcileReport()
     with factory() as session:
-        candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit)
+        candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)
     report.candidates = len(candidates)
     if not candidates:
         return report
     alive = live_tasks([c.task_id for c in candidates])
+    judged = candidates
     if alive is None:
+        judged = [c for c in candidates if c.lease_expired]
+        left = len(candidates) - len(judged)
         report.skipped = "could not tell which tasks are alive (broker or workers did not answer)"
-        log.warning("reconciler: %s; %d candidate shards left for the next pass", report.skipped, len(candidates))
-        return report
-    vanished = [c for c in candidates if c.task_id not in alive]
-    report.alive = len(candidates) - len(vanished)
+        log.warning("reconciler: %s; %d shards left for the next pass, %d whose lease expired judged vanished",
+                    report.skipped, left, len(judged))  # fmt: skip
+        alive = set()
+    vanished = [c for c in judged if c.task_id not in alive]
+    report.alive = len(judged) - len(vanished)
     to_publish: dict[tuple[str, str], list[jobs.ShardTask]] = defaultdict(list)
     for candidate in vanished:
         if candidate.requeues >= max_requeues:

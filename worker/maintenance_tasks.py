@@ -126,10 +126,13 @@ def shard_publisher(app: Celery) -> reconciler.Requeue:
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_RECONCILE_SHARDS, acks_late=False, ignore_result=True)
-def reconcile_shards(self: Any) -> dict[str, object]:
+def reconcile_shards(self: Any, queued: bool = True) -> dict[str, object]:
+    """One reconciler pass (shared/reconciler.py). Beat sends ``queued=False`` every ``ALPHAFORGE_RECONCILE_INTERVAL``
+    (running shards whose lease expired: one cheap query when there are none) and a full pass less often
+    (worker/schedule.py); each kind runs one pass at a time, the two kinds may overlap (conditional updates)."""
     services: WorkerServices = self.services
     maint = services.settings.maintenance
-    with reconciler.single_flight(services.engine, "reconcile-shards") as mine:
+    with reconciler.single_flight(services.engine, "reconcile-shards" if queued else "reconcile-leases") as mine:
         if not mine:
             return {"skipped": "another reconciler pass is running"}
         client = redis.Redis.from_url(services.settings.require_redis_url(), socket_timeout=10)
@@ -141,6 +144,7 @@ def reconcile_shards(self: Any) -> dict[str, object]:
                 kinds=SHARD_TASKS.keys(),
                 grace_s=maint.reconcile_grace_s,
                 max_requeues=maint.reconcile_max_requeues,
+                queued=queued,
             )
         finally:
             client.close()

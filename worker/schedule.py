@@ -24,10 +24,18 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     replaces it (no pile of stale passes after an outage)."""
     maint = settings.maintenance
     schedule: dict[str, dict[str, Any]] = {
+        # Running shards whose lease expired: seconds after a worker dies (shared/leases.py).
         "reconcile-shards": {
             "task": TASK_RECONCILE_SHARDS,
             "schedule": maint.reconcile_interval_s,
+            "kwargs": {"queued": False},
             "options": {"queue": QUEUE_MAINTENANCE, "expires": maint.reconcile_interval_s},
+        },
+        # Everything, queued shards past the grace too (a queue scan and a worker query when there are some).
+        "reconcile-queued-shards": {
+            "task": TASK_RECONCILE_SHARDS,
+            "schedule": maint.queued_pass_interval_s,
+            "options": {"queue": QUEUE_MAINTENANCE, "expires": maint.queued_pass_interval_s},
         },
         "prune-jobs": {
             "task": TASK_PRUNE_JOBS,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +15,7 @@ from celery import Task, shared_task
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs, log_context
+from shared import calculations, jobs, leases, log_context
 from shared.config import Settings
 from shared.db import make_engine, make_session_factory
 from shared.events import RedisJobEvents
@@ -29,6 +31,7 @@ class WorkerServices:
     engine: Engine
     session_factory: sessionmaker[Session]
     events: RedisJobEvents
+    lease_engine: Engine  # the lease heartbeat's own connection (shared/leases.py), never one a task needs
 
 
 class ServicesTask(Task):
@@ -44,7 +47,8 @@ class ServicesTask(Task):
             events = RedisJobEvents(
                 redis.Redis.from_url(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
             )
-            self._services = WorkerServices(settings, engine, make_session_factory(engine), events)
+            lease_engine = make_engine(settings.require_database_url(), pool_size=1)
+            self._services = WorkerServices(settings, engine, make_session_factory(engine), events, lease_engine)
         return self._services
 
 
@@ -69,16 +73,26 @@ def retry_countdown(exc: BaseException, attempt: int, max_attempts: int) -> floa
     return None
 
 
+def lease_heartbeat(task: Any, services: WorkerServices, shard_id: int) -> leases.Heartbeat:
+    """The lease the shard's claim takes and the thread that renews it while ``run`` goes (shared/leases.py)."""
+    maint = services.settings.maintenance
+    holder = f"{task.request.hostname or socket.gethostname()} pid {os.getpid()}"
+    terms = leases.LeaseTerms(holder=holder, lease_s=maint.shard_lease_s)
+    return leases.Heartbeat(services.lease_engine, shard_id, terms, maint.shard_lease_renew_s)
+
+
 def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerServices], bool | None]) -> str:
-    """What every shard task does around its service call: log context, then retry with backoff
-    (:func:`retry_countdown`) or give up and fail the shard with the reason. ``run`` returns what the job
-    service's ``run_shard`` does: None (nothing to do), True (stored) or False (a duplicate delivery)."""
+    """What every shard task does around its service call: log context, the shard's lease kept alive while it runs
+    (:func:`lease_heartbeat`), then retry with backoff (:func:`retry_countdown`) or give up and fail the shard
+    with the reason. ``run`` returns what the job service's ``run_shard`` does: None (nothing to do), True
+    (stored) or False (a duplicate delivery)."""
     services: WorkerServices = task.services
     attempt = task.request.retries + 1
     log_context.bind(shard_id=shard_id, attempt=attempt)
     log.info("%s shard %s: attempt %s", kind, shard_id, attempt)
     try:
-        stored = run(services)
+        with lease_heartbeat(task, services, shard_id):
+            stored = run(services)
     except Exception as exc:
         countdown = retry_countdown(exc, attempt, services.settings.shard_max_retries)
         if countdown is not None:

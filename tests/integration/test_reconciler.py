@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import calculations, jobs, reconciler
@@ -165,6 +165,9 @@ def test_a_shard_running_in_a_live_worker_is_left_alone(
     broker: redis.Redis,
     celery_worker: subprocess.Popen[bytes],
 ) -> None:
+    """Its live lease keeps it out of the candidates; once the lease has lapsed (the holder stalled: here the lease
+    is handed to a holder that does not renew it), the worker query still finds the task and nothing is
+    re-published."""
     seed_bars(clean_db, ["R1", "R2"], days=5)
     script = "s = 0\nfor i in range(1500000):\n    s += i\nresult = 1"  # about a second per symbol
     job = submit(session_factory, ["R1", "R2"], shard_enqueuer(celery_app), script=script)
@@ -172,6 +175,16 @@ def test_a_shard_running_in_a_live_worker_is_left_alone(
     while shards_of(session_factory, job.id)[0].status != "running":
         assert time.monotonic() < deadline, "the shard never started"
         time.sleep(0.05)
+    [running] = shards_of(session_factory, job.id)
+    assert running.lease_holder and running.lease_expires_at is not None  # the claim took the lease
+    report = run_pass(session_factory, celery_app, broker)
+    assert report.candidates == 0  # a live lease: not even asked about
+    with session_factory() as session, session.begin():
+        session.execute(
+            update(JobShard)
+            .where(JobShard.id == running.id, JobShard.status == "running")
+            .values(lease_holder="stalled", lease_expires_at=text("now() - interval '1 second'"))
+        )
     report = run_pass(session_factory, celery_app, broker)
     assert report.candidates == 1 and report.alive == 1 and report.requeued == [] and report.failed == []
     final = wait_final(session_factory, job.id)
