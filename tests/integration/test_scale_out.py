@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -48,6 +49,7 @@ from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE, ArtifactStorage, Mainte
 from shared.db import make_engine, make_session_factory
 from shared.embedded import EmbeddedRedis
 from shared.models import Job, JobResult, JobShard, RunManifest
+from tests.conftest import ServerUrls
 from tests.helpers import FINAL, authed_client, make_user, seed_bars
 from tests.virtual_hosts import TcpPostgres, VirtualLink, namespaces_unavailable, popen_on_second_host
 from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
@@ -323,5 +325,39 @@ def test_a_second_host_shares_the_work_serves_its_artifacts_and_is_healed(
     finished_s = time.monotonic() - killed_at
     assert_stored_once(cluster, job.id, kill_symbols)
     assert set(cluster.stats()) == {cluster.node1}  # only host 1's worker is left: it ran the shard again
+    assert not list(cluster.settings.data_dir.glob("beat-schedule*"))  # beat keeps its schedule in Redis (redbeat)
     print(f"[scale-out] SIGKILL of host 2's worker: its shard ran again on host 1 {healed_s:.1f} s later, the job "
           f"finished {finished_s:.1f} s after the kill; whole test {time.monotonic() - started:.1f} s")  # fmt: skip
+
+
+def test_hosts_migrating_one_database_at_once(test_servers: ServerUrls) -> None:
+    """`up` on three hosts at once migrates the same empty database three times over: all must succeed (each waits
+    for the lock, then finds the schema at head), not one of them fail on a table another has just made."""
+    name = f"af_race_{secrets.token_hex(4)}"
+    database_url = dbadmin.create_database(test_servers.server_database_url, name)
+    try:
+        env = {**os.environ, "DATABASE_URL": database_url}
+        command = [sys.executable, "-m", "shared.cli", "migrate"]
+        migrations = [
+            subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        outcomes = [proc.communicate(timeout=120) for proc in migrations]
+        assert [proc.returncode for proc in migrations] == [0, 0, 0], [err.decode()[-2000:] for _, err in outcomes]
+        engine = make_engine(database_url)
+        try:
+            with engine.connect() as conn:
+                current = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        finally:
+            engine.dispose()
+        assert current == [migrate_head()]
+    finally:
+        dbadmin.drop_database(test_servers.server_database_url, name)
+
+
+def migrate_head() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused")).get_current_head()
+    assert head is not None
+    return head
