@@ -1,4 +1,5 @@
-"""Scale-out shown: a second worker on a second host, with nothing shared but the network.
+"""Scale-out shown: a second worker on a second host, sharing nothing with the first but the network (and the
+installed code, as the same image on both would be).
 
 Host 1 is this machine's own network namespace: PostgreSQL, Redis and the S3-protocol test server (moto's; S3 is
 outside the product) of this test, listening only on host 1's end of a veth link; the API (in this process),
@@ -12,6 +13,8 @@ consumes every queue, reaching the servers over the link.
    artifacts are built on host 2; the API on host 1 serves them, byte for byte, from the shared bucket.
 3. ``h2`` is killed (SIGKILL) while it holds a shard: the reconciler on host 1 brings the shard back and ``h1``
    finishes the job, every symbol stored exactly once.
+
+And hosts that start at once migrate one database one after the other (``test_hosts_migrating_...``).
 """
 
 from __future__ import annotations
@@ -67,7 +70,6 @@ class Cluster:
     link: VirtualLink
     base: Path
     settings: Settings  # host 1's
-    host2_settings: Settings
     app: Flask
     celery: Celery
     engine: Engine
@@ -75,7 +77,6 @@ class Cluster:
     s3: Any
     node1: str
     node2: str
-    host2_name: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def log(self, name: str) -> str:
@@ -108,8 +109,8 @@ def cluster() -> Iterator[Cluster]:
     reason = namespaces_unavailable()
     if reason:
         pytest.skip(f"cannot make a second host here: {reason}")
+    link = VirtualLink.create()  # removes what it made if it fails
     base = Path(tempfile.mkdtemp(prefix="af-so-", dir="/tmp"))
-    link = VirtualLink.create()
     postgres = TcpPostgres(base / "h1" / "postgres", link.host_ip, link.subnet)
     redis_server = EmbeddedRedis(base / "h1" / "redis", host=link.host_ip)
     moto = ThreadedMotoServer(ip_address=link.host_ip, port=0, verbose=False)
@@ -166,8 +167,8 @@ def cluster() -> Iterator[Cluster]:
         # %h: Celery names the node after the hostname it sees, the UTS namespace's.
         procs["h2"] = popen_on_second_host(link, host2_name, [*worker, "worker", "--hostname", "h2@%h"],
                                            env=host2_env, cwd=PROJECT_ROOT, log_path=base / "h2.log")  # fmt: skip
-        found = Cluster(link, base, settings, host2_settings, app, celery, engine, make_session_factory(engine), s3,
-                        node1, node2, host2_name, procs)  # fmt: skip
+        found = Cluster(link, base, settings, app, celery, engine, make_session_factory(engine), s3, node1, node2,
+                        procs)  # fmt: skip
 
         def both_online() -> bool:
             for name, proc in procs.items():
