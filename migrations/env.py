@@ -6,7 +6,7 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from shared.db import normalize_database_url
 from shared.models import Base
@@ -16,6 +16,11 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+
+# Hosts that start at once (`up` on two machines against one database) migrate one after the other: the second
+# waits here, then finds the schema at head. Without it, both apply the same revision and one fails.
+MIGRATION_LOCK = "SELECT pg_advisory_lock(hashtextextended('alphaforge:migrations', 0))"
+MIGRATION_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('alphaforge:migrations', 0))"
 
 
 def _url() -> str:
@@ -34,9 +39,15 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        connection.execute(text(MIGRATION_LOCK))  # a session lock: held across the revisions' transactions
+        connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            connection.execute(text(MIGRATION_UNLOCK))
+            connection.commit()
     engine.dispose()
 
 

