@@ -65,7 +65,9 @@ API_READY_TIMEOUT_S = 90.0
 # once announced (a probe of ours must not add to the load on the health check).
 READY_PATH = "/api/health"
 READY_PROBE_INTERVAL_S = 1.0
-READY_PROBE_TIMEOUT_S = 1.0
+# One probe at a time, so it holds at most one request thread. Today's /api/health waits out its worker ping (1 s):
+# the timeout is above that.
+READY_PROBE_TIMEOUT_S = 3.0
 PID_FILE_NAME = "alphaforge.pid"
 # Set to the launcher's pid in the environment of everything it starts, to find leftovers after a crash.
 RUN_MARKER = "ALPHAFORGE_UP_PID"
