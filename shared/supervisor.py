@@ -6,8 +6,8 @@ backoff (``Supervision.backoff_s``, doubling up to ``backoff_max_s``; back to th
 Only a process that died more than ``max_restarts`` times within ``window_s`` stops the system: :meth:`watch`
 returns 1 with the reason logged. The embedded servers (PostgreSQL, Redis) are *dependencies*: they are restarted
 first, children wait while one is down, and a child that dies while a dependency is down or within
-:data:`DEPENDENCY_GRACE_S` of its restart is restarted without counting against its budget (it died of the
-outage, not of itself).
+``stable_after_s`` of its restart is restarted without counting against its budget (it died of the outage, not
+of itself).
 
 Stopping sends SIGTERM to each child (the main process of gunicorn and Celery, which then shut down their own
 workers gracefully), waits up to ``STOP_GRACE_S``, then SIGTERMs and finally SIGKILLs whatever is left in each
@@ -38,7 +38,6 @@ log = logging.getLogger("alphaforge.up")
 
 STOP_GRACE_S = 20.0  # graceful shutdown budget of the children after SIGTERM
 LEFTOVER_GRACE_S = 2.0  # then the rest of each process group gets SIGTERM, and after this SIGKILL
-DEPENDENCY_GRACE_S = 30.0  # a child dying this soon after an embedded server came back died of the outage
 
 
 # --- signals -------------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ class Supervisor:
             if server.restart_at is None:
                 self._notice(server, now, excused=False)
         dependency_down = any(s.restart_at is not None for s in self.servers)
-        excused = dependency_down or now - self._dependency_back_at < DEPENDENCY_GRACE_S
+        excused = dependency_down or now - self._dependency_back_at < self.policy.stable_after_s
         for child in self.children:
             if child.restart_at is None:
                 self._notice(child, now, excused=excused)

@@ -122,7 +122,10 @@ def test_restart_backoff_doubles_resets_when_stable_and_gives_up_past_the_budget
     strict = Restarts(Supervision(max_restarts=1, window_s=100.0), started_at=0.0)
     assert [strict.after_death(1.0, excused=True) for _ in range(5)] == [1.0] * 5
     assert strict.after_death(2.0) == 1.0 and strict.after_death(3.0) is None
-    # Deaths older than the window no longer count.
+    # Deaths older than the window no longer count; 0 allowed restarts: the first death gives up.
+    windowed = Restarts(Supervision(max_restarts=1, window_s=10.0, stable_after_s=1000.0), started_at=0.0)
+    assert windowed.after_death(1.0) == 1.0 and windowed.after_death(20.0) == 2.0
+    assert windowed.after_death(21.0) is None
     assert Restarts(Supervision(max_restarts=0), started_at=0.0).after_death(1.0) is None
 
 
