@@ -194,12 +194,14 @@ def test_up_restarts_every_process_it_runs_and_gives_up_on_one_that_keeps_dying(
         assert leftovers == [], [(p.pid, p.cmdline()) for p in leftovers if _alive(p)]
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        _kill_all(list(seen) + _descendants(proc.pid))
-        postmaster = _postmaster(up_data_dir)
-        if postmaster is not None:
-            _kill_all([postmaster])
+            proc.send_signal(signal.SIGTERM)  # let `up` stop what it runs; SIGKILL only if it does not
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # `up` killed by a failing test leaves its children behind: everything started for this run goes.
+        _kill_all(list(seen) + [p for p in psutil.process_iter() if _belongs_to_run(p, up_data_dir, port)])
 
 
 def _bind(sock: socket.socket, port: int) -> bool:
