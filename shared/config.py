@@ -225,6 +225,27 @@ class ApiServer:
             )
 
 
+@dataclass(frozen=True)
+class Supervision:
+    """How ``alphaforge up`` restarts a child or embedded server that died (shared/launcher.py)."""
+
+    backoff_s: float = 1.0  # ALPHAFORGE_RESTART_BACKOFF: wait before the first restart; doubles each time
+    backoff_max_s: float = 30.0  # ALPHAFORGE_RESTART_BACKOFF_MAX: the longest wait between restarts
+    # ALPHAFORGE_RESTART_STABLE_AFTER: a process that stayed up this long starts again from the shortest wait
+    stable_after_s: float = 60.0
+    # ALPHAFORGE_RESTART_MAX and ALPHAFORGE_RESTART_WINDOW: one process dying more than this many times within the
+    # window (seconds) stops `up` (exit 1) instead of being restarted again
+    max_restarts: int = 5
+    window_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.backoff_max_s < self.backoff_s:
+            raise ConfigError(
+                f"ALPHAFORGE_RESTART_BACKOFF_MAX ({self.backoff_max_s}) must be >= ALPHAFORGE_RESTART_BACKOFF "
+                f"({self.backoff_s})"
+            )
+
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -318,6 +339,7 @@ class Settings:
     webhooks: Webhooks = field(default_factory=Webhooks)
     api: ApiServer = field(default_factory=ApiServer)
     artifacts: ArtifactStorage = field(default_factory=ArtifactStorage)
+    supervision: Supervision = field(default_factory=Supervision)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -433,6 +455,13 @@ class Settings:
                 s3_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
                 s3_session_token=env.get("AWS_SESSION_TOKEN") or None,
             ),
+            supervision=Supervision(
+                backoff_s=_float(env, "ALPHAFORGE_RESTART_BACKOFF", Supervision.backoff_s),
+                backoff_max_s=_float(env, "ALPHAFORGE_RESTART_BACKOFF_MAX", Supervision.backoff_max_s),
+                stable_after_s=_float(env, "ALPHAFORGE_RESTART_STABLE_AFTER", Supervision.stable_after_s),
+                max_restarts=_int(env, "ALPHAFORGE_RESTART_MAX", Supervision.max_restarts, minimum=0),
+                window_s=_float(env, "ALPHAFORGE_RESTART_WINDOW", Supervision.window_s),
+            ),
         )
 
     def with_overrides(self, **changes: Any) -> Settings:
@@ -537,6 +566,11 @@ class Settings:
             "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": str(self.api.sse_max_streams_per_user),
             "ALPHAFORGE_SSE_HEARTBEAT_S": str(self.api.sse_heartbeat_s),
             "ALPHAFORGE_SSE_SLOT_LEASE_S": str(self.api.sse_slot_lease_s),
+            "ALPHAFORGE_RESTART_BACKOFF": str(self.supervision.backoff_s),
+            "ALPHAFORGE_RESTART_BACKOFF_MAX": str(self.supervision.backoff_max_s),
+            "ALPHAFORGE_RESTART_STABLE_AFTER": str(self.supervision.stable_after_s),
+            "ALPHAFORGE_RESTART_MAX": str(self.supervision.max_restarts),
+            "ALPHAFORGE_RESTART_WINDOW": str(self.supervision.window_s),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         store = self.artifacts  # the worker writes artifacts and the API serves them: both need the same store
         optional = {

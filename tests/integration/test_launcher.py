@@ -3,7 +3,8 @@
 The supervisor tests need no servers. The end-to-end test runs ``python -m shared.cli up`` against a fresh
 database on the test PostgreSQL server and lets the launcher start its own embedded Redis in a temporary data
 dir (so its worker and beat never touch the Redis the other tests use). It then checks that SIGTERM stops
-everything: exit code 0 and not one process left behind.
+everything: exit code 0 and not one process left behind. What `up` restarts (kill -9 of each process, embedded
+servers included) is in test_up_supervision.py.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import pytest
 from sqlalchemy import text
 
 from shared import dbadmin
+from shared.config import Supervision
 from shared.db import make_engine
 from shared.embedded import free_tcp_port
-from shared.launcher import Supervisor
 from shared.migrate import PROJECT_ROOT
+from shared.supervisor import Restarts, Supervisor
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -48,6 +50,15 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return list(psutil.Process(pid).children(recursive=True))
     except psutil.NoSuchProcess:
         return []
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(proc.pid) == pgid and _alive(proc):
+                members.append(proc)
+    return members
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -95,14 +106,47 @@ def test_supervisor_stops_children_grandchildren_and_stubborn_processes() -> Non
         _kill_all(tree)
 
 
-def test_supervisor_notices_a_dead_child() -> None:
-    sup = Supervisor()
+def test_restart_backoff_doubles_resets_when_stable_and_gives_up_past_the_budget() -> None:
+    policy = Supervision(backoff_s=1.0, backoff_max_s=30.0, stable_after_s=60.0, max_restarts=7, window_s=1000.0)
+    restarts = Restarts(policy, started_at=0.0)
+    delays = [restarts.after_death(float(t)) for t in range(1, 8)]  # dies at once after every start
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert restarts.after_death(8.0) is None  # an 8th death within the window: more than max_restarts
+
+    restarts = Restarts(policy, started_at=0.0)
+    assert [restarts.after_death(1.0), restarts.after_death(2.0)] == [1.0, 2.0]
+    restarts.started_at = 3.0
+    assert restarts.after_death(3.0 + 60.0) == 1.0  # it stayed up stable_after_s: back to the shortest wait
+
+    # An outage of a server it needs: the shortest wait, and nothing counted against the budget.
+    strict = Restarts(Supervision(max_restarts=1, window_s=100.0), started_at=0.0)
+    assert [strict.after_death(1.0, excused=True) for _ in range(5)] == [1.0] * 5
+    assert strict.after_death(2.0) == 1.0 and strict.after_death(3.0) is None
+    # Deaths older than the window no longer count; 0 allowed restarts: the first death gives up.
+    windowed = Restarts(Supervision(max_restarts=1, window_s=10.0, stable_after_s=1000.0), started_at=0.0)
+    assert windowed.after_death(1.0) == 1.0 and windowed.after_death(20.0) == 2.0
+    assert windowed.after_death(21.0) is None
+    assert Restarts(Supervision(max_restarts=0), started_at=0.0).after_death(1.0) is None
+
+
+def test_supervisor_restarts_a_dying_child_with_backoff_then_gives_up() -> None:
+    policy = Supervision(backoff_s=0.2, backoff_max_s=0.4, stable_after_s=60.0, max_restarts=3, window_s=60.0)
+    sup = Supervisor(policy)
     try:
-        sup.start("sleeper", ["sleep", "300"])
-        sup.start("quitter", ["sh", "-c", "exit 3"])
-        assert sup.watch(poll_s=0.05) == 1
-        dead = sup.exited()
-        assert dead is not None and dead.name == "quitter" and dead.popen.returncode == 3
+        sleeper = sup.start("sleeper", ["sleep", "300"])
+        quitter = sup.start("quitter", ["sh", "-c", "exit 3"])
+        sleeper_pid, pids = sleeper.popen.pid, {quitter.popen.pid}
+        started = time.monotonic()
+
+        def record() -> None:
+            pids.add(quitter.popen.pid)
+
+        assert sup.watch(poll_s=0.02, on_tick=record) == 1  # the 4th death within the window: give up
+        elapsed = time.monotonic() - started
+        assert len(pids) == 4 and quitter.popen.returncode == 3  # started once, restarted 3 times
+        assert elapsed >= 0.2 + 0.4 + 0.4  # the backoff was waited (doubling, capped at backoff_max_s)
+        assert sleeper.popen.poll() is None and sleeper.popen.pid == sleeper_pid  # the others are left alone
+        print(f"\n[supervisor] 3 restarts with backoff, then gave up after {elapsed:.2f} s")
     finally:
         sup.stop(grace_s=5)
 
@@ -110,16 +154,24 @@ def test_supervisor_notices_a_dead_child() -> None:
 _SIGNAL_SCRIPT = textwrap.dedent(
     """
     import sys
-    from shared.launcher import Shutdown, ShutdownSignals, Supervisor
+    from shared.config import Supervision
+    from shared.supervisor import Shutdown, ShutdownSignals, Supervisor
 
     signals = ShutdownSignals()
     signals.install()
-    sup = Supervisor()
+    # The quitter dies at once and then waits 60 s in backoff: signals must stop everything meanwhile.
+    sup = Supervisor(Supervision(backoff_s=60.0, backoff_max_s=60.0), guard=signals.deferred)
     try:
-        with signals.deferred():
-            sup.start("stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"])
-        print("ready", flush=True)
-        code = sup.watch(poll_s=0.05)
+        sup.start("stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & sleep 300 & wait"])
+        quitter = sup.start("quitter", ["sh", "-c", "sleep 300 & exit 3"])  # leaves a grandchild behind
+        waiting = []
+
+        def report_backoff() -> None:
+            if quitter.restart_at is not None and not waiting:
+                waiting.append(True)
+                print(f"ready {quitter.pid}", flush=True)
+
+        code = sup.watch(poll_s=0.05, on_tick=report_backoff)
     except Shutdown:
         code = 0
     finally:
@@ -136,9 +188,11 @@ def test_sigterm_stops_the_tree_even_when_repeated_during_shutdown() -> None:
     tree: list[psutil.Process] = []
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+        ready, quitter_pid = proc.stdout.readline().split()
+        assert ready == "ready"  # the quitter died and waits in backoff
         _wait_for(lambda: len(_descendants(proc.pid)) >= 3, 10, "grandchildren")
-        tree = _descendants(proc.pid)
+        tree = _descendants(proc.pid) + _group(int(quitter_pid))  # and the orphan the quitter left in its group
+        assert len(tree) == 4, [p.cmdline() for p in tree]
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)  # a second signal must not interrupt the cleanup
