@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.auth import init_auth
 from api.errors import register_error_handlers, validation_error_response
 from api.ratelimit import apply_rate_limits, init_rate_limits
+from api.redis_client import api_redis_pool
 from api.request_ids import init_request_ids
 from shared.artifact_store import ArtifactStore
 from shared.config import Settings
-from shared.db import make_engine, make_session_factory
+from shared.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
 from shared.logs import configure_logging
 from worker.celery_app import create_celery
@@ -92,6 +93,7 @@ def create_wsgi_app() -> OpenAPI:
     """The production entry point (``gunicorn 'api:create_wsgi_app()'``): JSON logs, then the app."""
     settings = Settings.from_env()
     configure_logging("api", settings.log_level)
+    install_deadlines()  # a frozen database is a 503, not a hung thread (shared/db.py)
     return create_app(settings)
 
 
@@ -113,15 +115,14 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    engine = make_engine(settings.require_database_url())
+    engine = make_engine(settings.require_database_url(), bounds=Bounds.for_api(settings.timeouts))
+    redis_pool = api_redis_pool(settings)
     app.extensions["alphaforge"] = ApiServices(
         settings=settings,
         engine=engine,
         session_factory=make_session_factory(engine),
         celery=create_celery(settings),
-        redis=redis.Redis.from_url(
-            settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=2, health_check_interval=30
-        ),
+        redis=redis.Redis(connection_pool=redis_pool),
         artifacts=ArtifactStore.from_settings(settings),
     )
     register_error_handlers(app)
@@ -129,7 +130,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     init_request_ids(app)
     init_auth(app, settings)
     app.before_request(_require_json_body)
-    limiter = init_rate_limits(app, settings)
+    limiter = init_rate_limits(app, settings, redis_pool)
 
     from api import accounts, artifacts, audit, calculations, events, health, jobs, previews, runs, scripts
 

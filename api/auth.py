@@ -31,9 +31,11 @@ from shared.models import User
 
 JWT_ISSUER = "alphaforge"
 
-PUBLIC_ENDPOINTS = frozenset({"accounts.register", "accounts.login", "accounts.refresh", "health.health", "docs"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"accounts.register", "accounts.login", "accounts.refresh", "health.health", "health.live", "health.ready", "docs"}
+)
 # Operations (api/metrics.py): readiness for orchestrators; metrics guarded by ALPHAFORGE_METRICS_TOKEN when set.
-PUBLIC_ENDPOINTS |= {"ops_metrics.ready", "ops_metrics.metrics"}
+PUBLIC_ENDPOINTS |= {"ops_metrics.metrics"}
 _PUBLIC_BLUEPRINTS = ("openapi.", "swagger.")  # the generated OpenAPI document and the Swagger UI
 
 

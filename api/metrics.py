@@ -1,4 +1,4 @@
-"""``GET /metrics`` (Prometheus text format) and ``GET /api/health/ready`` (readiness).
+"""``GET /metrics`` (Prometheus text format); readiness is in api/health.py.
 
 Metrics are read at scrape time from where the truth is: job counts and sandbox rejections from PostgreSQL, queue
 depths from the broker, latency histograms from Redis (shared/metrics_store.py: every API and worker process adds
@@ -11,12 +11,10 @@ import hmac
 import logging
 import time
 from collections.abc import Iterator
-from functools import cache
 from typing import Any
 
 import redis
-from alembic.script import ScriptDirectory
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, request
 from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -24,18 +22,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from api import services
+from api.health import PRIORITY_SEP, QUEUE_NAMES
 from shared import metrics_store
 from shared.errors import Unauthorized
-from shared.migrate import alembic_config
 
 log = logging.getLogger(__name__)
 
 bp = APIBlueprint("ops_metrics", __name__, abp_tags=[Tag(name="operations")])
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-QUEUE_NAMES = ("interactive", "bulk", "maintenance")
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: "<queue>\x06\x16<priority>" for priorities above 0
-READY_WORKER_PING_S = 1.0
 
 
 class _Collector(Collector):
@@ -112,70 +107,6 @@ def metrics() -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     return Response(generate_latest(registry), mimetype=None, content_type=PROMETHEUS_CONTENT_TYPE)
-
-
-@cache
-def _migration_heads(database_url: str) -> frozenset[str]:
-    return frozenset(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
-
-
-def _timed(check: Any) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        info = check() or {}
-        ok = info.pop("ok", True)
-        return {"ok": ok, "latency_ms": round(1000 * (time.perf_counter() - started), 1), **info}
-    except Exception as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-
-@bp.get("/api/health/ready")
-def ready() -> Response:
-    """Readiness: the database answers with the migrations at the code's head, the broker answers, and at least
-    one worker answers, one of them consuming ``interactive``; with each queue's depth and consumers (``queues``).
-    200 when all hold, 503 otherwise (``/api/health`` is the liveness check)."""
-    svc = services()
-
-    def database() -> dict[str, Any]:
-        with svc.engine.connect() as conn:
-            current = set(conn.scalars(text("SELECT version_num FROM alembic_version")))
-        expected = _migration_heads(svc.settings.require_database_url())
-        return {"ok": current == expected, "revision": sorted(current), "expected": sorted(expected)}
-
-    def broker() -> None:
-        svc.redis.ping()
-
-    consumers: dict[str, list[dict[str, Any]]] = {}
-
-    def workers() -> dict[str, Any]:
-        # Each live worker answers with the queues it consumes (one broadcast, as a ping would be).
-        consumers.update(svc.celery.control.inspect(timeout=READY_WORKER_PING_S).active_queues() or {})
-        return {"ok": bool(consumers), "count": len(consumers)}
-
-    def queues() -> dict[str, Any]:
-        """Per queue: messages waiting (all priorities) and live workers consuming it. Not ready while no worker
-        consumes ``interactive`` (the API's jobs would wait for ever)."""
-        pipe = svc.redis.pipeline(transaction=False)
-        for queue in QUEUE_NAMES:
-            for priority in range(10):
-                pipe.llen(queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}")
-        lengths = pipe.execute()
-        per_queue = {
-            queue: {
-                "depth": sum(lengths[i * 10 : (i + 1) * 10]),
-                "workers": sum(1 for qs in consumers.values() if any(q.get("name") == queue for q in qs or [])),
-            }
-            for i, queue in enumerate(QUEUE_NAMES)
-        }
-        return {"ok": per_queue["interactive"]["workers"] > 0, **per_queue}
-
-    checks = {"database": _timed(database), "broker": _timed(broker)}
-    checks["workers"] = _timed(workers) if checks["broker"]["ok"] else {"ok": False, "error": "broker unreachable"}
-    checks["queues"] = _timed(queues) if checks["broker"]["ok"] else {"ok": False, "error": "broker unreachable"}
-    ok = all(c["ok"] for c in checks.values())
-    response = jsonify({"status": "ready" if ok else "not_ready", **checks})
-    response.status_code = 200 if ok else 503
-    return response
 
 
 def init_request_metrics(app: Flask) -> None:

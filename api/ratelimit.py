@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
@@ -48,11 +49,12 @@ def _failed_login(response: Response) -> bool:
     return response.status_code == 401
 
 
-def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
+def init_rate_limits(app: Flask, settings: Settings, pool: redis.ConnectionPool) -> Limiter:
+    """``pool``: the app's Redis pool (api/redis_client.py), whose breaker makes a dead Redis cost one timeout."""
     limiter = Limiter(
         key_func=_address_key,
         storage_uri=settings.require_redis_url(),
-        storage_options={"socket_connect_timeout": 2, "socket_timeout": 2},
+        storage_options={"connection_pool": pool},  # type: ignore[dict-item]  # limits' RedisStorage takes a pool
         strategy="moving-window",
         key_prefix=_LIMIT_KEY_PREFIX,
         swallow_errors=True,

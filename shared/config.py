@@ -246,6 +246,35 @@ class Supervision:
             )
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on every wait for PostgreSQL and Redis (shared/db.py, api/__init__.py, api/health.py).
+
+    An API request never waits longer than these for a server that stopped answering: it gets a 503 instead. A
+    frozen server (SIGSTOP, a hung host) still ACKs TCP, so server-side timeouts alone cannot bound that wait; the
+    client-side deadline of each statement (its statement timeout plus ``DB_DEADLINE_MARGIN_S``) does."""
+
+    db_connect_s: float = 1.5  # ALPHAFORGE_DB_CONNECT_TIMEOUT: opening a PostgreSQL connection (TCP + startup)
+    db_ping_s: float = 1.0  # ALPHAFORGE_DB_PING_TIMEOUT: the liveness ping of a pooled connection at checkout
+    # ALPHAFORGE_DB_STATEMENT_TIMEOUT: one SQL statement of an API request (server-side statement_timeout; the client
+    # gives up half a second later)
+    db_statement_s: float = 3.0
+    db_lock_s: float = 2.0  # ALPHAFORGE_DB_LOCK_TIMEOUT: waiting for a row or advisory lock in an API request
+    db_pool_checkout_s: float = 2.0  # ALPHAFORGE_DB_POOL_TIMEOUT: waiting for a free pooled connection
+    # ALPHAFORGE_DB_WORKER_STATEMENT_TIMEOUT: one SQL statement of a worker, beat or CLI (large bar loads, bulk
+    # upserts); a worker whose statement times out retries its shard with backoff
+    db_worker_statement_s: float = 600.0
+    db_idle_in_transaction_s: float = 60.0  # ALPHAFORGE_DB_IDLE_IN_TRANSACTION_TIMEOUT: a transaction left open
+    redis_connect_s: float = 1.0  # ALPHAFORGE_REDIS_CONNECT_TIMEOUT: opening a Redis connection (API)
+    redis_socket_s: float = 1.0  # ALPHAFORGE_REDIS_TIMEOUT: one Redis command of an API request
+    # ALPHAFORGE_REDIS_COOLDOWN: after a Redis command of the API failed for want of an answer, the API's further
+    # Redis calls fail at once for this long (rate limits open, a 503 where Redis is needed) instead of each
+    # waiting its own timeout
+    redis_cooldown_s: float = 2.0
+    health_cache_s: float = 1.0  # ALPHAFORGE_HEALTH_CACHE: how long one health check answers every probe (0: none)
+    health_budget_s: float = 2.5  # ALPHAFORGE_HEALTH_BUDGET: the longest a health or readiness probe waits
+
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -340,6 +369,7 @@ class Settings:
     api: ApiServer = field(default_factory=ApiServer)
     artifacts: ArtifactStorage = field(default_factory=ArtifactStorage)
     supervision: Supervision = field(default_factory=Supervision)
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -454,6 +484,24 @@ class Settings:
                 s3_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
                 s3_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
                 s3_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            ),
+            timeouts=Timeouts(
+                db_connect_s=_float(env, "ALPHAFORGE_DB_CONNECT_TIMEOUT", Timeouts.db_connect_s),
+                db_ping_s=_float(env, "ALPHAFORGE_DB_PING_TIMEOUT", Timeouts.db_ping_s),
+                db_statement_s=_float(env, "ALPHAFORGE_DB_STATEMENT_TIMEOUT", Timeouts.db_statement_s),
+                db_lock_s=_float(env, "ALPHAFORGE_DB_LOCK_TIMEOUT", Timeouts.db_lock_s),
+                db_pool_checkout_s=_float(env, "ALPHAFORGE_DB_POOL_TIMEOUT", Timeouts.db_pool_checkout_s),
+                db_worker_statement_s=_float(
+                    env, "ALPHAFORGE_DB_WORKER_STATEMENT_TIMEOUT", Timeouts.db_worker_statement_s
+                ),
+                db_idle_in_transaction_s=_float(
+                    env, "ALPHAFORGE_DB_IDLE_IN_TRANSACTION_TIMEOUT", Timeouts.db_idle_in_transaction_s
+                ),
+                redis_connect_s=_float(env, "ALPHAFORGE_REDIS_CONNECT_TIMEOUT", Timeouts.redis_connect_s),
+                redis_socket_s=_float(env, "ALPHAFORGE_REDIS_TIMEOUT", Timeouts.redis_socket_s),
+                redis_cooldown_s=_float(env, "ALPHAFORGE_REDIS_COOLDOWN", Timeouts.redis_cooldown_s),
+                health_cache_s=max(0.0, _float(env, "ALPHAFORGE_HEALTH_CACHE", Timeouts.health_cache_s, minimum=-1.0)),
+                health_budget_s=_float(env, "ALPHAFORGE_HEALTH_BUDGET", Timeouts.health_budget_s),
             ),
             supervision=Supervision(
                 backoff_s=_float(env, "ALPHAFORGE_RESTART_BACKOFF", Supervision.backoff_s),
@@ -571,6 +619,18 @@ class Settings:
             "ALPHAFORGE_RESTART_STABLE_AFTER": str(self.supervision.stable_after_s),
             "ALPHAFORGE_RESTART_MAX": str(self.supervision.max_restarts),
             "ALPHAFORGE_RESTART_WINDOW": str(self.supervision.window_s),
+            "ALPHAFORGE_DB_CONNECT_TIMEOUT": str(self.timeouts.db_connect_s),
+            "ALPHAFORGE_DB_PING_TIMEOUT": str(self.timeouts.db_ping_s),
+            "ALPHAFORGE_DB_STATEMENT_TIMEOUT": str(self.timeouts.db_statement_s),
+            "ALPHAFORGE_DB_LOCK_TIMEOUT": str(self.timeouts.db_lock_s),
+            "ALPHAFORGE_DB_POOL_TIMEOUT": str(self.timeouts.db_pool_checkout_s),
+            "ALPHAFORGE_DB_WORKER_STATEMENT_TIMEOUT": str(self.timeouts.db_worker_statement_s),
+            "ALPHAFORGE_DB_IDLE_IN_TRANSACTION_TIMEOUT": str(self.timeouts.db_idle_in_transaction_s),
+            "ALPHAFORGE_REDIS_CONNECT_TIMEOUT": str(self.timeouts.redis_connect_s),
+            "ALPHAFORGE_REDIS_TIMEOUT": str(self.timeouts.redis_socket_s),
+            "ALPHAFORGE_REDIS_COOLDOWN": str(self.timeouts.redis_cooldown_s),
+            "ALPHAFORGE_HEALTH_CACHE": str(self.timeouts.health_cache_s),
+            "ALPHAFORGE_HEALTH_BUDGET": str(self.timeouts.health_budget_s),
         }  # JWT_SECRET_KEY is left out on purpose: only the API needs it (the launcher hands it to the API alone)
         store = self.artifacts  # the worker writes artifacts and the API serves them: both need the same store
         optional = {

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from api.ratelimit import reset_rate_limits
 from shared import dbadmin, migrate
-from shared.config import SandboxLimits, Settings
+from shared.config import SandboxLimits, Settings, Timeouts
 from shared.db import make_engine, make_session_factory
 from shared.embedded import EmbeddedServers
 from shared.models import Base, UserRole
@@ -90,6 +90,8 @@ def settings(test_servers: ServerUrls) -> Iterator[Settings]:
         enqueue_timeout_s=3.0,
         sandbox=SandboxLimits(symbol_timeout_s=3.0, memory_mb=512),
         jwt_secret_key=secrets.token_urlsafe(48),
+        # Every probe checks afresh (tests change state and look at once); single-flight still holds.
+        timeouts=Timeouts(health_cache_s=0.0),
     )
     dbadmin.drop_database(test_servers.server_database_url, name)
 

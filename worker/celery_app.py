@@ -37,14 +37,16 @@ def visibility_timeout_s(settings: Settings) -> int:
     return max(3600, 2 * shard_time_limit_s(settings))
 
 
-def create_celery(settings: Settings) -> Celery:
+def create_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
+    """``set_as_current=False``: an extra app of the same config (the API's health checker) that leaves the process's
+    current app alone."""
     redis_url = settings.require_redis_url()
     app = Celery(
         "alphaforge",
         broker=redis_url,
         backend=redis_url,
         include=["worker.tasks", "worker.sandbox_probe", "worker.backtest_tasks", "worker.optimization_tasks"],
-        set_as_current=True,
+        set_as_current=set_as_current,
     )
     app.conf.update(
         task_serializer="json",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import calculations, jobs, leases, log_context
 from shared.config import Settings
-from shared.db import make_engine, make_session_factory
+from shared.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.events import RedisJobEvents
 from worker.celery_app import TASK_RUN_CALCULATION_SHARD
 from worker.sandbox_runner import run_script
@@ -43,11 +43,15 @@ class ServicesTask(Task):
     def services(self) -> WorkerServices:
         if self._services is None:
             settings: Settings = self.app.conf.alphaforge_settings
-            engine = make_engine(settings.require_database_url(), pool_size=2)
+            install_deadlines()  # a frozen database ends a wait with an error (then a retry), never a hang
+            bounds = Bounds.for_workers(settings.timeouts)
+            engine = make_engine(settings.require_database_url(), pool_size=2, bounds=bounds)
             events = RedisJobEvents(
                 redis.Redis.from_url(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
             )
-            lease_engine = make_engine(settings.require_database_url(), pool_size=1)
+            # A renewal is one tiny UPDATE: bounded like an API statement, so a frozen database costs it a missed beat.
+            lease_engine = make_engine(settings.require_database_url(), pool_size=1,
+                                       bounds=Bounds.for_api(settings.timeouts))  # fmt: skip
             self._services = WorkerServices(settings, engine, make_session_factory(engine), events, lease_engine)
         return self._services
 
