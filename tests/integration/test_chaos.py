@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -241,49 +240,60 @@ def _postgres_processes(server: EmbeddedPostgres) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-def _busy_worker(stack: Stack, rng: random.Random) -> str:
-    """A worker that is running a shard right now (the fault must hit work in flight), else any."""
-    active: dict[str, Any] = {}
-    for _attempt in range(3):  # a connection the broker's restart closed fails once
-        celery = create_celery(stack.settings)
-        try:
-            active = celery.control.inspect(timeout=1.0).active() or {}
-            break
-        except (redis.RedisError, OSError) as exc:
-            print(f"[chaos] asking the workers what they run failed ({exc}); asking again", flush=True)
-        finally:
-            celery.close()
-    busy = sorted(name for name in stack.workers if any(host.startswith(f"{name}@") and tasks
-                                                        for host, tasks in active.items()))  # fmt: skip
-    return rng.choice(busy or sorted(stack.workers))
+@dataclass(frozen=True)
+class Hit:
+    """What a fault struck: its description and the shards that were running when it did (id -> attempts)."""
+
+    what: str
+    shards: dict[int, int]
 
 
-def kill_worker_main(stack: Stack, rng: random.Random) -> str:
-    name = _busy_worker(stack, rng)
+def _running(factory: sessionmaker[Session]) -> list[tuple[int, int, str]]:
+    """Running shards with a lease: (shard id, attempts, holder "<node> pid <pool pid>")."""
+    with factory() as session:
+        rows = session.execute(
+            select(JobShard.id, JobShard.attempts, JobShard.lease_holder).where(
+                JobShard.status == "running", JobShard.lease_holder.is_not(None)
+            )
+        ).all()
+    return [(shard_id, attempts, str(holder)) for shard_id, attempts, holder in rows]
+
+
+def _victim(stack: Stack, rng: random.Random) -> tuple[str, int, dict[int, int]]:
+    """A pool process running a shard now, from the shards' leases: (worker name, pool pid, its shards)."""
+    _wait(lambda: _running(stack.factory), 60, "a shard running for the fault to hit")
+    running = _running(stack.factory)
+    holder = rng.choice(sorted({h for _, _, h in running}))
+    node, _, pid = holder.rpartition(" pid ")
+    name = node.partition("@")[0]
+    assert name in stack.workers, holder
+    return name, int(pid), {shard_id: attempts for shard_id, attempts, h in running if h == holder}
+
+
+def kill_worker_main(stack: Stack, rng: random.Random) -> Hit:
+    name, _, shards = _victim(stack, rng)
     proc = stack.workers[name]
     os.kill(proc.pid, signal.SIGKILL)  # its pool and sandbox processes follow (PDEATHSIG)
     proc.wait(timeout=10)
     stack.start_worker(name)  # what `up`'s supervisor does
-    return f"SIGKILL of {name}'s main process (pid {proc.pid}), restarted"
+    return Hit(f"SIGKILL of {name}'s main process (pid {proc.pid}), started again", shards)
 
 
-def kill_pool_process(stack: Stack, rng: random.Random) -> str:
-    name = _busy_worker(stack, rng)
-    main = psutil.Process(stack.workers[name].pid)
-    pool = main.children()
-    _wait(lambda: bool(main.children()), 30, f"{name}'s pool process")
-    victim = rng.choice(pool or main.children())
-    victim.kill()
-    return f"SIGKILL of {name}'s pool process (pid {victim.pid})"
+def kill_pool_process(stack: Stack, rng: random.Random) -> Hit:
+    name, pid, shards = _victim(stack, rng)
+    os.kill(pid, signal.SIGKILL)  # Celery replaces the process; the task comes back (reject_on_worker_lost)
+    return Hit(f"SIGKILL of {name}'s pool process (pid {pid})", shards)
 
 
-def restart_redis(stack: Stack, rng: random.Random) -> str:
+def restart_redis(stack: Stack, rng: random.Random) -> Hit:
+    shards = {shard_id: attempts for shard_id, attempts, _ in _running(stack.factory)}
     stack.redis.stop()  # SIGTERM: the append-only file is flushed
     stack.redis.start()  # the same port and data dir
-    return f"Redis restarted on port {stack.redis.port}"
+    return Hit(f"Redis restarted on port {stack.redis.port}", shards)
 
 
-def pause_postgres(stack: Stack, rng: random.Random) -> str:
+def pause_postgres(stack: Stack, rng: random.Random) -> Hit:
+    shards = {shard_id: attempts for shard_id, attempts, _ in _running(stack.factory)}
     procs = _postgres_processes(stack.postgres)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -294,18 +304,11 @@ def pause_postgres(stack: Stack, rng: random.Random) -> str:
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.resume()
-    return f"PostgreSQL paused for {PAUSE_S:.0f} s ({len(procs)} processes)"
+    return Hit(f"PostgreSQL paused for {PAUSE_S:.0f} s ({len(procs)} processes)", shards)
 
 
-FAULTS: list[Callable[[Stack, random.Random], str]] = [kill_worker_main, kill_pool_process, restart_redis,
+FAULTS: list[Callable[[Stack, random.Random], Hit]] = [kill_worker_main, kill_pool_process, restart_redis,
                                                        pause_postgres]  # fmt: skip
-
-
-def _open_shards(factory: sessionmaker[Session]) -> dict[int, int]:
-    """Running shards and their attempts so far."""
-    with factory() as session:
-        rows = session.execute(select(JobShard.id, JobShard.attempts).where(JobShard.status == "running")).all()
-    return {shard_id: attempts for shard_id, attempts in rows}
 
 
 def _wait_in_flight_moved(factory: sessionmaker[Session], before: dict[int, int]) -> None:
@@ -377,16 +380,15 @@ def test_mixed_workload_survives_a_seeded_schedule_of_faults(stack: Stack, test_
     recoveries: list[tuple[str, float, float]] = []
     for n, fault in enumerate(schedule):
         _submit(chaos_client, chaos[n])  # one more part of the workload before each fault: work is in flight
-        _wait(lambda: _open_shards(stack.factory), 60, "a shard in flight for the fault to hit")
+        _wait(lambda: _running(stack.factory), 60, "a shard running for the fault to hit")
         time.sleep(rng.uniform(0.0, 0.3))  # the schedule's jitter (pacing, not a wait for a condition)
-        in_flight = _open_shards(stack.factory)
         struck = time.monotonic()
-        what = fault(stack, rng)
-        print(f"[chaos] {time.monotonic() - chaos_started:.1f} s: {what}, {len(in_flight)} shards in flight", flush=True)
-        _wait_in_flight_moved(stack.factory, in_flight)
+        hit = fault(stack, rng)
+        print(f"[chaos] {struck - chaos_started:.1f} s: {hit.what}, hitting shards {sorted(hit.shards)}", flush=True)
+        _wait_in_flight_moved(stack.factory, hit.shards)
         moved_s = time.monotonic() - struck
         probe_s = _probe(probe_client, rng.choice(CALC_SYMBOLS))
-        recoveries.append((f"{what} ({len(in_flight)} shards in flight)", moved_s, probe_s))
+        recoveries.append((f"{hit.what} ({len(hit.shards)} shards hit)", moved_s, probe_s))
     for item in chaos[len(schedule) :]:
         _submit(chaos_client, item)
 
