@@ -14,11 +14,16 @@ are raised for the run (they would otherwise answer 429 by design); logs at WARN
    kept-alive connection, against its floor measured in the same run: one bare Celery task round trip on the same
    broker (``celery.accumulate``, result over the Redis backend) plus one sandbox process start (the same runner the
    worker uses, one symbol). Goal: at most 2x the floor.
+3. The API's CPU cost per request, from the API processes' own counters (psutil: user + system time of the gunicorn
+   master and its workers), one kind at a time: 16 clients polling one finished job for 5 s, then 16 clients
+   submitting one-symbol jobs for 5 s. Unlike latencies, these figures do not depend on what else competes for the
+   machine's cores, so capacity can be read from them (one core serves 1000 / ms requests a second).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -27,9 +32,11 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from sqlalchemy import text
 
 from benchmarks.stack import bench_stack
@@ -123,6 +130,46 @@ def load_client(port: int, token: str, symbol: str, until: float, tally: Tally) 
         tally.errors += errors
 
 
+def api_cpu_s(api: psutil.Process) -> float:
+    """CPU seconds (user + system) the API has used so far: the gunicorn master and its worker processes."""
+    total = 0.0
+    for proc in [api, *api.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def cpu_per_request(
+    api: psutil.Process, make_client: Callable[[], Client], clients: int, seconds: float, one: Callable[[Client], int]
+) -> tuple[float, int]:
+    """(ms of the API's CPU per request, requests): ``clients`` threads doing only ``one`` kind of request (which
+    returns its HTTP status) for ``seconds``. Read from the API processes' own counters, so the figure holds apart
+    from what else competes for this machine's cores."""
+    counts: list[int] = []
+    failures: list[int] = []
+    until = time.monotonic() + seconds
+
+    def run(client: Client) -> None:
+        n = 0
+        while time.monotonic() < until:
+            status = one(client)
+            if status >= 400:
+                failures.append(status)
+            n += 1
+        counts.append(n)
+
+    before = api_cpu_s(api)
+    threads = [threading.Thread(target=run, args=(make_client(),)) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    used = api_cpu_s(api) - before
+    assert not failures, failures[:5]
+    return 1000 * used / max(1, sum(counts)), sum(counts)
+
+
 def trivial_job_latency(port: int, token: str, symbol: str) -> float:
     client = Client(port, token)
     began = time.perf_counter()
@@ -163,8 +210,8 @@ def main() -> int:
                "ALPHAFORGE_RATE_LIMIT_SUBMIT": "1000000/minute", "ALPHAFORGE_RATE_LIMIT_LOGIN": "1000/minute",
                "ALPHAFORGE_MAX_ACTIVE_JOBS": "100000"}  # fmt: skip
         commands = dict(child_commands(settings))
-        for name in ("api", "worker"):
-            stack.spawn(commands[name], env)
+        api = psutil.Process(stack.spawn(commands["api"], env).pid)
+        stack.spawn(commands["worker"], env)
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -210,6 +257,25 @@ def main() -> int:
         print(f"  jobs finished {tally.jobs:,}: {tally.jobs / elapsed:.1f} jobs/s")
 
         time.sleep(2)  # let the queue drain
+
+        # The API's CPU per request, one kind at a time (a poll of a finished job; a one-symbol submission).
+        job_body = {"script": SCRIPT, "column_name": "c", "stock_symbols": [symbols[0]]}
+        status, done = Client(port, tokens[0]).request("POST", "/api/custom-calculations/execute", job_body)
+        assert status == 202, done
+        job_path = f"/api/jobs/{done['job_id']}"
+
+        def poll(client: Client) -> int:
+            return client.request("GET", job_path)[0]
+
+        def submit(client: Client) -> int:
+            return client.request("POST", "/api/custom-calculations/execute", job_body)[0]
+
+        poll_ms, polls = cpu_per_request(api, lambda: Client(port, tokens[0]), 16, 5.0, poll)
+        submit_ms, submits = cpu_per_request(api, lambda: Client(port, tokens[1 % len(tokens)]), 16, 5.0, submit)
+        print(f"API CPU per request (its processes' own counters): poll {poll_ms:.2f} ms ({polls:,} polls), "
+              f"submit {submit_ms:.2f} ms ({submits:,} submissions); one core serves about {1000 / poll_ms:,.0f} "
+              f"polls/s or {1000 / submit_ms:,.0f} submissions/s")  # fmt: skip
+        time.sleep(2)  # let the queue drain
         latencies = [trivial_job_latency(port, tokens[0], symbols[0]) for _ in range(args.latency_samples)]
         app = create_celery(settings)
         round_trips = []
@@ -235,6 +301,7 @@ def main() -> int:
               f"ratio {trivial / floor:.2f} (goal <= 2.00)")  # fmt: skip
         engine.dispose()
         return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
