@@ -92,12 +92,16 @@ class VirtualLink:
             _ip("netns", "del", self.netns)
 
 
-# $1: the hostname; $2...: the command. /tmp becomes an empty tmpfs of this mount namespace alone (propagation
-# private: nothing is mounted on the first host), then the data directory and HOME are made inside it.
+# $1: the hostname; $2: the code's directory; $3...: the command. /tmp becomes an empty tmpfs of this mount
+# namespace alone (propagation private: nothing is mounted on the first host), then the data directory and HOME are
+# made inside it. Code that lives under /tmp (a CI clone) is held on /mnt meanwhile and put back at its path, as the
+# same image would be installed on a real second host.
 _SECOND_HOST_SHELL = (
-    'set -e; hostname "$1"; shift; '
+    'set -e; hostname "$1"; code="$2"; shift 2; '
+    'case "$code" in /tmp/*) mount --bind "$code" /mnt;; esac; '
     f"mount -t tmpfs -o mode=1777,size={SECOND_HOST_TMP_MB}m af-second-host /tmp; "
-    'mkdir -p "$ALPHAFORGE_DATA_DIR" "$HOME" "$TMPDIR"; exec "$@"'
+    'case "$code" in /tmp/*) mkdir -p "$code"; mount --move /mnt "$code";; esac; '
+    'cd "$code"; mkdir -p "$ALPHAFORGE_DATA_DIR" "$HOME" "$TMPDIR"; exec "$@"'
 )
 
 
@@ -107,7 +111,7 @@ def popen_on_second_host(
     """Start ``argv`` on the second host. ``env`` must set ALPHAFORGE_DATA_DIR, HOME and TMPDIR under /tmp (that
     host's own). Every step execs the next, so the returned process is ``argv``'s own (a SIGKILL reaches it)."""
     command = ["ip", "netns", "exec", link.netns, "unshare", "--uts", "--mount", "--propagation", "private",
-               "sh", "-c", _SECOND_HOST_SHELL, "second-host", hostname, *argv]  # fmt: skip
+               "sh", "-c", _SECOND_HOST_SHELL, "second-host", hostname, str(cwd.resolve()), *argv]  # fmt: skip
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

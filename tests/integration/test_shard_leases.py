@@ -90,8 +90,17 @@ def _kill_mid_job_and_measure(
             done = session.scalar(select(func.count()).where(JobShard.job_id == job_id, JobShard.status == "succeeded"))
         return bool(_held(factory, job_id, f"{tag}-a@")) and (done or 0) >= 1
 
-    wait_for(a_is_mid_job, 90, "worker A to hold running shards in the middle of the job")
-    os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its pool follows (PDEATHSIG)
+    # Freeze A's whole process group before looking at what it holds, so that nothing it holds can finish between the
+    # look and the kill; if it holds nothing at that instant, let it go on and look again.
+    deadline = time.monotonic() + 90
+    while True:
+        wait_for(a_is_mid_job, 90, "worker A to hold running shards in the middle of the job")
+        os.killpg(worker_a.pid, signal.SIGSTOP)
+        if _held(factory, job_id, f"{tag}-a@"):
+            break
+        os.killpg(worker_a.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "worker A never held a running shard when frozen"
+    os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its frozen pool follows (PDEATHSIG)
     killed_at = time.monotonic()
     worker_a.wait(timeout=10)
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group(worker_a.pid)),
