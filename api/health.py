@@ -79,7 +79,8 @@ class HealthChecker:
                                           socket_timeout=step, retry=Retry(NoBackoff(), 0))  # fmt: skip
         self.celery: Celery = create_celery(settings, set_as_current=False)
         self.celery.conf.broker_connection_timeout = step
-        self.celery.conf.broker_connection_max_retries = 0
+        transport = dict(self.celery.conf.broker_transport_options)
+        self.celery.conf.broker_transport_options = transport | {"socket_timeout": step, "socket_connect_timeout": step}
         self._cond = threading.Condition()
         self._result: dict[str, Any] | None = None
         self._checked_at = 0.0
