@@ -28,7 +28,7 @@ COPY api ./api
 
 # Compile the backtest kernels into the image: a fresh worker would otherwise spend 10-20 s on its first
 # backtest. (The sandbox needs libseccomp2, which the Debian base already has: apt depends on it.)
-RUN python -m shared.backtest.warmup && chown -R alphaforge:alphaforge /app/numba-cache
+RUN python -m shared.domain.backtest.warmup && chown -R alphaforge:alphaforge /app/numba-cache
 
 USER alphaforge
 

@@ -18,12 +18,12 @@ from api.errors import register_error_handlers, validation_error_response
 from api.ratelimit import apply_rate_limits, init_rate_limits
 from api.redis_client import api_redis_pool
 from api.request_ids import init_request_ids
-from shared.artifact_store import ArtifactStore
-from shared.config import Settings
-from shared.db import Bounds, install_deadlines, make_engine, make_session_factory
+from shared.contract import create_celery
 from shared.errors import InvalidJson, UnsupportedMediaType, ValidationFailed
-from shared.logs import configure_logging
-from worker.celery_app import create_celery
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import Settings
+from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
+from shared.infra.logs import configure_logging
 
 API_VERSION = "0.1.0"
 
@@ -93,7 +93,7 @@ def create_wsgi_app() -> OpenAPI:
     """The production entry point (``gunicorn 'api:create_wsgi_app()'``): JSON logs, then the app."""
     settings = Settings.from_env()
     configure_logging("api", settings.log_level)
-    install_deadlines()  # a frozen database is a 503, not a hung thread (shared/db.py)
+    install_deadlines()  # a frozen database is a 503, not a hung thread (shared/infra/db.py)
     return create_app(settings)
 
 

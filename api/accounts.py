@@ -27,11 +27,11 @@ from api.account_schemas import (
 from api.audit import audit
 from api.auth import current_principal, decode_jwt, issue_tokens, seconds_left
 from api.schemas import ErrorResponse
-from shared import api_keys, revocation, users
-from shared.audit import AuditAction
-from shared.db import session_scope
+from shared.accounts import api_keys, revocation, users
+from shared.accounts.audit import AuditAction
 from shared.errors import BadRequest, Forbidden, Unauthorized
-from shared.models import ApiKey, User
+from shared.infra.db import session_scope
+from shared.infra.models import ApiKey, User
 
 log = logging.getLogger(__name__)
 

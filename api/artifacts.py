@@ -15,10 +15,11 @@ from pydantic import BaseModel, Field
 from api import BEARER_SECURITY, services
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import artifacts, runs
-from shared.access import require_read
+from shared.accounts.access import require_read
 from shared.errors import Conflict, NotFound
-from shared.models import Job, RunManifest
+from shared.infra.models import Job, RunManifest
+from shared.jobs.backtests import artifacts
+from shared.jobs.backtests import service as runs
 
 bp = APIBlueprint(
     "artifacts", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY

@@ -14,11 +14,11 @@ from api.account_schemas import AuditEntry, AuditPage, AuditQuery
 from api.auth import current_principal
 from api.ratelimit import client_address
 from api.schemas import ErrorResponse
-from shared import audit as audit_log
-from shared.access import Principal
-from shared.audit import AuditAction
+from shared.accounts import audit as audit_log
+from shared.accounts.access import Principal
+from shared.accounts.audit import AuditAction
 from shared.errors import Forbidden, ValidationFailed
-from shared.models import AuditLog
+from shared.infra.models import AuditLog
 
 bp = APIBlueprint("audit", __name__, url_prefix="/api", abp_tags=[Tag(name="audit")], abp_security=BEARER_SECURITY)
 

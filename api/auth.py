@@ -6,7 +6,7 @@ without doing anything. Credentials are ``Authorization: Bearer <token>`` where 
 
 * a JWT access token (flask-jwt-extended, HS256, issuer ``alphaforge``), not expired, whose ``jti`` and login
   session (``fam``) are not on the Redis denylist, and whose account still exists and is active; or
-* an API key (``afk_...``, see :mod:`shared.api_keys`) that is not revoked or expired.
+* an API key (``afk_...``, see :mod:`shared.accounts.api_keys`) that is not revoked or expired.
 
 Anything else is a 401 ``unauthorized`` with the reason in ``details.reason`` and a ``WWW-Authenticate``
 header. Handlers ask :func:`current_principal` / :func:`current_owner_id`; ownership plugs in there.
@@ -23,11 +23,12 @@ from flask import Flask, Response, g, request
 from flask_jwt_extended import JWTManager, create_access_token, create_refresh_token, decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 
-from shared import api_keys, log_context, revocation
-from shared.access import Principal
-from shared.config import Settings
+from shared.accounts import api_keys, revocation
+from shared.accounts.access import Principal
 from shared.errors import Unauthorized
-from shared.models import User
+from shared.infra import log_context
+from shared.infra.config import Settings
+from shared.infra.models import User
 
 JWT_ISSUER = "alphaforge"
 

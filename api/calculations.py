@@ -13,13 +13,14 @@ from api.audit import audit
 from api.auth import current_principal
 from api.schemas import CalculationExecuteBody, ErrorResponse, JobAccepted
 from api.views import job_links
-from shared import scripts, webhooks
-from shared.audit import AuditAction
-from shared.calculations import CalculationRequest, submit_calculation
+from shared.accounts.audit import AuditAction
+from shared.contract import shard_enqueuer
 from shared.errors import ValidationFailed
-from shared.events import RedisJobEvents
-from shared.models import Job
-from worker.celery_app import shard_enqueuer
+from shared.infra.events import RedisJobEvents
+from shared.infra.models import Job
+from shared.jobs import webhooks
+from shared.jobs.calculations.service import CalculationRequest, submit_calculation
+from shared.library import scripts
 
 bp = APIBlueprint(
     "calculations",

@@ -9,7 +9,7 @@ gone client is noticed), and the stream ends after the terminal event (``finishe
 Otherwise: one JSON page of the events after ``after_id`` with an ``ETag``; ``If-None-Match`` with that tag
 answers ``304`` while nothing new has happened (cheap polling).
 
-The events come from the job's Redis stream (``shared.events``), so any API process serves any job.
+The events come from the job's Redis stream (``shared.infra.events``), so any API process serves any job.
 
 A stream holds one of the API process's threads for as long as the client follows: each process serves at most
 ``ALPHAFORGE_SSE_MAX_STREAMS`` streams at once (below its thread count, so logins, submissions and polls always
@@ -40,12 +40,13 @@ from api import BEARER_SECURITY, services
 from api.auth import current_principal
 from api.schemas import ErrorResponse
 from api.stream_slots import ProcessSlots, UserSlot, UserSlots
-from shared import events as job_events
-from shared import jobs, runs
-from shared.access import require_read
+from shared.accounts.access import require_read
 from shared.errors import CapacityExhausted, NotFound, ValidationFailed
-from shared.events import Event, RedisJobEvents
-from shared.models import Job
+from shared.infra import events as job_events
+from shared.infra.events import Event, RedisJobEvents
+from shared.infra.models import Job
+from shared.jobs import pipeline as jobs
+from shared.jobs.backtests import service as runs
 
 bp = APIBlueprint("events", __name__, url_prefix="/api", abp_tags=[Tag(name="events")], abp_security=BEARER_SECURITY)
 

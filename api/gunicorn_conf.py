@@ -1,4 +1,4 @@
-"""gunicorn's settings for the API, from the same environment as everything else (``shared.config.Settings``).
+"""gunicorn's settings for the API, from the same environment as everything else (``shared.infra.config.Settings``).
 
 One place for them: ``./alphaforge up``, the Dockerfile and docker-compose all run
 ``gunicorn -c python:api.gunicorn_conf 'api:create_wsgi_app()'``.
@@ -10,7 +10,7 @@ below the thread count (``ALPHAFORGE_SSE_MAX_STREAMS``), so that streams never t
 
 from __future__ import annotations
 
-from shared.config import Settings
+from shared.infra.config import Settings
 
 _settings = Settings.from_env()
 

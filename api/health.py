@@ -33,11 +33,11 @@ from sqlalchemy import Engine, text
 
 from api import services
 from api.schemas import HealthView
-from shared.config import Settings
-from shared.db import Bounds, make_engine
-from shared.migrate import alembic_config
-from shared.security import SANDBOX_LAYERS_KEY
-from worker.celery_app import create_celery
+from shared.contract import create_celery
+from shared.infra.config import Settings
+from shared.infra.db import Bounds, make_engine
+from shared.infra.migrate import alembic_config
+from shared.infra.security import SANDBOX_LAYERS_KEY
 
 bp = APIBlueprint("health", __name__, url_prefix="/api", abp_tags=[Tag(name="health")])
 

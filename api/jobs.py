@@ -16,15 +16,16 @@ from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
 from api.views import job_view
-from shared import jobs, runs, security
-from shared.access import require_owner, require_read
-from shared.audit import AuditAction
-from shared.config import QUEUE_MAINTENANCE
+from shared.accounts.access import require_owner, require_read
+from shared.accounts.audit import AuditAction
+from shared.contract import TASK_BUILD_RUN_ARTIFACTS, TASK_FINISH_OPTIMIZATION, TASK_WEBHOOK_DELIVER
 from shared.errors import NotFound, ValidationFailed
-from shared.events import RedisJobEvents
-from shared.models import Job, JobKind
-from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_FINISH_OPTIMIZATION
-from worker.schedule import TASK_WEBHOOK_DELIVER
+from shared.infra import security
+from shared.infra.config import QUEUE_MAINTENANCE
+from shared.infra.events import RedisJobEvents
+from shared.infra.models import Job, JobKind
+from shared.jobs import pipeline as jobs
+from shared.jobs.backtests import service as runs
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``GET /metrics`` (Prometheus text format); readiness is in api/health.py.
 
 Metrics are read at scrape time from where the truth is: job counts and sandbox rejections from PostgreSQL, queue
-depths from the broker, latency histograms from Redis (shared/metrics_store.py: every API and worker process adds
+depths from the broker, latency histograms from Redis (shared/infra/metrics_store.py: every API and worker process adds
 to the same series). ``/metrics`` needs ``Authorization: Bearer <ALPHAFORGE_METRICS_TOKEN>`` when that is set.
 """
 
@@ -23,8 +23,8 @@ from sqlalchemy import text
 
 from api import services
 from api.health import PRIORITY_SEP, QUEUE_NAMES
-from shared import metrics_store
 from shared.errors import Unauthorized
+from shared.infra import metrics_store
 
 log = logging.getLogger(__name__)
 

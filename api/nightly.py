@@ -13,10 +13,11 @@ from api import BEARER_SECURITY, services
 from api.account_schemas import ScriptPath
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import nightly, scripts
-from shared.config import QUEUE_BULK
+from shared.contract import shard_enqueuer
 from shared.errors import Conflict, Forbidden
-from worker.celery_app import shard_enqueuer
+from shared.infra.config import QUEUE_BULK
+from shared.jobs.nightly import service as nightly
+from shared.library import scripts
 
 latest_bp = APIBlueprint(
     "script_latest",

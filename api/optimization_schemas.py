@@ -1,4 +1,4 @@
-"""Request and response schemas of ``/api/optimizations`` (the spec itself is ``shared.optimization``'s)."""
+"""Request and response schemas of ``/api/optimizations`` (the spec: shared.jobs.optimizations)."""
 
 from __future__ import annotations
 

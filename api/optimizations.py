@@ -38,14 +38,17 @@ from api.optimization_schemas import (
 )
 from api.schemas import ErrorResponse
 from api.views import callback_view
-from shared import artifacts, jobs, runs, webhooks
-from shared import optimization as opt_service
-from shared.access import require_owner, require_read
-from shared.audit import AuditAction
+from shared.accounts.access import require_owner, require_read
+from shared.accounts.audit import AuditAction
+from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
 from shared.errors import Conflict, NotFound, ValidationFailed
-from shared.events import RedisJobEvents
-from shared.models import Job, Optimization, RunManifest
-from worker.celery_app import TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
+from shared.infra.events import RedisJobEvents
+from shared.infra.models import Job, Optimization, RunManifest
+from shared.jobs import pipeline as jobs
+from shared.jobs import webhooks
+from shared.jobs.backtests import artifacts
+from shared.jobs.backtests import service as runs
+from shared.jobs.optimizations import service as opt_service
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +348,7 @@ def cancel_optimization(path: OptimizationPath) -> Response:
     return jsonify(_view(job, opt, progress, None).model_dump(mode="json"))
 
 
-# --- artifacts (the runs' manifest chain and store: shared.artifacts) -------------------------------------------
+# --- artifacts (the runs' manifest chain and store: shared.jobs.backtests.artifacts) -----------------------------
 
 
 def _manifest(raw_id: str) -> tuple[Job, RunManifest]:

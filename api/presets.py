@@ -3,7 +3,7 @@
 Creation is idempotent per name: the same name and config again answers 200 with the existing preset and
 ``Idempotent-Replayed: true`` (as runs do); the same name with another config is a 409 naming ``name``. A run
 starts from one with ``POST /api/runs {"preset": "<id or name>", "symbols": [...], ...overrides}``
-(``shared.presets.merge_overrides`` says how overrides merge). Someone else's preset is a 404.
+(``shared.library.presets.merge_overrides`` says how overrides merge). Someone else's preset is a 404.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from api.account_schemas import MAX_PAGE, Name
 from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import presets
-from shared.audit import AuditAction
-from shared.db import session_scope
+from shared.accounts.audit import AuditAction
 from shared.errors import Forbidden, ValidationFailed
-from shared.models import Preset
+from shared.infra.db import session_scope
+from shared.infra.models import Preset
+from shared.library import presets
 
 bp = APIBlueprint(
     "presets", __name__, url_prefix="/api/presets", abp_tags=[Tag(name="presets")], abp_security=BEARER_SECURITY

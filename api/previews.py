@@ -21,10 +21,10 @@ from sqlalchemy import select
 
 from api import BEARER_SECURITY, services
 from api.schemas import ErrorResponse
-from shared import indicators
-from shared.bars import SYMBOL_PATTERN, SymbolBars, load_bars
+from shared.domain.indicators import core as indicators
 from shared.errors import ValidationFailed
-from shared.models import Symbol
+from shared.infra.models import Symbol
+from shared.marketdata.bars import SYMBOL_PATTERN, SymbolBars, load_bars
 
 bp = APIBlueprint("previews", __name__, url_prefix="/api", abp_tags=[Tag(name="data")], abp_security=BEARER_SECURITY)
 

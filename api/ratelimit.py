@@ -25,8 +25,8 @@ from flask_limiter import Limiter, RateLimitExceeded
 
 from api import login_throttle
 from api.errors import error_response
-from shared.config import Settings
 from shared.errors import TooManyRequests
+from shared.infra.config import Settings
 
 _EXTENSION = "alphaforge_limiter"
 _LIMIT_KEY_PREFIX = "alphaforge"

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.config import Settings
+from shared.infra.config import Settings
 
 
 class Breaker:

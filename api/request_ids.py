@@ -2,7 +2,7 @@
 
 Every request gets an id: the client's ``X-Request-ID`` when it is well-formed, else a new one. It is echoed
 in the response, bound to the log context (so every log line of the request carries it), stored in audit
-rows, and put into the headers of every Celery task the request publishes (see worker/celery_app.py), where
+rows, and put into the headers of every Celery task the request publishes (see shared/contract.py), where
 the worker binds it again. Each request ends with one structured access-log line.
 """
 
@@ -13,7 +13,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from shared import log_context
+from shared.infra import log_context
 
 access_log = logging.getLogger("alphaforge.access")
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas import CallbackView, Progress
-from shared.validation import ValidationSpec
+from shared.domain.robustness import ValidationSpec
 
 RunStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 

@@ -41,15 +41,18 @@ from api.run_schemas import (
 )
 from api.schemas import ErrorResponse
 from api.views import callback_view, progress
-from shared import jobs, runs, strategy_scripts, webhooks
-from shared.access import require_owner, require_read
-from shared.audit import AuditAction
-from shared.backtest import BacktestConfig
+from shared.accounts.access import require_owner, require_read
+from shared.accounts.audit import AuditAction
+from shared.contract import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
+from shared.domain.backtest import BacktestConfig
+from shared.domain.robustness import ValidationSpec
 from shared.errors import Conflict, NotFound, ValidationFailed
-from shared.events import RedisJobEvents
-from shared.models import BacktestRun, Job, JobResult
-from shared.validation import ValidationSpec
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
+from shared.infra.events import RedisJobEvents
+from shared.infra.models import BacktestRun, Job, JobResult
+from shared.jobs import pipeline as jobs
+from shared.jobs import webhooks
+from shared.jobs.backtests import service as runs
+from shared.library import strategy_scripts
 
 bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
 
@@ -152,9 +155,9 @@ def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]
     """The engine's config and the optional run name. The symbols come as exactly one of ``symbols``, ``symbol``
     (one symbol) or ``universe`` (the id or name of a saved universe of yours, resolved to its symbols now). With
     ``preset`` (id or name of a preset of yours) the rest of the body is laid over the preset's config
-    (``shared.presets.merge_overrides``). The config holds the resolved symbols and settings, so idempotency
+    (``shared.library.presets.merge_overrides``). The config holds the resolved symbols and settings, so idempotency
     works on what runs. Invalid fields raise pydantic's ValidationError: a 422 naming each field."""
-    from shared import presets, universes
+    from shared.library import presets, universes
 
     body = dict(body)
     name = body.pop("name", None)

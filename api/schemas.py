@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from shared.bars import SYMBOL_PATTERN
+from shared.marketdata.bars import SYMBOL_PATTERN
 
 MAX_PARAMS_BYTES = 16_384
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

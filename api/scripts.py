@@ -29,11 +29,12 @@ from api.account_schemas import ScriptView as ScriptViewSchema
 from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import scripts, security
-from shared.audit import AuditAction
-from shared.db import session_scope
+from shared.accounts.audit import AuditAction
 from shared.errors import Forbidden, ScriptCompileError, ValidationFailed
-from shared.models import Script, ScriptVersion
+from shared.infra import security
+from shared.infra.db import session_scope
+from shared.infra.models import Script, ScriptVersion
+from shared.library import scripts
 
 bp = APIBlueprint(
     "scripts",

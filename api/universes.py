@@ -18,11 +18,11 @@ from api.account_schemas import MAX_PAGE, Name
 from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse
-from shared import universes
-from shared.audit import AuditAction
-from shared.db import session_scope
+from shared.accounts.audit import AuditAction
 from shared.errors import Forbidden, ValidationFailed
-from shared.models import SavedUniverse
+from shared.infra.db import session_scope
+from shared.infra.models import SavedUniverse
+from shared.library import universes
 
 bp = APIBlueprint(
     "universes", __name__, url_prefix="/api/universes", abp_tags=[Tag(name="universes")], abp_security=BEARER_SECURITY

@@ -6,8 +6,8 @@ import uuid
 from typing import Any
 
 from api.schemas import CallbackView, JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
-from shared import runs
-from shared.models import Job, JobKind
+from shared.infra.models import Job, JobKind
+from shared.jobs.backtests import service as runs
 
 
 def job_links(job_id: uuid.UUID) -> JobLinks:

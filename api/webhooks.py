@@ -12,11 +12,12 @@ from sqlalchemy import select
 from api import BEARER_SECURITY, services
 from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath
-from shared import jobs, webhooks
-from shared.access import require_read
-from shared.db import session_scope
+from shared.accounts.access import require_read
 from shared.errors import NotFound
-from shared.models import WebhookDelivery
+from shared.infra.db import session_scope
+from shared.infra.models import WebhookDelivery
+from shared.jobs import pipeline as jobs
+from shared.jobs import webhooks
 
 bp = APIBlueprint(
     "webhooks", __name__, url_prefix="/api", abp_tags=[Tag(name="webhooks")], abp_security=BEARER_SECURITY

@@ -30,14 +30,14 @@ from typing import Any
 from sqlalchemy import text
 
 from benchmarks.stack import bench_stack
-from shared import users
-from shared.bars import SymbolBars, load_bars
-from shared.bars_demo import load_demo_universe
-from shared.config import Settings
-from shared.db import make_engine, make_session_factory, session_scope
-from shared.embedded import free_tcp_port
-from shared.launcher import child_commands
-from worker.sandbox_runner import run_script
+from shared.accounts import users
+from shared.infra.config import Settings
+from shared.infra.db import make_engine, make_session_factory, session_scope
+from shared.marketdata.bars import SymbolBars, load_bars
+from shared.marketdata.demo import load_demo_universe
+from shared.ops.embedded import free_tcp_port
+from shared.ops.launcher import child_commands
+from shared.sandbox.runner import run_script
 
 SMA_SCRIPT = """
 n = params["n"]

@@ -10,7 +10,7 @@ Before timing it checks that both produce the same trades and final equity.
 
 Warm: rounds alternate ours / theirs; the median per run of each is printed with the ratio theirs / ours.
 Cold: a fresh interpreter per side (subprocess) that imports its library and runs once; ours with numba's
-on-disk cache in place (any earlier run, or ``python -m shared.backtest.warmup``, writes it).
+on-disk cache in place (any earlier run, or ``python -m shared.domain.backtest.warmup``, writes it).
 backtesting.py is AGPL and only a test/benchmark dependency (requirements-dev.txt).
 Machines here are shared and noisy: only the ratio measured within one run is meaningful.
 """
@@ -32,7 +32,7 @@ from backtesting import Backtest, Strategy
 from backtesting.lib import crossover
 from backtesting.test import GOOG, SMA
 
-from shared.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ also fires after touching, ours follows backtesting.py/pandas).
 
 Warm: median of ``--rounds`` calls in this process after one untimed call. Cold: a fresh interpreter per
 side (subprocess) importing its library and running the grid once (data loading excluded): ours with numba's
-on-disk cache in place (any earlier run, or ``python -m shared.backtest.warmup``, writes it), ours with an
+on-disk cache in place (any earlier run, or ``python -m shared.domain.backtest.warmup``, writes it), ours with an
 empty cache (first run after a deploy: everything compiles), and vectorbt (its JIT, no on-disk cache).
 Machines here are shared and noisy: only ratios measured within one run are meaningful.
 """
@@ -75,8 +75,8 @@ def load_goog() -> dict[str, np.ndarray]:
 
 
 def ours_setup(data: dict[str, np.ndarray]) -> Any:
-    from shared.backtest import BacktestConfig, Bars
-    from shared.backtest.grid import all_pairs
+    from shared.domain.backtest import BacktestConfig, Bars
+    from shared.domain.backtest.grid import all_pairs
 
     bars = Bars.from_arrays(
         open=data["Open"], high=data["High"], low=data["Low"], close=data["Close"], volume=data["Volume"],
@@ -95,7 +95,7 @@ def ours_setup(data: dict[str, np.ndarray]) -> Any:
 
 
 def ours_run(setup: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from shared.backtest.grid import run_dual_sma_grid
+    from shared.domain.backtest.grid import run_dual_sma_grid
 
     bars, fast, slow, config = setup
     result = run_dual_sma_grid(bars, fast, slow, config)
@@ -145,7 +145,7 @@ def child(side: str) -> None:
     """Fresh interpreter: time the library import and the first grid (data loading excluded)."""
     data = load_goog()
     if side.startswith("ours"):
-        t_import, _ = timed(__import__, "shared.backtest.grid")
+        t_import, _ = timed(__import__, "shared.domain.backtest.grid")
         setup = ours_setup(data)
         t_run, _ = timed(ours_run, setup)
     else:

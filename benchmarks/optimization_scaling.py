@@ -11,7 +11,7 @@ Workload 1: every (fast, slow) with 2 <= fast < slow <= 100 on backtesting.py's 
 the conventions of benchmarks/grid_vs_vectorbt.py (long-only, fractional units, next-open fills, 0.2 % fees,
 10,000 cash). The bars are loaded into a fresh database (embedded PostgreSQL and Redis unless
 ALPHAFORGE_BENCH_DATABASE_URL / ALPHAFORGE_BENCH_REDIS_URL name servers). The job is timed from submit
-(``shared.optimization.submit``, what ``POST /api/optimizations`` calls: combos, job and slice rows, enqueue)
+(``optimizations.service.submit``, what ``POST /api/optimizations`` calls: combos, job and slice rows, enqueue)
 to the final status seen by a poller of the job row (every 10 ms), queueing included; a worker process with
 concurrency 1 or 2, started and warmed (one untimed optimisation) before timing; each round a new spec
 (``config.seed`` differs) so it is a new job. Its ranked table is checked against ``run_dual_sma_grid`` called
@@ -44,14 +44,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from benchmarks.grid_vs_vectorbt import cold, load_goog, timed, vbt_run, vbt_setup
 from benchmarks.run_scaling import start_worker
 from benchmarks.stack import bench_stack, stop_process
-from shared import optimization as opt
-from shared import runs
-from shared.bars import load_bars
-from shared.bars_demo import load_demo_universe
-from shared.config import Settings
-from shared.db import make_engine, make_session_factory
-from shared.models import DailyBar, Job, RunManifest, Symbol, User
-from worker.celery_app import TASK_RUN_OPTIMIZATION_SHARD, create_celery, shard_enqueuer
+from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, create_celery, shard_enqueuer
+from shared.infra.config import Settings
+from shared.infra.db import make_engine, make_session_factory
+from shared.infra.models import DailyBar, Job, RunManifest, Symbol, User
+from shared.jobs.backtests import service as runs
+from shared.jobs.optimizations import service as opt
+from shared.marketdata.bars import load_bars
+from shared.marketdata.demo import load_demo_universe
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 GOOG_BODY: dict[str, Any] = {

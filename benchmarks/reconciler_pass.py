@@ -6,7 +6,7 @@ expired, every ``ALPHAFORGE_RECONCILE_INTERVAL``) and the full one (queued shard
 An embedded PostgreSQL of its own, migrated; ``finished-jobs`` x 500 finished shards (history), and ``active-jobs``
 active jobs with 500 queued and 4 running shards each (leases live). Prints each query's plan (EXPLAIN ANALYZE,
 after one warm-up) and the median of 20 runs. The frequent pass should be an index scan of ``ix_job_shards_status``
-on ``running`` rows, whatever the size of the history (shared/reconciler.py ``find_candidates``; migration 0014
+on ``running`` rows, whatever the size of the history (shared/jobs/reconciler.py ``find_candidates``; migration 0014
 says why there is no index on ``lease_expires_at``).
 """
 
@@ -22,9 +22,10 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 from sqlalchemy.dialects import postgresql
 
-from shared import dbadmin, migrate, reconciler
-from shared.db import make_engine
-from shared.embedded import EmbeddedPostgres
+from shared.infra import dbadmin, migrate
+from shared.infra.db import make_engine
+from shared.jobs import reconciler
+from shared.ops.embedded import EmbeddedPostgres
 
 KINDS = ["calculation", "backtest", "optimization"]
 

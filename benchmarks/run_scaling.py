@@ -5,7 +5,7 @@
 Loads a seeded synthetic universe into a fresh database (embedded PostgreSQL and Redis unless
 ALPHAFORGE_BENCH_DATABASE_URL / ALPHAFORGE_BENCH_REDIS_URL name servers), then for 1 and 2 worker processes
 (one Celery worker with that concurrency, started and pinged before timing) submits a dual-SMA run through
-``shared.runs.submit_run`` (what ``POST /api/runs`` calls) and times submit -> run final -> artifacts built.
+``backtests.service.submit_run`` (what ``POST /api/runs`` calls) and times submit -> run final -> artifacts built.
 The reference is the engine called directly in this one process over the same bars loaded with the same
 query. Each round uses a new seed, so it is a new run (creation is idempotent per config). The per-symbol
 metrics of the system and of the reference are compared for equality.
@@ -14,7 +14,7 @@ With validation (the default), each run also carries ``VALIDATION`` (all four me
 cost scenarios, each a backtest of every symbol, 2000 bootstrap resamples of the portfolio's returns, and the
 default walk-forward grid of 9 pairs per symbol; tasks of 4 permutation / Monte Carlo draws, 1000 bootstrap draws,
 50 walk-forward symbols); the reference then also calls
-the same validation functions directly, once, over the same bars (``shared.validation.validate_in_process``), and
+the same validation functions directly, once, over the same bars (``shared.domain.robustness.validate_in_process``), and
 the run's validation result must equal it. Machines here are shared and noisy: only ratios within one run mean
 much.
 """
@@ -39,15 +39,15 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.stack import ROOT, bench_stack, stop_process
-from shared import runs
-from shared import validation as val
-from shared.backtest import BacktestConfig, run_backtest
-from shared.bars import load_bars
-from shared.bars_demo import load_demo_universe
-from shared.config import Settings
-from shared.db import make_engine, make_session_factory
-from shared.models import Job, JobResult, RunManifest, User
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.domain import robustness as val
+from shared.domain.backtest import BacktestConfig, run_backtest
+from shared.infra.config import Settings
+from shared.infra.db import make_engine, make_session_factory
+from shared.infra.models import Job, JobResult, RunManifest, User
+from shared.jobs.backtests import service as runs
+from shared.marketdata.bars import load_bars
+from shared.marketdata.demo import load_demo_universe
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 VALIDATION = val.ValidationSpec.model_validate(

@@ -26,12 +26,12 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from shared.bars import SymbolBars
-from shared.config import SandboxLimits
-from shared.sandbox import ta
-from shared.sandbox.policy import compile_script, indicator_facade, script_globals
-from worker.sandbox_child import SERIES
-from worker.sandbox_runner import run_script
+from shared.domain.sandbox import ta
+from shared.domain.sandbox.policy import compile_script, indicator_facade, script_globals
+from shared.infra.config import SandboxLimits
+from shared.marketdata.bars import SymbolBars
+from shared.sandbox.child import SERIES
+from shared.sandbox.runner import run_script
 
 SHARD = 50
 LIMITS = SandboxLimits(symbol_timeout_s=30, memory_mb=1024)

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import dbadmin, migrate
-from shared.embedded import EmbeddedServers
+from shared.infra import dbadmin, migrate
+from shared.ops.embedded import EmbeddedServers
 
 ROOT = Path(__file__).resolve().parent.parent
 

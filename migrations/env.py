@@ -8,8 +8,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from shared.db import normalize_database_url
-from shared.models import Base
+from shared.infra.db import normalize_database_url
+from shared.infra.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -26,7 +26,7 @@ MIGRATION_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('alphaforge:migra
 def _url() -> str:
     url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL")
     if not url:
-        raise RuntimeError("no database URL: pass it through shared.migrate or set DATABASE_URL")
+        raise RuntimeError("no database URL: pass it through shared.infra.migrate or set DATABASE_URL")
     return normalize_database_url(str(url))
 
 

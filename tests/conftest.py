@@ -30,14 +30,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from api.ratelimit import reset_rate_limits
-from shared import dbadmin, migrate
-from shared.config import SandboxLimits, Settings, Timeouts
-from shared.db import make_engine, make_session_factory
-from shared.embedded import EmbeddedServers
-from shared.models import Base, UserRole
-from shared.passwords import hash_password
+from shared.accounts.passwords import hash_password
+from shared.contract import create_celery
+from shared.infra import dbadmin, migrate
+from shared.infra.config import SandboxLimits, Settings, Timeouts
+from shared.infra.db import make_engine, make_session_factory
+from shared.infra.models import Base, UserRole
+from shared.ops.embedded import EmbeddedServers
 from tests.helpers import TEST_PASSWORD, ApiUser, authed_client, make_user
-from worker.celery_app import create_celery
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert
 
 from api.auth import issue_tokens
-from shared.models import DailyBar, Symbol, User, UserRole
+from shared.infra.models import DailyBar, Symbol, User, UserRole
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 

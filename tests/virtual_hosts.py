@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.embedded import free_tcp_port
+from shared.ops.embedded import free_tcp_port
 
 SECOND_HOST_TMP_MB = 256
 

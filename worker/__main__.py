@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
-from worker.celery_app import create_celery
+from shared.contract import create_celery
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
 
 
 def main(argv: list[str] | None = None) -> None:

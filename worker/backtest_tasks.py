@@ -1,4 +1,4 @@
-"""Thin Celery task for backtest-run shards: load by id, call ``shared.runs.run_shard``, decide retry.
+"""Thin Celery task for backtest-run shards: load by id, call ``shared.jobs.backtests.service.run_shard``, decide retry.
 
 Retry rules are the calculation shards' (``worker.tasks.run_shard_task``): a database outage is retried for as
 long as it lasts, anything else ``shard_max_retries`` times, then the shard is failed with the reason.
@@ -12,9 +12,10 @@ from typing import Any
 
 from celery import shared_task
 
-from shared import artifacts, runs
-from shared.artifact_store import ArtifactStore
-from worker.celery_app import TASK_BUILD_RUN_ARTIFACTS, TASK_RUN_BACKTEST_SHARD
+from shared.contract import TASK_BUILD_RUN_ARTIFACTS, TASK_RUN_BACKTEST_SHARD
+from shared.infra.artifact_store import ArtifactStore
+from shared.jobs.backtests import artifacts
+from shared.jobs.backtests import service as runs
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
-"""Housekeeping tasks Celery beat schedules (worker/schedule.py): the shard reconciler, retention of calculation
+"""Housekeeping tasks Celery beat schedules (shared/contract.py): the shard reconciler, retention of calculation
 jobs, of backtest runs and of optimisations, nightly runs and webhook deliveries; and the hook that starts a job's
 webhook delivery as soon as the job ends.
 
-Thin wrappers: the decisions live in shared/reconciler.py and shared/retention.py; here is only what needs
+Thin wrappers: the decisions live in shared/jobs/reconciler.py and shared/jobs/retention.py; here is only what needs
 Celery and the broker: where a task id can still be found (a broker queue or a live worker) and how a shard of
 each job kind is published.
 """
@@ -18,29 +18,29 @@ from typing import Any
 import redis
 from celery import Celery, shared_task, signals
 
-from shared import nightly, reconciler, retention, run_retention, webhooks
-from shared.artifact_store import ArtifactStore
-from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE
-from shared.jobs import ShardTask
-from shared.models import JobKind
-from worker import metrics_signals
-from worker.celery_app import (
-    TASK_RUN_BACKTEST_SHARD,
-    TASK_RUN_CALCULATION_SHARD,
-    TASK_RUN_OPTIMIZATION_SHARD,
-    shard_enqueuer,
-)
-from worker.fairness import PRIORITY_STEPS
-from worker.schedule import (
+from shared.contract import (
     TASK_NIGHTLY_HARVEST,
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
     TASK_PRUNE_OPTIMIZATIONS,
     TASK_PRUNE_RUNS,
     TASK_RECONCILE_SHARDS,
+    TASK_RUN_BACKTEST_SHARD,
+    TASK_RUN_CALCULATION_SHARD,
+    TASK_RUN_OPTIMIZATION_SHARD,
     TASK_WEBHOOK_DELIVER,
     TASK_WEBHOOK_DISPATCH,
+    shard_enqueuer,
 )
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import QUEUE_BULK, QUEUE_MAINTENANCE
+from shared.infra.models import JobKind
+from shared.jobs import reconciler, retention, webhooks
+from shared.jobs.backtests import retention as run_retention
+from shared.jobs.fairness import PRIORITY_STEPS
+from shared.jobs.nightly import service as nightly
+from shared.jobs.pipeline import ShardTask
+from worker import metrics_signals
 from worker.tasks import ServicesTask, WorkerServices
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ def shard_publisher(app: Celery) -> reconciler.Requeue:
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_RECONCILE_SHARDS, acks_late=False, ignore_result=True)
 def reconcile_shards(self: Any, queued: bool = True) -> dict[str, object]:
-    """One reconciler pass (shared/reconciler.py). Beat sends ``queued=False`` every ``ALPHAFORGE_RECONCILE_INTERVAL``
+    """One reconciler pass (jobs/reconciler.py). Beat sends ``queued=False`` every ``ALPHAFORGE_RECONCILE_INTERVAL``
     (running shards whose lease expired: one cheap query when there are none) and a full pass less often
-    (worker/schedule.py); each kind runs one pass at a time, the two kinds may overlap (conditional updates)."""
+    (shared/contract.py); each kind runs one pass at a time, the two kinds may overlap (conditional updates)."""
     services: WorkerServices = self.services
     maint = services.settings.maintenance
     with reconciler.single_flight(services.engine, "reconcile-shards" if queued else "reconcile-leases") as mine:

@@ -1,4 +1,4 @@
-"""Shard wall time into the shared Redis histogram (shared/metrics_store.py), from Celery's task signals: the
+"""Shard wall time into the shared Redis histogram (shared/infra/metrics_store.py), from Celery's task signals: the
 task code stays as it is, and every pool process on every host adds to the same series."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from shared import metrics_store
+from shared.infra import metrics_store
 
 _STARTED = "_alphaforge_metrics_started"
 _CLIENT = "_alphaforge_metrics_redis"

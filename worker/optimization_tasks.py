@@ -1,4 +1,4 @@
-"""Thin Celery tasks for optimisation slices: load by id, call ``shared.optimization.run_shard``, decide retry
+"""Thin Celery tasks for optimisation slices: load by id, call ``optimizations.service.run_shard``, decide retry
 (the rules of every shard task: ``worker.tasks.run_shard_task``); after the job's last slice, its outcome and
 artifacts."""
 
@@ -10,9 +10,10 @@ from typing import Any
 
 from celery import shared_task
 
-from shared import optimization, runs
-from shared.artifact_store import ArtifactStore
-from worker.celery_app import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD
+from shared.contract import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD
+from shared.infra.artifact_store import ArtifactStore
+from shared.jobs.backtests import service as runs
+from shared.jobs.optimizations import service as optimization
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 
 log = logging.getLogger(__name__)

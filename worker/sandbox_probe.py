@@ -14,9 +14,9 @@ from typing import Any
 import redis
 from celery.signals import worker_ready
 
-from shared.config import Settings
-from shared.security import SANDBOX_LAYERS_KEY
-from worker.sandbox_runner import probe_layers
+from shared.infra.config import Settings
+from shared.infra.security import SANDBOX_LAYERS_KEY
+from shared.sandbox.runner import probe_layers
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,15 @@ from celery import Task, shared_task
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs, leases, log_context
-from shared.config import Settings
-from shared.db import Bounds, install_deadlines, make_engine, make_session_factory
-from shared.events import RedisJobEvents
-from worker.celery_app import TASK_RUN_CALCULATION_SHARD
-from worker.sandbox_runner import run_script
+from shared.contract import TASK_RUN_CALCULATION_SHARD
+from shared.infra import log_context
+from shared.infra.config import Settings
+from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
+from shared.infra.events import RedisJobEvents
+from shared.jobs import leases
+from shared.jobs import pipeline as jobs
+from shared.jobs.calculations import service as calculations
+from shared.sandbox.runner import run_script
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class WorkerServices:
     engine: Engine
     session_factory: sessionmaker[Session]
     events: RedisJobEvents
-    lease_engine: Engine  # the lease heartbeat's own connection (shared/leases.py), never one a task needs
+    lease_engine: Engine  # the lease heartbeat's own connection (shared/jobs/leases.py), never one a task needs
 
 
 class ServicesTask(Task):
@@ -78,7 +81,7 @@ def retry_countdown(exc: BaseException, attempt: int, max_attempts: int) -> floa
 
 
 def lease_heartbeat(task: Any, services: WorkerServices, shard_id: int) -> leases.Heartbeat:
-    """The lease the shard's claim takes and the thread that renews it while ``run`` goes (shared/leases.py)."""
+    """The lease the shard's claim takes and the thread that renews it while ``run`` goes (shared/jobs/leases.py)."""
     maint = services.settings.maintenance
     holder = f"{task.request.hostname or socket.gethostname()} pid {os.getpid()}"
     terms = leases.LeaseTerms(holder=holder, lease_s=maint.shard_lease_s)

@@ -1,7 +1,7 @@
 """What a strategy script's sandbox run gives back, once the trusted parent has re-checked it.
 
-The sandbox child (worker/sandbox_child.py) checks a strategy script's ``entries``/``exits`` or ``position`` by
-exact type and length and sends them packed (bits, float64 bytes); the parent (worker/sandbox_runner.py) decodes
+The sandbox child (shared/sandbox/child.py) checks a strategy script's ``entries``/``exits`` or ``position`` by
+exact type and length and sends them packed (bits, float64 bytes); the parent (shared/sandbox/runner.py) decodes
 and checks them again into these objects. Nothing here is a script's object: only numpy arrays built by the
 parent from bytes.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from shared.security import Incident
+from shared.infra.security import Incident
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from shared.config import Settings
-from shared.embedded import free_tcp_port
-from shared.launcher import StartupError, ensure_demo_account, is_embedded_mode, resolve_jwt_secret
-from shared.migrate import PROJECT_ROOT
-from shared.models import User
-from shared.passwords import verify_password
+from shared.accounts.passwords import verify_password
+from shared.infra.config import Settings
+from shared.infra.migrate import PROJECT_ROOT
+from shared.infra.models import User
+from shared.ops.embedded import free_tcp_port
+from shared.ops.launcher import StartupError, ensure_demo_account, is_embedded_mode, resolve_jwt_secret
 
 
 def test_embedded_mode_generates_and_keeps_a_private_jwt_secret(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_up_refuses_to_start_without_a_secret_when_both_servers_are_external(tmp
     env.update(DATABASE_URL="postgresql://nobody@127.0.0.1:1/none", REDIS_URL="redis://127.0.0.1:1/0",
                ALPHAFORGE_DATA_DIR=str(tmp_path), ALPHAFORGE_API_PORT=str(free_tcp_port()))  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up"],
+        [sys.executable, "-m", "shared.ops.cli", "up"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

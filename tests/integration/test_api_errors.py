@@ -11,11 +11,11 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import api_keys
-from shared.config import Settings
-from shared.db import session_scope
-from shared.embedded import free_tcp_port
-from shared.models import Job, JobShard
+from shared.accounts import api_keys
+from shared.infra.config import Settings
+from shared.infra.db import session_scope
+from shared.infra.models import Job, JobShard
+from shared.ops.embedded import free_tcp_port
 from tests.helpers import ApiUser, authed_client
 
 GOOD = {"script": "result = close[-1]", "column_name": "last", "stock_symbols": ["AAPL", "MSFT"]}

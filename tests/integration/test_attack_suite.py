@@ -17,8 +17,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
-from shared.config import Settings
-from shared.models import Job, SecurityEvent
+from shared.infra.config import Settings
+from shared.infra.models import Job, SecurityEvent
 from tests.attacks import COMPILE_ATTACKS, RUNTIME_ATTACKS, Attack, CompileAttack
 from tests.conftest import WORKER_LOG_NAME, WORKER_SECRET
 from tests.helpers import all_results, seed_bars, wait_for_job

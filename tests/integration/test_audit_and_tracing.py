@@ -15,9 +15,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
-from shared.config import Settings
-from shared.logs import ContextFilter, json_formatter
-from shared.models import AuditLog, JobShard
+from shared.infra.config import Settings
+from shared.infra.logs import ContextFilter, json_formatter
+from shared.infra.models import AuditLog, JobShard
 from tests.helpers import ApiUser, seed_bars, wait_for_job
 
 SCRIPTS = "/api/custom-calculations/scripts"

@@ -19,9 +19,9 @@ from flask_jwt_extended import create_access_token
 from sqlalchemy import Engine, select, update
 
 from api import create_app
-from shared.config import Settings
-from shared.migrate import PROJECT_ROOT
-from shared.models import ApiKey, User
+from shared.infra.config import Settings
+from shared.infra.migrate import PROJECT_ROOT
+from shared.infra.models import ApiKey, User
 from tests.helpers import ApiUser
 
 CREDENTIALS = {"username": "Carol", "password": "a long enough password"}
@@ -261,7 +261,7 @@ def test_registration_can_be_closed(settings: Settings, api_state: Engine) -> No
 
 def test_operator_cli_creates_an_admin(settings: Settings, anon_client: FlaskClient) -> None:
     env = {**os.environ, "DATABASE_URL": settings.require_database_url()}
-    cmd = [sys.executable, "-m", "shared.cli", "user", "create", "--admin", "Operator"]
+    cmd = [sys.executable, "-m", "shared.ops.cli", "user", "create", "--admin", "Operator"]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     password = done.stdout.split("password: ", 1)[1].split()[0]
@@ -273,7 +273,7 @@ def test_operator_cli_creates_an_admin(settings: Settings, anon_client: FlaskCli
     assert again.returncode == 1 and "taken" in again.stderr
 
     chosen = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "user", "create", "plainuser", "--password-stdin"],
+        [sys.executable, "-m", "shared.ops.cli", "user", "create", "plainuser", "--password-stdin"],
         cwd=PROJECT_ROOT, env=env, input="chosen password 123\n", capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert chosen.returncode == 0, chosen.stderr

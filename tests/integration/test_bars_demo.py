@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
-from shared.bars_demo import (
+from shared.marketdata.demo import (
     DEFAULT_END_DATE,
     SESSIONS_PER_YEAR,
     DemoSeries,

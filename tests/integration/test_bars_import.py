@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 from sqlalchemy import Engine, text
 
-from shared.bars_import import (
+from shared.marketdata.csv_import import (
     BAR_COLUMNS,
     BarsImportError,
     SymbolInfo,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from shared.config import Maintenance, Settings
+from shared.infra.config import Maintenance, Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BEAT_REDIS_DB = 12

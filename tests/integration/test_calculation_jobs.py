@@ -12,12 +12,12 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
-from shared.config import Settings
-from shared.models import Job, JobResult, JobShard
+from shared.contract import TASK_RUN_CALCULATION_SHARD, create_celery
+from shared.infra.config import Settings
+from shared.infra.models import Job, JobResult, JobShard
+from shared.sandbox.runner import probe_layers
 from tests.helpers import all_results, seed_bars, wait_for_job
-from worker.celery_app import TASK_RUN_CALCULATION_SHARD, create_celery
 from worker.sandbox_probe import publish_layers
-from worker.sandbox_runner import probe_layers
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 
@@ -240,7 +240,7 @@ def test_shard_of_a_killed_pool_process_is_delivered_again(
     deadline = time.monotonic() + 30
     while victim is None and time.monotonic() < deadline:
         for pool_process in psutil.Process(celery_worker.pid).children():
-            if any("worker.sandbox_child" in " ".join(c.cmdline()) for c in pool_process.children()):
+            if any("shared.sandbox.child" in " ".join(c.cmdline()) for c in pool_process.children()):
                 victim = pool_process
                 break
         time.sleep(0.05)

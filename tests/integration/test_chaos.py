@@ -36,14 +36,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import dbadmin, migrate
-from shared.config import Maintenance, Settings
-from shared.db import make_engine, make_session_factory
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
-from shared.models import Job, JobResult, JobShard
+from shared.contract import create_celery
+from shared.infra import dbadmin, migrate
+from shared.infra.config import Maintenance, Settings
+from shared.infra.db import make_engine, make_session_factory
+from shared.infra.models import Job, JobResult, JobShard
+from shared.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.helpers import FINAL, authed_client, make_user, seed_bars
 from tests.integration.test_faults_worker_kill import Processes
-from worker.celery_app import create_celery
 
 SEED = int(os.environ.get("ALPHAFORGE_CHAOS_SEED", "1414"))
 SHARD_SIZE = 5

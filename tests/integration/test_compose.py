@@ -17,10 +17,10 @@ import redis
 import yaml  # type: ignore[import-untyped]
 from flask import Flask
 
-from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
-from shared.migrate import PROJECT_ROOT
+from shared.contract import create_celery
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
+from shared.infra.migrate import PROJECT_ROOT
 from tests.integration.test_faults_worker_kill import Processes
-from worker.celery_app import create_celery
 
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 APP_SERVICES = {"migrate", "api", "worker-interactive", "worker-bulk", "beat", "flower"}

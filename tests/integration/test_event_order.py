@@ -1,4 +1,4 @@
-"""The terminal event of a job is the last one on its stream, always (shared/events.py's append script), against
+"""The terminal event of a job is the last one on its stream, always (shared/infra/events.py's append script), against
 the real Redis and, end to end, with a job cancelled while its shard runs on the real Celery worker."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from celery import Celery
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
-from shared import events as job_events
-from shared.config import Settings
-from shared.events import RedisJobEvents, stream_key
-from shared.models import JobShard
+from shared.infra import events as job_events
+from shared.infra.config import Settings
+from shared.infra.events import RedisJobEvents, stream_key
+from shared.infra.models import JobShard
 from tests.helpers import seed_bars
 
 
@@ -125,7 +125,7 @@ def test_cancel_while_a_shard_runs_leaves_the_terminal_event_last(
 ) -> None:
     """A shard spinning on the real worker when its job is cancelled finishes afterwards and publishes its
     ``shard_finished``: that event must not land after ``cancelled``."""
-    from worker.celery_app import create_celery
+    from shared.contract import create_celery
 
     seed_bars(engine, ["SPIN"], days=30)
     body = {"script": "while True:\n    pass", "column_name": "c", "stock_symbols": ["SPIN"]}

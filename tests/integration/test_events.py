@@ -22,11 +22,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, update
 
 from api.events import HEARTBEAT_CONFIG_KEY
-from shared import jobs
-from shared.config import Settings
-from shared.events import RedisJobEvents
-from shared.launcher import child_commands
-from shared.models import Job, JobKind
+from shared.infra.config import Settings
+from shared.infra.events import RedisJobEvents
+from shared.infra.models import Job, JobKind
+from shared.jobs import pipeline as jobs
+from shared.ops.launcher import child_commands
 from tests.conftest import PROJECT_ROOT, _stop_process_group
 from tests.helpers import ApiUser, seed_bars, wait_for_job
 

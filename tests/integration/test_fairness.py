@@ -14,13 +14,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs
-from shared.calculations import CalculationRequest
-from shared.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
-from shared.models import Job, JobShard
+from shared.contract import create_celery, shard_enqueuer
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
+from shared.infra.models import Job, JobShard
+from shared.jobs import pipeline as jobs
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.fairness import shard_level, shard_priority
 from tests.helpers import ApiUser, seed_bars, wait_for_job
-from worker.celery_app import create_celery, shard_enqueuer
-from worker.fairness import shard_level, shard_priority
 
 FLOOD_JOBS = 4
 FLOOD_SHARDS = 20

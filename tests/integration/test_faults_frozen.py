@@ -23,10 +23,10 @@ import redis
 from sqlalchemy import Engine
 
 from api import create_app
-from shared import dbadmin, migrate
-from shared.config import Settings
-from shared.db import make_engine
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.infra import dbadmin, migrate
+from shared.infra.config import Settings
+from shared.infra.db import make_engine
+from shared.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.helpers import TEST_PASSWORD, ApiUser, make_user, seed_bars
 from tests.integration.test_events import running_api
 

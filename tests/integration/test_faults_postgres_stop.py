@@ -13,10 +13,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from api import create_app
-from shared import dbadmin, migrate
-from shared.config import Settings
-from shared.db import make_engine
-from shared.embedded import EmbeddedPostgres
+from shared.infra import dbadmin, migrate
+from shared.infra.config import Settings
+from shared.infra.db import make_engine
+from shared.ops.embedded import EmbeddedPostgres
 from tests.helpers import authed_client, make_user
 
 

@@ -19,14 +19,14 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations
-from shared.calculations import CalculationRequest
-from shared.config import Maintenance, Settings
-from shared.embedded import EmbeddedRedis
-from shared.models import Job, JobResult
+from shared.contract import create_celery, shard_enqueuer
+from shared.infra.config import Maintenance, Settings
+from shared.infra.models import Job, JobResult
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
+from shared.ops.embedded import EmbeddedRedis
 from tests.helpers import FINAL, seed_bars
 from tests.integration.test_faults_worker_kill import SCRIPT, Processes, shard_statuses, wait_for
-from worker.celery_app import create_celery, shard_enqueuer
 
 SYMBOLS = 200
 SHARD_SIZE = 5

@@ -14,10 +14,11 @@ import psutil
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import runs
-from shared.backtest import BacktestConfig
-from shared.config import Settings
-from shared.models import Job, JobResult, JobShard
+from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.domain.backtest import BacktestConfig
+from shared.infra.config import Settings
+from shared.infra.models import Job, JobResult, JobShard
+from shared.jobs.backtests import service as runs
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import (  # noqa: F401 (fixtures)
     Processes,
@@ -27,7 +28,6 @@ from tests.integration.test_faults_worker_kill import (  # noqa: F401 (fixtures)
     shard_statuses,
     wait_for,
 )
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
 SYMBOLS = 60
 SHARD_SIZE = 5  # 12 shards

@@ -24,12 +24,12 @@ import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations
-from shared.calculations import CalculationRequest
-from shared.config import Maintenance, Settings
-from shared.models import Job, JobResult, JobShard
+from shared.contract import create_celery, shard_enqueuer
+from shared.infra.config import Maintenance, Settings
+from shared.infra.models import Job, JobResult, JobShard
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
 from tests.helpers import FINAL, seed_bars
-from worker.celery_app import create_celery, shard_enqueuer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FAULT_REDIS_DB = 13

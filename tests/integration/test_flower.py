@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import Settings
-from shared.embedded import free_tcp_port
-from shared.launcher import StartupError, child_commands, resolve_flower_auth
-from shared.migrate import PROJECT_ROOT
+from shared.infra.config import Settings
+from shared.infra.migrate import PROJECT_ROOT
+from shared.ops.embedded import free_tcp_port
+from shared.ops.launcher import StartupError, child_commands, resolve_flower_auth
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

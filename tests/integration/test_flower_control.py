@@ -25,17 +25,16 @@ from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations
-from shared.calculations import CalculationRequest
-from shared.config import QUEUE_MAINTENANCE, Maintenance, Settings
-from shared.embedded import free_tcp_port
-from shared.launcher import child_commands
-from shared.migrate import PROJECT_ROOT
-from shared.models import Job, JobShard
+from shared.contract import TASK_RECONCILE_SHARDS, create_celery, shard_enqueuer
+from shared.infra.config import QUEUE_MAINTENANCE, Maintenance, Settings
+from shared.infra.migrate import PROJECT_ROOT
+from shared.infra.models import Job, JobShard
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
+from shared.ops.embedded import free_tcp_port
+from shared.ops.launcher import child_commands
 from tests.helpers import FINAL, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, wait_for
-from worker.celery_app import create_celery, shard_enqueuer
-from worker.schedule import TASK_RECONCILE_SHARDS
 
 FLOWER_REDIS_DB = 9
 AUTH = ("ops", "a-long-flower-passphrase")

@@ -1,6 +1,6 @@
 """``alphaforge up``: process supervision and a real start/stop of the whole system.
 
-The supervisor tests need no servers. The end-to-end test runs ``python -m shared.cli up`` against a fresh
+The supervisor tests need no servers. The end-to-end test runs ``python -m shared.ops.cli up`` against a fresh
 database on the test PostgreSQL server and lets the launcher start its own embedded Redis in a temporary data
 dir (so its worker and beat never touch the Redis the other tests use). It then checks that SIGTERM stops
 everything: exit code 0 and not one process left behind. What `up` restarts (kill -9 of each process, embedded
@@ -28,12 +28,12 @@ import psutil
 import pytest
 from sqlalchemy import text
 
-from shared import dbadmin
-from shared.config import Supervision
-from shared.db import make_engine
-from shared.embedded import free_tcp_port
-from shared.migrate import PROJECT_ROOT
-from shared.supervisor import Restarts, Supervisor
+from shared.infra import dbadmin
+from shared.infra.config import Supervision
+from shared.infra.db import make_engine
+from shared.infra.migrate import PROJECT_ROOT
+from shared.ops.embedded import free_tcp_port
+from shared.ops.supervisor import Restarts, Supervisor
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -154,8 +154,8 @@ def test_supervisor_restarts_a_dying_child_with_backoff_then_gives_up() -> None:
 _SIGNAL_SCRIPT = textwrap.dedent(
     """
     import sys
-    from shared.config import Supervision
-    from shared.supervisor import Shutdown, ShutdownSignals, Supervisor
+    from shared.infra.config import Supervision
+    from shared.ops.supervisor import Shutdown, ShutdownSignals, Supervisor
 
     signals = ShutdownSignals()
     signals.install()
@@ -257,7 +257,7 @@ def test_up_serves_health_and_stops_cleanly_on_sigterm(up_database: str, up_data
         ALPHAFORGE_DEMO_YEARS="1",
     )
     log_path = up_data_dir / "up.log"
-    cmd = [sys.executable, "-m", "shared.cli", "up"]
+    cmd = [sys.executable, "-m", "shared.ops.cli", "up"]
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     tree: list[psutil.Process] = []

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, text
 
 from api import create_app
-from shared.config import Settings
+from shared.infra.config import Settings
 from tests.helpers import seed_bars, wait_for_job
 
 pytestmark = pytest.mark.usefixtures("celery_worker")

@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
-from shared.models import Base
+from shared.infra.models import Base
 
 
 def test_models_match_migrated_schema(engine: Engine) -> None:

@@ -15,12 +15,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import nightly
-from shared.config import QUEUE_BULK, Settings
-from shared.models import Job, JobResult, NightlyRun
+from shared.contract import TASK_NIGHTLY_RUN, create_celery, shard_enqueuer
+from shared.infra.config import QUEUE_BULK, Settings
+from shared.infra.models import Job, JobResult, NightlyRun
+from shared.jobs.nightly import service as nightly
 from tests.helpers import FINAL, ApiUser, seed_bars
-from worker.celery_app import create_celery, shard_enqueuer
-from worker.schedule import TASK_NIGHTLY_RUN
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 

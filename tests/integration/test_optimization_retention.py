@@ -13,13 +13,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import run_retention
-from shared.artifact_store import ArtifactStore
-from shared.config import Maintenance, Settings
-from shared.models import Job, Optimization, OptimizationResult, RunManifest
+from shared.contract import TASK_PRUNE_OPTIMIZATIONS, beat_schedule
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import Maintenance, Settings
+from shared.infra.models import Job, Optimization, OptimizationResult, RunManifest
+from shared.jobs.backtests import retention as run_retention
 from tests.helpers import seed_bars
 from tests.integration.test_optimizations import OPT, body, create, finished
-from worker.schedule import TASK_PRUNE_OPTIMIZATIONS, beat_schedule
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 

@@ -17,13 +17,13 @@ from sqlalchemy import Engine, insert, select
 
 from api import create_app
 from api.optimizations import spec_from_body
-from shared import optimization as opt_service
-from shared import runs
-from shared.backtest import BacktestConfig, run_backtest
-from shared.bars import load_bars
-from shared.config import Settings
-from shared.db import make_session_factory
-from shared.models import DailyBar, Job, JobShard, Symbol, User
+from shared.domain.backtest import BacktestConfig, run_backtest
+from shared.infra.config import Settings
+from shared.infra.db import make_session_factory
+from shared.infra.models import DailyBar, Job, JobShard, Symbol, User
+from shared.jobs.backtests import service as runs
+from shared.jobs.optimizations import service as opt_service
+from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
 from tests.integration import test_webhooks as hooks
 from tests.integration.test_webhooks import Receiver, verify_signature

@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
-from shared.models import Job, Script
+from shared.infra.models import Job, Script
 from tests.helpers import ApiUser, seed_bars, wait_for_job
 
 pytestmark = pytest.mark.usefixtures("celery_worker")

@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
-from shared import indicators
+from shared.domain.indicators import core as indicators
 from tests.helpers import seed_bars
 
 

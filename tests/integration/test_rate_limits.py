@@ -17,8 +17,8 @@ from sqlalchemy import Engine, func, select
 
 from api import create_app
 from api.ratelimit import reset_rate_limits
-from shared.config import RateLimits, Settings
-from shared.models import AuditLog, Job
+from shared.infra.config import RateLimits, Settings
+from shared.infra.models import AuditLog, Job
 from tests.helpers import ApiUser, authed_client, seed_bars
 
 EXECUTE = "/api/custom-calculations/execute"

@@ -12,10 +12,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from api import create_app
-from shared.config import Settings
-from shared.jobs import ShardTask
+from shared.contract import create_celery, shard_enqueuer
+from shared.infra.config import Settings
+from shared.jobs.pipeline import ShardTask
 from tests.integration.test_faults_worker_kill import Processes, wait_for
-from worker.celery_app import create_celery, shard_enqueuer
 
 READY_REDIS_DB = 8
 
@@ -55,7 +55,7 @@ def test_not_ready_without_an_interactive_consumer_and_waiting_shards_counted(
     app = create_app(own)
     try:
         wait_for(lambda: celery.control.ping(timeout=0.5), 60, "the maintenance-only worker")
-        # Three shard messages nobody here consumes, on priorities 0, 1 and 1 (worker/fairness.py).
+        # Three shard messages nobody here consumes, on priorities 0, 1 and 1 (shared/jobs/fairness.py).
         shard_enqueuer(celery)([ShardTask(i, f"ready-test-{i}") for i in range(3)])
         response = app.test_client().get("/api/health/ready")
         body: dict[str, Any] = response.json  # type: ignore[assignment]

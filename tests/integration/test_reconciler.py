@@ -17,12 +17,14 @@ from celery import Celery
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs, reconciler
-from shared.calculations import CalculationRequest
-from shared.config import Settings
-from shared.models import Job, JobResult, JobShard
+from shared.contract import TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
+from shared.infra.config import Settings
+from shared.infra.models import Job, JobResult, JobShard
+from shared.jobs import pipeline as jobs
+from shared.jobs import reconciler
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
 from tests.helpers import FINAL, seed_bars
-from worker.celery_app import TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
 from worker.maintenance_tasks import SHARD_TASKS, live_task_ids, shard_publisher, task_ids_in_queues
 
 pytestmark = pytest.mark.usefixtures("celery_worker")

@@ -8,9 +8,11 @@ from flask import Flask
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs, retention
-from shared.calculations import CalculationRequest
-from shared.models import Job, JobResult, JobShard, SecurityEvent
+from shared.infra.models import Job, JobResult, JobShard, SecurityEvent
+from shared.jobs import pipeline as jobs
+from shared.jobs import retention
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
 from tests.helpers import make_user
 
 

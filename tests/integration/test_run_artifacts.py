@@ -14,7 +14,7 @@ from typing import Any
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select, update
 
-from shared.models import RunManifest
+from shared.infra.models import RunManifest
 from tests.helpers import seed_bars
 
 RUNS = "/api/runs"

@@ -32,13 +32,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared.artifact_store import ArtifactStore
-from shared.config import ArtifactStorage, Settings
+from shared.contract import create_celery
 from shared.errors import ServiceUnavailable
-from shared.models import RunManifest
-from shared.run_retention import prune_runs
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import ArtifactStorage, Settings
+from shared.infra.models import RunManifest
+from shared.jobs.backtests.retention import prune_runs
 from tests.helpers import ApiUser, authed_client, seed_bars
-from worker.celery_app import create_celery
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 S3_REDIS_DB = 9

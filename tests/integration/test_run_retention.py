@@ -8,12 +8,13 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import artifacts, runs
-from shared.artifact_store import ArtifactStore
-from shared.backtest import BacktestConfig
-from shared.config import Settings
-from shared.models import BacktestRun, Job, JobShard, RunManifest
-from shared.run_retention import prune_runs
+from shared.domain.backtest import BacktestConfig
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import Settings
+from shared.infra.models import BacktestRun, Job, JobShard, RunManifest
+from shared.jobs.backtests import artifacts
+from shared.jobs.backtests import service as runs
+from shared.jobs.backtests.retention import prune_runs
 from tests.helpers import ApiUser, seed_bars
 
 

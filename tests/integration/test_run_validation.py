@@ -1,5 +1,5 @@
 """Validation inside backtest runs, end to end: API -> job with validation tasks -> real Celery workers -> result,
-against shared.validation called directly in this process on the same bars."""
+against shared.domain.robustness called directly in this process on the same bars."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import runs
-from shared import validation as v
-from shared.backtest import BacktestConfig
-from shared.bars import load_bars
-from shared.config import Settings
-from shared.models import BacktestRun, Job, JobShard, RunValidationPart
-from shared.reconciler import reconcile
+from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.domain import robustness as v
+from shared.domain.backtest import BacktestConfig
+from shared.infra.config import Settings
+from shared.infra.models import BacktestRun, Job, JobShard, RunValidationPart
+from shared.jobs.backtests import service as runs
+from shared.jobs.reconciler import reconcile
+from shared.marketdata.bars import load_bars
 from tests.conftest import PROJECT_ROOT, _stop_process_group
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
 RUNS = "/api/runs"
 SYMBOLS = ["VAL0", "VAL1", "VAL2", "VAL3"]
@@ -66,7 +66,7 @@ def wait_for(client: FlaskClient, run_id: str, timeout_s: float = 240) -> dict[s
 
 
 def in_process(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
-    """shared.validation called directly here, on the bars of the same database: JSON as the API returns it."""
+    """shared.domain.robustness called directly here, on the bars of the same database: JSON as the API returns it."""
     config = BacktestConfig.model_validate({k: x for k, x in body.items() if k != "validation"})
     spec = v.ValidationSpec.model_validate(body["validation"])
     with engine.connect() as conn:

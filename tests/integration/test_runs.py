@@ -16,14 +16,14 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert, select
 
 from api import create_app
-from shared import runs
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.bars import load_bars
-from shared.config import Settings
-from shared.db import make_session_factory
-from shared.models import AuditLog, DailyBar, JobShard, Symbol
+from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.infra.config import Settings
+from shared.infra.db import make_session_factory
+from shared.infra.models import AuditLog, DailyBar, JobShard, Symbol
+from shared.jobs.backtests import service as runs
+from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
 RUNS = "/api/runs"
 SYMBOLS = [f"RUN{i:02d}" for i in range(30)]

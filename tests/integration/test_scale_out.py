@@ -46,16 +46,17 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import calculations, dbadmin, migrate
-from shared.calculations import CalculationRequest
-from shared.config import QUEUE_BULK, QUEUE_MAINTENANCE, ArtifactStorage, Maintenance, SandboxLimits, Settings
-from shared.db import make_engine, make_session_factory
-from shared.embedded import EmbeddedRedis
-from shared.models import Job, JobResult, JobShard, RunManifest
+from shared.contract import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
+from shared.infra import dbadmin, migrate
+from shared.infra.config import QUEUE_BULK, QUEUE_MAINTENANCE, ArtifactStorage, Maintenance, SandboxLimits, Settings
+from shared.infra.db import make_engine, make_session_factory
+from shared.infra.models import Job, JobResult, JobShard, RunManifest
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
+from shared.ops.embedded import EmbeddedRedis
 from tests.conftest import ServerUrls
 from tests.helpers import FINAL, authed_client, make_user, seed_bars
 from tests.virtual_hosts import TcpPostgres, VirtualLink, namespaces_unavailable, popen_on_second_host
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "af-scale-out"
@@ -338,7 +339,7 @@ def test_hosts_migrating_one_database_at_once(test_servers: ServerUrls) -> None:
     database_url = dbadmin.create_database(test_servers.server_database_url, name)
     try:
         env = {**os.environ, "DATABASE_URL": database_url}
-        command = [sys.executable, "-m", "shared.cli", "migrate"]
+        command = [sys.executable, "-m", "shared.ops.cli", "migrate"]
         migrations = [
             subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for _ in range(3)

@@ -12,15 +12,14 @@ import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.artifact_store import ArtifactStore
-from shared.config import Maintenance, Settings
-from shared.models import BacktestRun, Job, JobKind, RunManifest
+from shared.contract import TASK_PRUNE_JOBS, TASK_PRUNE_RUNS, beat_schedule, create_celery
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import Maintenance, Settings
+from shared.infra.models import BacktestRun, Job, JobKind, RunManifest
 from tests.helpers import ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, wait_for
 from tests.integration.test_retention import make_job
 from tests.integration.test_run_retention import finished_run
-from worker.celery_app import create_celery
-from worker.schedule import TASK_PRUNE_JOBS, TASK_PRUNE_RUNS, beat_schedule
 
 RETENTION_REDIS_DB = 11
 

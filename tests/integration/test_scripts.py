@@ -11,8 +11,8 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select
 
-from shared.config import Settings
-from shared.models import Job, JobResult, Script, ScriptVersion, SecurityEvent
+from shared.infra.config import Settings
+from shared.infra.models import Job, JobResult, Script, ScriptVersion, SecurityEvent
 from tests.helpers import all_results, seed_bars, wait_for_job
 
 SCRIPTS = "/api/custom-calculations/scripts"

@@ -1,4 +1,4 @@
-"""Shard leases (shared/leases.py) with real processes: a worker's main process is killed with SIGKILL while it runs
+"""Shard leases (jobs/leases.py) with real processes: a worker's main process is killed with SIGKILL while it runs
 shards of a calculation job and of a backtest run, a second worker and Celery beat keep running, and the stranded
 shards run again within 15 s of the kill, with the default lease settings; each symbol is stored exactly once.
 
@@ -23,15 +23,18 @@ from celery import Celery
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs, leases, reconciler, runs
-from shared.backtest import BacktestConfig
-from shared.calculations import CalculationRequest
-from shared.config import Maintenance, SandboxLimits, Settings
-from shared.db import make_engine
-from shared.models import Job, JobResult, JobShard
+from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
+from shared.domain.backtest import BacktestConfig
+from shared.infra.config import Maintenance, SandboxLimits, Settings
+from shared.infra.db import make_engine
+from shared.infra.models import Job, JobResult, JobShard
+from shared.jobs import leases, reconciler
+from shared.jobs import pipeline as jobs
+from shared.jobs.backtests import service as runs
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, _group, wait_for
-from worker.celery_app import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 
 LEASE_REDIS_DB = 14
 RERUN_BOUND_S = 15.0  # issue 14: a shard whose worker died is re-run within 15 s

@@ -9,13 +9,14 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import calculations, jobs
-from shared.calculations import CalculationRequest
-from shared.config import SandboxLimits
 from shared.errors import ScriptCompileError
-from shared.models import Job, JobResult, JobShard, SecurityEvent
+from shared.infra.config import SandboxLimits
+from shared.infra.models import Job, JobResult, JobShard, SecurityEvent
+from shared.jobs import pipeline as jobs
+from shared.jobs.calculations import service as calculations
+from shared.jobs.calculations.service import CalculationRequest
+from shared.sandbox.runner import run_script
 from tests.helpers import seed_bars
-from worker.sandbox_runner import run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 

@@ -13,9 +13,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
-from shared import runs
-from shared.db import make_session_factory
-from shared.models import BacktestRun, SecurityEvent
+from shared.infra.db import make_session_factory
+from shared.infra.models import BacktestRun, SecurityEvent
+from shared.jobs.backtests import service as runs
 from tests.attacks import RUNTIME_ATTACKS, Attack
 from tests.helpers import FINAL, seed_bars
 
@@ -165,7 +165,7 @@ def test_a_script_that_peeks_at_the_next_close_still_fills_on_the_next_bar(clien
     run = submit(client, {"symbol": "PEEK", "strategy": {"name": "script", "script_id": script["script_id"]}})
     assert wait_for_run(client, run["run_id"])["status"] == "succeeded"
     with engine.connect() as conn:
-        from shared.bars import load_bars
+        from shared.marketdata.bars import load_bars
 
         bars = load_bars(conn, ["PEEK"], None, None)["PEEK"]
     made = trades(engine, run["run_id"])["PEEK"]

@@ -8,7 +8,7 @@ from typing import Any
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, select
 
-from shared.models import AuditLog, BacktestRun
+from shared.infra.models import AuditLog, BacktestRun
 from tests.helpers import seed_bars, wait_for_job
 
 UNIVERSES = "/api/universes"

@@ -1,4 +1,4 @@
-"""`up` restarts what dies: a real ``python -m shared.cli up`` on its own embedded PostgreSQL and Redis.
+"""`up` restarts what dies: a real ``python -m shared.ops.cli up`` on its own embedded PostgreSQL and Redis.
 
 Each of the embedded Redis, the embedded PostgreSQL postmaster, the worker's main process, beat, the API's
 gunicorn master and Flower is killed with SIGKILL in turn; each time a new process must take its place (a new
@@ -28,8 +28,8 @@ from typing import Any
 import psutil
 import pytest
 
-from shared.embedded import free_tcp_port
-from shared.migrate import PROJECT_ROOT
+from shared.infra.migrate import PROJECT_ROOT
+from shared.ops.embedded import free_tcp_port
 from tests.integration.test_launcher import _alive, _belongs_to_run, _descendants, _kill_all, _wait_for
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -103,7 +103,7 @@ def test_up_restarts_every_process_it_runs_and_gives_up_on_one_that_keeps_dying(
     )
     log_path = up_data_dir / "up.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], cwd=PROJECT_ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "shared.ops.cli", "up"], cwd=PROJECT_ROOT, env=env,
                                 stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
     base = f"http://127.0.0.1:{port}/api"
     seen: set[psutil.Process] = set()

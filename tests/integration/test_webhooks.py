@@ -31,12 +31,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from shared import jobs, webhooks
-from shared.config import Settings, Webhooks
-from shared.migrate import PROJECT_ROOT
-from shared.models import Job, JobKind, User
+from shared.contract import create_celery
+from shared.infra.config import Settings, Webhooks
+from shared.infra.migrate import PROJECT_ROOT
+from shared.infra.models import Job, JobKind, User
+from shared.jobs import pipeline as jobs
+from shared.jobs import webhooks
 from tests.helpers import FINAL, authed_client, make_user, seed_bars, wait_for_job
-from worker.celery_app import create_celery
 
 HOOKS_REDIS_DB = 12
 BACKOFF_S = 0.2

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.artifact_store import ArtifactStore
-from shared.config import ArtifactStorage, Settings
 from shared.errors import ConfigError
+from shared.infra.artifact_store import ArtifactStore
+from shared.infra.config import ArtifactStorage, Settings
 
 
 def test_unset_means_the_data_directory(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from datetime import date
 
 import pytest
 
-from shared.bars_import import (
+from shared.marketdata.csv_import import (
     BAR_COLUMNS,
     MAX_KEPT_PROBLEMS,
     SUMMARY_PROBLEMS,

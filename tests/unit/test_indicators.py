@@ -1,4 +1,4 @@
-"""The indicator library: the NumPy core (shared/indicators.py) and the script-facing ``ta`` module.
+"""The indicator library: the NumPy core (shared/domain/indicators/core.py) and the script-facing ``ta`` module.
 
 Every function is checked against an independent reference: pandas 3.1.1 (rolling/ewm, the seeded EMA
 the TA-Lib convention prescribes built from ``ewm(adjust=False)``), ``statistics`` (exact rational
@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared import indicators as core
-from shared.sandbox import ta
+from shared.domain.indicators import core
+from shared.domain.sandbox import ta
 
 NAN = math.nan
 ROOT = Path(__file__).resolve().parents[2]
@@ -697,7 +697,7 @@ def test_out_of_memory_inside_the_core_is_a_plain_memory_error() -> None:
     """A real address-space limit (as in the sandbox) hit inside NumPy, in a child process."""
     script = """
 import resource, sys
-from shared.sandbox import ta
+from shared.domain.sandbox import ta
 values = tuple(float(i % 97) for i in range(1_000_000))
 ta.sma(values[:100], 5)
 with open("/proc/self/status") as status:
@@ -728,7 +728,7 @@ def test_module_namespace_is_the_public_functions_and_private_names_only() -> No
     assert type(ta.__all__) is tuple
     for name in ta.__all__:
         func = getattr(ta, name)
-        assert type(func) is types.FunctionType and func.__module__ == "shared.sandbox.ta"
+        assert type(func) is types.FunctionType and func.__module__ == "shared.domain.sandbox.ta"
         assert all(type(d) in (int, float) for d in func.__defaults__ or ())
         assert func.__closure__ is None
     mutable = (list, dict, set, bytearray, np.ndarray)
@@ -779,7 +779,7 @@ def test_calls_import_nothing_after_the_module_is_loaded() -> None:
     """The sandbox may close `open` (seccomp) after importing ta: no call may need a lazy import."""
     script = """
 import math, sys
-from shared.sandbox import ta
+from shared.domain.sandbox import ta
 import tests.unit.test_indicators as t
 before = set(sys.modules)
 for length in (0, 1, 5, 60):

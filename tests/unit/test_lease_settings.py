@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import ConfigError, Settings
-from worker.schedule import TASK_RECONCILE_SHARDS, beat_schedule
+from shared.contract import TASK_RECONCILE_SHARDS, beat_schedule
+from shared.infra.config import ConfigError, Settings
 
 
 def test_defaults_bound_the_recovery_of_a_dead_workers_shards() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import ConfigError, Settings
+from shared.infra.config import ConfigError, Settings
 
 
 def test_defaults_keep_the_pair_limit_below_the_account_limit() -> None:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared import optimization as opt
-from shared.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 from shared.errors import ValidationFailed
+from shared.jobs.optimizations import service as opt
 
 
 def spec(**changes: Any) -> opt.OptimizationSpec:

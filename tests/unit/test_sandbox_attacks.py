@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import SandboxLimits
+from shared.domain.sandbox.policy import compile_script
 from shared.errors import ScriptCompileError
-from shared.sandbox.policy import compile_script
+from shared.infra.config import SandboxLimits
+from shared.sandbox.runner import run_script
 from tests.unit.test_sandbox_runner import bars
-from worker.sandbox_runner import run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=1.5, memory_mb=512)
 

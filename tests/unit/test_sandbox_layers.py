@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import SandboxLimits
-from worker.sandbox_child import NOBODY
+from shared.infra.config import SandboxLimits
+from shared.sandbox.child import NOBODY
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ _HARNESS = """
 import json, os, sys
 import mmap, resource, socket, threading  # loaded before the filter, as an escaped script would find them
 sys.path.insert(0, sys.argv[1])
-from worker.sandbox_child import confine
+from shared.sandbox.child import confine
 layers = confine(json.loads(sys.argv[2]), 1)
 def report(**fields):
     os.write(1, (json.dumps({"layers": layers, **fields}) + "\\n").encode())

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import ScriptCompileError
-from shared.sandbox.policy import (
+from shared.domain.sandbox.policy import (
     ALLOWED_MODULES,
     SAFE_BUILTINS,
     SecurityViolation,
@@ -14,6 +13,7 @@ from shared.sandbox.policy import (
     imports_of,
     script_globals,
 )
+from shared.errors import ScriptCompileError
 
 
 def run(source: str, violations: Violations | None = None, **inputs: object) -> dict[str, object]:

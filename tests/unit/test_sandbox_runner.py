@@ -13,11 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shared.bars import SymbolBars
-from shared.config import SandboxLimits
-from shared.jobs import Outcome
-from worker.sandbox_child import NOBODY
-from worker.sandbox_runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, parse_message, run_script
+from shared.infra.config import SandboxLimits
+from shared.jobs.pipeline import Outcome
+from shared.marketdata.bars import SymbolBars
+from shared.sandbox.child import NOBODY
+from shared.sandbox.runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, parse_message, run_script
 
 LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 
@@ -132,7 +132,7 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
         while time.monotonic() < deadline and "uids" not in seen:
             for child in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    if "worker.sandbox_child" not in " ".join(child.cmdline()):
+                    if "shared.sandbox.child" not in " ".join(child.cmdline()):
                         continue
                     if "env" not in seen:  # readable until the child drops its privileges
                         seen.update(env=child.environ(), cwd=child.cwd())
@@ -180,7 +180,7 @@ def test_a_kernel_kill_is_named_and_costs_only_that_symbol(sig: signal.Signals, 
         while time.monotonic() < deadline:
             for child in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
-                    if "worker.sandbox_child" in " ".join(child.cmdline()) and child.cpu_times().user > 0.3:
+                    if "shared.sandbox.child" in " ".join(child.cmdline()) and child.cpu_times().user > 0.3:
                         os.kill(child.pid, sig)  # root may signal it after the uid drop
                         return
             time.sleep(0.02)

@@ -10,12 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.backtest.strategies import FLAT, LONG, SHORT
-from shared.config import SandboxLimits
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest.strategies import FLAT, LONG, SHORT
 from shared.errors import ValidationFailed
-from shared.sandbox.signals import StrategyOutcome
-from shared.strategy_scripts import (
+from shared.infra.config import SandboxLimits
+from shared.library.strategy_scripts import (
     ScriptEvents,
     SymbolError,
     backtest_script,
@@ -25,8 +24,9 @@ from shared.strategy_scripts import (
     sandbox_bars,
     strategy_events,
 )
-from worker.sandbox_child import pack_bits
-from worker.sandbox_runner import _ChildFault, checked_signals, run_strategy, signals_line_cap
+from shared.sandbox.child import pack_bits
+from shared.sandbox.runner import _ChildFault, checked_signals, run_strategy, signals_line_cap
+from shared.sandbox.signals import StrategyOutcome
 
 LIMITS = SandboxLimits(symbol_timeout_s=5.0, memory_mb=512)
 
@@ -67,7 +67,7 @@ def test_entries_and_exits_arrive_packed_and_equal_to_the_script_s_tuples() -> N
     s = outcome.signals
     assert s.n == 300 and s.warmup == 19 and s.position is None
     assert s.entries is not None and s.exits is not None and s.entries.dtype == np.bool_
-    from shared.backtest import indicators
+    from shared.domain.backtest import indicators
 
     fast, slow = indicators.sma(bars.close, 5), indicators.sma(bars.close, 20)
     with np.errstate(invalid="ignore"):

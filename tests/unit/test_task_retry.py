@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy.exc
 
-from worker.sandbox_runner import SandboxUnavailable
+from shared.sandbox.runner import SandboxUnavailable
 from worker.tasks import MAX_BACKOFF_S, retry_countdown
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared import validation as v
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.backtest.grid import run_dual_sma_grid
+from shared.domain import robustness as v
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest.grid import run_dual_sma_grid
 
 
 def make_bars(n: int = 900, seed: int = 3) -> Bars:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.backtest import Bars
+from shared.domain.backtest import Bars
 
 
 def bars_from_frame(df: pd.DataFrame) -> Bars:

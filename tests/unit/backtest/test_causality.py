@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.backtest.engine import run_events
-from shared.backtest.strategies import FLAT, LONG, REGISTRY
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest.engine import run_events
+from shared.domain.backtest.strategies import FLAT, LONG, REGISTRY
 from tests.unit.backtest.conftest import make_bars
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.backtest.config import SYMBOL_PATTERN, BacktestConfig, StrategySpec
-from shared.backtest.strategies import REGISTRY
+from shared.domain.backtest.config import SYMBOL_PATTERN, BacktestConfig, StrategySpec
+from shared.domain.backtest.strategies import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -62,7 +62,7 @@ def test_hash_is_stable_across_processes() -> None:
                                                                                  "params": {"spread_pct": 0.1}}})
     here = BacktestConfig.model_validate(data).config_hash
     code = (
-        "import json, sys; from shared.backtest.config import BacktestConfig; "
+        "import json, sys; from shared.domain.backtest.config import BacktestConfig; "
         "print(BacktestConfig.model_validate(json.loads(sys.argv[1])).config_hash)"
     )
     out = subprocess.run([sys.executable, "-c", code, json.dumps(data)], cwd=ROOT, capture_output=True, text=True,
@@ -135,24 +135,24 @@ def test_backtesting_py_convention_defaults_to_ignoring_volume() -> None:
 def test_every_registered_strategy_is_configurable() -> None:
     (union, _) = typing.get_args(StrategySpec)
     names = {typing.get_args(spec.model_fields["name"].annotation)[0] for spec in typing.get_args(union)}
-    assert names == set(REGISTRY) | {"script"}  # "script": a saved strategy script (shared.strategy_scripts)
+    assert names == set(REGISTRY) | {"script"}  # "script": a saved strategy script (shared.library.strategy_scripts)
     for name in REGISTRY:
         BacktestConfig.model_validate(base(strategy={"name": name}))
     BacktestConfig.model_validate(base(strategy={"name": "script", "script_id": str(uuid.UUID(int=1))}))
 
 
 def test_symbol_rule_matches_the_importers() -> None:
-    from shared.bars import SYMBOL_PATTERN as IMPORTER_PATTERN
+    from shared.marketdata.bars import SYMBOL_PATTERN as IMPORTER_PATTERN
 
     assert SYMBOL_PATTERN.pattern == IMPORTER_PATTERN.pattern
 
 
 def test_engine_package_imports_no_web_queue_or_database_code() -> None:
     code = (
-        "import sys, pkgutil, importlib, shared.backtest as b\n"
-        "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('shared.backtest.' + m.name)\n"
+        "import sys, pkgutil, importlib, shared.domain.backtest as b\n"
+        "for m in pkgutil.iter_modules(b.__path__): importlib.import_module('shared.domain.backtest.' + m.name)\n"
         "bad = [m for m in ('flask', 'celery', 'sqlalchemy', 'psycopg2', 'redis', 'kombu', 'pandas', 'backtesting',"
-        " 'vectorbt', 'api', 'worker', 'shared.db', 'shared.models') if m in sys.modules]\n"
+        " 'vectorbt', 'api', 'worker', 'shared.infra.db', 'shared.infra.models') if m in sys.modules]\n"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

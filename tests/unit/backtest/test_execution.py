@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.backtest import BacktestConfig, Bars
-from shared.backtest.engine import BacktestResult, run_events
-from shared.backtest.strategies import FLAT, LONG, SHORT
+from shared.domain.backtest import BacktestConfig, Bars
+from shared.domain.backtest.engine import BacktestResult, run_events
+from shared.domain.backtest.strategies import FLAT, LONG, SHORT
 from tests.unit.backtest.conftest import make_bars
 
 

@@ -18,10 +18,10 @@ from backtesting import Backtest, Strategy
 from backtesting.lib import compute_stats, crossover
 from backtesting.test import SMA
 
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.backtest.engine import BacktestResult
-from shared.backtest.indicators import rsi
-from shared.backtest.strategies import bollinger_bands, donchian_upper_lower
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest.engine import BacktestResult
+from shared.domain.backtest.indicators import rsi
+from shared.domain.backtest.strategies import bollinger_bands, donchian_upper_lower
 from tests.unit.backtest.conftest import bars_from_frame
 
 RTOL = 1e-9

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.backtest import BacktestConfig, Bars, run_backtest
-from shared.backtest import indicators as ind
-from shared.backtest.grid import SUMMARY_NAMES, all_pairs, run_dual_sma_grid
-from shared.backtest.metrics import geometric_mean, periods_per_year, probabilistic_sharpe_ratio
+from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest import indicators as ind
+from shared.domain.backtest.grid import SUMMARY_NAMES, all_pairs, run_dual_sma_grid
+from shared.domain.backtest.metrics import geometric_mean, periods_per_year, probabilistic_sharpe_ratio
 from tests.unit.backtest.conftest import make_bars
 
 
@@ -162,7 +162,7 @@ def test_date_range_cuts_the_bars(goog_bars: Bars) -> None:
 
 
 def test_bars_validation_names_the_array_and_bar() -> None:
-    from shared.backtest import BarsError
+    from shared.domain.backtest import BarsError
 
     good = make_bars(close=[1, 2, 3])
     with pytest.raises(BarsError, match=r"close\[1\]"):

@@ -8,15 +8,15 @@ import statistics
 import numpy as np
 import pytest
 
-from shared.backtest import BacktestConfig
-from shared.backtest.engine import run_events
-from shared.backtest.risk import (
+from shared.domain.backtest import BacktestConfig
+from shared.domain.backtest.engine import run_events
+from shared.domain.backtest.risk import (
     KellyFractionParams,
     VolatilityTargetParams,
     decision_fractions,
     kelly_fraction,
 )
-from shared.backtest.strategies import FLAT, LONG, SHORT
+from shared.domain.backtest.strategies import FLAT, LONG, SHORT
 from tests.unit.backtest.conftest import make_bars
 
 
