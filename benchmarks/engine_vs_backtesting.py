@@ -123,8 +123,10 @@ def main() -> None:
     assert np.array_equal(ours.trades.size, trades["Size"].to_numpy(float))
     assert np.array_equal(ours.trades.entry_bar, trades["EntryBar"].to_numpy())
     assert ours.metrics["Equity Final [$]"] == theirs["Equity Final [$]"]
-    print(f"same result: {len(trades)} trades, Equity Final {ours.metrics['Equity Final [$]']:,.2f}, "
-          f"Sharpe {ours.metrics['Sharpe Ratio']:.4f}")
+    print(
+        f"same result: {len(trades)} trades, Equity Final {ours.metrics['Equity Final [$]']:,.2f}, "
+        f"Sharpe {ours.metrics['Sharpe Ratio']:.4f}"
+    )
 
     ours_s: list[float] = []
     theirs_s: list[float] = []

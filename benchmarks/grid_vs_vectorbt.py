@@ -194,8 +194,10 @@ def main() -> None:
     v_aligned = v_ret[[order[(int(f), int(s))] for f, s in zip(o_fast, o_slow, strict=True)]]
     rel = np.abs(o_ret - v_aligned) / np.maximum(np.abs(v_aligned), 1e-12)
     agree = int(np.sum(rel <= 1e-9))
-    print(f"agreement: {agree:,} of {n_pairs:,} pairs have the same total return (rel. diff <= 1e-9); "
-          f"median rel. diff {np.median(rel):.1e}, max {np.max(rel):.1e}")
+    print(
+        f"agreement: {agree:,} of {n_pairs:,} pairs have the same total return (rel. diff <= 1e-9); "
+        f"median rel. diff {np.median(rel):.1e}, max {np.max(rel):.1e}"
+    )
 
     ours_t, vbt_t, vbt_summary_t = [], [], []
     for _ in range(args.rounds):
@@ -218,8 +220,10 @@ def main() -> None:
         }
         for side, r in results.items():
             total = r["import"] + r["run"]
-            print(f"  {labels[side]:30s} {total:7.2f} s  (import {r['import']:.2f} s, grid {r['run']:.2f} s, "
-                  f"process wall {r['wall']:.2f} s)")
+            print(
+                f"  {labels[side]:30s} {total:7.2f} s  (import {r['import']:.2f} s, grid {r['run']:.2f} s, "
+                f"process wall {r['wall']:.2f} s)"
+            )
         ours_cold = results["ours"]["import"] + results["ours"]["run"]
         vbt_cold = results["vectorbt"]["import"] + results["vectorbt"]["run"]
         print(f"  ratio vectorbt / ours (cache present) {vbt_cold / ours_cold:5.1f}x   (goal: ours < 2 s)")

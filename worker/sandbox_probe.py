@@ -21,7 +21,6 @@ from shared.sandbox.runner import probe_layers
 log = logging.getLogger(__name__)
 
 
-
 def publish_layers(settings: Settings, hostname: str, layers: dict[str, bool]) -> None:
     client = redis.Redis.from_url(settings.require_redis_url())
     try:

@@ -2,7 +2,7 @@
 
 Commands:
   up                     run everything in the foreground (embedded PostgreSQL/Redis when the URLs are unset)
-  test [PYTEST ARGS]     ruff, mypy, then pytest
+  test [PYTEST ARGS]     ruff (lint and format), mypy, then pytest
   migrate                apply database migrations to DATABASE_URL
   bars import FILE       import daily bars from a CSV file
   bars demo              load a synthetic demo universe
@@ -93,6 +93,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def run_checks(pytest_args: Sequence[str]) -> int:
     steps = [
         ("ruff", [sys.executable, "-m", "ruff", "check", "."]),
+        ("ruff format", [sys.executable, "-m", "ruff", "format", "--check", "."]),
         ("mypy", [sys.executable, "-m", "mypy"]),
         ("pytest", [sys.executable, "-m", "pytest", *pytest_args]),
     ]
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start database, broker, API, worker and beat in the foreground")
     up.set_defaults(func=cmd_up)
 
-    test = sub.add_parser("test", help="run ruff, mypy and pytest (extra arguments go to pytest)")
+    test = sub.add_parser("test", help="run ruff (lint, format), mypy and pytest (extra arguments go to pytest)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
     test.set_defaults(func=cmd_test)
 

@@ -158,6 +158,7 @@ def test_calculation_shards_of_a_killed_worker_run_again_within_15_s(
     seed_bars(clean_db, symbols, days=30)
     app = create_celery(lease_settings)
     try:
+
         def submit() -> uuid.UUID:
             request = CalculationRequest(script=SLOW, column_name="c", symbols=symbols)
             return calculations.submit_calculation(session_factory, request, shard_size=2,
@@ -189,6 +190,7 @@ def test_backtest_shards_of_a_killed_worker_run_again_within_15_s(
     seed_bars(clean_db, symbols, days=400)
     app = create_celery(lease_settings)
     try:
+
         def submit() -> uuid.UUID:
             config = BacktestConfig.model_validate(
                 {"symbols": symbols, "strategy": {"name": "dual_sma", "params": {"fast": 5, "slow": 30}}}

@@ -35,6 +35,12 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
 
 
 def test_child_processes_see_the_same_settings() -> None:
-    settings = Settings.from_env({"ALPHAFORGE_API_THREADS": "6", "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": "2",
-                                  "ALPHAFORGE_SSE_HEARTBEAT_S": "1.5", "ALPHAFORGE_SSE_SLOT_LEASE_S": "4"})
+    settings = Settings.from_env(
+        {
+            "ALPHAFORGE_API_THREADS": "6",
+            "ALPHAFORGE_SSE_MAX_STREAMS_PER_USER": "2",
+            "ALPHAFORGE_SSE_HEARTBEAT_S": "1.5",
+            "ALPHAFORGE_SSE_SLOT_LEASE_S": "4",
+        }
+    )
     assert Settings.from_env(settings.child_env()).api == settings.api

@@ -193,9 +193,7 @@ def compute_metrics(
     s["Return (Ann.) [%]"] = annualized * 100
     var = float(day_returns.var(ddof=1)) if len(day_returns) > 1 else math.nan
     with np.errstate(invalid="ignore"):
-        volatility = float(
-            np.sqrt((var + (1 + gmean_day) ** 2) ** annual - (1 + gmean_day) ** (2 * annual)) * 100
-        )
+        volatility = float(np.sqrt((var + (1 + gmean_day) ** 2) ** annual - (1 + gmean_day) ** (2 * annual)) * 100)
     s["Volatility (Ann.) [%]"] = volatility
     years = (duration_days + 0 / 86400) / 365.25
     s["CAGR [%]"] = ((equity[-1] / equity[0]) ** (1 / years) - 1) * 100 if years else math.nan
@@ -277,9 +275,7 @@ def probabilistic_sharpe_ratio(returns: FloatArray, benchmark_sharpe: float) -> 
     z = (returns - mean) / sd
     z2 = z * z
     skew = n / ((n - 1) * (n - 2)) * float(np.dot(z2, z))
-    kurt = (n + 1) * n / ((n - 1) * (n - 2) * (n - 3)) * float(np.dot(z2, z2)) - 3 * (n - 1) ** 2 / (
-        (n - 2) * (n - 3)
-    )
+    kurt = (n + 1) * n / ((n - 1) * (n - 2) * (n - 3)) * float(np.dot(z2, z2)) - 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))
     variance = (1 - skew * sharpe + (kurt - 1) / 4 * sharpe**2) / (n - 1)
     if not variance >= 0:  # NaN standard error: LEAN reports 0
         return 0.0

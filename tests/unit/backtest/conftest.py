@@ -35,8 +35,13 @@ def goog_bars(goog: pd.DataFrame) -> Bars:
     return bars_from_frame(goog)
 
 
-def make_bars(close: Sequence[float] | np.ndarray, *, open_: Sequence[float] | np.ndarray | None = None,
-              volume: Sequence[float] | np.ndarray | None = None, start: str = "2024-01-01") -> Bars:
+def make_bars(
+    close: Sequence[float] | np.ndarray,
+    *,
+    open_: Sequence[float] | np.ndarray | None = None,
+    volume: Sequence[float] | np.ndarray | None = None,
+    start: str = "2024-01-01",
+) -> Bars:
     """Hand-made bars on consecutive calendar days; high/low bracket open and close."""
     c = np.asarray(close, dtype=float)
     o = c.copy() if open_ is None else np.asarray(open_, dtype=float)

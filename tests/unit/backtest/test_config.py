@@ -58,15 +58,23 @@ def test_same_meaning_same_hash() -> None:
 
 
 def test_hash_is_stable_across_processes() -> None:
-    data = base(risk={"model": "kelly_fraction"}, execution={"slippage_model": {"model": "spread_pct",
-                                                                                 "params": {"spread_pct": 0.1}}})
+    data = base(
+        risk={"model": "kelly_fraction"},
+        execution={"slippage_model": {"model": "spread_pct", "params": {"spread_pct": 0.1}}},
+    )
     here = BacktestConfig.model_validate(data).config_hash
     code = (
         "import json, sys; from shared.domain.backtest.config import BacktestConfig; "
         "print(BacktestConfig.model_validate(json.loads(sys.argv[1])).config_hash)"
     )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(data)], cwd=ROOT, capture_output=True, text=True,
-                         check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+    )
     assert out.stdout.strip() == here
 
 
@@ -92,13 +100,22 @@ def test_fast_not_below_slow_is_rejected() -> None:
     ("overrides", "where", "says"),
     [
         ({"risk": {"model": "martingale"}}, "risk", "martingale"),
-        ({"risk": {"model": "kelly_fraction", "params": {"fraction": 1.5}}}, "risk.kelly_fraction.params.fraction",
-         "less than or equal to 1"),
-        ({"risk": {"model": "volatility_target", "params": {"window": 3}}},
-         "risk.volatility_target.params.window", "not permitted"),
+        (
+            {"risk": {"model": "kelly_fraction", "params": {"fraction": 1.5}}},
+            "risk.kelly_fraction.params.fraction",
+            "less than or equal to 1",
+        ),
+        (
+            {"risk": {"model": "volatility_target", "params": {"window": 3}}},
+            "risk.volatility_target.params.window",
+            "not permitted",
+        ),
         ({"execution": {"slippage_model": {"model": "magic"}}}, "execution.slippage_model", "magic"),
-        ({"execution": {"slippage_model": {"model": "participation_rate", "params": {}}}},
-         "execution.slippage_model.participation_rate.params.impact_bps", "required"),
+        (
+            {"execution": {"slippage_model": {"model": "participation_rate", "params": {}}}},
+            "execution.slippage_model.participation_rate.params.impact_bps",
+            "required",
+        ),
         ({"execution": {"fill": "tomorrow"}}, "execution.fill", "next_open"),
         ({"execution": {"fee_bps": -1}}, "execution.fee_bps", "greater than or equal to 0"),
         ({"execution": {"leverage": 2}}, "execution.leverage", "not permitted"),
@@ -106,8 +123,11 @@ def test_fast_not_below_slow_is_rejected() -> None:
         ({"symbols": ["good", "bad symbol"]}, "symbols", "symbols[1]"),
         ({"symbols": []}, "symbols", "at least 1"),
         ({"start_date": "2024-02-01", "end_date": "2024-01-01"}, "", "start_date (2024-02-01) is after end_date"),
-        ({"strategy": {"name": "rsi_reversion", "params": {"lower": 70, "upper": 30}}},
-         "strategy.rsi_reversion.params", "lower (70.0) must be less than upper (30.0)"),
+        (
+            {"strategy": {"name": "rsi_reversion", "params": {"lower": 70, "upper": 30}}},
+            "strategy.rsi_reversion.params",
+            "lower (70.0) must be less than upper (30.0)",
+        ),
     ],
 )
 def test_errors_name_their_field(overrides: dict[str, Any], where: str, says: str) -> None:
@@ -117,8 +137,15 @@ def test_errors_name_their_field(overrides: dict[str, Any], where: str, says: st
 
 def test_backtesting_py_convention_rejects_what_it_cannot_honour() -> None:
     [(loc, msg)] = errors(
-        base(execution={"convention": "backtesting_py", "fill": "next_close", "slippage_bps": 5,
-                        "fractional_units": True, "on_zero_volume": "wait"})
+        base(
+            execution={
+                "convention": "backtesting_py",
+                "fill": "next_close",
+                "slippage_bps": 5,
+                "fractional_units": True,
+                "on_zero_volume": "wait",
+            }
+        )
     )
     assert loc == "execution"
     for field in ("fill", "slippage_bps", "fractional_units", "on_zero_volume"):

@@ -81,8 +81,11 @@ def test_integer_units_by_default() -> None:
     [
         ({"slippage_bps": 50}, 10 * 1.005, 12 * 0.995),
         ({"slippage_model": {"model": "spread_pct", "params": {"spread_pct": 0.2}}}, 10.01, 12 * 0.999),
-        ({"slippage_bps": 10, "slippage_model": {"model": "spread_pct", "params": {"spread_pct": 1}}},
-         10 * 1.006, 12 * 0.994),
+        (
+            {"slippage_bps": 10, "slippage_model": {"model": "spread_pct", "params": {"spread_pct": 1}}},
+            10 * 1.006,
+            12 * 0.994,
+        ),
     ],
 )
 def test_bps_and_spread_slippage_move_the_price_against_the_trade(execution: dict, buy: float, sell: float) -> None:
@@ -95,8 +98,12 @@ def test_bps_and_spread_slippage_move_the_price_against_the_trade(execution: dic
 
 
 def test_spread_slippage_on_a_short() -> None:
-    result = run(BARS, {0: SHORT, 2: FLAT}, allow_short=True,
-                 slippage_model={"model": "spread_pct", "params": {"spread_pct": 0.2}})
+    result = run(
+        BARS,
+        {0: SHORT, 2: FLAT},
+        allow_short=True,
+        slippage_model={"model": "spread_pct", "params": {"spread_pct": 0.2}},
+    )
     (trade,) = result.trades.to_records()
     assert trade["size"] == -int(1000 // 9.99)
     assert trade["entry_price"] == pytest.approx(9.99, rel=1e-12)  # sold at the bid
@@ -104,8 +111,10 @@ def test_spread_slippage_on_a_short() -> None:
 
 
 def participation(impact_bps: float, exponent: float, cap_bps: float) -> dict[str, Any]:
-    return {"model": "participation_rate",
-            "params": {"impact_bps": impact_bps, "exponent": exponent, "max_impact_bps": cap_bps}}
+    return {
+        "model": "participation_rate",
+        "params": {"impact_bps": impact_bps, "exponent": exponent, "max_impact_bps": cap_bps},
+    }
 
 
 def test_participation_rate_linear_impact() -> None:

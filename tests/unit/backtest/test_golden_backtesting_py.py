@@ -84,9 +84,7 @@ def assert_matches(reference: pd.Series, result: BacktestResult) -> None:
     np.testing.assert_allclose(result.trades.pnl, trades["PnL"].to_numpy(float), rtol=RTOL)
     np.testing.assert_allclose(result.trades.return_pct, trades["ReturnPct"].to_numpy(float), rtol=RTOL)
     np.testing.assert_allclose(result.trades.commission, trades["Commission"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_array_equal(
-        result.trades.entry_date, trades["EntryTime"].to_numpy().astype("datetime64[D]")
-    )
+    np.testing.assert_array_equal(result.trades.entry_date, trades["EntryTime"].to_numpy().astype("datetime64[D]"))
     np.testing.assert_array_equal(result.trades.exit_date, trades["ExitTime"].to_numpy().astype("datetime64[D]"))
 
     curve = reference["_equity_curve"]
@@ -218,7 +216,11 @@ def test_goog_sma_cross_other_windows(goog: pd.DataFrame, goog_bars: Bars, fast:
 
 def test_long_only_half_size_fixed_plus_relative_commission_finalized(goog: pd.DataFrame, goog_bars: Bars) -> None:
     reference = run_reference(
-        goog, SmaCrossLongOnly, {"fast": 8, "slow": 30}, commission=(3.0, 0.001), exclusive_orders=True,
+        goog,
+        SmaCrossLongOnly,
+        {"fast": 8, "slow": 30},
+        commission=(3.0, 0.001),
+        exclusive_orders=True,
         finalize_trades=True,
     )
     result = run_backtest(
@@ -253,7 +255,10 @@ def test_rsi_reversion_long_only(goog: pd.DataFrame, goog_bars: Bars) -> None:
 
 def test_rsi_reversion_long_short(goog: pd.DataFrame, goog_bars: Bars) -> None:
     reference = run_reference(
-        goog, RsiReversion, {"shorts": True, "size": 0.9, "lower": 35.0, "upper": 65.0}, commission=0.001,
+        goog,
+        RsiReversion,
+        {"shorts": True, "size": 0.9, "lower": 35.0, "upper": 65.0},
+        commission=0.001,
         exclusive_orders=True,
     )
     result = run_backtest(
@@ -280,9 +285,7 @@ def test_donchian_breakout_long_short(goog: pd.DataFrame, goog_bars: Bars) -> No
 
 
 def test_bollinger_reversion_with_mid_band_exits(goog: pd.DataFrame, goog_bars: Bars) -> None:
-    reference = run_reference(
-        goog, BollingerReversion, commission=0.0005, exclusive_orders=True, finalize_trades=True
-    )
+    reference = run_reference(goog, BollingerReversion, commission=0.0005, exclusive_orders=True, finalize_trades=True)
     result = run_backtest(
         goog_bars,
         config(
@@ -308,8 +311,9 @@ def test_risk_free_rate_matches_compute_stats(goog: pd.DataFrame, goog_bars: Bar
     reference = compute_stats(stats=base, data=goog, risk_free_rate=0.03)
     result = run_backtest(
         goog_bars,
-        config({"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=20, allow_short=True,
-               risk_free_rate=0.03),
+        config(
+            {"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=20, allow_short=True, risk_free_rate=0.03
+        ),
     )
     assert reference["Sharpe Ratio"] != base["Sharpe Ratio"]
     assert_matches(reference, result)
@@ -341,8 +345,9 @@ def test_synthetic_calendars(freq: str, seed: int) -> None:
     reference = run_reference(data, SmaCross, commission=0.001, exclusive_orders=True, finalize_trades=True)
     result = run_backtest(
         bars_from_frame(data),
-        config({"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=10, allow_short=True,
-               flatten_at_end=True),
+        config(
+            {"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=10, allow_short=True, flatten_at_end=True
+        ),
     )
     expected_periods = {"D": 365, "W": 52, "B": 252}[freq]
     assert result.metrics["Periods per Year"] == expected_periods

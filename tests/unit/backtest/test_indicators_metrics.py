@@ -95,8 +95,7 @@ def test_probabilistic_sharpe_ratio() -> None:
     rng = np.random.default_rng(5)
     returns = rng.normal(0.001, 0.01, 500)
     bench = 1 / math.sqrt(252)
-    assert probabilistic_sharpe_ratio(returns, bench) == pytest.approx(_psr_reference(list(returns), bench),
-                                                                      rel=1e-12)
+    assert probabilistic_sharpe_ratio(returns, bench) == pytest.approx(_psr_reference(list(returns), bench), rel=1e-12)
     strong = rng.normal(0.01, 0.01, 2000)
     assert probabilistic_sharpe_ratio(strong, bench) > 0.999
     assert probabilistic_sharpe_ratio(-strong, bench) < 0.001
@@ -105,8 +104,12 @@ def test_probabilistic_sharpe_ratio() -> None:
 
 def test_risk_free_rate_lowers_sharpe_and_psr(goog_bars: Bars) -> None:
     def metrics(rate: float) -> dict:
-        return run_backtest(goog_bars, BacktestConfig.model_validate(
-            {"symbols": ["GOOG"], "strategy": {"name": "dual_sma"}, "risk_free_rate": rate})).metrics
+        return run_backtest(
+            goog_bars,
+            BacktestConfig.model_validate(
+                {"symbols": ["GOOG"], "strategy": {"name": "dual_sma"}, "risk_free_rate": rate}
+            ),
+        ).metrics
 
     zero, five = metrics(0.0), metrics(0.05)
     assert five["Sharpe Ratio"] < zero["Sharpe Ratio"]
@@ -114,7 +117,8 @@ def test_risk_free_rate_lowers_sharpe_and_psr(goog_bars: Bars) -> None:
     assert five["Probabilistic Sharpe Ratio"] < zero["Probabilistic Sharpe Ratio"]
     assert five["Return [%]"] == zero["Return [%]"]
     assert five["Sharpe Ratio"] == pytest.approx(
-        (zero["Return (Ann.) [%]"] - 5) / zero["Volatility (Ann.) [%]"], rel=1e-12)
+        (zero["Return (Ann.) [%]"] - 5) / zero["Volatility (Ann.) [%]"], rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("convention", ["backtesting_py", "native"])
@@ -122,15 +126,26 @@ def test_grid_cells_equal_single_runs(goog_bars: Bars, convention: str) -> None:
     execution = {"convention": convention, "fee_bps": 20, "allow_short": True}
     if convention == "native":
         execution |= {"slippage_bps": 3, "fixed_fee": 1.0, "flatten_at_end": True}
-    config = BacktestConfig.model_validate({"symbols": ["GOOG"], "strategy": {"name": "dual_sma"},
-                                            "execution": execution})
+    config = BacktestConfig.model_validate(
+        {"symbols": ["GOOG"], "strategy": {"name": "dual_sma"}, "execution": execution}
+    )
     fast, slow = all_pairs(2, 40)
     grid = run_dual_sma_grid(goog_bars, fast, slow, config)
     rng = np.random.default_rng(0)
     for k in rng.choice(len(fast), 12, replace=False):
-        single = run_backtest(goog_bars, config.model_copy(update={"strategy": BacktestConfig.model_validate(
-            {"symbols": ["X"], "strategy": {"name": "dual_sma",
-                                            "params": {"fast": int(fast[k]), "slow": int(slow[k])}}}).strategy}))
+        single = run_backtest(
+            goog_bars,
+            config.model_copy(
+                update={
+                    "strategy": BacktestConfig.model_validate(
+                        {
+                            "symbols": ["X"],
+                            "strategy": {"name": "dual_sma", "params": {"fast": int(fast[k]), "slow": int(slow[k])}},
+                        }
+                    ).strategy
+                }
+            ),
+        )
         for j, name in enumerate(SUMMARY_NAMES):
             assert grid.summary[k, j] == pytest.approx(single.metrics[name], rel=1e-9, nan_ok=True), (k, name)
 
@@ -149,14 +164,30 @@ def test_result_is_json_ready(goog_bars: Bars) -> None:
     assert doc["config_hash"] == config.config_hash
     assert len(doc["equity_curve"]["equity"]) == len(goog_bars)
     assert len(doc["trades"]) == doc["metrics"]["# Trades"]
-    for key in ("Probabilistic Sharpe Ratio", "Turnover [x]", "Turnover (Ann.) [x]", "Risk-Free Rate [%]",
-                "Kelly Criterion", "SQN", "Calmar Ratio", "Alpha [%]", "Beta", "CAGR [%]"):
+    for key in (
+        "Probabilistic Sharpe Ratio",
+        "Turnover [x]",
+        "Turnover (Ann.) [x]",
+        "Risk-Free Rate [%]",
+        "Kelly Criterion",
+        "SQN",
+        "Calmar Ratio",
+        "Alpha [%]",
+        "Beta",
+        "CAGR [%]",
+    ):
         assert key in doc["metrics"]
 
 
 def test_date_range_cuts_the_bars(goog_bars: Bars) -> None:
-    config = BacktestConfig.model_validate({"symbols": ["GOOG"], "strategy": {"name": "buy_and_hold"},
-                                            "start_date": "2010-01-01", "end_date": "2010-12-31"})
+    config = BacktestConfig.model_validate(
+        {
+            "symbols": ["GOOG"],
+            "strategy": {"name": "buy_and_hold"},
+            "start_date": "2010-01-01",
+            "end_date": "2010-12-31",
+        }
+    )
     result = run_backtest(goog_bars, config)
     assert result.metrics["Start"] == "2010-01-04" and result.metrics["End"] == "2010-12-31"
 
@@ -166,11 +197,19 @@ def test_bars_validation_names_the_array_and_bar() -> None:
 
     good = make_bars(close=[1, 2, 3])
     with pytest.raises(BarsError, match=r"close\[1\]"):
-        Bars.from_arrays(open=good.open, high=good.high, low=good.low, close=[1, np.nan, 3], volume=good.volume,
-                         dates=good.dates)
+        Bars.from_arrays(
+            open=good.open, high=good.high, low=good.low, close=[1, np.nan, 3], volume=good.volume, dates=good.dates
+        )
     with pytest.raises(BarsError, match=r"dates\[2\]"):
-        Bars.from_arrays(open=good.open, high=good.high, low=good.low, close=good.close, volume=good.volume,
-                         dates=["2024-01-01", "2024-01-03", "2024-01-02"])
+        Bars.from_arrays(
+            open=good.open,
+            high=good.high,
+            low=good.low,
+            close=good.close,
+            volume=good.volume,
+            dates=["2024-01-01", "2024-01-03", "2024-01-02"],
+        )
     with pytest.raises(BarsError, match="volume"):
-        Bars.from_arrays(open=good.open, high=good.high, low=good.low, close=good.close, volume=[1, 2],
-                         dates=good.dates)
+        Bars.from_arrays(
+            open=good.open, high=good.high, low=good.low, close=good.close, volume=[1, 2], dates=good.dates
+        )

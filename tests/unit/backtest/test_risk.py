@@ -22,15 +22,21 @@ from tests.unit.backtest.conftest import make_bars
 
 def config(risk: dict, **execution: object) -> BacktestConfig:
     return BacktestConfig.model_validate(
-        {"symbols": ["T"], "strategy": {"name": "buy_and_hold"}, "risk": risk, "execution": execution,
-         "initial_cash": 1000.0}
+        {
+            "symbols": ["T"],
+            "strategy": {"name": "buy_and_hold"},
+            "risk": risk,
+            "execution": execution,
+            "initial_cash": 1000.0,
+        }
     )
 
 
 def test_fixed_fraction_sizes_a_share_of_equity() -> None:
     bars = make_bars(close=[10, 10, 10])
-    result = run_events(bars, np.array([LONG, 0, 0], np.int8),
-                        config({"model": "fixed_fraction", "params": {"fraction": 0.25}}))
+    result = run_events(
+        bars, np.array([LONG, 0, 0], np.int8), config({"model": "fixed_fraction", "params": {"fraction": 0.25}})
+    )
     assert result.position[1] == 25  # 0.25 * 1000 / 10
 
 
@@ -83,8 +89,10 @@ def test_kelly_sizes_from_trades_closed_before_the_decision() -> None:
     opens = [100, 100, 110, 100, 110, 100, 95, 100, 100, 100]
     bars = make_bars(close=opens, open_=opens)
     codes = np.array([LONG, FLAT, LONG, FLAT, LONG, FLAT, 0, LONG, 0, 0], np.int8)
-    risk = {"model": "kelly_fraction",
-            "params": {"fraction": 0.5, "min_trades": 3, "warmup_fraction": 0.2, "max_fraction": 1.0}}
+    risk = {
+        "model": "kelly_fraction",
+        "params": {"fraction": 0.5, "min_trades": 3, "warmup_fraction": 0.2, "max_fraction": 1.0},
+    }
     result = run_events(bars, codes, config(risk))
     trades = result.trades.to_records()
     assert [t["entry_bar"] for t in trades] == [1, 3, 5]
