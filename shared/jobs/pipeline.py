@@ -12,8 +12,9 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import sqlalchemy.exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,8 @@ from shared.infra.security import Incident
 from shared.jobs import leases
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")  # a job kind's own record (a run, an optimisation), written with its job
 
 _ACTIVE_JOB = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 _OPEN_SHARD = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
@@ -175,6 +178,58 @@ def submit(
             details={"job_id": str(job.id)},
         ) from exc
     return job
+
+
+@dataclass(frozen=True)
+class Submitted(Generic[R]):
+    """What an idempotent submission returns: the job, its kind's record and whether this call created them."""
+
+    job: Job
+    record: R
+    created: bool  # False: the owner already had this exact job (same definition hash), returned as it is
+
+
+def submit_once(
+    factory: sessionmaker[Session],
+    find: Callable[[Session], tuple[Job, R] | None],
+    build: Callable[[Session], tuple[Job, R]],
+    shard_size: int,
+    enqueue: Enqueue,
+    *,
+    on_write: OnWrite | None = None,
+    **submit_options: Any,
+) -> Submitted[R]:
+    """The one submit skeleton of every job kind that has a record of its own (a run, an optimisation).
+
+    ``find`` looks up the owner's job of the same definition (by its hash); when there is none, ``build`` (given the
+    session, for checks that read rows) makes the job and its record, and both are written in one transaction
+    (``record.job_id`` set there) with the shards, then enqueued (``submit``). Two concurrent submissions of one
+    definition meet at the record's unique index: the loser's transaction rolls back and it returns the winner's.
+    """
+    with factory() as session:
+        found = find(session)
+        if found is not None:
+            session.expunge_all()
+            return Submitted(found[0], found[1], created=False)
+        job, record = build(session)
+
+    def write(session: Session, written: Job) -> None:
+        record.job_id = written.id  # type: ignore[attr-defined]
+        session.add(record)
+        session.flush()
+        if on_write is not None:
+            on_write(session, written)
+
+    try:
+        submit(factory, job, shard_size, enqueue, on_write=write, **submit_options)
+    except sqlalchemy.exc.IntegrityError:
+        with factory() as session:
+            found = find(session)
+            if found is None:
+                raise
+            session.expunge_all()
+            return Submitted(found[0], found[1], created=False)
+    return Submitted(job, record, created=True)
 
 
 @dataclass(frozen=True)
