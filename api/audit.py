@@ -17,10 +17,15 @@ from api.schemas import ErrorResponse
 from shared.accounts import audit as audit_log
 from shared.accounts.access import Principal
 from shared.accounts.audit import AuditAction
-from shared.errors import Forbidden, ValidationFailed
+from shared.errors import Forbidden
+from shared.infra import pagination
 from shared.infra.models import AuditLog
 
 bp = APIBlueprint("audit", __name__, url_prefix="/api", abp_tags=[Tag(name="audit")], abp_security=BEARER_SECURITY)
+
+NEWEST_FIRST: pagination.Keyset[AuditLog] = pagination.Keyset(
+    (AuditLog.id,), (pagination.integer,), lambda e: (e.id,), descending=True
+)
 
 
 def audit(
@@ -66,16 +71,9 @@ def list_audit_log(query: AuditQuery) -> Response:
         stmt = stmt.where(AuditLog.action == query.action)
     if query.request_id:
         stmt = stmt.where(AuditLog.request_id == query.request_id)
-    if query.cursor:
-        if not query.cursor.isdigit():
-            raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page")
-        stmt = stmt.where(AuditLog.id < int(query.cursor))
     with services().session_factory() as session:
-        rows = list(session.scalars(stmt.order_by(AuditLog.id.desc()).limit(query.limit + 1)))
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
+        rows, next_cursor = pagination.page(session, stmt, NEWEST_FIRST, limit=query.limit, cursor=query.cursor)
     page = AuditPage(
-        entries=[AuditEntry.model_validate(row, from_attributes=True) for row in rows],
-        next_cursor=str(rows[-1].id) if more and rows else None,
+        entries=[AuditEntry.model_validate(row, from_attributes=True) for row in rows], next_cursor=next_cursor
     )
     return jsonify(page.model_dump(mode="json"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import uuid
 
@@ -19,7 +17,7 @@ from api.views import job_view
 from shared.accounts.access import require_owner, require_read
 from shared.accounts.audit import AuditAction
 from shared.contract import TASK_BUILD_RUN_ARTIFACTS, TASK_FINISH_OPTIMIZATION, TASK_WEBHOOK_DELIVER
-from shared.errors import NotFound, ValidationFailed
+from shared.errors import NotFound
 from shared.infra import security
 from shared.infra.config import QUEUE_MAINTENANCE
 from shared.infra.events import RedisJobEvents
@@ -50,20 +48,6 @@ def _readable_job(session: Session, raw_id: str) -> Job:
     return job
 
 
-def encode_cursor(symbol: str) -> str:
-    return base64.urlsafe_b64encode(symbol.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        symbol = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        symbol = ""
-    if not symbol:
-        raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page")
-    return symbol
-
-
 @bp.get("/<job_id>", responses={200: JobView, 404: ErrorResponse})
 def get_job(path: JobPath) -> Response:
     """Status, progress, timings, errors, what the sandbox rejected (per symbol, in plain words) and the
@@ -78,18 +62,16 @@ def get_job(path: JobPath) -> Response:
 def get_results(path: JobPath, query: ResultsQuery) -> Response:
     """Per-symbol results ordered by symbol, keyset-paged with ``cursor``; errors are per symbol."""
     job_id = _job_id(path.job_id)
-    after = decode_cursor(query.cursor) if query.cursor else None
     with services().session_factory() as session:
+        # The page first: a bad cursor is a 422 before the job is looked up (and a 404 discards the page).
+        rows, next_cursor = jobs.page_results(session, job_id, limit=query.limit, cursor=query.cursor)
         job = _readable_job(session, path.job_id)
-        rows = jobs.page_results(session, job_id, limit=query.limit + 1, after=after)
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
         page = ResultsPage(
             job_id=str(job.id),
             column_name=job.column_name,
             status=job.status,
             results=[ResultRow.model_validate({"symbol": r.symbol, "value": r.value, "error": r.error}) for r in rows],
-            next_cursor=encode_cursor(rows[-1].symbol) if more and rows else None,
+            next_cursor=next_cursor,
         )
         return jsonify(page.model_dump(mode="json"))
 

@@ -23,6 +23,7 @@ from api import BEARER_SECURITY, services
 from api.schemas import ErrorResponse
 from shared.domain.indicators import core as indicators
 from shared.errors import ValidationFailed
+from shared.infra import pagination
 from shared.infra.models import Symbol
 from shared.marketdata.bars import SYMBOL_PATTERN, SymbolBars, load_bars
 
@@ -55,7 +56,7 @@ class _RangeQuery(BaseModel):
     start: dt.date | None = None
     end: dt.date | None = None
     limit: int = Field(default=500, ge=1, le=5000)
-    cursor: dt.date | None = Field(default=None, description="next_cursor of the previous page")
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
     @field_validator("symbol")
     @classmethod
@@ -130,12 +131,13 @@ def _bars(symbol: str, *, start: dt.date | None, end: dt.date | None) -> SymbolB
 
 def _window(dates: tuple[str, ...], query: _RangeQuery) -> tuple[int, int, str | None]:
     """[lo, hi) of the page within ``dates`` (ISO strings, sorted) and the next cursor."""
-    after = query.cursor if query.cursor and (query.start is None or query.cursor >= query.start) else None
+    (cursor_day,) = pagination.decode_cursor(query.cursor, (pagination.day,)) if query.cursor else (None,)
+    after = cursor_day if cursor_day and (query.start is None or cursor_day >= query.start) else None
     lo_date = (after + dt.timedelta(days=1)) if after else query.start
     lo = int(np.searchsorted(dates, lo_date.isoformat(), side="left")) if lo_date else 0
     last = int(np.searchsorted(dates, query.end.isoformat(), side="right")) if query.end else len(dates)
     hi = min(last, lo + query.limit)
-    return lo, hi, dates[hi - 1] if hi < last and hi > lo else None
+    return lo, hi, pagination.encode_cursor([dates[hi - 1]]) if hi < last and hi > lo else None
 
 
 @bp.get("/candles", responses={200: CandlesPage, 401: ErrorResponse, 422: ErrorResponse})

@@ -6,10 +6,7 @@ error shape are the calculation endpoints' (someone else's run is a 404; admins 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import json
 import uuid
 from typing import Any
 
@@ -21,7 +18,7 @@ from sqlalchemy.orm import Session
 from api import BEARER_SECURITY, services
 from api.audit import audit
 from api.auth import current_principal
-from api.jobs import after_cancel, decode_cursor, encode_cursor
+from api.jobs import after_cancel
 from api.run_schemas import (
     RunAccepted,
     RunLinks,
@@ -47,6 +44,7 @@ from shared.contract import TASK_RUN_BACKTEST_SHARD, shard_enqueuer
 from shared.domain.backtest import BacktestConfig
 from shared.domain.robustness import ValidationSpec
 from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.infra import pagination
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import BacktestRun, Job, JobResult
 from shared.jobs import pipeline as jobs
@@ -289,18 +287,12 @@ def create_run() -> Response:
     return response
 
 
-def _encode_list_cursor(created_at: dt.datetime, run_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(run_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_list_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        created, run_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created), uuid.UUID(run_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
-        raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page") from None
+NEWEST_FIRST: pagination.Keyset[tuple[Job, BacktestRun]] = pagination.Keyset(
+    (BacktestRun.created_at, BacktestRun.job_id),
+    (pagination.timestamp, pagination.uuid_value),
+    lambda row: (row[1].created_at, row[1].job_id),
+    descending=True,
+)
 
 
 @bp.get("", responses={200: RunsPage, 401: ErrorResponse, 422: ErrorResponse})
@@ -313,17 +305,10 @@ def list_runs(query: RunsQuery) -> Response:
         stmt = stmt.where(Job.status == query.status)
     if query.strategy:
         stmt = stmt.where(BacktestRun.strategy == query.strategy)
-    if query.cursor:
-        created_at, run_id = _decode_list_cursor(query.cursor)
-        stmt = stmt.where(
-            (BacktestRun.created_at < created_at)
-            | ((BacktestRun.created_at == created_at) & (BacktestRun.job_id < run_id))
-        )
-    stmt = stmt.order_by(BacktestRun.created_at.desc(), BacktestRun.job_id.desc()).limit(query.limit + 1)
     with services().session_factory() as session:
-        rows = session.execute(stmt).all()
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
+        rows, next_cursor = pagination.page(
+            session, stmt, NEWEST_FIRST, limit=query.limit, cursor=query.cursor, scalars=False
+        )
         validating = _validation_progress(session, [run for _, run in rows])
     page = RunsPage(
         runs=[
@@ -341,7 +326,7 @@ def list_runs(query: RunsQuery) -> Response:
             )
             for job, run in rows
         ],
-        next_cursor=_encode_list_cursor(rows[-1][1].created_at, rows[-1][1].job_id) if more and rows else None,
+        next_cursor=next_cursor,
     )
     return jsonify(page.model_dump(mode="json"))
 
@@ -370,12 +355,9 @@ def _summary_rows(session: Session, job_id: uuid.UUID) -> list[JobResult]:
 @bp.get("/<run_id>/results", responses={200: RunResultsPage, 404: ErrorResponse, 422: ErrorResponse})
 def get_results(path: RunPath, query: RunResultsQuery) -> Response:
     """Every metric of each finished symbol (or its error), ordered by symbol, keyset-paged with ``cursor``."""
-    after = decode_cursor(query.cursor) if query.cursor else None
     with services().session_factory() as session:
         job, _ = _readable_run(session, path.run_id)
-        rows = jobs.page_results(session, job.id, limit=query.limit + 1, after=after)
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
+        rows, next_cursor = jobs.page_results(session, job.id, limit=query.limit, cursor=query.cursor)
     page = RunResultsPage(
         run_id=str(job.id),
         status=job.status,
@@ -388,7 +370,7 @@ def get_results(path: RunPath, query: RunResultsQuery) -> Response:
             )
             for r in rows
         ],
-        next_cursor=encode_cursor(rows[-1].symbol) if more and rows else None,
+        next_cursor=next_cursor,
     )
     return jsonify(page.model_dump(mode="json"))
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import NotFound, QuotaExceeded, ServiceUnavailable
 from shared.infra import events as job_events
+from shared.infra import pagination
 from shared.infra.config import QUEUE_INTERACTIVE
 from shared.infra.db import session_scope
 from shared.infra.events import JobEvents
@@ -437,12 +438,17 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
-def page_results(session: Session, job_id: uuid.UUID, *, limit: int, after: str | None) -> list[JobResult]:
-    """Results ordered by symbol, keyset-paged: rows strictly after symbol ``after``."""
+RESULTS_BY_SYMBOL: pagination.Keyset[JobResult] = pagination.Keyset(
+    (JobResult.symbol,), (pagination.text,), lambda r: (r.symbol,)
+)
+
+
+def page_results(
+    session: Session, job_id: uuid.UUID, *, limit: int, cursor: str | None
+) -> tuple[list[JobResult], str | None]:
+    """A job's results ordered by symbol, one page, and the next page's cursor."""
     query = select(JobResult).where(JobResult.job_id == job_id)
-    if after is not None:
-        query = query.where(JobResult.symbol > after)
-    return list(session.scalars(query.order_by(JobResult.symbol).limit(limit)))
+    return pagination.page(session, query, RESULTS_BY_SYMBOL, limit=limit, cursor=cursor)
 
 
 def cancel_job(

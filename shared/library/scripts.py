@@ -13,22 +13,20 @@ parameters against that version's declarations. A strategy is never a nightly re
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.accounts.access import Principal, require_owner, require_read
 from shared.domain.sandbox.policy import compile_script
 from shared.errors import Conflict, NotFound, ScriptCompileError, ValidationFailed
+from shared.infra import pagination
 from shared.infra.models import Preset, SavedUniverse, Script, ScriptVersion
 from shared.library.strategy_scripts import KIND_CALCULATION, KIND_STRATEGY, check_declarations
 
@@ -205,21 +203,6 @@ def delete_script(session: Session, script: Script) -> None:
 # --- listing ------------------------------------------------------------------------------------------------
 
 
-def encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, arity: int) -> list[Any]:
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        values = json.loads(raw)
-    except (binascii.Error, ValueError):
-        values = None
-    if not isinstance(values, list) or len(values) != arity:
-        raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page")
-    return values
-
-
 _NamedT = TypeVar("_NamedT", Script, Preset, SavedUniverse)
 
 
@@ -237,18 +220,10 @@ def page_by_name(
     if name_prefix:
         escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(model.name.like(escaped + "%", escape="\\"))
-    if cursor:
-        after_name, after_id = decode_cursor(cursor, 2)
-        try:
-            after = (str(after_name), uuid.UUID(str(after_id)))
-        except ValueError:
-            raise ValidationFailed.for_field(
-                "cursor", "invalid cursor; use next_cursor from the previous page"
-            ) from None
-        query = query.where(tuple_(model.name, model.id) > after)
-    rows = list(session.scalars(query.order_by(model.name, model.id).limit(limit + 1)))
-    next_cursor = encode_cursor([rows[limit - 1].name, str(rows[limit - 1].id)]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    keyset: pagination.Keyset[_NamedT] = pagination.Keyset(
+        (model.name, model.id), (pagination.text, pagination.uuid_value), lambda row: (row.name, row.id)
+    )
+    return pagination.page(session, query, keyset, limit=limit, cursor=cursor)
 
 
 def list_scripts(
@@ -267,19 +242,17 @@ def list_scripts(
     return page_by_name(session, Script, query, limit=limit, cursor=cursor, name_prefix=name_prefix)
 
 
+VERSIONS_NEWEST_FIRST: pagination.Keyset[ScriptVersion] = pagination.Keyset(
+    (ScriptVersion.version,), (pagination.integer,), lambda v: (v.version,), descending=True
+)
+
+
 def list_versions(
     session: Session, script: Script, *, limit: int, cursor: str | None = None
 ) -> tuple[list[ScriptVersion], str | None]:
     """Versions newest first."""
     query = select(ScriptVersion).where(ScriptVersion.script_id == script.id)
-    if cursor:
-        (before,) = decode_cursor(cursor, 1)
-        if not isinstance(before, int):
-            raise ValidationFailed.for_field("cursor", "invalid cursor; use next_cursor from the previous page")
-        query = query.where(ScriptVersion.version < before)
-    rows = list(session.scalars(query.order_by(ScriptVersion.version.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor([rows[limit - 1].version]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return pagination.page(session, query, VERSIONS_NEWEST_FIRST, limit=limit, cursor=cursor)
 
 
 def get_version(session: Session, script: Script, version: int) -> ScriptVersion:
