@@ -19,7 +19,7 @@ from shared.errors import ValidationFailed
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job
 from shared.jobs import webhooks
-from shared.jobs.calculations.service import CalculationRequest, submit_calculation
+from shared.jobs.calculations import CalculationRequest, submit_calculation
 from shared.library import scripts
 
 bp = APIBlueprint(

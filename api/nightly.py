@@ -16,7 +16,7 @@ from api.schemas import ErrorResponse
 from shared.contract import shard_enqueuer
 from shared.errors import Conflict, Forbidden
 from shared.infra.config import QUEUE_BULK
-from shared.jobs.nightly import service as nightly
+from shared.jobs import nightly
 from shared.library import scripts
 
 latest_bp = APIBlueprint(

@@ -35,10 +35,9 @@ from shared.contract import (
 from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import QUEUE_BULK, QUEUE_MAINTENANCE
 from shared.infra.models import JobKind
-from shared.jobs import reconciler, retention, webhooks
+from shared.jobs import nightly, reconciler, retention, webhooks
 from shared.jobs.backtests import retention as run_retention
 from shared.jobs.fairness import PRIORITY_STEPS
-from shared.jobs.nightly import service as nightly
 from shared.jobs.pipeline import ShardTask
 from worker import metrics_signals
 from worker.tasks import ServicesTask, WorkerServices

@@ -20,9 +20,8 @@ from shared.infra import log_context
 from shared.infra.config import Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.events import RedisJobEvents
-from shared.jobs import leases
+from shared.jobs import calculations, leases
 from shared.jobs import pipeline as jobs
-from shared.jobs.calculations import service as calculations
 from shared.sandbox.runner import run_script
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contract import create_celery, shard_enqueuer
 from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, Settings
 from shared.infra.models import Job, JobShard
+from shared.jobs import calculations
 from shared.jobs import pipeline as jobs
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.calculations import CalculationRequest
 from shared.jobs.fairness import shard_level, shard_priority
 from tests.helpers import ApiUser, seed_bars, wait_for_job
 

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contract import create_celery, shard_enqueuer
 from shared.infra.config import Maintenance, Settings
 from shared.infra.models import Job, JobResult
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs import calculations
+from shared.jobs.calculations import CalculationRequest
 from shared.ops.embedded import EmbeddedRedis
 from tests.helpers import FINAL, seed_bars
 from tests.integration.test_faults_worker_kill import SCRIPT, Processes, shard_statuses, wait_for

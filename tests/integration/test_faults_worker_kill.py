@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contract import create_celery, shard_enqueuer
 from shared.infra.config import Maintenance, Settings
 from shared.infra.models import Job, JobResult, JobShard
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs import calculations
+from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, seed_bars
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -29,8 +29,8 @@ from shared.contract import TASK_RECONCILE_SHARDS, create_celery, shard_enqueuer
 from shared.infra.config import QUEUE_MAINTENANCE, Maintenance, Settings
 from shared.infra.migrate import PROJECT_ROOT
 from shared.infra.models import Job, JobShard
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs import calculations
+from shared.jobs.calculations import CalculationRequest
 from shared.ops.embedded import free_tcp_port
 from shared.ops.launcher import child_commands
 from tests.helpers import FINAL, seed_bars

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contract import TASK_NIGHTLY_RUN, create_celery, shard_enqueuer
 from shared.infra.config import QUEUE_BULK, Settings
-from shared.infra.models import Job, JobResult, NightlyRun
-from shared.jobs.nightly import service as nightly
+from shared.infra.models import Job, JobResult, NightlyRun, NightlyRunJob
+from shared.jobs import nightly
 from tests.helpers import FINAL, ApiUser, seed_bars
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
@@ -50,7 +50,7 @@ def save_script(client: FlaskClient, name: str, code: str, *, nightly_flag: bool
 def run_jobs(factory: sessionmaker[Session], run_id: str) -> list[Job]:
     with factory() as session:
         return list(session.scalars(select(Job).where(Job.id.in_(
-            select(nightly.NightlyRunJob.job_id).where(nightly.NightlyRunJob.run_id == uuid.UUID(run_id))
+            select(NightlyRunJob.job_id).where(NightlyRunJob.run_id == uuid.UUID(run_id))
         ))))  # fmt: skip
 
 

@@ -20,10 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contract import TASK_RUN_CALCULATION_SHARD, create_celery, shard_enqueuer
 from shared.infra.config import Settings
 from shared.infra.models import Job, JobResult, JobShard
+from shared.jobs import calculations, reconciler
 from shared.jobs import pipeline as jobs
-from shared.jobs import reconciler
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, seed_bars
 from worker.maintenance_tasks import SHARD_TASKS, live_task_ids, shard_publisher, task_ids_in_queues
 

@@ -9,10 +9,9 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.infra.models import Job, JobResult, JobShard, SecurityEvent
+from shared.jobs import calculations, retention
 from shared.jobs import pipeline as jobs
-from shared.jobs import retention
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.calculations import CalculationRequest
 from tests.helpers import make_user
 
 

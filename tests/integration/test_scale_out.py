@@ -51,8 +51,8 @@ from shared.infra import dbadmin, migrate
 from shared.infra.config import QUEUE_BULK, QUEUE_MAINTENANCE, ArtifactStorage, Maintenance, SandboxLimits, Settings
 from shared.infra.db import make_engine, make_session_factory
 from shared.infra.models import Job, JobResult, JobShard, RunManifest
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs import calculations
+from shared.jobs.calculations import CalculationRequest
 from shared.ops.embedded import EmbeddedRedis
 from tests.conftest import ServerUrls
 from tests.helpers import FINAL, authed_client, make_user, seed_bars

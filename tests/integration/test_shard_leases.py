@@ -28,11 +28,10 @@ from shared.domain.backtest import BacktestConfig
 from shared.infra.config import Maintenance, SandboxLimits, Settings
 from shared.infra.db import make_engine
 from shared.infra.models import Job, JobResult, JobShard
-from shared.jobs import leases, reconciler
+from shared.jobs import calculations, leases, reconciler
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests import service as runs
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, _group, wait_for
 

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import ScriptCompileError
 from shared.infra.config import SandboxLimits
 from shared.infra.models import Job, JobResult, JobShard, SecurityEvent
+from shared.jobs import calculations
 from shared.jobs import pipeline as jobs
-from shared.jobs.calculations import service as calculations
-from shared.jobs.calculations.service import CalculationRequest
+from shared.jobs.calculations import CalculationRequest
 from shared.sandbox.runner import run_script
 from tests.helpers import seed_bars
 

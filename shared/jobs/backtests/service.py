@@ -49,7 +49,7 @@ from shared.infra.models import (
 )
 from shared.infra.security import Incident, record
 from shared.jobs import pipeline as jobs
-from shared.jobs.calculations.service import symbols_sha256
+from shared.jobs.calculations import symbols_sha256
 from shared.library import strategy_scripts
 from shared.marketdata.bars import SymbolBars, load_bars
 

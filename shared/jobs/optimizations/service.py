@@ -61,7 +61,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobKind, JobShard, Optimization, OptimizationResult, ScriptVersion, ShardStatus
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests import service as runs
-from shared.jobs.calculations.service import symbols_sha256
+from shared.jobs.calculations import symbols_sha256
 from shared.library import strategy_scripts
 from shared.marketdata.bars import load_bars
 

@@ -1,0 +1,63 @@
+"""One calculation shard: its symbols' bars loaded in one query, the script run over each in the sandbox
+(shared/sandbox/runner.py), one outcome per symbol for the pipeline to store. A calculation needs no finalize
+step: the pipeline's last shard ends the job, and views read its result rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.infra.config import SandboxLimits
+from shared.infra.events import JobEvents
+from shared.infra.models import Job, Symbol
+from shared.infra.security import record
+from shared.jobs import pipeline as jobs
+from shared.marketdata.bars import SymbolBars, load_bars
+
+log = logging.getLogger(__name__)
+
+ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimits], Sequence[jobs.Outcome]]
+"""Runs a script over bars in the sandbox (shared/sandbox/runner.run_script): one outcome per symbol."""
+
+
+def _missing_outcome(symbol: str, known: set[str], job: Job) -> jobs.Outcome:
+    if symbol not in known:
+        return jobs.Outcome(
+            symbol, None, {"type": "UnknownSymbol", "message": f"unknown symbol {symbol}", "line": None}
+        )
+    start = job.start_date.isoformat() if job.start_date else "the first bar"
+    end = job.end_date.isoformat() if job.end_date else "the last bar"
+    message = f"no bars for {symbol} between {start} and {end}"
+    return jobs.Outcome(symbol, None, {"type": "NoData", "message": message, "line": None})
+
+
+def run_shard(
+    factory: sessionmaker[Session],
+    shard_id: int,
+    *,
+    limits: SandboxLimits,
+    runner: ScriptRunner,
+    events: JobEvents | None = None,
+) -> bool | None:
+    """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
+    True/False: whether this delivery's results were the ones stored."""
+    started = jobs.start_shard(factory, shard_id, events=events)
+    if started is None:
+        log.info("shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
+        return None
+    job = started.job
+    with factory() as session:
+        bars = load_bars(session.connection(), started.symbols, job.start_date, job.end_date)
+        missing = [s for s in started.symbols if s not in bars]
+        known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(missing)))) if missing else set()
+    present = [bars[s] for s in started.symbols if s in bars]
+    computed = {o.symbol: o for o in runner(job.script, job.params, present, limits)}
+    outcomes = [computed[s] if s in computed else _missing_outcome(s, known, job) for s in started.symbols]
+    # Recorded before the results, in a transaction of their own: a rejection happened whether or not
+    # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
+    record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)
+    return jobs.complete_shard(factory, shard_id, outcomes, events=events)
