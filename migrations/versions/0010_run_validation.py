@@ -1,4 +1,4 @@
-"""validation tasks of backtest runs (issue 7)
+"""validation tasks of backtest runs
 
 A run's validation is split into tasks that are extra shards of the run's job (``job_shards.task``, no symbols);
 each task's numbers go to ``run_validation_parts``; the run keeps its validation spec and combined result.

@@ -1,4 +1,4 @@
-"""presets and saved universes (issue 7)
+"""presets and saved universes
 
 Revision ID: 0011_presets_universes
 Revises: 0010_run_validation

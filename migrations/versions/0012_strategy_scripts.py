@@ -1,4 +1,4 @@
-"""saved scripts that are strategies (issue 9)
+"""saved scripts that are strategies
 
 A script gets a ``kind`` ("calculation", the default for every existing script, or "strategy") and declared
 ``parameters`` (JSON, on the script for its current version and on each version for the text it belongs to);

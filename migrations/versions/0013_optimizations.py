@@ -1,4 +1,4 @@
-"""optimisation jobs (issue 9)
+"""optimisation jobs
 
 Revision ID: 0013_optimizations
 Revises: 0012_strategy_scripts

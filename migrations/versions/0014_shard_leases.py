@@ -1,4 +1,4 @@
-"""shard leases: who holds a running shard and until when (issue 14: shards of a dead worker back in seconds)
+"""shard leases: who holds a running shard and until when (shards of a dead worker back in seconds)
 
 Revision ID: 0014_shard_leases
 Revises: 0013_optimizations

@@ -214,7 +214,7 @@ class SecurityEvent(Base):
 
 class User(Base):
     """An account. ``id`` is a UUID in text form: it is what ``jobs.owner_id`` and ``security_events.owner_id``
-    (String(64) since issue 2) hold. Usernames are stored lower-cased, so uniqueness ignores case."""
+    (String(64): a UUID or a short name) hold. Usernames are stored lower-cased, so uniqueness ignores case."""
 
     __tablename__ = "users"
     __table_args__ = (

@@ -1,4 +1,4 @@
-"""Saved scripts (calculations, and strategies: issue 9): CRUD with numbered versions of the code.
+"""Saved scripts (calculations and strategies): CRUD with numbered versions of the code.
 
 A script's code is compiled under the sandbox policy whenever it is saved, so a saved script always compiled
 when it was saved. Every code change adds a row to ``script_versions`` (version 1 is the first text); the

@@ -1,4 +1,4 @@
-"""User strategies written as sandboxed scripts (issue 9): declared parameters, signals to engine events, and
+"""User strategies written as sandboxed scripts: declared parameters, signals to engine events, and
 backtests of a script strategy over many symbols.
 
 A saved script of kind ``strategy`` declares its parameters (name -> type, default, bounds) and computes, inside

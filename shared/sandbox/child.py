@@ -7,7 +7,7 @@ environment, ``cwd=/`` and its own session. Protocol (the parent is trusted, thi
 * stdout: one JSON line ``{"ready": true, "layers": {...}}`` once limits are applied, then per item, in
   order, ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``, plus
   ``"incidents": [[layer, reason, detail], ...]`` when a layer refused something for that item.
-  A request with ``"mode": "strategy"`` (a strategy script, issue 9) answers ``{"i": k, "signals": {...}}``
+  A request with ``"mode": "strategy"`` (a strategy script) answers ``{"i": k, "signals": {...}}``
   instead of ``"value"``: ``n`` (bars), ``warmup`` and either ``entries`` and ``exits`` (base64 of packed
   bits, least significant bit first) or ``position`` (base64 of little-endian float64); see
   :func:`check_signals`. Without ``mode`` the request is a calculation, answered exactly as before.

@@ -343,7 +343,7 @@ def _run_items(
     return outcomes
 
 
-# --- strategy scripts (issue 9) --------------------------------------------------------------------------------
+# --- strategy scripts -------------------------------------------------------------------------------------------
 
 
 def signals_line_cap(n_bars: int, limits: SandboxLimits) -> int:

@@ -36,7 +36,7 @@ from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, _group, wait_for
 
 LEASE_REDIS_DB = 14
-RERUN_BOUND_S = 15.0  # issue 14: a shard whose worker died is re-run within 15 s
+RERUN_BOUND_S = 15.0  # a shard whose worker died is re-run within 15 s
 SLOW = "s = 0\nfor i in range(600000):\n    s += i\nresult = close[-1]"  # a few tenths of a second per symbol
 
 

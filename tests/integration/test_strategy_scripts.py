@@ -1,4 +1,4 @@
-"""Strategy scripts end to end (issue 9): saved as kind ``strategy`` with declared parameters, backtested as a run
+"""Strategy scripts end to end: saved as kind ``strategy`` with declared parameters, backtested as a run
 through the API and a real Celery worker (the sandbox once per shard, then the engine per symbol), compared with
 the built-in strategy it reimplements; parameter and ownership errors; per-symbol errors for wrong series;
 hostile strategy scripts contained as in the attack suite, with their security events."""
