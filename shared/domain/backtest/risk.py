@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.domain.backtest import indicators
 from shared.domain.backtest.bars import Bars
+from shared.domain.indicators import engine as indicators
 from shared.domain.stats import TRADING_DAYS
 
 FIXED_FRACTION = 0
