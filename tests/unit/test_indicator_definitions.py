@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from shared.domain.backtest import BacktestConfig, Bars
-from shared.domain.backtest.strategies import REGISTRY, bollinger_bands
+from shared.domain.backtest.strategies import REGISTRY, RsiReversionParams, bollinger_bands
 from shared.domain.indicators import core, engine
 from shared.domain.sandbox import ta
 from tests.unit.backtest.conftest import make_bars
@@ -69,9 +69,10 @@ def test_a_screen_and_a_backtest_of_the_same_rsi_rule_see_the_same_values() -> N
     close[:40] = close[0]  # a listing that did not trade at first
     bars: Bars = make_bars(close)
     config = BacktestConfig.model_validate({"symbols": ["X"], "strategy": {"name": "rsi_reversion"}})
-    strategy = REGISTRY["rsi_reversion"]
-    signals = strategy.compute(bars, config.strategy.params, 0, 0)
-    screened = ta.rsi(tuple(bars.close.tolist()), config.strategy.params.period)
+    params = config.strategy.params
+    assert isinstance(params, RsiReversionParams)
+    signals = REGISTRY["rsi_reversion"].compute(bars, params, 0, 0)
+    screened = ta.rsi(tuple(bars.close.tolist()), params.period)
     np.testing.assert_array_equal(signals.indicators["rsi"], np.array(screened))
     assert signals.indicators["rsi"][14:40].tolist() == [50.0] * 26
     assert not np.isnan(screened[14:]).any()
