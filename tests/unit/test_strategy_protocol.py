@@ -67,7 +67,7 @@ def test_entries_and_exits_arrive_packed_and_equal_to_the_script_s_tuples() -> N
     s = outcome.signals
     assert s.n == 300 and s.warmup == 19 and s.position is None
     assert s.entries is not None and s.exits is not None and s.entries.dtype == np.bool_
-    from shared.domain.backtest import indicators
+    from shared.domain.indicators import engine as indicators
 
     fast, slow = indicators.sma(bars.close, 5), indicators.sma(bars.close, 20)
     with np.errstate(invalid="ignore"):

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from shared.domain._jit import kernel
 from shared.domain.backtest import simulator as sim
-from shared.domain.backtest._jit import kernel
 from shared.domain.backtest.bars import Bars
 from shared.domain.backtest.config import BacktestConfig, DualSmaSpec
 from shared.domain.backtest.engine import entry_fractions, simulation_parameters
-from shared.domain.backtest.indicators import sma_matrix
 from shared.domain.backtest.metrics import period_bins, periods_per_year
 from shared.domain.backtest.strategies import crossover_events
+from shared.domain.indicators.engine import sma_matrix
 
 # summary columns
 G_EQUITY_FINAL = 0

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from shared.domain.stats import TRADING_DAYS, sharpe_ratio
+
 FloatArray = NDArray[np.float64]
 MetricValue = float | int | str
 
@@ -91,7 +93,7 @@ def periods_per_year(dates: NDArray[np.datetime64]) -> tuple[int, int]:
         if period_days == 31
         else 1
         if period_days == 365
-        else (365 if have_weekends else 252)
+        else (365 if have_weekends else TRADING_DAYS)
     )
     return annual, period_days
 
@@ -197,6 +199,8 @@ def compute_metrics(
     s["Volatility (Ann.) [%]"] = volatility
     years = (duration_days + 0 / 86400) / 365.25
     s["CAGR [%]"] = ((equity[-1] / equity[0]) ** (1 / years) - 1) * 100 if years else math.nan
+    # backtesting.py's Sharpe: annual geometric return over the compounded volatility (the golden tests hold it);
+    # every other Sharpe of the product is shared.domain.stats.sharpe_ratio (the PSR's observed one below).
     s["Sharpe Ratio"] = (annualized * 100 - risk_free_rate * 100) / _or_nan(volatility)
     downside = np.sqrt(np.mean(np.clip(day_returns, -np.inf, 0) ** 2)) if len(day_returns) else math.nan
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -271,7 +275,7 @@ def probabilistic_sharpe_ratio(returns: FloatArray, benchmark_sharpe: float) -> 
     sd = float(returns.std(ddof=1))
     if not sd > 0:
         return 0.0
-    sharpe = mean / sd
+    sharpe = sharpe_ratio(returns, periods_per_year=1)  # per period: mean / sample std
     z = (returns - mean) / sd
     z2 = z * z
     skew = n / ((n - 1) * (n - 2)) * float(np.dot(z2, z))

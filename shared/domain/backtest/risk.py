@@ -18,8 +18,9 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.domain.backtest import indicators
 from shared.domain.backtest.bars import Bars
+from shared.domain.indicators import engine as indicators
+from shared.domain.stats import TRADING_DAYS
 
 FIXED_FRACTION = 0
 VOLATILITY_TARGET = 1
@@ -40,7 +41,9 @@ class VolatilityTargetParams(RiskParams):
     )
     lookback: int = Field(default=20, ge=2, le=2520, description="daily log returns in the realized volatility")
     max_fraction: float = Field(default=1.0, gt=0, le=1, description="upper clamp of the fraction of equity")
-    periods_per_year: float = Field(default=252.0, gt=0, le=366, description="annualisation of the daily volatility")
+    periods_per_year: float = Field(
+        default=float(TRADING_DAYS), gt=0, le=366, description="annualisation of the daily volatility"
+    )
 
 
 class KellyFractionParams(RiskParams):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from shared.domain.backtest._jit import kernel
+from shared.domain._jit import kernel
 
 # integer parameters
 I_COMPAT = 0

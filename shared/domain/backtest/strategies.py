@@ -23,9 +23,9 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.domain.backtest import indicators
-from shared.domain.backtest._jit import kernel
+from shared.domain._jit import kernel
 from shared.domain.backtest.bars import Bars
+from shared.domain.indicators import engine as indicators
 
 NONE = 0
 LONG = 1

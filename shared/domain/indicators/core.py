@@ -1,30 +1,18 @@
-"""Technical indicators on NumPy arrays: the numeric core behind the script-facing ``ta`` module.
+"""Technical indicators on NumPy arrays: the one implementation behind the script-facing ``ta`` module and the
+backtest engine (``shared.domain.indicators.engine``).
 
-Arrays in, fresh float64 arrays out (booleans for the cross detectors), every output as long as its
-input and aligned bar for bar, warm-up positions NaN. The conventions are the industry ones (TA-Lib and
-common charting): SMA-seeded EMA with alpha 2/(n+1), Wilder's smoothing for RSI and ATR, population
-standard deviation for Bollinger bands. ``shared/domain/sandbox/ta.py`` validates untrusted input, calls these
-and turns the results into tuples of plain floats; the backtest engine may call them directly.
+Arrays in, fresh float64 arrays out (booleans for the cross detectors), every output as long as its input and
+aligned bar for bar, warm-up positions NaN. The definitions (warm-up, flat series, NaN rules, smoothing, ddof) are
+the table in the package docstring (``shared/domain/indicators/__init__.py``). ``shared/domain/sandbox/ta.py``
+validates untrusted input, calls these and turns the results into tuples of plain floats.
 
-Why the odd-looking algorithms: user scripts control the period, so nothing here may cost more than
-O(n) for a series of n values, whatever the period. Rolling reductions therefore use the van Herk /
-Gil-Werman block decomposition (every window of length p is a suffix of one block of p values plus a
-prefix of the next), which costs a few vectorised passes for any p, keeps NaN confined to the windows
-that contain it (a window's partial sums hold that window's values only, unlike differences of one long
-cumulative sum) and bounds rounding error by the window rather than by the series length. Exponential
-recursions are evaluated in closed form over blocks short enough that the scale factors stay far from
-overflow, so there is no per-element Python loop.
+Nothing here costs more than O(n) for a series of n values, whatever the period: window indicators use the block
+machinery of ``_windows``; exponential recursions are evaluated in closed form over blocks short enough that the
+scale factors stay far from overflow, so there is no per-element Python loop. No numba here: the sandbox process
+that runs ``ta`` cannot map executable memory once its seccomp filter is loaded.
 
-NaN conventions (documented for users in README's "Indicator library" section):
-
-* window indicators (SMA, WMA, rolling sums/max/min, stdev, z-score, Bollinger, correlation): a window
-  containing a NaN gives NaN; the output recovers once the NaN has left the window;
-* recursive indicators (EMA, Wilder smoothing, RSI, ATR, MACD, drawdown): leading NaNs are skipped (the
-  recursion, warm-up included, starts at the first non-NaN value, so ``ema(rsi(x, 14), 5)`` works); a NaN
-  after that start makes that output and every later one NaN.
-
-Inputs are float64 arrays (anything ``np.asarray`` turns into a 1-D float64 array); periods are ints >= 1.
-A period longer than the series gives an all-NaN result without allocating anything period-sized.
+Inputs are float64 arrays (anything ``np.asarray`` turns into a 1-D float64 array); periods are ints >= 1. A period
+longer than the series gives an all-NaN result without allocating anything period-sized.
 """
 
 from __future__ import annotations
@@ -34,15 +22,24 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float64]
-BoolArray = npt.NDArray[np.bool_]
+from shared.domain.indicators._windows import (
+    BoolArray,
+    FloatArray,
+    _blocks,
+    _Centred,
+    _comoment,
+    _constant_windows,
+    _head_tail,
+    _m2,
+    _nan,
+    _window_reduce,
+    _Windows,
+)
+from shared.domain.stats import TRADING_DAYS
 
 # Largest power of (1/beta) the closed-form recursion lets a block reach: 2**300 keeps
 # |x| * 2**300 finite for any |x| < 1e217 and the matching powers of beta far above the subnormals.
 _LOG_SCALE_LIMIT = 300 * math.log(2.0)
-# Block width for sums of finite data: wide enough that accumulating along rows is fast, narrow enough
-# that a block's partial sums stay close to the window's own magnitude.
-_SUM_BLOCK = 256
 
 
 def as_series(values: npt.ArrayLike) -> FloatArray:
@@ -57,186 +54,6 @@ def _check_period(period: int, name: str = "period") -> int:
     if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
         raise ValueError(f"{name} must be an int >= 1")
     return int(period)
-
-
-def _nan(n: int) -> FloatArray:
-    return np.full(n, np.nan)
-
-
-# ---------------------------------------------------------------------------------------------
-# Window machinery
-# ---------------------------------------------------------------------------------------------
-
-
-def _blocks(x: FloatArray, p: int, fill: float, divisor: float = 1.0) -> FloatArray:
-    """A copy of ``x`` (divided by ``divisor``, in the same pass) padded with ``fill`` to a multiple of ``p``,
-    shaped (blocks, p).
-
-    The padding is never part of a window (a window's last value is at most n - 1); ``fill`` is the
-    reduction's identity only so that the arrays are tidy. Size < n + p <= 2n.
-    """
-    n = x.shape[0]
-    count = -(-n // p)
-    buffer = np.empty(count * p)
-    if divisor == 1.0:
-        buffer[:n] = x
-    else:
-        np.divide(x, divisor, out=buffer[:n])
-    buffer[n:] = fill
-    return buffer.reshape(count, p)
-
-
-def _head_tail(
-    blocks: FloatArray, ufunc: np.ufunc, fill: float, n: int, finite: bool = False
-) -> tuple[FloatArray, FloatArray]:
-    """Partial reductions of every full window [s, s + p - 1], s = 0 .. n - p.
-
-    ``head[s]`` reduces the window's part in the block holding s (from s to the block's end);
-    ``tail[s]`` reduces its part in the following block (from that block's start to s + p - 1), or is
-    ``fill`` when the window is exactly one block. ``ufunc(head, tail)`` is the window's reduction.
-
-    For sums of all-finite data (``finite``) the suffix sums come from the prefix sums (block total -
-    prefix + value: one pass instead of a reversed accumulate, error still bounded by the block). With a
-    NaN or an infinity the block total would leak it into windows that do not contain it, so such data
-    takes the reversed accumulate, which keeps every partial sum to the window's own values.
-    """
-    p = blocks.shape[1]
-    prefix = ufunc.accumulate(blocks, axis=1)
-    if finite and ufunc is np.add:
-        suffix = (prefix[:, -1:] - prefix + blocks).reshape(-1)
-    else:
-        suffix = ufunc.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].reshape(-1)
-    head = suffix[: n - p + 1]
-    tail = prefix.reshape(-1)[p - 1 : n]
-    tail[::p] = fill  # windows starting on a block boundary lie in that one block: head alone
-    return head, tail
-
-
-def _finite_window_sums(x: FloatArray, p: int, divisor: float = 1.0) -> FloatArray:
-    """Rolling sums of all-finite data divided by ``divisor`` (first p - 1 NaN), from prefix sums within
-    blocks of max(p, 256); dividing the values first saves a pass (the SMA's rounding stays ~p ulp).
-
-    A window lies in one block (prefix difference) or straddles two (the first block's total minus the
-    exclusive prefix at its start, plus the second block's prefix at its end): the error stays bounded by
-    the block, while blocks wider than p keep the accumulate fast for short periods. Finite data only: a
-    NaN or infinity in a block would leak through the differences into windows that do not hold it.
-    """
-    n = x.shape[0]
-    width = max(p, _SUM_BLOCK)
-    count = n - p + 1
-    blocks = _blocks(x, width, 0.0, divisor)
-    prefix = np.add.accumulate(blocks, axis=1)
-    totals = prefix[:, -1:].copy()
-    prefix -= blocks
-    exclusive = prefix.reshape(-1)  # the prefix sums before each value, within its block
-    flat = exclusive + blocks.reshape(-1)  # ... and including it
-    # One buffer for the result: p - 1 NaNs, then the sums laid out as (blocks, width) for the fix-up.
-    buffer = np.empty(p - 1 + blocks.size)
-    buffer[: p - 1] = np.nan
-    sums = buffer[p - 1 :]
-    np.subtract(flat[p - 1 : n], exclusive[:count], out=sums[:count])
-    sums.reshape(-1, width)[:, width - p + 1 :] += totals  # windows that run into the next block
-    return buffer[:n]
-
-
-def _window_reduce(x: FloatArray, period: int, ufunc: np.ufunc, fill: float, mean: bool = False) -> FloatArray:
-    """Rolling ``ufunc`` reduction (np.add, np.maximum, np.minimum); with ``mean``, sums divided by period."""
-    n = x.shape[0]
-    if period > n:
-        return _nan(n)
-    if period == 1:
-        return x.copy()
-    with np.errstate(all="ignore"):  # sums may overflow to inf, and inf + -inf is NaN: silently
-        if ufunc is np.add and math.isfinite(float(x.sum())):  # a NaN or inf anywhere makes the sum NaN/inf
-            return _finite_window_sums(x, period, period if mean else 1.0)
-        out = np.empty(n)
-        out[: period - 1] = np.nan
-        head, tail = _head_tail(_blocks(x, period, fill), ufunc, fill, n)
-        ufunc(head, tail, out=out[period - 1 :])
-        if mean:
-            out[period - 1 :] /= period
-    return out
-
-
-def _block_centres(blocks: FloatArray) -> FloatArray:
-    """One finite reference value per block (its first finite value, else 0) to centre the data on."""
-    centres = blocks[:, 0].copy()
-    bad = ~np.isfinite(centres)
-    if bad.any():
-        rows = blocks[bad]
-        finite = np.isfinite(rows)
-        first = finite.argmax(axis=1)
-        centres[bad] = np.where(finite.any(axis=1), rows[np.arange(rows.shape[0]), first], 0.0)
-    return centres
-
-
-def _constant_windows(x: FloatArray, p: int) -> BoolArray:
-    """True for each full window whose values are all equal (exact integer count of changes)."""
-    changes = np.zeros(x.shape[0], dtype=np.int64)
-    np.cumsum(x[1:] != x[:-1], out=changes[1:])
-    return np.asarray(changes[p - 1 :] == changes[: x.shape[0] - p + 1])
-
-
-class _Windows:
-    """Where each full window [s, s + p - 1] splits: n_head values in the block holding s, the rest in the
-    next block. Everything depends on s % p only."""
-
-    def __init__(self, n: int, p: int) -> None:
-        self.n, self.p = n, p
-        n_tail = (np.arange(n - p + 1) % p).astype(np.float64)  # values of the window in the following block
-        self.n_head = p - n_tail
-        self.weight = self.n_head * n_tail / p
-        np.maximum(n_tail, 1.0, out=n_tail)  # a safe divisor: tail sums are 0 when the tail is empty
-        self.tail_count = n_tail
-
-
-class _Centred:
-    """One series cut into blocks, each centred on its own reference value, with per-window partial sums."""
-
-    def __init__(self, x: FloatArray, windows: _Windows, finite: bool) -> None:
-        n, p = windows.n, windows.p
-        self.deviations = _blocks(x, p, 0.0)
-        centres = _block_centres(self.deviations)
-        self.deviations -= centres[:, None]
-        self.head, self.tail = _head_tail(self.deviations, np.add, 0.0, n, finite)
-        self.head_mean = self.head / windows.n_head
-        self.tail_mean = self.tail / windows.tail_count
-        per_value = np.repeat(centres, p)  # the centre of the block holding each position
-        self.centre_gap = per_value[: n - p + 1] - per_value[p - 1 : n]
-        del per_value
-        self.constant = _constant_windows(x, p)
-
-
-def _comoment(a: _Centred, b: _Centred, windows: _Windows, finite: bool) -> FloatArray:
-    """Sum over each full window of (a - mean a)(b - mean b); with a is b, the window's M2.
-
-    Numerically stable: the deviations are from each block's own reference value, each window's two
-    parts get their own co-moments from sums of those small deviations, and the parts are combined with
-    the parallel formula of Chan, Golub and LeVeque. Exactly 0 for a window of equal values (as in
-    pandas), so that a flat stretch gives a zero deviation rather than rounding noise.
-    """
-    result, tail = _head_tail(a.deviations * b.deviations, np.add, 0.0, windows.n, finite)
-    result = result - a.head * b.head_mean
-    result += tail
-    result -= a.tail * b.tail_mean
-    delta = a.centre_gap + a.head_mean
-    delta -= a.tail_mean
-    if a is b:
-        delta *= delta
-    else:
-        delta *= b.centre_gap + b.head_mean - b.tail_mean
-    delta *= windows.weight
-    result += delta
-    result[(a.constant | b.constant) & ~np.isnan(result)] = 0.0
-    return result
-
-
-def _m2(x: FloatArray, p: int) -> FloatArray:
-    """Sum of squared deviations from the window mean, for each full window (n >= p)."""
-    finite = bool(np.isfinite(x).all())
-    windows = _Windows(x.shape[0], p)
-    centred = _Centred(x, windows, finite)
-    return _comoment(centred, centred, windows, finite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +80,17 @@ def rolling_min(values: npt.ArrayLike, period: int) -> FloatArray:
 
 
 def sma(values: npt.ArrayLike, period: int) -> FloatArray:
-    """Simple moving average: mean of the last ``period`` values; the first period - 1 are NaN."""
+    """Simple moving average: mean of the last ``period`` values; the first period - 1 are NaN.
+
+    A window of equal values gives that value exactly (as pandas and the engine's kernel do), not the rounded
+    mean of its copies.
+    """
     x, p = as_series(values), _check_period(period)
-    return _window_reduce(x, p, np.add, 0.0, mean=True)
+    out = _window_reduce(x, p, np.add, 0.0, mean=True)
+    if 1 < p <= x.shape[0]:
+        flat = _constant_windows(x, p)
+        out[p - 1 :][flat] = x[p - 1 :][flat]
+    return out
 
 
 def wma(values: npt.ArrayLike, period: int) -> FloatArray:
@@ -439,9 +264,9 @@ def rsi(values: npt.ArrayLike, period: int = 14) -> FloatArray:
 
     Changes from the previous value are split into gains and losses, each smoothed with Wilder's method
     seeded by the plain average of the first ``period`` changes; RSI = 100 * gain / (gain + loss). The
-    first valid output is at index ``period`` (it needs period changes). NaN when both averages are 0
-    (no movement at all): TA-Lib says 0 there and some charting packages 100, both of which would trip a
-    screen for a price that never moved.
+    first valid output is at index ``period`` (it needs period changes). 100 without losses, 0 without
+    gains, 50 when both averages are 0 (no movement at all: neither side dominates; the backtest engine's
+    convention since its first version, so a screen and a backtest of the same rule agree).
     """
     x, p = as_series(values), _check_period(period)
     n = x.shape[0]
@@ -452,7 +277,7 @@ def rsi(values: npt.ArrayLike, period: int = 14) -> FloatArray:
         loss = _smooth(np.maximum(-change, 0.0), p, 1.0 / p)
         total = gain + loss
         out = 100.0 * gain / total
-        out[total == 0.0] = np.nan
+        out[total == 0.0] = 50.0
     return out
 
 
@@ -477,6 +302,15 @@ def atr(high: npt.ArrayLike, low: npt.ArrayLike, close: npt.ArrayLike, period: i
     p = _check_period(period)
     with np.errstate(all="ignore"):
         return _smooth(true_range(high, low, close), p, 1.0 / p)
+
+
+def realized_volatility(close: npt.ArrayLike, lookback: int, periods_per_year: float = TRADING_DAYS) -> FloatArray:
+    """Annualised sample standard deviation (ddof 1) of the last ``lookback`` log returns:
+    ``stdev(log_returns(close), lookback, 1) * sqrt(periods_per_year)``. The first ``lookback`` outputs are NaN
+    (``lookback`` returns need ``lookback + 1`` closes); ``lookback`` >= 2.
+    """
+    with np.errstate(all="ignore"):
+        return stdev(log_returns(close), lookback, 1) * math.sqrt(periods_per_year)
 
 
 def macd(

@@ -1,6 +1,7 @@
 """The indicator library user scripts import (``from ta import sma, rsi`` or ``import ta``).
 
-Thin wrappers over the NumPy core in ``shared/domain/indicators/core.py``: validate untrusted input in plain Python,
+Thin wrappers over the NumPy core in ``shared/domain/indicators/core.py`` (the backtest engine's indicators too;
+their definitions: ``shared/domain/indicators/__init__.py``): validate untrusted input in plain Python,
 hand the core float64 arrays, and give back tuples of plain Python floats (bools for the cross
 detectors; unpacked from the result's buffer, which gives the same objects as ``.tolist()`` without the
 intermediate list), so that no NumPy object (array, scalar, dtype, function, module, exception) is ever
@@ -245,7 +246,7 @@ def wilder(values: _Numbers, period: int) -> _Floats:
 
 
 def rsi(values: _Numbers, period: int = 14) -> _Floats:
-    """Wilder's RSI (0..100); the first ``period`` are NaN; NaN where the price never moved."""
+    """Wilder's RSI (0..100); the first ``period`` are NaN; 100 without losses, 0 without gains, 50 if flat."""
     data = _series(values, "rsi", "values")
     n = _int(period, "rsi", "period")
     return _run("rsi", lambda: _core.rsi(_array(data), n))  # type: ignore[return-value]

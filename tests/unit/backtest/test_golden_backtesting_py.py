@@ -20,8 +20,8 @@ from backtesting.test import SMA
 
 from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 from shared.domain.backtest.engine import BacktestResult
-from shared.domain.backtest.indicators import rsi
 from shared.domain.backtest.strategies import bollinger_bands, donchian_upper_lower
+from shared.domain.indicators.engine import rsi
 from tests.unit.backtest.conftest import bars_from_frame
 
 RTOL = 1e-9

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from shared.domain.backtest import BacktestConfig, Bars, run_backtest
-from shared.domain.backtest import indicators as ind
 from shared.domain.backtest.grid import SUMMARY_NAMES, all_pairs, run_dual_sma_grid
 from shared.domain.backtest.metrics import geometric_mean, periods_per_year, probabilistic_sharpe_ratio
+from shared.domain.indicators import engine as ind
 from tests.unit.backtest.conftest import make_bars
 
 
