@@ -167,7 +167,7 @@ class JobShard(Base):
     # reconciler re-publishes it at once. NULL: claimed without a lease (then the grace rule judges it).
     lease_holder: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # A backtest run's validation task (shared/domain/robustness.py ``Task``: method, task index, draws, work) instead
+    # A backtest run's validation task (shared/domain/robustness ``Task``: method, task index, draws, work) instead
     # of symbols (``symbols`` is then empty); NULL for a shard of symbols.
     task: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
 

@@ -93,7 +93,7 @@ class ScriptParams(RootModel[dict[Annotated[str, Field(pattern=PARAMETER_NAME)],
 
 
 class ScriptStrategySpec(_Model):
-    """A saved strategy script of the run's owner (issue 9). The API pins ``version`` (the latest when omitted)
+    """A saved strategy script of the run's owner. The API pins ``version`` (the latest when omitted)
     and completes ``params`` with the declared defaults before the config is hashed, so the hash names the
     exact code and parameters that run."""
 

@@ -27,7 +27,7 @@ from shared.errors import ScriptCompileError
 
 SCRIPT_FILENAME = "<user-script>"
 RESULT_NAME = "result"
-# What a strategy script assigns (issue 9): ``entries`` and ``exits`` (one bool per bar) or ``position`` (one
+# What a strategy script assigns: ``entries`` and ``exits`` (one bool per bar) or ``position`` (one
 # target in [-1, 1] per bar), and optionally ``warmup`` (the first bar its signals mean anything).
 ENTRIES_NAME = "entries"
 EXITS_NAME = "exits"
