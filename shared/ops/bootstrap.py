@@ -133,13 +133,14 @@ def ensure_demo_account(database_url: str, data_dir: Path) -> tuple[str, str]:
         engine.dispose()
 
 
-def prepare_database(database_url: str, data_dir: Path, *, embedded_mode: bool, demo_symbols: int,
-                     demo_years: int) -> tuple[str, str] | None:  # fmt: skip
+def prepare_database(
+    database_url: str, data_dir: Path, *, embedded_mode: bool, settings: Settings
+) -> tuple[str, str] | None:
     """Migrate, load the demo universe into an empty database, and in embedded mode make sure of the demo account
-    (returned as (username, password) for the banner)."""
+    (returned as (username, password) for the banner). The demo's size: ``settings.demo_symbols``, ``demo_years``."""
     from shared.infra import migrate
 
     log.info("applying database migrations")
     migrate.upgrade(database_url)
-    load_demo_data_if_empty(database_url, symbols=demo_symbols, years=demo_years)
+    load_demo_data_if_empty(database_url, symbols=settings.demo_symbols, years=settings.demo_years)
     return ensure_demo_account(database_url, data_dir) if embedded_mode else None

@@ -4,10 +4,8 @@ Order: pid file lock → embedded PostgreSQL/Redis for whatever URL is unset →
 ``daily_bars`` is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise
 (restart what dies).
 
-Environment read here (in addition to :meth:`Settings.from_env`):
-
-* ``ALPHAFORGE_DEMO_SYMBOLS`` (default 500) and ``ALPHAFORGE_DEMO_YEARS`` (default 10): size of the demo
-  universe loaded into an empty database; ``ALPHAFORGE_DEMO_SYMBOLS=0`` skips the demo load.
+Everything it reads comes from :meth:`Settings.from_env`, e.g. ``ALPHAFORGE_DEMO_SYMBOLS`` (500) and
+``ALPHAFORGE_DEMO_YEARS`` (10): the size of the demo universe loaded into an empty database (``0``: none).
 
 Modules: shared/ops/pidfile.py (one `up` per data dir, clean-up after a crash), bootstrap.py (migrations, demo
 data, the secrets and account of embedded mode), banner.py (readiness probe and banner), supervisor.py
@@ -56,19 +54,6 @@ from shared.ops.pidfile import PID_FILE_NAME, RUN_MARKER, AlreadyRunning, PidFil
 from shared.ops.supervisor import Shutdown, ShutdownSignals, Supervisor, describe_exit
 
 log = logging.getLogger("alphaforge.up")
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise StartupError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise StartupError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _check_port_free(host: str, port: int, variable: str = "ALPHAFORGE_API_PORT") -> None:
@@ -142,8 +127,6 @@ def run_up(settings: Settings) -> int:
     embedded = EmbeddedServers(data_dir)
     supervisor = Supervisor(settings.supervision, guard=signals.deferred)
     try:
-        demo_symbols = _env_int("ALPHAFORGE_DEMO_SYMBOLS", 500)
-        demo_years = _env_int("ALPHAFORGE_DEMO_YEARS", 10)
         _check_port_free(settings.api_host, settings.api_port)  # fail before minutes of setup, not after
         _check_port_free(settings.api_host, settings.flower_port, "ALPHAFORGE_FLOWER_PORT")
         embedded_mode = is_embedded_mode(settings)
@@ -156,8 +139,7 @@ def run_up(settings: Settings) -> int:
             os.environ[RUN_MARKER] = str(os.getpid())  # inherited by embedded Redis and all children
             database_url, redis_url = embedded.start(database_url=settings.database_url, redis_url=settings.redis_url)
         _supervise_servers(supervisor, embedded)
-        demo = prepare_database(database_url, data_dir, embedded_mode=embedded_mode, demo_symbols=demo_symbols,
-                                demo_years=demo_years)  # fmt: skip
+        demo = prepare_database(database_url, data_dir, embedded_mode=embedded_mode, settings=settings)
 
         settings = settings.with_overrides(database_url=database_url, redis_url=redis_url)
         secret_env = ("JWT_SECRET_KEY", "FLOWER_BASIC_AUTH")  # each goes to the one child that needs it
