@@ -13,6 +13,10 @@ class ConfigError(RuntimeError):
     """The environment does not describe a runnable configuration."""
 
 
+class StartupError(RuntimeError):
+    """``alphaforge up`` cannot start for a reason the user can fix; reported without a traceback."""
+
+
 class AppError(Exception):
     """An error a client may see: an HTTP status, a stable code, a message and structured details."""
 

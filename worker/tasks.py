@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from shared.infra import log_context
 from shared.infra.config import Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.events import RedisJobEvents
-from shared.jobs import calculations, leases
+from shared.jobs import backoff, calculations, leases
 from shared.jobs import pipeline as jobs
 from shared.sandbox.runner import run_script
 
@@ -67,15 +68,18 @@ def is_database_outage(exc: BaseException) -> bool:
     return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
 
 
-def retry_countdown(exc: BaseException, attempt: int, max_attempts: int) -> float | None:
+def retry_countdown(
+    exc: BaseException, attempt: int, max_attempts: int, *, uniform: backoff.Uniform = random.uniform
+) -> float | None:
     """Seconds until the next attempt, or None to give up on the shard.
 
-    A database outage is retried for as long as it lasts (backoff capped at a minute): giving up would
-    need the database too. Anything else (sandbox start failure, a bug) gets ``max_attempts`` tries.
+    A database outage is retried for as long as it lasts: giving up would need the database too. Anything else
+    (sandbox start failure, a bug) gets ``max_attempts`` tries. The wait after attempt n is drawn from
+    [0, min(2^n, ``MAX_BACKOFF_S``)] (full jitter, shared/jobs/backoff.py): the shards of every worker that lost
+    the database at once do not all retry in the same second when it is back.
     """
-    countdown = float(min(2**attempt, MAX_BACKOFF_S))
     if is_database_outage(exc) or attempt <= max_attempts:
-        return countdown
+        return backoff.full_jitter_s(attempt, 1.0, MAX_BACKOFF_S, uniform=uniform)
     return None
 
 
@@ -102,7 +106,7 @@ def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerSer
     except Exception as exc:
         countdown = retry_countdown(exc, attempt, services.settings.shard_max_retries)
         if countdown is not None:
-            log.warning("%s shard %s attempt %s failed (%s: %s); retrying in %.0f s", kind, shard_id, attempt,
+            log.warning("%s shard %s attempt %s failed (%s: %s); retrying in %.1f s", kind, shard_id, attempt,
                         type(exc).__name__, exc, countdown)  # fmt: skip
             raise task.retry(exc=exc, countdown=countdown) from exc
         detail = (str(exc).strip().splitlines() or [""])[0][:300]

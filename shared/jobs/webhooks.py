@@ -20,6 +20,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import random
 import secrets
 import socket
 import ssl
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import ValidationFailed
 from shared.infra.db import session_scope
 from shared.infra.models import Job, JobKind, JobShard, User, WebhookDelivery
+from shared.jobs import backoff
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +200,13 @@ def post(url: str, body: bytes, headers: dict[str, str], *, allow_private: bool,
         return Attempt(None, f"{type(exc).__name__}: {exc}"[:500], 1000 * (time.perf_counter() - started))
 
 
-def backoff_s(attempt: int, base_s: float) -> float:
-    """Seconds before attempt ``attempt + 1``: base, 2 base, 4 base, ... capped at an hour."""
-    return float(min(base_s * 2 ** (attempt - 1), 3600.0))
+MAX_BACKOFF_S = 3600.0
+
+
+def backoff_s(attempt: int, base_s: float, *, uniform: backoff.Uniform = random.uniform) -> float:
+    """Seconds before attempt ``attempt + 1``: drawn from [0, base], [0, 2 base], [0, 4 base], ... capped at an
+    hour (full jitter, shared/jobs/backoff.py: receivers that were down for everyone are not hit all at once)."""
+    return backoff.full_jitter_s(attempt - 1, base_s, MAX_BACKOFF_S, uniform=uniform)
 
 
 def dispatch(
@@ -212,10 +218,11 @@ def dispatch(
     timeout_s: float,
     limit: int = 20,
     job_ids: Collection[uuid.UUID] | None = None,
+    uniform: backoff.Uniform = random.uniform,
 ) -> int:
     """Deliver what is due: finished jobs whose callback is pending and whose next attempt time has come (only
     ``job_ids`` when given). Each job is locked while its attempt runs (others skip it). Returns the number of
-    attempts made."""
+    attempts made. A failed attempt schedules the next one after :func:`backoff_s` (drawn with ``uniform``)."""
     made = 0
     is_due = (Job.callback_state == "pending") & (
         (Job.callback_next_at.is_(None)) | (Job.callback_next_at <= text("now()"))
@@ -261,7 +268,9 @@ def dispatch(
             else:
                 now = session.scalar(select(text("now()")))
                 assert isinstance(now, dt.datetime)
-                job.callback_next_at = now + dt.timedelta(seconds=backoff_s(attempt_no, backoff_base_s))
+                job.callback_next_at = now + dt.timedelta(
+                    seconds=backoff_s(attempt_no, backoff_base_s, uniform=uniform)
+                )
             made += 1
     return made
 

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaforge",
         description="AlphaForge: run backtests and screens as distributed jobs.",
-        epilog="Configuration comes from environment variables; see shared/infra/config.py and shared/ops/launcher.py.",
+        epilog="Configuration comes from environment variables; see shared/infra/config.py (README: Configuration).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

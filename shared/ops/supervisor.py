@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from shared.infra.config import Supervision
+from shared.jobs import backoff
 
 log = logging.getLogger("alphaforge.up")
 
@@ -170,7 +171,8 @@ class Restarts:
         if len(self.recent) > policy.max_restarts:
             return None
         self._step += 1
-        return float(min(policy.backoff_s * 2 ** (self._step - 1), policy.backoff_max_s))
+        # no jitter: one process restarting, nobody to spread out from (the doubling of shared/jobs/backoff.py)
+        return backoff.ceiling_s(self._step - 1, policy.backoff_s, policy.backoff_max_s)
 
 
 @dataclass

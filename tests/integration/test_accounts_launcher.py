@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import Engine, select
 
 from shared.accounts.passwords import verify_password
+from shared.errors import StartupError
 from shared.infra.config import Settings
 from shared.infra.migrate import PROJECT_ROOT
 from shared.infra.models import User
+from shared.ops.bootstrap import ensure_demo_account, is_embedded_mode, resolve_jwt_secret
 from shared.ops.embedded import free_tcp_port
-from shared.ops.launcher import StartupError, ensure_demo_account, is_embedded_mode, resolve_jwt_secret
 
 
 def test_embedded_mode_generates_and_keeps_a_private_jwt_secret(tmp_path: Path) -> None:

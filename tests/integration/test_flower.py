@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import StartupError
 from shared.infra.config import Settings
 from shared.infra.migrate import PROJECT_ROOT
+from shared.ops.bootstrap import resolve_flower_auth
 from shared.ops.embedded import free_tcp_port
-from shared.ops.launcher import StartupError, child_commands, resolve_flower_auth
+from shared.ops.launcher import child_commands
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
