@@ -18,7 +18,7 @@ from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueu
 from shared.domain.backtest import BacktestConfig
 from shared.infra.config import Settings
 from shared.infra.models import Job, JobResult, JobShard
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import submit as runs
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import (  # noqa: F401 (fixtures)
     Processes,

@@ -21,7 +21,7 @@ from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
 from shared.infra.models import AuditLog, DailyBar, JobShard, Symbol
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import submit as runs
 from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
 
