@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Select, and_, exists, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.infra.db import session_scope
@@ -233,21 +233,35 @@ class FinalizeReport:
 LOST_AFTER_END = "closed by the reconciler: its job had ended, and no live worker held it"
 
 
-def unfinalized_query(*, kinds: Collection[str], grace_s: float, limit: int, queued: bool = True) -> Select[Any]:
-    """Ended jobs of the given kinds, neither finalized nor failed to, that have a running shard whose lease expired,
-    and (``queued``) those that ended more than ``grace_s`` ago (their own path had that long to finalize them).
-    ``ix_jobs_unfinalized`` finds them: the jobs not finalized are the active ones and these few."""
-    lost = exists().where(JobShard.job_id == Job.id, _lease_expired())
-    wanted = or_(lost, Job.finished_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)) if queued else lost
+def _ended_unfinalized(kinds: Collection[str]) -> tuple[ColumnElement[bool], ...]:
+    return (
+        Job.kind.in_(list(kinds)),
+        Job.finalized_at.is_(None),
+        Job.finalize_error.is_(None),
+        Job.status.in_(sorted(jobs.FINAL_STATUSES)),
+    )
+
+
+def lost_shard_query(*, kinds: Collection[str], limit: int) -> Select[Any]:
+    """Ended jobs of the given kinds, neither finalized nor failed to, with a running shard whose lease expired
+    (its worker died after the job ended). Driven by the running shards (``ix_job_shards_status``, few), as the
+    frequent reconciler pass."""
     return (
         select(Job.id, Job.kind)
-        .where(
-            Job.kind.in_(list(kinds)),
-            Job.finalized_at.is_(None),
-            Job.finalize_error.is_(None),
-            Job.status.in_(sorted(jobs.FINAL_STATUSES)),
-            wanted,
-        )
+        .join(JobShard, JobShard.job_id == Job.id)
+        .where(_lease_expired(), *_ended_unfinalized(kinds))
+        .distinct()
+        .limit(limit)
+    )
+
+
+def overdue_query(*, kinds: Collection[str], grace_s: float, limit: int) -> Select[Any]:
+    """Ended jobs of the given kinds, neither finalized nor failed to, that ended more than ``grace_s`` ago (their
+    own path had that long to finalize them): ``ix_jobs_unfinalized`` finds them."""
+    ended_before = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)
+    return (
+        select(Job.id, Job.kind)
+        .where(*_ended_unfinalized(kinds), Job.finished_at < ended_before)
         .order_by(Job.finished_at)
         .limit(limit)
     )
@@ -275,16 +289,19 @@ def finalize_ended(
     limit: int = 200,
     queued: bool = True,
 ) -> FinalizeReport:
-    """Finalize ended jobs that nobody finalized (:func:`unfinalized_query`), one transaction each under the job's
-    row lock (a job whose lock is held, by the shard finishing it say, is left for the next pass): close its lost
-    shards, then run its kind's finalization if nothing is open (``pipeline.finalize_locked``)."""
+    """Finalize ended jobs that nobody finalized (:func:`lost_shard_query`; with ``queued``, :func:`overdue_query`
+    too), one transaction each under the job's row lock (a job whose lock is held, by the shard finishing it say, is
+    left for the next pass): close its lost shards, then run its kind's finalization if nothing is open
+    (``pipeline.finalize_locked``)."""
     report = FinalizeReport()
     if not finalizers:
         return report
+    kinds = finalizers.keys()
     with factory() as session:
-        candidates = session.execute(
-            unfinalized_query(kinds=finalizers.keys(), grace_s=grace_s, limit=limit, queued=queued)
-        ).all()
+        found = list(session.execute(lost_shard_query(kinds=kinds, limit=limit)).all())
+        if queued:
+            found.extend(session.execute(overdue_query(kinds=kinds, grace_s=grace_s, limit=limit)).all())
+    candidates = list(dict.fromkeys((job_id, kind) for job_id, kind in found))
     for job_id, kind in candidates:
         with session_scope(factory) as session:
             locked = session.execute(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True)).first()
