@@ -4,9 +4,9 @@
 metrics of a run of several symbols (from its stored curves) and, with a validation spec, the validation result
 combined from its tasks' parts. The pipeline calls it in a worker only, in the transaction that makes the run final
 (the shard that completes it) or, for a run cancelled while shards ran, in the one that closes its last open shard;
-for a run that ended with no shard left to close (cancelled while every shard waited), the worker task the cancel
-sends (``TASK_BUILD_RUN_ARTIFACTS``) or the reconciler's finalize pass call :func:`finish_ended_run`. Views only read
-the rows this writes (:mod:`.read`).
+for a run that ended with no shard left to close (cancelled while every shard waited), in the worker task the cancel
+sends (``TASK_BUILD_RUN_ARTIFACTS``: :func:`finish_ended_run`); and the reconciler's finalize pass catches up on any
+ended run nobody finalized. Views only read the rows this writes (:mod:`.read`).
 
 After that commit, the worker builds the run's artifacts (``artifacts.build_if_finished``, which waits for the job
 to be finalized and reads the stored portfolio and validation result).
