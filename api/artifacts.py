@@ -19,7 +19,7 @@ from shared.accounts.access import require_read
 from shared.errors import Conflict, NotFound
 from shared.infra.models import Job, RunManifest
 from shared.jobs.backtests import artifacts
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 
 bp = APIBlueprint(
     "artifacts", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY

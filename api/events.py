@@ -46,7 +46,7 @@ from shared.infra import events as job_events
 from shared.infra.events import Event, RedisJobEvents
 from shared.infra.models import Job
 from shared.jobs import pipeline as jobs
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 
 bp = APIBlueprint("events", __name__, url_prefix="/api", abp_tags=[Tag(name="events")], abp_security=BEARER_SECURITY)
 

@@ -23,7 +23,7 @@ from shared.infra.config import QUEUE_MAINTENANCE
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job, JobKind
 from shared.jobs import pipeline as jobs
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from shared.infra.models import Job, Optimization, RunManifest
 from shared.jobs import pipeline as jobs
 from shared.jobs import webhooks
 from shared.jobs.backtests import artifacts
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 from shared.jobs.optimizations import service as opt_service
 
 log = logging.getLogger(__name__)

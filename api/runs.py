@@ -2,6 +2,9 @@
 
 A run is a job of kind ``backtest``: ``/api/jobs/<run_id>`` shows it as a job too. Ownership, audit and the
 error shape are the calculation endpoints' (someone else's run is a 404; admins may read, not cancel).
+
+Views only read rows (``shared.jobs.backtests.read``): a run's portfolio and validation result are stored by the
+worker that finalizes it (``shared.jobs.backtests.finalize``), in the transaction that makes it final.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from shared.infra.events import RedisJobEvents
 from shared.infra.models import BacktestRun, Job, JobResult
 from shared.jobs import pipeline as jobs
 from shared.jobs import webhooks
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
+from shared.jobs.backtests import submit as run_submit
 from shared.library import strategy_scripts
 
 bp = APIBlueprint("runs", __name__, url_prefix="/api/runs", abp_tags=[Tag(name="runs")], abp_security=BEARER_SECURITY)
@@ -120,13 +124,10 @@ def _validation_view(run: BacktestRun, result: dict[str, Any] | None) -> RunVali
 
 
 def run_view(
-    job: Job,
-    run: BacktestRun,
-    results: list[JobResult],
-    portfolio: dict[str, Any] | None,
-    validation: runs.ValidationProgress | None = None,
-    validation_result: dict[str, Any] | None = None,
+    job: Job, run: BacktestRun, results: list[JobResult], validation: runs.ValidationProgress | None = None
 ) -> RunView:
+    """The run as stored: its portfolio and validation result are the rows its finalization wrote (None until the
+    run is finalized, and for a one-symbol run's portfolio)."""
     return RunView(
         run_id=str(job.id),
         name=run.name,
@@ -142,8 +143,8 @@ def run_view(
         error=job.error,
         symbols=[_symbol_summary(r) for r in results[:SYMBOLS_IN_VIEW]],
         symbols_truncated=len(results) > SYMBOLS_IN_VIEW,
-        portfolio=portfolio,
-        validation=_validation_view(run, validation_result),
+        portfolio=run.portfolio,
+        validation=_validation_view(run, run.validation_result),
         callback=callback_view(job),
         links=run_links(job.id),
     )
@@ -249,9 +250,9 @@ def create_run() -> Response:
         audit(session, AuditAction.RUN_SUBMITTED, resource_type="run", resource_id=job.id,
               strategy=config.strategy.name, config_hash=config.config_hash, symbols=len(config.symbols))  # fmt: skip
 
-    submitted = runs.submit_run(
+    submitted = run_submit.submit_run(
         svc.session_factory,
-        runs.RunRequest(
+        run_submit.RunRequest(
             config=config,
             owner_id=principal.user_id,
             name=name,
@@ -264,7 +265,7 @@ def create_run() -> Response:
         max_active_per_owner=settings.rate_limits.max_active_jobs,
         on_write=record_submission,
         events=RedisJobEvents(svc.redis),
-        validation_limits=runs.ValidationLimits(
+        validation_limits=run_submit.ValidationLimits(
             settings.max_validation_backtests,
             settings.max_validation_task_backtests,
             settings.max_script_validation_backtests,
@@ -275,7 +276,7 @@ def create_run() -> Response:
     accepted = RunAccepted(
         run_id=str(job.id),
         status=job.status,
-        config_hash=submitted.run.config_hash,
+        config_hash=submitted.record.config_hash,
         shards=job.shards_total,
         symbols=job.symbols_total,
         links=links,
@@ -335,15 +336,13 @@ def list_runs(query: RunsQuery) -> Response:
 def get_run(path: RunPath) -> Response:
     """Status, progress (validation tasks included), a metrics summary per finished symbol (the first
     100; every one: ``/results``), for a finished run of several symbols portfolio-level metrics, and with a
-    validation spec its result once the run is final."""
-    svc = services()
-    with svc.session_factory() as session:
+    validation spec its result: both from the moment the run reads final (a run cancelled while shards ran: once
+    they have stopped, within a checkpoint)."""
+    with services().session_factory() as session:
         job, run = _readable_run(session, path.run_id)
         results = _summary_rows(session, job.id)
         validating = _validation_progress(session, [run]).get(job.id)
-    portfolio = runs.ensure_portfolio(svc.session_factory, job, run)
-    result = runs.ensure_validation(svc.session_factory, job, run)
-    return jsonify(run_view(job, run, results, portfolio, validating, result).model_dump(mode="json"))
+    return jsonify(run_view(job, run, results, validating).model_dump(mode="json"))
 
 
 def _summary_rows(session: Session, job_id: uuid.UUID) -> list[JobResult]:
@@ -404,4 +403,4 @@ def cancel_run(path: RunPath) -> Response:
         job, run = runs.get_run(session, run_id)
         results = _summary_rows(session, job.id)
         validating = _validation_progress(session, [run]).get(job.id)
-    return jsonify(run_view(job, run, results, None, validating).model_dump(mode="json"))
+    return jsonify(run_view(job, run, results, validating).model_dump(mode="json"))

@@ -7,7 +7,7 @@ from typing import Any
 
 from api.schemas import CallbackView, JobLinks, JobView, Progress, Rejections, Reproducibility, ScriptRef
 from shared.infra.models import Job, JobKind
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 
 
 def job_links(job_id: uuid.UUID) -> JobLinks:

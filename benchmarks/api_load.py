@@ -18,6 +18,9 @@ are raised for the run (they would otherwise answer 429 by design); logs at WARN
    master and its workers), one kind at a time: 16 clients polling one finished job for 5 s, then 16 clients
    submitting one-symbol jobs for 5 s. Unlike latencies, these figures do not depend on what else competes for the
    machine's cores, so capacity can be read from them (one core serves 1000 / ms requests a second).
+4. The view of a just-finished backtest run: ``--run-samples`` runs of every symbol with validation, one after the
+   other, each polled every 20 ms; the latency of the first ``GET /api/runs/<id>`` that sees it final (p50, p99): a
+   view only reads rows, the worker that finished the run computed its portfolio and validation result.
 """
 
 from __future__ import annotations
@@ -170,6 +173,38 @@ def cpu_per_request(
     return 1000 * used / max(1, sum(counts)), sum(counts)
 
 
+RUN_BODY = {
+    "strategy": {"name": "dual_sma", "params": {"fast": 5, "slow": 20}},
+    "validation": {"permutation": {"n": 10}, "bootstrap": {"n": 50, "block": 10}, "chunk": 10},
+}
+
+
+def finished_view_latency(client: Client, path: str, submit: tuple[str, dict[str, Any]], key: str) -> float:
+    """Seconds of the first ``GET path/<id>`` that sees a job just submitted (``submit``: its POST path and body;
+    ``key``: the id's field in the answer) final, polling every 20 ms: what a client pays for a just-finished job's
+    view. A job kind's benchmark calls this with its own paths and body."""
+    status, accepted = client.request("POST", *submit)
+    assert status == 202, accepted
+    while True:
+        time.sleep(0.02)
+        began = time.perf_counter()
+        status, view = client.request("GET", f"{path}/{accepted[key]}")
+        took = time.perf_counter() - began
+        assert status == 200, view
+        if view["status"] in FINAL:
+            assert view["status"] == "succeeded", view["status"]
+            return took
+
+
+def finished_run_view_latencies(port: int, token: str, symbols: list[str], samples: int) -> list[float]:
+    """:func:`finished_view_latency` of ``samples`` backtest runs of ``symbols`` with validation (a new run each
+    time: the seed is part of what a run is)."""
+    client = Client(port, token)
+    body = {**RUN_BODY, "symbols": symbols}
+    return [finished_view_latency(client, "/api/runs", ("/api/runs", {**body, "seed": n}), "run_id")
+            for n in range(samples)]  # fmt: skip
+
+
 def trivial_job_latency(port: int, token: str, symbol: str) -> float:
     client = Client(port, token)
     began = time.perf_counter()
@@ -190,6 +225,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--run-samples", type=int, default=20)
     args = parser.parse_args()
 
     with bench_stack("load") as stack:
@@ -275,6 +311,11 @@ def main() -> int:
         print(f"API CPU per request (its processes' own counters): poll {poll_ms:.2f} ms ({polls:,} polls), "
               f"submit {submit_ms:.2f} ms ({submits:,} submissions); one core serves about {1000 / poll_ms:,.0f} "
               f"polls/s or {1000 / submit_ms:,.0f} submissions/s")  # fmt: skip
+        views = finished_run_view_latencies(port, tokens[2 % len(tokens)], symbols, args.run_samples)
+        print(
+            f"GET /api/runs/<id> of a just-finished run ({len(symbols)} symbols, validation; first poll that sees "
+            f"it final, {len(views)} runs): p50 {1000 * pct(views, 50):.1f} ms, p99 {1000 * pct(views, 99):.1f} ms"
+        )
         time.sleep(2)  # let the queue drain
         latencies = [trivial_job_latency(port, tokens[0], symbols[0]) for _ in range(args.latency_samples)]
         app = create_celery(settings)

@@ -48,7 +48,7 @@ from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, create_celery, shard_en
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory
 from shared.infra.models import DailyBar, Job, RunManifest, Symbol, User
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import shard as runs
 from shared.jobs.optimizations import service as opt
 from shared.marketdata.bars import load_bars
 from shared.marketdata.demo import load_demo_universe

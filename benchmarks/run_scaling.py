@@ -5,7 +5,7 @@
 Loads a seeded synthetic universe into a fresh database (embedded PostgreSQL and Redis unless
 ALPHAFORGE_BENCH_DATABASE_URL / ALPHAFORGE_BENCH_REDIS_URL name servers), then for 1 and 2 worker processes
 (one Celery worker with that concurrency, started and pinged before timing) submits a dual-SMA run through
-``backtests.service.submit_run`` (what ``POST /api/runs`` calls) and times submit -> run final -> artifacts built.
+``backtests.submit.submit_run`` (what ``POST /api/runs`` calls) and times submit -> run final -> artifacts built.
 The reference is the engine called directly in this one process over the same bars loaded with the same
 query. Each round uses a new seed, so it is a new run (creation is idempotent per config). The per-symbol
 metrics of the system and of the reference are compared for equality.
@@ -45,7 +45,9 @@ from shared.domain.backtest import BacktestConfig, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory
 from shared.infra.models import Job, JobResult, RunManifest, User
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as run_read
+from shared.jobs.backtests import shard as run_shards
+from shared.jobs.backtests import submit as runs
 from shared.marketdata.bars import load_bars
 from shared.marketdata.demo import load_demo_universe
 
@@ -89,12 +91,12 @@ def reference(factory: sessionmaker[Session], config: BacktestConfig, spec: val.
     began = time.perf_counter()
     with factory() as session:
         bars = load_bars(session.connection(), config.symbols, config.start_date, config.end_date)
-    metrics = {s: {k: clean(v) for k, v in run_backtest(runs.engine_bars(b), config).metrics.items()}
+    metrics = {s: {k: clean(v) for k, v in run_backtest(run_shards.engine_bars(b), config).metrics.items()}
                for s, b in bars.items()}  # fmt: skip
     engine_s = time.perf_counter() - began
     if spec is None:
         return Outcome(engine_s, metrics)
-    result = val.validate_in_process({s: runs.engine_bars(b) for s, b in bars.items()}, config, spec)
+    result = val.validate_in_process({s: run_shards.engine_bars(b) for s, b in bars.items()}, config, spec)
     total_s = time.perf_counter() - began
     return Outcome(total_s, metrics, json.loads(json.dumps(result)), validation_s=total_s - engine_s)
 
@@ -130,9 +132,9 @@ def system(
     celery.close()
     with factory() as session:
         rows = session.execute(select(JobResult.symbol, JobResult.data).where(JobResult.job_id == job_id)).all()
-        job, run = runs.get_run(session, job_id)
+        _, run = run_read.get_run(session, job_id)
     assert final_at is not None
-    result = runs.ensure_validation(factory, job, run)
+    result = run.validation_result  # stored by the worker that finalized the run
     if result is not None:  # what only a stored run says (failed tasks), beside the numbers
         result = {**result, "methods": {m: {k: x for k, x in b.items() if k not in ("tasks_failed", "errors")}
                                         for m, b in result["methods"].items()}}  # fmt: skip

@@ -20,7 +20,7 @@ TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
 BEAT_MAX_LOOP_S = 5  # beat wakes at least this often (and renews its lock)
 BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replaced by a waiting one
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
-TASK_BUILD_RUN_ARTIFACTS = "alphaforge.backtests.build_artifacts"  # a run that ended with no shard left to build them
+TASK_BUILD_RUN_ARTIFACTS = "alphaforge.backtests.build_artifacts"  # finalize + artifacts of one ended, no shard left
 TASK_RUN_OPTIMIZATION_SHARD = "alphaforge.optimizations.run_shard"
 TASK_FINISH_OPTIMIZATION = "alphaforge.optimizations.finish"  # outcome and artifacts of one ended with no slice left
 # Housekeeping, on the maintenance queue; beat's timetable of them is beat_schedule() below.

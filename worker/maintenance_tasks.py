@@ -3,8 +3,8 @@ jobs, of backtest runs and of optimisations, nightly runs and webhook deliveries
 webhook delivery as soon as the job ends.
 
 Thin wrappers: the decisions live in shared/jobs/reconciler.py and shared/jobs/retention.py; here is only what needs
-Celery and the broker: where a task id can still be found (a broker queue or a live worker) and how a shard of
-each job kind is published.
+Celery and the broker: where a task id can still be found (a broker queue or a live worker), how a shard of each job
+kind is published, each kind's finalization and what follows it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import redis
 from celery import Celery, shared_task, signals
 
 from shared.contract import (
+    TASK_BUILD_RUN_ARTIFACTS,
     TASK_NIGHTLY_HARVEST,
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
@@ -36,9 +37,10 @@ from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import QUEUE_BULK, QUEUE_MAINTENANCE
 from shared.infra.models import JobKind
 from shared.jobs import nightly, reconciler, retention, webhooks
+from shared.jobs.backtests import finalize as run_finalize
 from shared.jobs.backtests import retention as run_retention
 from shared.jobs.fairness import PRIORITY_STEPS
-from shared.jobs.pipeline import ShardTask
+from shared.jobs.pipeline import Finalize, ShardTask
 from worker import metrics_signals
 from worker.tasks import ServicesTask, WorkerServices
 
@@ -50,6 +52,13 @@ SHARD_TASKS: dict[str, str] = {
     JobKind.OPTIMIZATION.value: TASK_RUN_OPTIMIZATION_SHARD,
 }
 """The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
+
+FINALIZERS: dict[str, Finalize] = {JobKind.BACKTEST.value: run_finalize.finalize_run}
+"""Each job kind's finalization (shared/jobs/pipeline.py ``Finalize``), the one its shard tasks pass: the reconciler
+uses it when failing a shard ends a job, and its finalize pass catches up on the ended jobs of these kinds."""
+
+AFTER_FINALIZE: dict[str, str] = {JobKind.BACKTEST.value: TASK_BUILD_RUN_ARTIFACTS}
+"""The task (argument: the job id) that follows a kind's finalization when the reconciler did it: a run's artifacts."""
 
 metrics_signals.connect(SHARD_TASKS)  # shard wall time into the shared histogram of GET /metrics
 
@@ -128,7 +137,8 @@ def shard_publisher(app: Celery) -> reconciler.Requeue:
 def reconcile_shards(self: Any, queued: bool = True) -> dict[str, object]:
     """One reconciler pass (jobs/reconciler.py). Beat sends ``queued=False`` every ``ALPHAFORGE_RECONCILE_INTERVAL``
     (running shards whose lease expired: one cheap query when there are none) and a full pass less often
-    (shared/contract.py); each kind runs one pass at a time, the two kinds may overlap (conditional updates)."""
+    (shared/contract.py); each kind runs one pass at a time, the two kinds may overlap (conditional updates). Then
+    the finalize pass: ended jobs nobody finalized (with ``queued=False`` only those with a lost running shard)."""
     services: WorkerServices = self.services
     maint = services.settings.maintenance
     with reconciler.single_flight(services.engine, "reconcile-shards" if queued else "reconcile-leases") as mine:
@@ -144,14 +154,23 @@ def reconcile_shards(self: Any, queued: bool = True) -> dict[str, object]:
                 grace_s=maint.reconcile_grace_s,
                 max_requeues=maint.reconcile_max_requeues,
                 queued=queued,
+                finalizers=FINALIZERS,
             )
         finally:
             client.close()
+        finalized = reconciler.finalize_ended(
+            services.session_factory, finalizers=FINALIZERS, grace_s=maint.reconcile_grace_s, queued=queued
+        )
     if report.requeued or report.failed:
         log.warning("reconciler pass: %s", report.as_dict())
     if report.failed:  # failing a shard may have ended its job: its webhook goes now, not at the next poll
         self.app.send_task(TASK_WEBHOOK_DISPATCH, queue=QUEUE_MAINTENANCE)
-    return report.as_dict()
+    # What follows a finalization (a run's artifacts), for the jobs this pass finalized or may have; a task that
+    # finds its job not finalized does nothing.
+    for kind, job_id in {*report.failed_jobs, *finalized.finalized}:
+        if kind in AFTER_FINALIZE:
+            self.app.send_task(AFTER_FINALIZE[kind], args=[str(job_id)])
+    return {**report.as_dict(), **finalized.as_dict()}
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_PRUNE_JOBS, acks_late=False, ignore_result=True)

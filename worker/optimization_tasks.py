@@ -12,7 +12,7 @@ from celery import shared_task
 
 from shared.contract import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD
 from shared.infra.artifact_store import ArtifactStore
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 from shared.jobs.optimizations import service as optimization
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 

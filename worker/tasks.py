@@ -91,11 +91,18 @@ def lease_heartbeat(task: Any, services: WorkerServices, shard_id: int) -> lease
     return leases.Heartbeat(services.lease_engine, shard_id, terms, maint.shard_lease_renew_s)
 
 
-def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerServices], bool | None]) -> str:
+def run_shard_task(
+    task: Any,
+    kind: str,
+    shard_id: int,
+    run: Callable[[WorkerServices], bool | None],
+    *,
+    finalize: jobs.Finalize | None = None,
+) -> str:
     """What every shard task does around its service call: log context, the shard's lease kept alive while it runs
     (:func:`lease_heartbeat`), then retry with backoff (:func:`retry_countdown`) or give up and fail the shard
-    with the reason. ``run`` returns what the job service's ``run_shard`` does: None (nothing to do), True
-    (stored) or False (a duplicate delivery)."""
+    with the reason (and ``finalize``, the kind's finalization, if that ends the job). ``run`` returns what the job
+    service's ``run_shard`` does: None (nothing to do), True (stored) or False (a duplicate delivery)."""
     services: WorkerServices = task.services
     attempt = task.request.retries + 1
     log_context.bind(shard_id=shard_id, attempt=attempt)
@@ -113,7 +120,7 @@ def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerSer
         log.exception("%s shard %s failed for good", kind, shard_id)
         try:
             jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
-                            f"{type(exc).__name__}: {detail}", events=services.events)  # fmt: skip
+                            f"{type(exc).__name__}: {detail}", events=services.events, finalize=finalize)  # fmt: skip
         except Exception as record_exc:
             if is_database_outage(record_exc):
                 raise task.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc

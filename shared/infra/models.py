@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,6 +97,9 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_owner_status", "owner_id", "status"),
         CheckConstraint("(script_id IS NULL) = (script_version IS NULL)", name="ck_jobs_script_ref"),
+        # The reconciler's finalize pass (shared/jobs/reconciler.py): ended jobs of a kind with a finalization not
+        # yet done. Active jobs are in it too (few); ended ones leave it when finalized.
+        Index("ix_jobs_unfinalized", "kind", "finished_at", postgresql_where=text("finalized_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -134,6 +138,11 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the job kind's finalization (shared/jobs/pipeline.Finalize: a run's portfolio and validation result) was
+    # stored, in a worker, once the job had ended with no shard open; NULL while active, not yet finalized, or of a
+    # kind without one. ``finalize_error``: why that finalization raised (then it is not retried by itself).
+    finalized_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finalize_error: Mapped[str | None] = mapped_column(Text)
 
 
 class JobShard(Base):
@@ -433,8 +442,8 @@ class BacktestCurve(Base):
         UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
     symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
-    # Compact (backtests.service.pack_curve / load_curves): dates as big-endian int32 days since 1970-01-01, equity and
-    # benchmark as big-endian float64; arrays of dates and doubles cost ~15x more to write.
+    # Compact (backtests.shard.pack_curve / read.load_curves): dates as big-endian int32 days since 1970-01-01,
+    # equity and benchmark as big-endian float64; arrays of dates and doubles cost ~15x more to write.
     dates: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     equity: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     # Buy and hold of the same cash from the first tradable bar (the chart's benchmark), and the closed trades.

@@ -2,8 +2,9 @@
 
 Completion is counted in PostgreSQL (no chords): each shard is marked done by a conditional
 update, in the same transaction that stores its results and bumps the job's counters; the
-transaction that completes the last shard also finalizes the job. A duplicate delivery finds its
-shard already done and changes nothing.
+transaction that completes the last shard also finalizes the job (its final status and, for a kind
+that has one, its :data:`Finalize` hook's rows). A duplicate delivery finds its shard already done
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ R = TypeVar("R")  # a job kind's own record (a run, an optimisation), written wi
 
 _ACTIVE_JOB = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 _OPEN_SHARD = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
+FINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED.value, JobStatus.PARTIAL.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value}
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,28 @@ Enqueue = Callable[[Sequence[ShardTask]], None]
 
 OnWrite = Callable[[Session, Job], None]
 """Called inside the transaction that writes a job change (to add its audit row, say): both commit together."""
+
+Finalize = Callable[[Session, Job], None]
+"""A job kind's finalization: what is computed once a job has ended, from the rows its shards stored, and stored for
+its views to read (a backtest run's portfolio and validation result). Its contract:
+
+* **When**: once per job, when the job has a final status (:data:`FINAL_STATUSES`) and none of its shards is open
+  (queued or running). Always in a worker, never in the API: in the transaction of the shard that completes the
+  job (``complete_shard`` / ``fail_shard`` with ``finalize=``; the final status and the hook's rows commit
+  together, so nobody reads the final status without them), in the one that closes the last open shard of a job
+  cancelled while shards ran, or in :func:`finalize_job` (a worker task sent after a cancel that left no shard
+  running, and the reconciler's finalize pass, which catches up on any ended job not finalized).
+* **Arguments**: the transaction's session (the job's row is locked ``FOR UPDATE``) and the job, freshly loaded:
+  final status, counters, ``finished_at`` as they will commit.
+* **Duties**: write with the session, never commit or roll back, nothing outside the database (artifacts, webhooks,
+  broker messages are for after the commit). Deterministic from the stored rows: a rolled-back call (a worker killed
+  mid-transaction) is simply made again by the shard's retry or the reconciler.
+* **Failure**: a database outage propagates (the whole transaction rolls back, the shard is retried). Any other
+  exception is rolled back to a savepoint and logged; the job still ends, ``jobs.finalize_error`` records why, and
+  nothing retries it on its own (a bug: fix it, then clear the error for the reconciler to finalize the job).
+* **Done**: ``jobs.finalized_at`` is set in the same transaction. A shard finished without ``finalize`` (None: the
+  caller has none) leaves the job unfinalized; for a kind listed with a hook, the reconciler's pass finalizes it.
+"""
 
 
 @dataclass(frozen=True)
@@ -325,8 +351,51 @@ def _publish_end(events: JobEvents | None, end: _ShardEnd | None) -> None:
         events.publish(end.job_id, job_events.terminal_kind(end.final), {"status": end.final, **counters})
 
 
+def _is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+
+
+def finalize_locked(session: Session, job_id: uuid.UUID, finalize: Finalize | None) -> bool:
+    """Run the job kind's finalization (:data:`Finalize`) in this transaction, whose caller holds the job's row lock,
+    if the job has ended with no shard open and is not finalized yet. True when it finalized the job now."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if finalize is None or job is None or job.status not in FINAL_STATUSES or job.finalized_at is not None:
+        return False
+    open_shard = session.scalar(
+        select(JobShard.id).where(JobShard.job_id == job_id, JobShard.status.in_(_OPEN_SHARD)).limit(1)
+    )
+    if open_shard is not None:
+        return False  # the shard that closes last finalizes
+    try:
+        with session.begin_nested():
+            finalize(session, job)
+    except Exception as exc:
+        if _is_outage(exc):
+            raise
+        log.exception("job %s: its finalization failed; the job ends without it", job_id)
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+        session.execute(update(Job).where(Job.id == job_id).values(finalize_error=reason))
+        return False
+    session.execute(update(Job).where(Job.id == job_id).values(finalized_at=text("now()"), finalize_error=None))
+    return True
+
+
+def finalize_job(factory: sessionmaker[Session], job_id: uuid.UUID, finalize: Finalize | None) -> bool:
+    """Finalize a job that ended with no shard left to do it (a cancel while every shard waited; what the
+    reconciler catches up on): :func:`finalize_locked` under the job's row lock. Idempotent; a worker calls it."""
+    with session_scope(factory) as session:
+        if session.execute(select(Job.id).where(Job.id == job_id).with_for_update()).first() is None:
+            return False
+        return finalize_locked(session, job_id, finalize)
+
+
 def _finish_shard(
-    session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None
+    session: Session,
+    shard_id: int,
+    status: ShardStatus,
+    outcomes: Sequence[Outcome],
+    error: str | None,
+    finalize: Finalize | None,
 ) -> _ShardEnd | None:
     if _lock_job_of_shard(session, shard_id) is None:
         return None
@@ -375,9 +444,10 @@ def _finish_shard(
             Job.symbols_done,
             Job.symbols_failed,
             Job.symbols_total,
+            Job.status,
         )
     ).one()
-    shards_done, shards_total, shards_failed, symbols_done, symbols_failed, symbols_total = counters
+    shards_done, shards_total, shards_failed, symbols_done, symbols_failed, symbols_total, job_status = counters
     shard_event = {
         "shard": index,
         "status": status.value,
@@ -406,27 +476,44 @@ def _finish_shard(
         )
         if finalized.rowcount:  # type: ignore[attr-defined]
             end = _ShardEnd(end.job_id, end.shard, final.value)
+    if finalize is not None and (end.final is not None or job_status not in _ACTIVE_JOB):
+        # The job ends with this shard, or had ended (cancelled) and this may have been its last open shard.
+        finalize_locked(session, job_id, finalize)
     return end
 
 
 def complete_shard(
-    factory: sessionmaker[Session], shard_id: int, outcomes: Sequence[Outcome], *, events: JobEvents | None = None
+    factory: sessionmaker[Session],
+    shard_id: int,
+    outcomes: Sequence[Outcome],
+    *,
+    events: JobEvents | None = None,
+    finalize: Finalize | None = None,
 ) -> bool:
-    """Store results and mark the shard succeeded, atomically. False if it was already finished."""
+    """Store results and mark the shard succeeded, atomically (with the job's final status and its ``finalize`` rows
+    when this shard ends the job). False if it was already finished."""
     with session_scope(factory) as session:
-        end = _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None)
+        end = _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None, finalize)
     _publish_end(events, end)
     return end is not None
 
 
-def fail_shard(factory: sessionmaker[Session], shard_id: int, reason: str, *, events: JobEvents | None = None) -> bool:
-    """Give up on a shard: each of its symbols gets the reason as its error. False if already finished."""
+def fail_shard(
+    factory: sessionmaker[Session],
+    shard_id: int,
+    reason: str,
+    *,
+    events: JobEvents | None = None,
+    finalize: Finalize | None = None,
+) -> bool:
+    """Give up on a shard: each of its symbols gets the reason as its error (and the job is finalized with
+    ``finalize`` if this ends it, as in :func:`complete_shard`). False if already finished."""
     with session_scope(factory) as session:
         symbols = session.scalar(select(JobShard.symbols).where(JobShard.id == shard_id))
         if symbols is None:
             return False
         outcomes = [Outcome(s, None, {"type": "ShardFailed", "message": reason, "line": None}) for s in symbols]
-        end = _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason)
+        end = _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason, finalize)
     _publish_end(events, end)
     return end is not None
 
@@ -460,7 +547,8 @@ def cancel_job(
 ) -> tuple[Job, list[str]]:
     """Cancel an active job: its queued shards are cancelled (their task ids returned for revoking);
     running shards finish and keep their results. Cancelling a finished job changes nothing (and calls
-    no ``on_write``)."""
+    no ``on_write``). The cancel never finalizes (the API calls it): the last running shard does when it stops, or,
+    with none running, :func:`finalize_job` in the worker task the caller sends."""
     with session_scope(factory) as session:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:

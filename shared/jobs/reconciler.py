@@ -27,6 +27,12 @@ A false "vanished" (a live worker that did not answer in time, a lease that laps
 costs one duplicate delivery: shards are claimed and finished with conditional updates and results upserted, so
 the duplicate changes nothing. That is also why the lease fences nothing: the holder that finishes first stores
 its (deterministic) results, whether or not its lease lapsed meanwhile.
+
+A second pass, :func:`finalize_ended`, catches up on ended jobs of a kind with a finalization
+(``shared.jobs.pipeline.Finalize``) that nobody finalized: one cancelled while every shard waited whose follow-up task
+was lost, one whose last running shard's worker died after the cancel (that shard is closed: nothing may run it any
+more), one whose submission failed to enqueue, one ended by a caller that had no hook. It finalizes them here, in
+the worker that runs the pass, never in the API.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +83,7 @@ class ReconcileReport:
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: str | None = None  # why this pass left (some) candidates unjudged
+    failed_jobs: set[tuple[str, uuid.UUID]] = field(default_factory=set)  # (kind, job id) of the failed shards
 
     def as_dict(self) -> dict[str, object]:
         return {"candidates": self.candidates, "alive": self.alive, "requeued": len(self.requeued),
@@ -170,10 +177,12 @@ def reconcile(
     max_requeues: int,
     limit: int = 5000,
     queued: bool = True,
+    finalizers: Mapping[str, jobs.Finalize] | None = None,
 ) -> ReconcileReport:
     """One pass: judge the candidates, re-publish or fail the vanished ones. ``queued=False``: only running
     shards whose lease expired (the frequent pass). Safe to run concurrently with workers and with other passes
-    (every change is a conditional update); run one pass of each kind at a time (:func:`single_flight`)."""
+    (every change is a conditional update); run one pass of each kind at a time (:func:`single_flight`).
+    ``finalizers``: each kind's finalization, for a failed shard that ends its job (else :func:`finalize_ended`)."""
     report = ReconcileReport()
     with factory() as session:
         candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)
@@ -195,8 +204,9 @@ def reconcile(
     for candidate in vanished:
         if candidate.requeues >= max_requeues:
             reason = gave_up_reason(candidate.requeues)
-            if jobs.fail_shard(factory, candidate.shard_id, reason):
+            if jobs.fail_shard(factory, candidate.shard_id, reason, finalize=(finalizers or {}).get(candidate.kind)):
                 report.failed.append(candidate.shard_id)
+                report.failed_jobs.add((candidate.kind, candidate.job_id))
                 log.error("reconciler: shard %s of job %s failed: %s", candidate.shard_id, candidate.job_id, reason)
             continue
         with session_scope(factory) as session:
@@ -208,6 +218,103 @@ def reconcile(
         report.requeued.extend(t.shard_id for t in tasks)
         log.warning("reconciler: re-enqueued %d %s shards whose task vanished: %s", len(tasks), kind,
                     [t.shard_id for t in tasks])  # fmt: skip
+    return report
+
+
+@dataclass
+class FinalizeReport:
+    finalized: list[tuple[str, uuid.UUID]] = field(default_factory=list)  # (kind, job id), finalized by this pass
+    shards_closed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"finalized": len(self.finalized), "shards_closed": self.shards_closed}
+
+
+LOST_AFTER_END = "closed by the reconciler: its job had ended, and no live worker held it"
+
+
+def _ended_unfinalized(kinds: Collection[str]) -> tuple[ColumnElement[bool], ...]:
+    return (
+        Job.kind.in_(list(kinds)),
+        Job.finalized_at.is_(None),
+        Job.finalize_error.is_(None),
+        Job.status.in_(sorted(jobs.FINAL_STATUSES)),
+    )
+
+
+def lost_shard_query(*, kinds: Collection[str], limit: int) -> Select[Any]:
+    """Ended jobs of the given kinds, neither finalized nor failed to, with a running shard whose lease expired
+    (its worker died after the job ended). Driven by the running shards (``ix_job_shards_status``, few), as the
+    frequent reconciler pass."""
+    return (
+        select(Job.id, Job.kind)
+        .join(JobShard, JobShard.job_id == Job.id)
+        .where(_lease_expired(), *_ended_unfinalized(kinds))
+        .distinct()
+        .limit(limit)
+    )
+
+
+def overdue_query(*, kinds: Collection[str], grace_s: float, limit: int) -> Select[Any]:
+    """Ended jobs of the given kinds, neither finalized nor failed to, that ended more than ``grace_s`` ago (their
+    own path had that long to finalize them): ``ix_jobs_unfinalized`` finds them."""
+    ended_before = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)
+    return (
+        select(Job.id, Job.kind)
+        .where(*_ended_unfinalized(kinds), Job.finished_at < ended_before)
+        .order_by(Job.finished_at)
+        .limit(limit)
+    )
+
+
+def close_lost_shards(session: Session, job_id: uuid.UUID) -> int:
+    """Close an ended job's open shards that no live lease holds (cancelled: a claim needs an active job, so nothing
+    will ever run them). A holder that was only stalled finds its shard closed when it resumes, and stores nothing,
+    as a duplicate delivery would."""
+    closed = session.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.status.in_(_OPEN), _no_live_lease())
+        .values(status=ShardStatus.CANCELLED.value, finished_at=text("now()"),
+                error=func.coalesce(JobShard.error, LOST_AFTER_END))
+        .returning(JobShard.id)
+    ).all()  # fmt: skip
+    return len(closed)
+
+
+def finalize_ended(
+    factory: sessionmaker[Session],
+    *,
+    finalizers: Mapping[str, jobs.Finalize],
+    grace_s: float,
+    limit: int = 200,
+    queued: bool = True,
+) -> FinalizeReport:
+    """Finalize ended jobs that nobody finalized (:func:`lost_shard_query`; with ``queued``, :func:`overdue_query`
+    too), one transaction each under the job's row lock (a job whose lock is held, by the shard finishing it say, is
+    left for the next pass): close its lost shards, then run its kind's finalization if nothing is open
+    (``pipeline.finalize_locked``)."""
+    report = FinalizeReport()
+    if not finalizers:
+        return report
+    kinds = finalizers.keys()
+    with factory() as session:
+        found = list(session.execute(lost_shard_query(kinds=kinds, limit=limit)).all())
+        if queued:
+            found.extend(session.execute(overdue_query(kinds=kinds, grace_s=grace_s, limit=limit)).all())
+    candidates = list(dict.fromkeys((job_id, kind) for job_id, kind in found))
+    for job_id, kind in candidates:
+        with session_scope(factory) as session:
+            locked = session.execute(select(Job.id).where(Job.id == job_id).with_for_update(skip_locked=True)).first()
+            if locked is None:
+                continue
+            closed = close_lost_shards(session, job_id)
+            finalized = jobs.finalize_locked(session, job_id, finalizers[kind])
+        report.shards_closed += closed
+        if closed:
+            log.warning("reconciler: closed %d lost shards of ended job %s", closed, job_id)
+        if finalized:
+            report.finalized.append((kind, job_id))
+            log.info("reconciler: finalized ended %s job %s", kind, job_id)
     return report
 
 

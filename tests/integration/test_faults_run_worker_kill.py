@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 from shared.domain.backtest import BacktestConfig
 from shared.infra.config import Settings
-from shared.infra.models import Job, JobResult, JobShard
-from shared.jobs.backtests import service as runs
+from shared.infra.models import BacktestRun, Job, JobResult, JobShard
+from shared.jobs.backtests import submit as runs
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import (  # noqa: F401 (fixtures)
     Processes,
@@ -87,10 +87,14 @@ def test_a_run_survives_sigkill_of_its_worker(
         requeued = session.scalars(select(JobShard.requeues).where(JobShard.job_id == job_id)).all()
         errors = session.scalars(select(JobResult.error).where(JobResult.job_id == job_id)).all()
         metrics = session.scalars(select(JobResult.data).where(JobResult.job_id == job_id)).all()
+        run = session.get(BacktestRun, job_id)
     assert final.status == "succeeded", final.error
     assert (final.shards_done, final.symbols_done, final.symbols_failed) == (len(requeued), SYMBOLS, 0)
     assert sorted(symbol for symbol, _ in stored) == symbols and {n for _, n in stored} == {1}  # each exactly once
     assert set(errors) == {None} and all(m and m.get("metrics") for m in metrics)
+    # Finalized by the worker whose shard ended the run, in that transaction: the portfolio of every symbol.
+    assert final.finalized_at is not None and run is not None and run.portfolio is not None
+    assert run.portfolio["sleeves"] == SYMBOLS
     assert sum(1 for n in requeued if n >= 1) >= stranded  # the stranded shards came back through the reconciler
     assert "re-enqueued" in processes.log("run-worker-b")
     print(f"\n[fault] SIGKILL of a run's worker with {stranded} shards running: run finished {recovered_s:.1f} s "

@@ -21,7 +21,7 @@ from shared.domain.backtest import BacktestConfig, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
 from shared.infra.models import DailyBar, Job, JobShard, Symbol, User
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import shard as runs
 from shared.jobs.optimizations import service as opt_service
 from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job

@@ -13,7 +13,8 @@ from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import Settings
 from shared.infra.models import BacktestRun, Job, JobShard, RunManifest
 from shared.jobs.backtests import artifacts
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import shard as run_shards
+from shared.jobs.backtests import submit as runs
 from shared.jobs.backtests.retention import prune_runs
 from tests.helpers import ApiUser, seed_bars
 
@@ -27,7 +28,7 @@ def finished_run(factory: sessionmaker[Session], store: ArtifactStore, owner: st
     with factory() as session:
         shard_ids = list(session.scalars(select(JobShard.id).where(JobShard.job_id == job_id)))
     for shard_id in shard_ids:
-        assert runs.run_shard(factory, shard_id) is True
+        assert run_shards.run_shard(factory, shard_id) is True
     assert artifacts.build_if_finished(factory, store, job_id) is not None
     return job_id
 

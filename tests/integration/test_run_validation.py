@@ -26,7 +26,8 @@ from shared.domain import robustness as v
 from shared.domain.backtest import BacktestConfig
 from shared.infra.config import Settings
 from shared.infra.models import BacktestRun, Job, JobShard, RunValidationPart
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import shard as run_shards
+from shared.jobs.backtests import submit as runs
 from shared.jobs.reconciler import reconcile
 from shared.marketdata.bars import load_bars
 from tests.conftest import PROJECT_ROOT, _stop_process_group
@@ -71,7 +72,7 @@ def in_process(engine: Engine, body: dict[str, Any]) -> dict[str, Any]:
     spec = v.ValidationSpec.model_validate(body["validation"])
     with engine.connect() as conn:
         loaded = load_bars(conn, config.symbols, config.start_date, config.end_date)
-    result = v.validate_in_process({s: runs.engine_bars(b) for s, b in loaded.items()}, config, spec)
+    result = v.validate_in_process({s: run_shards.engine_bars(b) for s, b in loaded.items()}, config, spec)
     return dict(json.loads(json.dumps(result, allow_nan=False)))
 
 
@@ -247,7 +248,7 @@ def test_validation_is_bit_for_bit_the_same_with_one_or_two_worker_processes(
             job = session.get(Job, uuid.UUID(job_id))
             run = session.get(BacktestRun, uuid.UUID(job_id))
             assert job is not None and run is not None
-            results[job_id] = runs.ensure_validation(session_factory, job, run)
+            results[job_id] = run.validation_result  # stored by the worker that finalized the run
     assert parts[one] == parts[two]  # every task's draws, byte for byte
     assert results[one] == results[two]
     first = results[one]
@@ -299,7 +300,7 @@ def test_cancel_during_validation_keeps_the_draws_made(
     config = BacktestConfig.model_validate({k: x for k, x in body.items() if k != "validation"})
     with engine.connect() as conn:
         loaded = load_bars(conn, config.symbols, config.start_date, config.end_date)
-    sleeves = v.sleeves({s: runs.engine_bars(b) for s, b in loaded.items()}, config)
+    sleeves = v.sleeves({s: run_shards.engine_bars(b) for s, b in loaded.items()}, config)
     task_index, raw = rows[0]
     stored = np.frombuffer(raw, dtype="<f8").tolist()
     assert stored == list(v.permutation_draws(sleeves, 42, task_index, len(stored)))

@@ -21,7 +21,7 @@ from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
 from shared.infra.models import AuditLog, DailyBar, JobShard, Symbol
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import submit as runs
 from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
 
@@ -194,8 +194,11 @@ def test_cancel_mid_run_keeps_finished_symbols(
         cancelled = client.post(f"{RUNS}/{run_id}/cancel")
         assert cancelled.status_code == 200, cancelled.get_json()
         assert cancelled.get_json()["status"] == "cancelled"
-        time.sleep(2)  # let running shards reach their checkpoint and store what they finished
-        view = client.get(f"{RUNS}/{run_id}").get_json()
+        # Running shards stop at their checkpoint and store what they finished; the last one to stop finalizes.
+        deadline = time.monotonic() + 60
+        while (view := client.get(f"{RUNS}/{run_id}").get_json())["portfolio"] is None:
+            assert time.monotonic() < deadline, view["progress"]
+            time.sleep(0.05)
         assert view["status"] == "cancelled"
         done = view["progress"]["symbols_done"]
         assert 3 <= done < 200

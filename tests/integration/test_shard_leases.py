@@ -30,7 +30,7 @@ from shared.infra.db import make_engine
 from shared.infra.models import Job, JobResult, JobShard
 from shared.jobs import calculations, leases, reconciler
 from shared.jobs import pipeline as jobs
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import submit as runs
 from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, _group, wait_for

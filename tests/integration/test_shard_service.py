@@ -6,7 +6,8 @@ import json
 import logging
 
 import pytest
-from sqlalchemy import Engine, select
+import sqlalchemy.exc
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import ScriptCompileError
@@ -89,3 +90,55 @@ def test_sandbox_rejections_and_policy_violations_are_security_events(
             (job.id, "SLOW", "supervisor", "wall_clock_timeout"),
         ]
         assert "time limit" in rows[1].detail
+
+
+def test_the_finalize_hook_runs_once_in_the_transaction_that_ends_the_job(
+    clean_db: Engine, session_factory: sessionmaker[Session]
+) -> None:
+    """Called with the job final and its row locked, once, by the shard that ends it; its writes commit with the
+    final status. An outage inside it rolls the whole shard back (retried later); any other error is recorded and the
+    job ends without it."""
+    seed_bars(clean_db, ["A", "B", "C"], days=5)
+    calls: list[tuple[str, int]] = []
+
+    def hook(session: Session, job: Job) -> None:
+        calls.append((job.status, job.shards_done))
+        session.execute(update(Job).where(Job.id == job.id).values(error="finalized by the hook"))
+
+    job, shard_ids = submit(session_factory, "result = 1", ["A", "B", "C"], shard_size=1)
+    assert jobs.complete_shard(session_factory, shard_ids[0], [jobs.Outcome("A", 1.0, None)], finalize=hook)
+    assert calls == []  # not ended yet
+
+    assert jobs.fail_shard(session_factory, shard_ids[1], "gave up", finalize=hook)
+    assert calls == []
+
+    def outage(session: Session, job: Job) -> None:
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        jobs.complete_shard(session_factory, shard_ids[2], [jobs.Outcome("C", 3.0, None)], finalize=outage)
+    with session_factory() as session:  # rolled back with the hook: the shard is still open, the job not final
+        assert session.scalar(select(JobShard.status).where(JobShard.id == shard_ids[2])) == "queued"
+        assert session.scalar(select(Job.status).where(Job.id == job.id)) == "queued"
+        assert (
+            session.scalar(select(JobResult.symbol).where(JobResult.job_id == job.id, JobResult.symbol == "C")) is None
+        )
+    assert jobs.complete_shard(session_factory, shard_ids[2], [jobs.Outcome("C", 3.0, None)], finalize=hook)
+    assert calls == [("partial", 3)]
+    assert jobs.finalize_job(session_factory, job.id, hook) is False  # finalized already: never twice
+    with session_factory() as session:
+        final = session.get(Job, job.id)
+        assert final is not None and final.status == "partial" and final.finalized_at is not None
+        assert final.error == "finalized by the hook" and final.finalize_error is None
+
+    def broken(session: Session, job: Job) -> None:
+        session.execute(update(Job).where(Job.id == job.id).values(error="half-written"))
+        raise ValueError("a bug")
+
+    other, other_shards = submit(session_factory, "result = 1", ["A"], shard_size=1)
+    assert jobs.complete_shard(session_factory, other_shards[0], [jobs.Outcome("A", 1.0, None)], finalize=broken)
+    with session_factory() as session:
+        ended = session.get(Job, other.id)
+        assert ended is not None and ended.status == "succeeded" and ended.finalized_at is None
+        assert ended.finalize_error == "ValueError: a bug" and ended.error is None  # its writes rolled back
+        assert session.scalar(select(JobResult.value).where(JobResult.job_id == other.id)) == 1.0

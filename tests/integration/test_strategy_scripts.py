@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 
 from shared.infra.db import make_session_factory
 from shared.infra.models import BacktestRun, SecurityEvent
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 from tests.attacks import RUNTIME_ATTACKS, Attack
 from tests.helpers import FINAL, seed_bars
 

@@ -6,8 +6,10 @@ carries ``chain_prev``, the SHA-256 of the same owner's previous manifest; the m
 canonical JSON) is kept in PostgreSQL. Verification recomputes all of it: an altered, truncated or removed file,
 an edited manifest, or a manifest taken out of the owner's chain is detected.
 
-Built once per run by the worker that finishes the run's last open shard (an advisory lock per run makes a
-concurrent second build wait and then find the first; one per owner keeps the chain linear).
+Built once per run, once it is finalized (its portfolio and validation result stored: ``.finalize``), by the worker
+that finalized it (an advisory lock per run makes a concurrent second build wait and then find the first; one per
+owner keeps the chain linear). The metrics and validation files carry the stored portfolio and validation result:
+the same numbers the run's view shows.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import NotFound
 from shared.infra.artifact_store import ArtifactStore
 from shared.infra.db import session_scope
-from shared.infra.models import BacktestRun, Job, JobResult, JobShard, RunManifest, ShardStatus
-from shared.jobs.backtests import service as runs
+from shared.infra.models import BacktestRun, Job, JobResult, RunManifest
+from shared.jobs.backtests import read
+from shared.jobs.backtests.finalize import as_days, portfolio_curve
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class RunData:
     job: Job
     run: BacktestRun
     results: list[JobResult]
-    curves: list[runs.StoredCurve]
+    curves: list[read.StoredCurve]
 
 
 def _metrics_json(data: RunData, portfolio: dict[str, Any] | None) -> bytes:
@@ -88,9 +91,9 @@ def _metrics_json(data: RunData, portfolio: dict[str, Any] | None) -> bytes:
 def _series(data: RunData, initial_cash: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dates, equity, buy and hold) of the run: the symbol's own for one symbol, else the sleeves summed."""
     curves = [(c.dates, c.equity) for c in data.curves]
-    dates, equity = runs.portfolio_curve(curves, initial_cash)
+    dates, equity = portfolio_curve(curves, initial_cash)
     benchmarks = [(c.dates, c.benchmark if c.benchmark is not None else c.equity) for c in data.curves]
-    _, benchmark = runs.portfolio_curve(benchmarks, initial_cash)
+    _, benchmark = portfolio_curve(benchmarks, initial_cash)
     return dates, equity, benchmark
 
 
@@ -104,7 +107,7 @@ def _equity_csv(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark:
     curves = sorted(data.curves, key=lambda c: c.symbol)
     columns = []
     for c in curves:  # each symbol's equity on the run's dates; "" where the symbol has no bar
-        own = runs.as_days(c.dates)
+        own = as_days(c.dates)
         at = np.clip(np.searchsorted(own, dates), 0, len(own) - 1)
         present = own[at] == dates
         text = [repr(x) for x in np.asarray(c.equity, dtype=np.float64)[at].tolist()]
@@ -196,30 +199,19 @@ def _lock(session: Session, key: str) -> None:
 
 
 def build_if_finished(factory: sessionmaker[Session], store: ArtifactStore, job_id: uuid.UUID) -> RunManifest | None:
-    """Build the run's artifacts if it is final and no shard is still open; the existing manifest if built."""
+    """Build the run's artifacts once it is finalized (final, no shard open, portfolio and validation result
+    stored); None before; the existing manifest if built."""
     with session_scope(factory) as session:
         _lock(session, f"artifacts:{job_id}")
         existing = session.scalar(select(RunManifest).where(RunManifest.job_id == job_id))
         if existing is not None:
             return existing
-        job, run = runs.get_run(session, job_id)
-        open_shards = session.scalar(
-            select(func.count())
-            .select_from(JobShard)
-            .where(
-                JobShard.job_id == job_id, JobShard.status.in_((ShardStatus.QUEUED.value, ShardStatus.RUNNING.value))
-            )
-        )
-        if job.status not in runs.FINAL_STATUSES or open_shards:
+        job, run = read.get_run(session, job_id)
+        if job.finalized_at is None:
             return None
         results = list(session.scalars(select(JobResult).where(JobResult.job_id == job_id)))
-        curves = runs.load_curves(session, job_id)
-        data = RunData(job, run, results, curves)
-        portfolio = None
-        if len(job.symbols) > 1:
-            cash, rate = float(run.config.get("initial_cash", 10_000.0)), float(run.config.get("risk_free_rate", 0.0))
-            portfolio = runs.portfolio_metrics([(c.dates, c.equity) for c in curves], cash, rate)
-        files = render(data, portfolio, runs.ensure_validation(factory, job, run))
+        data = RunData(job, run, results, read.load_curves(session, job_id))
+        files = render(data, run.portfolio, run.validation_result)
         return _store_with_manifest(session, store, job_id, run.owner_id, run.config_hash, job.status, files)
 
 

@@ -20,7 +20,7 @@ from shared.errors import ServiceUnavailable
 from shared.infra.artifact_store import ArtifactStore
 from shared.infra.db import session_scope
 from shared.infra.models import Job, RunManifest
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import read as runs
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,10 @@ from shared.infra.db import session_scope
 from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobKind, JobShard, Optimization, OptimizationResult, ScriptVersion, ShardStatus
 from shared.jobs import pipeline as jobs
-from shared.jobs.backtests import service as runs
+from shared.jobs.backtests import finalize as run_finalize
+from shared.jobs.backtests import read as runs
+from shared.jobs.backtests import shard as run_shards
+from shared.jobs.backtests import submit as run_submit
 from shared.jobs.calculations import symbols_sha256
 from shared.library import strategy_scripts
 from shared.marketdata.bars import load_bars
@@ -606,7 +609,7 @@ def submit(
     config = spec.config
     windows: list[WindowDates] | None = None
     with factory() as session:
-        runs.check_symbols(session, config)
+        run_submit.check_symbols(session, config)
         if spec.walk_forward is not None:
             calendar = _calendar(session, config)
             windows = window_dates(calendar, spec.walk_forward)
@@ -734,7 +737,7 @@ def load(
         if own is None:
             continue
         try:
-            bars[symbol] = runs.engine_bars(own)
+            bars[symbol] = run_shards.engine_bars(own)
         except BarsError:
             continue
     script = None
@@ -941,7 +944,7 @@ def _full_run(factory: sessionmaker[Session], config: BacktestConfig, script: Sc
         for symbol in config.symbols:
             try:
                 if symbol in loaded:
-                    cuts[symbol] = runs.engine_bars(loaded[symbol]).between(config.start_date, config.end_date)
+                    cuts[symbol] = run_shards.engine_bars(loaded[symbol]).between(config.start_date, config.end_date)
             except BarsError as exc:
                 symbols[symbol] = {"error": {"type": "BarsError", "message": str(exc)[:500], "line": None}}
         params = config.strategy.params.model_dump()
@@ -957,7 +960,7 @@ def _full_run(factory: sessionmaker[Session], config: BacktestConfig, script: Sc
     else:
         config_symbols = list(config.symbols)
     for symbol in config_symbols:
-        outcome = runs.backtest_symbol(symbol, loaded.get(symbol), config)
+        outcome = run_shards.backtest_symbol(symbol, loaded.get(symbol), config)
         symbols[symbol] = (
             (outcome.outcome.data or {}).get("metrics")
             if outcome.outcome.error is None
@@ -967,7 +970,7 @@ def _full_run(factory: sessionmaker[Session], config: BacktestConfig, script: Sc
             curves.append((outcome.curve.dates, outcome.curve.equity))
     doc: dict[str, Any] = {"symbols": symbols}
     if len(config.symbols) > 1:
-        doc["portfolio"] = runs.portfolio_metrics(curves, config.initial_cash, config.risk_free_rate)
+        doc["portfolio"] = run_finalize.portfolio_metrics(curves, config.initial_cash, config.risk_free_rate)
     return doc
 
 
@@ -1035,7 +1038,7 @@ def walk_forward_outcome(
                 cv for s in config.symbols if s in bars and (cv := _oos_curve(bars[s], config, params[best], t, script))
             ]
             if curves:
-                days, total = runs.portfolio_curve(curves, config.initial_cash)
+                days, total = run_finalize.portfolio_curve(curves, config.initial_cash)
                 growth = total / (config.initial_cash * len(curves))
                 dates.extend(str(d) for d in days)
                 equity.extend((level * growth).tolist())
