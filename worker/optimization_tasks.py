@@ -1,4 +1,4 @@
-"""Thin Celery tasks for optimisation slices: load by id, call ``optimizations.service.run_shard``, decide retry
+"""Thin Celery tasks for optimisation slices: load by id, call ``optimizations.shard.run_shard``, decide retry
 (the rules of every shard task: ``worker.tasks.run_shard_task``); after the job's last slice, its outcome and
 artifacts."""
 
@@ -13,7 +13,7 @@ from celery import shared_task
 from shared.contract import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD
 from shared.infra.artifact_store import ArtifactStore
 from shared.jobs.backtests import service as runs
-from shared.jobs.optimizations import service as optimization
+from shared.jobs.optimizations import finalize, shard
 from worker.tasks import ServicesTask, WorkerServices, run_shard_task
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def run_optimization_shard(self: Any, shard_id: int) -> str:
         self,
         "optimization",
         shard_id,
-        lambda services: optimization.run_shard(
+        lambda services: shard.run_shard(
             services.session_factory, shard_id, events=services.events, limits=services.settings.sandbox
         ),
     )
@@ -41,7 +41,7 @@ def finish(services: WorkerServices, shard_id: int) -> None:
         job_id = runs.job_of_shard(services.session_factory, shard_id)
         if job_id is not None:
             store = ArtifactStore.from_settings(services.settings)
-            optimization.build_if_finished(services.session_factory, store, job_id, limits=services.settings.sandbox)
+            finalize.build_if_finished(services.session_factory, store, job_id, limits=services.settings.sandbox)
     except Exception:
         log.exception("optimization %s: outcome or artifacts not built", job_id)
 
@@ -52,7 +52,7 @@ def finish_optimization(self: Any, job_id: str) -> str:
     build them, so the cancel sends this)."""
     try:
         store = ArtifactStore.from_settings(self.services.settings)
-        built = optimization.build_if_finished(
+        built = finalize.build_if_finished(
             self.services.session_factory, store, uuid.UUID(job_id), limits=self.services.settings.sandbox
         )
     except Exception as exc:

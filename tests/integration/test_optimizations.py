@@ -22,7 +22,8 @@ from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
 from shared.infra.models import DailyBar, Job, JobShard, Symbol, User
 from shared.jobs.backtests import service as runs
-from shared.jobs.optimizations import service as opt_service
+from shared.jobs.optimizations import submit
+from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
 from tests.integration import test_webhooks as hooks
@@ -532,10 +533,10 @@ def test_an_optimisation_cancelled_with_no_slice_running_calls_back(
     spec, _ = spec_from_body(doc)
     with factory() as session:
         owner_id = session.scalar(select(User.id).where(User.username == "hooker"))
-    submitted = opt_service.submit(
+    submitted = submit.submit(
         factory,
-        opt_service.OptimizationRequest(spec=spec, owner_id=owner_id, callback_url=receiver.url),
-        opt_service.Limits(1000, 100_000, 2_500),
+        OptimizationRequest(spec=spec, owner_id=owner_id, callback_url=receiver.url),
+        Limits(1000, 100_000, 2_500),
         enqueue=lambda tasks: None,  # queued, its slices' tasks never sent
     )
     oid = str(submitted.job.id)
