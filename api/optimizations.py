@@ -49,7 +49,7 @@ from shared.jobs import pipeline as jobs
 from shared.jobs import webhooks
 from shared.jobs.backtests import artifacts
 from shared.jobs.backtests import service as runs
-from shared.jobs.optimizations import finalize, read, submit
+from shared.jobs.optimizations import read, submit
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 
 log = logging.getLogger(__name__)
@@ -267,14 +267,13 @@ def list_optimizations(query: OptimizationsQuery) -> Response:
 @bp.get("/<optimization_id>", responses={200: OptimizationView, 401: ErrorResponse, 404: ErrorResponse})
 def get_optimization(path: OptimizationPath) -> Response:
     """Status and progress (combos scored); once final, the best combo with the full metrics of one
-    ``run_backtest`` per symbol, or the walk-forward path and stitched out-of-sample equity."""
-    svc = services()
-    with svc.session_factory() as session:
+    ``run_backtest`` per symbol, or the walk-forward path and stitched out-of-sample equity. Rows only: a worker
+    stored the outcome before the job read final (a cancelled one's follows once its last slice stops)."""
+    with services().session_factory() as session:
         job, opt = _readable(session, path.optimization_id)
         progress = _progress(session, job)
-        session.expunge_all()
-    outcome = finalize.ensure_outcome(svc.session_factory, job, opt)
-    return jsonify(_view(job, opt, progress, outcome).model_dump(mode="json"))
+        view = _view(job, opt, progress, opt.outcome)
+    return jsonify(view.model_dump(mode="json"))
 
 
 @bp.get(
@@ -335,7 +334,7 @@ def cancel_optimization(path: OptimizationPath) -> Response:
         audit(session, AuditAction.JOB_CANCELLED, resource_type="optimization", resource_id=cancelled.id)
 
     job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record, events=RedisJobEvents(svc.redis))
-    # Revoke; with no slice running (none will finish to do it): the outcome and artifacts, and the webhook.
+    # Revoke; with no slice running (none will finish to do it): a worker's outcome and artifacts, and the webhook.
     after_cancel(svc, job, task_ids)
     if job.status != "cancelled":
         raise Conflict(

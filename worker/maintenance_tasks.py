@@ -41,7 +41,7 @@ from shared.jobs.fairness import PRIORITY_STEPS
 from shared.jobs.nightly import service as nightly
 from shared.jobs.pipeline import ShardTask
 from worker import metrics_signals
-from worker.tasks import ServicesTask, WorkerServices
+from worker.tasks import ServicesTask, WorkerServices, finalizers
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,23 @@ def reconcile_shards(self: Any, queued: bool = True) -> dict[str, object]:
                 grace_s=maint.reconcile_grace_s,
                 max_requeues=maint.reconcile_max_requeues,
                 queued=queued,
+                finalizers=finalizers(services),
             )
         finally:
             client.close()
+        if queued:  # the jobs of kinds with a finalize hook that a dead worker left unfinished
+            report.finalized = [
+                str(j)
+                for j in reconciler.finish_unfinalized(
+                    services.session_factory,
+                    finalizers(services),
+                    grace_s=maint.reconcile_grace_s,
+                    events=services.events,
+                )
+            ]
     if report.requeued or report.failed:
         log.warning("reconciler pass: %s", report.as_dict())
-    if report.failed:  # failing a shard may have ended its job: its webhook goes now, not at the next poll
+    if report.failed or report.finalized:  # either may have ended a job: its webhook goes now, not at the next poll
         self.app.send_task(TASK_WEBHOOK_DISPATCH, queue=QUEUE_MAINTENANCE)
     return report.as_dict()
 

@@ -17,12 +17,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contract import TASK_RUN_CALCULATION_SHARD
 from shared.infra import log_context
+from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.events import RedisJobEvents
+from shared.infra.models import JobKind
 from shared.jobs import leases
 from shared.jobs import pipeline as jobs
 from shared.jobs.calculations import service as calculations
+from shared.jobs.optimizations import finalize as optimization_finalize
 from shared.sandbox.runner import run_script
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,13 @@ class ServicesTask(Task):
                                        bounds=Bounds.for_api(settings.timeouts))  # fmt: skip
             self._services = WorkerServices(settings, engine, make_session_factory(engine), events, lease_engine)
         return self._services
+
+
+def finalizers(services: WorkerServices) -> dict[str, jobs.Finalize]:
+    """The finalize hook of each job kind that has one (``shared.jobs.pipeline.Finalize``), bound to this worker's
+    artifact store and sandbox: what runs before such a job reads final (kind -> hook)."""
+    store = ArtifactStore.from_settings(services.settings)
+    return {JobKind.OPTIMIZATION.value: optimization_finalize.Finalizer(store, services.settings.sandbox)}
 
 
 MAX_BACKOFF_S = 60
@@ -110,7 +120,8 @@ def run_shard_task(task: Any, kind: str, shard_id: int, run: Callable[[WorkerSer
         log.exception("%s shard %s failed for good", kind, shard_id)
         try:
             jobs.fail_shard(services.session_factory, shard_id, f"gave up after {attempt} attempts: "
-                            f"{type(exc).__name__}: {detail}", events=services.events)  # fmt: skip
+                            f"{type(exc).__name__}: {detail}", events=services.events,
+                            finalize=finalizers(services).get(kind))  # fmt: skip
         except Exception as record_exc:
             if is_database_outage(record_exc):
                 raise task.retry(exc=record_exc, countdown=MAX_BACKOFF_S) from record_exc

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -96,6 +97,7 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_owner_status", "owner_id", "status"),
         CheckConstraint("(script_id IS NULL) = (script_version IS NULL)", name="ck_jobs_script_ref"),
+        Index("ix_jobs_unfinalized", "kind", postgresql_where=text("finalized_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -134,6 +136,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the kind's finalize hook ran (shared/jobs/pipeline.py ``finish_job``); NULL before, or for a kind without one.
+    finalized_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobShard(Base):

@@ -2,7 +2,8 @@
 
 Completion is counted in PostgreSQL (no chords): each shard is marked done by a conditional
 update, in the same transaction that stores its results and bumps the job's counters; the
-transaction that completes the last shard also finalizes the job. A duplicate delivery finds its
+transaction that completes the last shard also finalizes the job, or, for a kind with a finalize
+hook (:data:`Finalize`), :func:`finish_job` does once the hook has run. A duplicate delivery finds its
 shard already done and changes nothing.
 """
 
@@ -49,6 +50,15 @@ Enqueue = Callable[[Sequence[ShardTask]], None]
 
 OnWrite = Callable[[Session, Job], None]
 """Called inside the transaction that writes a job change (to add its audit row, say): both commit together."""
+
+Finalize = Callable[[sessionmaker[Session], Job], None]
+"""A job kind's last step, run in a worker (an optimisation's outcome and artifacts): compute and store, from the
+job's committed rows, what its views read, so no reader ever computes. :func:`finish_job` calls it once no shard of
+the job is open, with the job detached and ``status`` already the final status it is about to get, BEFORE the job
+reads final (a cancelled job, final at once, gets it when its last running shard stops, or from the worker task the
+cancel sends). It must be idempotent: a duplicate delivery, a retry or the reconciler may call it again for the
+same job, even two workers at once. A database error leaves the job as it was (a retry, or the reconciler's
+``finish_unfinalized`` pass, calls it again); any other error is logged and the job ends with it as its error."""
 
 
 @dataclass(frozen=True)
@@ -324,9 +334,25 @@ def _publish_end(events: JobEvents | None, end: _ShardEnd | None) -> None:
         events.publish(end.job_id, job_events.terminal_kind(end.final), {"status": end.final, **counters})
 
 
+def _final_status(shards_failed: int, symbols_failed: int, symbols_total: int) -> JobStatus:
+    if symbols_failed == 0 and shards_failed == 0:  # a failed shard without symbols (a task) is partial
+        return JobStatus.SUCCEEDED
+    if symbols_failed >= symbols_total:
+        return JobStatus.FAILED
+    return JobStatus.PARTIAL
+
+
 def _finish_shard(
-    session: Session, shard_id: int, status: ShardStatus, outcomes: Sequence[Outcome], error: str | None
+    session: Session,
+    shard_id: int,
+    status: ShardStatus,
+    outcomes: Sequence[Outcome],
+    error: str | None,
+    *,
+    defer_final: bool = False,
 ) -> _ShardEnd | None:
+    """Mark the shard finished with its results and bump the job's counters; the shard that completes the job makes
+    it final, unless ``defer_final`` (its kind has a finalize hook: :func:`finish_job` does, after the hook)."""
     if _lock_job_of_shard(session, shard_id) is None:
         return None
     claimed = session.execute(
@@ -391,13 +417,8 @@ def _finish_shard(
     if task is not None:
         shard_event.update(task_event_keys(task))
     end = _ShardEnd(job_id, shard_event, None)
-    if shards_done >= shards_total:
-        if symbols_failed == 0 and shards_failed == 0:  # a failed shard without symbols (a task) is partial
-            final = JobStatus.SUCCEEDED
-        elif symbols_failed >= symbols_total:
-            final = JobStatus.FAILED
-        else:
-            final = JobStatus.PARTIAL
+    if shards_done >= shards_total and not defer_final:
+        final = _final_status(shards_failed, symbols_failed, symbols_total)
         finalized = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(_ACTIVE_JOB))
@@ -409,25 +430,112 @@ def _finish_shard(
 
 
 def complete_shard(
-    factory: sessionmaker[Session], shard_id: int, outcomes: Sequence[Outcome], *, events: JobEvents | None = None
+    factory: sessionmaker[Session],
+    shard_id: int,
+    outcomes: Sequence[Outcome],
+    *,
+    events: JobEvents | None = None,
+    finalize: Finalize | None = None,
 ) -> bool:
-    """Store results and mark the shard succeeded, atomically. False if it was already finished."""
+    """Store results and mark the shard succeeded, atomically. False if it was already finished. With the kind's
+    ``finalize``: then, if no shard of the job is open any more, :func:`finish_job` (also after a duplicate)."""
     with session_scope(factory) as session:
-        end = _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None)
+        end = _finish_shard(session, shard_id, ShardStatus.SUCCEEDED, outcomes, None, defer_final=finalize is not None)
     _publish_end(events, end)
+    if finalize is not None:
+        finish_job_of_shard(factory, shard_id, finalize, events=events)
     return end is not None
 
 
-def fail_shard(factory: sessionmaker[Session], shard_id: int, reason: str, *, events: JobEvents | None = None) -> bool:
-    """Give up on a shard: each of its symbols gets the reason as its error. False if already finished."""
+def fail_shard(
+    factory: sessionmaker[Session],
+    shard_id: int,
+    reason: str,
+    *,
+    events: JobEvents | None = None,
+    finalize: Finalize | None = None,
+) -> bool:
+    """Give up on a shard: each of its symbols gets the reason as its error. False if already finished. With the
+    kind's ``finalize``: as :func:`complete_shard`."""
     with session_scope(factory) as session:
         symbols = session.scalar(select(JobShard.symbols).where(JobShard.id == shard_id))
         if symbols is None:
             return False
         outcomes = [Outcome(s, None, {"type": "ShardFailed", "message": reason, "line": None}) for s in symbols]
-        end = _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason)
+        end = _finish_shard(session, shard_id, ShardStatus.FAILED, outcomes, reason, defer_final=finalize is not None)
     _publish_end(events, end)
+    if finalize is not None:
+        finish_job_of_shard(factory, shard_id, finalize, events=events)
     return end is not None
+
+
+def finish_job_of_shard(
+    factory: sessionmaker[Session], shard_id: int, finalize: Finalize, *, events: JobEvents | None = None
+) -> bool:
+    """:func:`finish_job` for the shard's job (a redelivered shard task that finds its shard finished calls this:
+    the worker that finished it may have died before the hook)."""
+    with factory() as session:
+        job_id = session.scalar(select(JobShard.job_id).where(JobShard.id == shard_id))
+    return job_id is not None and finish_job(factory, job_id, finalize, events=events)
+
+
+_COUNTERS = (
+    Job.shards_done,
+    Job.shards_total,
+    Job.shards_failed,
+    Job.symbols_done,
+    Job.symbols_failed,
+    Job.symbols_total,
+)
+
+
+def finish_job(
+    factory: sessionmaker[Session], job_id: uuid.UUID, finalize: Finalize, *, events: JobEvents | None = None
+) -> bool:
+    """Finish a job of a kind with a finalize hook once none of its shards is open: run the hook, then, in one
+    transaction, mark the job final (its status from the counters, as for any job) unless it was cancelled
+    meanwhile, and ``finalized_at``. A cancelled job (final already) gets the hook and ``finalized_at`` only.
+    False when there is nothing to do (a shard still open, already finalized, another caller finished first).
+
+    The job reads final only after the hook has stored what it computes. A worker that dies between its last shard
+    and this leaves the job active with every shard finished: a redelivery of the shard task, or the reconciler
+    (``reconciler.finish_unfinalized``), calls this again."""
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.finalized_at is not None:
+            return False
+        open_shard = session.scalar(
+            select(JobShard.id).where(JobShard.job_id == job_id, JobShard.status.in_(_OPEN_SHARD)).limit(1)
+        )
+        active = job.status in _ACTIVE_JOB
+        if open_shard is not None or (active and job.shards_done < job.shards_total):
+            return False
+        session.expunge(job)
+    final = _final_status(job.shards_failed, job.symbols_failed, job.symbols_total).value if active else job.status
+    job.status = final  # the detached copy the hook sees: the status the job is about to read
+    error: str | None = None
+    try:
+        finalize(factory, job)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        raise  # the database is away: the job stays as it was, for a retry or the reconciler
+    except Exception as exc:
+        log.exception("job %s: its finalize hook failed; the job ends with the error", job_id)
+        error = f"finalizing failed: {type(exc).__name__}: {str(exc)[:300]}"
+    with session_scope(factory) as session:
+        row = session.execute(select(Job.status, Job.finalized_at).where(Job.id == job_id).with_for_update()).first()
+        if row is None or row.finalized_at is not None:
+            return False
+        reported = row.status in _ACTIVE_JOB
+        values: dict[str, Any] = {"finalized_at": text("now()")}
+        if error is not None:
+            values["error"] = func.coalesce(Job.error, error)
+        if reported:
+            values.update(status=final, finished_at=text("now()"))
+        counters = session.execute(update(Job).where(Job.id == job_id).values(**values).returning(*_COUNTERS)).one()
+    if reported and events is not None:
+        detail = {c.key: v for c, v in zip(_COUNTERS, counters, strict=True)}
+        events.publish(job_id, job_events.terminal_kind(final), {"status": final, **detail})
+    return True
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:

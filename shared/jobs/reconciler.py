@@ -35,7 +35,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, t
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.infra.db import session_scope
+from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobShard, JobStatus, ShardStatus
 from shared.jobs import pipeline as jobs
 
@@ -77,10 +78,14 @@ class ReconcileReport:
     requeued: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: str | None = None  # why this pass left (some) candidates unjudged
+    finalized: list[str] = field(default_factory=list)  # jobs finish_unfinalized finished (the full pass)
 
     def as_dict(self) -> dict[str, object]:
-        return {"candidates": self.candidates, "alive": self.alive, "requeued": len(self.requeued),
-                "failed": len(self.failed), "skipped": self.skipped}  # fmt: skip
+        out: dict[str, object] = {"candidates": self.candidates, "alive": self.alive, "requeued": len(self.requeued),
+                                  "failed": len(self.failed), "skipped": self.skipped}  # fmt: skip
+        if self.finalized:
+            out["finalized"] = len(self.finalized)
+        return out
 
 
 _OPEN = (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value)
@@ -170,10 +175,12 @@ def reconcile(
     max_requeues: int,
     limit: int = 5000,
     queued: bool = True,
+    finalizers: Mapping[str, jobs.Finalize] | None = None,
 ) -> ReconcileReport:
     """One pass: judge the candidates, re-publish or fail the vanished ones. ``queued=False``: only running
-    shards whose lease expired (the frequent pass). Safe to run concurrently with workers and with other passes
-    (every change is a conditional update); run one pass of each kind at a time (:func:`single_flight`)."""
+        shards whose lease expired (the frequent pass). ``finalizers``: the finalize hooks of the kinds that have one
+    (kind -> hook), for the shards it fails. Safe to run concurrently with workers and with other passes
+        (every change is a conditional update); run one pass of each kind at a time (:func:`single_flight`)."""
     report = ReconcileReport()
     with factory() as session:
         candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)
@@ -195,7 +202,8 @@ def reconcile(
     for candidate in vanished:
         if candidate.requeues >= max_requeues:
             reason = gave_up_reason(candidate.requeues)
-            if jobs.fail_shard(factory, candidate.shard_id, reason):
+            finalize = (finalizers or {}).get(candidate.kind)
+            if jobs.fail_shard(factory, candidate.shard_id, reason, finalize=finalize):
                 report.failed.append(candidate.shard_id)
                 log.error("reconciler: shard %s of job %s failed: %s", candidate.shard_id, candidate.job_id, reason)
             continue
@@ -209,6 +217,58 @@ def reconcile(
         log.warning("reconciler: re-enqueued %d %s shards whose task vanished: %s", len(tasks), kind,
                     [t.shard_id for t in tasks])  # fmt: skip
     return report
+
+
+def unfinalized_jobs(session: Session, kinds: Sequence[str], *, grace_s: float, limit: int = 100) -> list[uuid.UUID]:
+    """Jobs of the given kinds (those with a finalize hook) that ``jobs.finish_job`` should have finished and did
+    not (its worker died, or a cancel's follow-up task was lost): not finalized, no shard open, and either active
+    with every shard finished or final already, for more than ``grace_s`` seconds (a live worker may be at it).
+    ``ix_jobs_unfinalized`` holds only unfinalized rows."""
+    before = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)
+    open_shard = select(JobShard.id).where(JobShard.job_id == Job.id, JobShard.status.in_(_OPEN)).exists()
+    last_shard_end = select(func.max(JobShard.finished_at)).where(JobShard.job_id == Job.id).scalar_subquery()
+    ended = func.coalesce(Job.finished_at, last_shard_end, Job.created_at)
+    stalled = and_(Job.status.in_(_ACTIVE), Job.shards_done >= Job.shards_total)
+    query = (
+        select(Job.id)
+        .where(
+            Job.kind.in_(list(kinds)),
+            Job.finalized_at.is_(None),
+            or_(stalled, Job.status.not_in(_ACTIVE)),
+            ~open_shard,
+            ended < before,
+        )
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def finish_unfinalized(
+    factory: sessionmaker[Session],
+    finalizers: Mapping[str, jobs.Finalize],
+    *,
+    grace_s: float,
+    events: JobEvents | None = None,
+    limit: int = 100,
+) -> list[uuid.UUID]:
+    """Finish the :func:`unfinalized_jobs` of the kinds with a finalize hook (``finalizers``: kind -> hook): the
+    ones a dead worker left. A job whose hook fails on the database stays for the next pass."""
+    if not finalizers:
+        return []
+    with factory() as session:
+        job_ids = unfinalized_jobs(session, list(finalizers), grace_s=grace_s, limit=limit)
+        kinds = dict(session.execute(select(Job.id, Job.kind).where(Job.id.in_(job_ids))).tuples().all())
+    finished = []
+    for job_id in job_ids:
+        try:
+            if jobs.finish_job(factory, job_id, finalizers[kinds[job_id]], events=events):
+                finished.append(job_id)
+        except Exception:
+            log.exception("reconciler: job %s could not be finalized; the next pass tries again", job_id)
+    if finished:
+        log.warning("reconciler: finalized %d jobs a worker left unfinished: %s", len(finished), finished)
+    return finished
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ from api.optimizations import spec_from_body
 from shared.domain.backtest import BacktestConfig, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
-from shared.infra.models import DailyBar, Job, JobShard, Symbol, User
+from shared.infra.models import DailyBar, Job, JobShard, Optimization, RunManifest, Symbol, User
 from shared.jobs.backtests import service as runs
 from shared.jobs.optimizations import submit
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest
@@ -63,14 +64,11 @@ def create(client: FlaskClient, doc: dict[str, Any], status: int = 202) -> dict[
 
 
 def finished(client: FlaskClient, optimization_id: str, timeout_s: float = 120) -> dict[str, Any]:
-    """The view once final and its outcome is in (the worker computes it after the last slice)."""
+    """The view once final: its outcome is in by then (the worker stores it before the job reads final)."""
     wait_for_job(client, optimization_id, timeout_s)
-    deadline = time.monotonic() + 30
-    while True:
-        view = client.get(f"{OPT}/{optimization_id}").get_json()
-        if view["best"] is not None or view["walk_forward"] is not None or time.monotonic() > deadline:
-            return view
-        time.sleep(0.2)
+    view: dict[str, Any] = client.get(f"{OPT}/{optimization_id}").get_json()
+    assert view["combos_passing"] is not None or view["walk_forward"] is not None, view
+    return view
 
 
 def table(client: FlaskClient, optimization_id: str, **query: Any) -> list[dict[str, Any]]:
@@ -166,12 +164,7 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.get_json()["optimization_id"] == accepted["optimization_id"]
     # artifacts: heatmap, ranked CSV, optimization.json, in a verifiable manifest
-    listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
-    for _ in range(50):
-        if listing.status_code == 200:
-            break
-        time.sleep(0.2)
-        listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
+    listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")  # built before the job read final
     assert listing.status_code == 200, listing.get_data(as_text=True)
     names = {f["name"] for f in listing.get_json()["files"]}
     assert names == {"heatmap.png", "results.csv", "optimization.json"}
@@ -195,6 +188,90 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     assert all(d["task"]["kind"] == "optimization" and "validation" not in d for d in shard_events)
     slices = sorted((d["task"]["lo"], d["task"]["hi"]) for d in shard_events if "attempt" in d)
     assert slices[0][0] == 0 and slices[-1][1] == len(PAIRS)
+
+
+ENGINE_ENTRY_POINTS = (
+    "run_backtest",
+    "run_dual_sma_grid",
+    "run_events",
+    "strategy_signals",
+    "backtest_symbol",
+    "backtest_script",
+    "strategy_events",
+    "compute_outcome",
+    "full_run",
+    "finalize",
+)
+
+
+def forbid_engine_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every engine entry point (and the optimisation's outcome and finalize functions) raises, in every module of
+    this process that holds it: the API's process. Returns the names of the calls attempted."""
+    from shared.domain.backtest import engine, grid
+    from shared.jobs.backtests import service as run_service
+    from shared.jobs.optimizations import finalize as opt_finalize
+    from shared.library import strategy_scripts
+
+    homes = (engine, grid, run_service, opt_finalize, strategy_scripts)
+    originals = {id(getattr(m, n)): n for m in homes for n in ENGINE_ENTRY_POINTS if callable(getattr(m, n, None))}
+    attempted: list[str] = []
+
+    def forbidden(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            attempted.append(name)
+            raise AssertionError(f"{name} called in the API process")
+
+        return call
+
+    patched = 0
+    for module in list(sys.modules.values()):
+        if module is None or not (module.__name__.startswith(("shared", "api"))):
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) and id(value) in originals:
+                monkeypatch.setattr(module, attr, forbidden(originals[id(value)]))
+                patched += 1
+    assert patched >= len(homes), patched
+    return attempted
+
+
+def test_a_just_finished_optimisation_is_read_without_engine_work(
+    client: FlaskClient, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stores the outcome and artifacts before the job reads final: from the first moment the status is
+    final the outcome row is there, and GET answers the full view with every engine entry point raising here."""
+    seed_bars(clean_db, SYMBOLS, days=300, seed=21)
+    attempted = forbid_engine_work(monkeypatch)
+    doc = body(symbols=SYMBOLS, parameters={"fast": [3, 5, 8], "slow": [20, 30]}, constraints=[])
+    del doc["symbol"]
+    oid = create(client, doc)["optimization_id"]
+    factory = make_session_factory(clean_db)
+    query = (
+        select(Job.status, Job.finalized_at, Optimization.outcome, RunManifest.id)
+        .join(Optimization, Optimization.job_id == Job.id)
+        .outerjoin(RunManifest, RunManifest.job_id == Job.id)
+        .where(Job.id == oid)
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        with factory() as session:
+            status, finalized_at, outcome, manifest_id = session.execute(query).one()  # one snapshot
+        if status in FINAL:
+            break
+        assert time.monotonic() < deadline, f"not final within 120 s ({status})"
+        time.sleep(0.01)
+    assert outcome is not None and manifest_id is not None and finalized_at is not None, status
+    response = client.get(f"{OPT}/{oid}")  # the first read of a just-finished optimisation
+    assert response.status_code == 200, response.get_data(as_text=True)
+    view = response.get_json()
+    assert view["status"] == "succeeded" and view["progress"]["percent"] == 100.0
+    best = view["best"]
+    assert best is not None and set(best["symbols"]) == set(SYMBOLS) and best["portfolio"] is not None
+    assert best["params"] in [{"fast": f, "slow": s} for f in (3, 5, 8) for s in (20, 30)]
+    assert view["combos_passing"] == 6
+    assert client.get(f"{OPT}/{oid}/results").status_code == 200
+    assert client.get(f"{OPT}/{oid}/artifacts").status_code == 200
+    assert attempted == []
 
 
 def test_many_symbols_and_constraint_filtering(client: FlaskClient, clean_db: Engine) -> None:
@@ -296,6 +373,17 @@ def test_cancel_keeps_what_was_scored_and_409_when_final(small_slice_client: Fla
     total = sum(t["work"] for t, _ in slices)
     job = client.get(f"/api/jobs/{oid}").get_json()
     assert job["progress"]["percent"] == round(100.0 * done / total, 2) < 100.0
+    # a worker computes the cancelled optimisation's outcome from what was scored (the view only reads it)
+    deadline = time.monotonic() + 60
+    with make_session_factory(clean_db)() as session:
+        query = select(Job.finalized_at, Optimization.outcome).join(Optimization, Optimization.job_id == Job.id)
+        while (row := session.execute(query.where(Job.id == oid)).one()).finalized_at is None:
+            assert time.monotonic() < deadline, "the cancelled optimisation was not finalized within 60 s"
+            session.expire_all()
+            time.sleep(0.1)
+    assert row.outcome is not None and row.outcome["status"] == "cancelled"
+    view = client.get(f"{OPT}/{oid}").get_json()
+    assert view["combos_passing"] == row.outcome["combos_passing"] and view["best"] == row.outcome["best"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
-"""Finishing an optimisation: its outcome (the ranking's head with the best combo's full metrics from one
-``run_backtest`` per symbol, or the walk-forward path with the stitched out-of-sample equity) and its artifacts.
+"""Finishing an optimisation, in a worker, before the job reads final: its outcome (the ranking's head with the best
+combo's full metrics from one ``run_backtest`` per symbol, or the walk-forward path with the stitched out-of-sample
+equity) and its artifacts. The kind's finalize hook (:class:`Finalizer`) is what ``shared.jobs.pipeline.finish_job``
+runs once no slice is open; readers (the API) only read ``optimizations.outcome`` and the manifest.
 
 Walk-forward out of sample: the window's choice trades from a flat position from the window's first bar (its
 indicators warmed on the past bars, never on later ones), and the stitched out-of-sample equity compounds the
@@ -11,11 +13,12 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain.backtest import BacktestConfig, Bars, BarsError
@@ -24,9 +27,11 @@ from shared.domain.search import report
 from shared.domain.search.plan import Task
 from shared.domain.search.scoring import best_index, clean, clean_doc, config_for, metrics_view, rank
 from shared.domain.search.spec import OptimizationSpec
+from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import SandboxLimits
 from shared.infra.db import session_scope
-from shared.infra.models import Job, Optimization, ShardStatus
+from shared.infra.models import Job, Optimization, RunManifest
+from shared.jobs.backtests import artifacts
 from shared.jobs.backtests import service as runs
 from shared.jobs.optimizations import read
 from shared.jobs.optimizations.shard import Script, load
@@ -154,26 +159,20 @@ def walk_forward_outcome(
     }
 
 
-def ensure_outcome(
+def compute_outcome(
     factory: sessionmaker[Session],
     job: Job,
     opt: Optimization,
     *,
     limits: SandboxLimits | None = None,
     runner: strategy_scripts.StrategyRunner | None = None,
-) -> dict[str, Any] | None:
-    """Once the job is final and no slice is open: the ranking's head (best combo, with the full metrics of one
-    ``run_backtest`` per symbol) or the walk-forward path; computed once, then kept. None before that. A script
-    strategy's needs the sandbox: only a worker (given ``limits``) computes it."""
-    if opt.outcome is not None:
-        return opt.outcome
-    if job.status not in runs.FINAL_STATUSES or (opt.strategy == "script" and limits is None):
-        return None
+) -> dict[str, Any]:
+    """The ranking's head (best combo, with the full metrics of one ``run_backtest`` per symbol, or the script's
+    sandbox then the engine) or the walk-forward path, from the stored rows; ``job.status`` is the job's final
+    status. Pure computation on committed rows: nothing is written."""
     spec = OptimizationSpec.model_validate(opt.spec)
     with factory() as session:
-        tasks = read.job_tasks(session, job.id)
-        if any(status in (ShardStatus.QUEUED.value, ShardStatus.RUNNING.value) for _, status in tasks):
-            return None
+        tasks = [t for t, _ in read.job_tasks(session, job.id)]
         scored, planned = read.progress_counts(session, job.id)
     outcome: dict[str, Any] = {
         "status": job.status,
@@ -185,72 +184,88 @@ def ensure_outcome(
     loaded = load(factory, job.id, limits, runner)
     if spec.walk_forward is not None:
         outcome["walk_forward"] = clean_doc(
-            walk_forward_outcome(factory, job.id, spec, [t for t, _ in tasks], loaded.bars, loaded.script)
+            walk_forward_outcome(factory, job.id, spec, tasks, loaded.bars, loaded.script)
         )
-    else:
-        with factory() as session:
-            index, params, summary = read.load_summary(session, job.id, 0)
-        order = rank(summary, spec.objective, spec.constraints) if len(summary) else np.array([], dtype=np.int64)
-        outcome["combos_passing"] = len(order)
-        best = best_index(summary, spec.objective, spec.constraints) if len(summary) else None
-        if best is not None:
-            full = full_run(factory, config_for(spec.config, params[best]), loaded.script)
-            outcome["best"] = clean_doc(
-                {
-                    "combo_index": int(index[best]),
-                    "params": params[best],
-                    "summary": metrics_view(summary[best]),
-                    "metrics": full["symbols"].get(spec.config.symbols[0]) if len(spec.config.symbols) == 1 else None,
-                    **full,
-                }
-            )
-    with session_scope(factory) as session:
-        session.execute(
-            update(Optimization)
-            .where(Optimization.job_id == job.id, Optimization.outcome.is_(None))
-            .values(outcome=outcome)
+        return outcome
+    with factory() as session:
+        index, params, summary = read.load_summary(session, job.id, 0)
+    order = rank(summary, spec.objective, spec.constraints) if len(summary) else np.array([], dtype=np.int64)
+    outcome["combos_passing"] = len(order)
+    best = best_index(summary, spec.objective, spec.constraints) if len(summary) else None
+    if best is not None:
+        full = full_run(factory, config_for(spec.config, params[best]), loaded.script)
+        outcome["best"] = clean_doc(
+            {
+                "combo_index": int(index[best]),
+                "params": params[best],
+                "summary": metrics_view(summary[best]),
+                "metrics": full["symbols"].get(spec.config.symbols[0]) if len(spec.config.symbols) == 1 else None,
+                **full,
+            }
         )
     return outcome
 
 
-def build_if_finished(
+def finalize(
     factory: sessionmaker[Session],
-    store: Any,
-    job_id: uuid.UUID,
+    store: ArtifactStore,
+    job: Job,
     *,
     limits: SandboxLimits | None = None,
     runner: strategy_scripts.StrategyRunner | None = None,
-) -> Any:
-    """The outcome and the artifacts (with their manifest, in the owner's chain) once the job is final and no
-    slice is open; the existing manifest if built; None before."""
-    from shared.jobs.backtests import artifacts
-
+) -> RunManifest:
+    """The job's outcome (stored once, then kept) and its artifacts (with their manifest, in the owner's chain;
+    built once), computed from the stored rows. ``job.status``: the final status the job is about to read (the
+    pipeline's :func:`shared.jobs.pipeline.finish_job` calls this, through :class:`Finalizer`, before it does).
+    Idempotent: a second call (a retry, the reconciler, a concurrent worker) keeps what the first stored."""
     with factory() as session:
-        existing = artifacts.get_manifest(session, job_id)
-        if existing is not None:
-            return existing
-        job, opt = read.get(session, job_id)
+        existing = artifacts.get_manifest(session, job.id)
+        opt = session.get(Optimization, job.id)
+        if opt is None:
+            raise RuntimeError(f"optimization {job.id} has no optimization row")
         session.expunge_all()
-    outcome = ensure_outcome(factory, job, opt, limits=limits, runner=runner)
+    if existing is not None:
+        return existing
+    outcome = opt.outcome
     if outcome is None:
-        return None
+        computed = compute_outcome(factory, job, opt, limits=limits, runner=runner)
+        with session_scope(factory) as session:
+            session.execute(
+                update(Optimization)
+                .where(Optimization.job_id == job.id, Optimization.outcome.is_(None))
+                .values(outcome=computed)
+            )
+            outcome = session.scalar(select(Optimization.outcome).where(Optimization.job_id == job.id))
     with factory() as session:
-        windows = sorted({t.window for t, _ in read.job_tasks(session, job_id)})
-        rows = [(w, *read.load_summary(session, job_id, w)) for w in windows]
+        windows = sorted({t.window for t, _ in read.job_tasks(session, job.id)})
+        rows = [(w, *read.load_summary(session, job.id, w)) for w in windows]
     files = report.render(
         optimization_id=str(job.id),
         status=job.status,
         spec_hash=opt.spec_hash,
         spec_doc=opt.spec,
-        outcome=outcome,
+        outcome=outcome or {},
         rows=rows,
     )
     return artifacts.write_manifest(
         factory,
         store,
-        job_id=job_id,
+        job_id=job.id,
         owner_id=opt.owner_id,
         config_hash=opt.spec_hash,
         status=job.status,
         files=files,
     )
+
+
+@dataclass(frozen=True)
+class Finalizer:
+    """The optimisation kind's finalize hook (``shared.jobs.pipeline.Finalize``), bound to a worker's artifact store
+    and sandbox limits (a script strategy's best combo runs in the sandbox)."""
+
+    store: ArtifactStore
+    limits: SandboxLimits | None = None
+    runner: strategy_scripts.StrategyRunner | None = None
+
+    def __call__(self, factory: sessionmaker[Session], job: Job) -> None:
+        finalize(factory, self.store, job, limits=self.limits, runner=self.runner)

@@ -221,12 +221,17 @@ def run_shard(
     events: JobEvents | None = None,
     limits: SandboxLimits | None = None,
     runner: strategy_scripts.StrategyRunner | None = None,
+    finalize: jobs.Finalize | None = None,
 ) -> bool | None:
     """One slice: score its combos in chunks, storing each chunk; between chunks, stop if the job was cancelled
     (what was scored is kept). None: nothing to do; True/False as ``jobs.complete_shard``. ``limits`` (and
-    ``runner``): the sandbox of a script strategy."""
+    ``runner``): the sandbox of a script strategy. ``finalize``: the kind's hook (``finalize.Finalizer``), which the
+    slice that leaves no slice open runs before the job reads final; a redelivered slice that finds itself finished
+    runs it too, if the job was left unfinalized (its worker died in between)."""
     started = jobs.start_shard(factory, shard_id, events=events)
     if started is None or started.task is None:
+        if finalize is not None:
+            jobs.finish_job_of_shard(factory, shard_id, finalize, events=events)
         return None
     task = Task.from_dict(started.task)
     loaded = _CACHE.get(factory, started.job.id, limits, runner)
@@ -245,4 +250,4 @@ def run_shard(
         if lo < task.hi and not runs.job_is_active(factory, started.job.id):
             log.info("optimization shard %s: job no longer active, stopping at combo %s", shard_id, lo)
             break
-    return jobs.complete_shard(factory, shard_id, [], events=events)
+    return jobs.complete_shard(factory, shard_id, [], events=events, finalize=finalize)
