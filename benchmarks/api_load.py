@@ -18,6 +18,10 @@ are raised for the run (they would otherwise answer 429 by design); logs at WARN
    master and its workers), one kind at a time: 16 clients polling one finished job for 5 s, then 16 clients
    submitting one-symbol jobs for 5 s. Unlike latencies, these figures do not depend on what else competes for the
    machine's cores, so capacity can be read from them (one core serves 1000 / ms requests a second).
+4. ``GET /api/optimizations/<id>`` on just-finished optimisations: ``--optimization-samples`` small dual-SMA
+   optimisations one after another, each polled on ``/api/jobs/<id>`` every 5 ms until final, then its view read
+   5 times at once: p50/p99 of those reads (the view only reads rows: the worker stored the outcome before the
+   job read final, so the first reader pays no engine work).
 """
 
 from __future__ import annotations
@@ -184,12 +188,39 @@ def trivial_job_latency(port: int, token: str, symbol: str) -> float:
         time.sleep(0.002)
 
 
+VIEW_READS = 5
+"""Reads of each just-finished optimisation's view (the first of them is the first read after it ended)."""
+
+
+def just_finished_optimization_views(port: int, token: str, symbol: str, samples: int) -> list[float]:
+    """Seconds per ``GET /api/optimizations/<id>`` of optimisations read the moment they are final: ``samples``
+    small dual-SMA optimisations (a distinct spec each), each polled on ``/api/jobs/<id>`` until final, then its
+    view read :data:`VIEW_READS` times; every view must carry the outcome."""
+    client = Client(port, token)
+    latencies: list[float] = []
+    for i in range(samples):
+        doc = {"symbol": symbol, "strategy": "dual_sma", "objective": {"metric": "sharpe", "direction": "max"},
+               "parameters": {"fast": [3, 5, 8], "slow": [40 + i, 30]}}  # fmt: skip
+        status, accepted = client.request("POST", "/api/optimizations", doc)
+        assert status in (200, 202), accepted
+        oid = accepted["optimization_id"]
+        while client.request("GET", f"/api/jobs/{oid}")[1]["status"] not in FINAL:
+            time.sleep(0.005)
+        for _ in range(VIEW_READS):
+            began = time.perf_counter()
+            status, view = client.request("GET", f"/api/optimizations/{oid}")
+            latencies.append(time.perf_counter() - began)
+            assert status == 200 and view["combos_passing"] is not None, view
+    return latencies
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--latency-samples", type=int, default=20)
+    parser.add_argument("--optimization-samples", type=int, default=40)
     args = parser.parse_args()
 
     with bench_stack("load") as stack:
@@ -299,6 +330,10 @@ def main() -> int:
         print(f"floor: bare Celery round trip {1000 * statistics.median(round_trips):.1f} ms + sandbox process "
               f"start (one symbol) {1000 * statistics.median(starts):.1f} ms = {1000 * floor:.1f} ms; "
               f"ratio {trivial / floor:.2f} (goal <= 2.00)")  # fmt: skip
+        views = just_finished_optimization_views(port, tokens[0], symbols[0], args.optimization_samples)
+        print(f"GET /api/optimizations/<id> on just-finished optimisations ({args.optimization_samples} optimisations, "
+              f"{VIEW_READS} reads each): p50 {1000 * pct(views, 50):.1f} ms, p99 {1000 * pct(views, 99):.1f} ms, "
+              f"max {1000 * max(views):.1f} ms")  # fmt: skip
         engine.dispose()
         return 0
 

@@ -136,7 +136,7 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # When the kind's finalize hook ran (shared/jobs/pipeline.py ``finish_job``); NULL before, or for a kind without one.
+    # When its kind's finalize hook ran (shared/jobs/pipeline.py finish_job); NULL before, or for a kind without one.
     finalized_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
