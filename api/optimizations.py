@@ -41,6 +41,7 @@ from api.views import callback_view
 from shared.accounts.access import require_owner, require_read
 from shared.accounts.audit import AuditAction
 from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
+from shared.domain.search.spec import OptimizationSpec
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job, Optimization, RunManifest
@@ -48,7 +49,8 @@ from shared.jobs import pipeline as jobs
 from shared.jobs import webhooks
 from shared.jobs.backtests import artifacts
 from shared.jobs.backtests import read as runs
-from shared.jobs.optimizations import service as opt_service
+from shared.jobs.optimizations import read, submit
+from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def _id(raw: str) -> uuid.UUID:
 
 def _readable(session: Session, raw_id: str) -> tuple[Job, Optimization]:
     try:
-        job, opt = opt_service.get(session, _id(raw_id))
+        job, opt = read.get(session, _id(raw_id))
     except NotFound:
         raise _not_found(raw_id) from None
     require_read(current_principal(), job.owner_id, _not_found(job.id))
@@ -96,7 +98,7 @@ def links(job_id: uuid.UUID) -> OptimizationLinks:
     )
 
 
-def spec_from_body(body: dict[str, Any]) -> tuple[opt_service.OptimizationSpec, str | None]:
+def spec_from_body(body: dict[str, Any]) -> tuple[OptimizationSpec, str | None]:
     """The spec and the optional name. The backtest part (symbols / symbol / universe, preset, dates, risk,
     execution, ...) is read exactly as ``POST /api/runs`` reads it; ``strategy`` may be a bare name."""
     from api.runs import _config_from_body
@@ -111,7 +113,7 @@ def spec_from_body(body: dict[str, Any]) -> tuple[opt_service.OptimizationSpec, 
     if body.get("strategy") is None and "preset" not in body:
         raise ValidationFailed.for_field("strategy", "a built-in strategy name (or {name, params}) is required")
     config, name = _config_from_body(body)
-    spec = opt_service.OptimizationSpec.model_validate({"config": config.model_dump(mode="json"), **fields})
+    spec = OptimizationSpec.model_validate({"config": config.model_dump(mode="json"), **fields})
     return spec, name
 
 
@@ -162,12 +164,10 @@ def create_optimization() -> Response:
             symbols=len(spec.config.symbols),
         )
 
-    submitted = opt_service.submit(
+    submitted = submit.submit(
         svc.session_factory,
-        opt_service.OptimizationRequest(
-            spec=spec, owner_id=current_principal().user_id, name=name, callback_url=callback_url
-        ),
-        opt_service.Limits(
+        OptimizationRequest(spec=spec, owner_id=current_principal().user_id, name=name, callback_url=callback_url),
+        Limits(
             settings.max_grid_combos,
             settings.max_optimization_backtests,
             settings.optimization_slice_backtests,
@@ -183,8 +183,8 @@ def create_optimization() -> Response:
     accepted = OptimizationAccepted(
         optimization_id=str(job.id),
         status=job.status,
-        spec_hash=submitted.optimization.spec_hash,
-        combos=submitted.optimization.combos,
+        spec_hash=submitted.record.spec_hash,
+        combos=submitted.record.combos,
         shards=job.shards_total,
         links=links(job.id),
     )
@@ -196,7 +196,7 @@ def create_optimization() -> Response:
 
 
 def _progress(session: Session, job: Job) -> OptimizationProgress:
-    done, planned = opt_service.progress_counts(session, job.id)
+    done, planned = read.progress_counts(session, job.id)
     return OptimizationProgress(
         shards_total=job.shards_total,
         shards_done=job.shards_done,
@@ -267,14 +267,13 @@ def list_optimizations(query: OptimizationsQuery) -> Response:
 @bp.get("/<optimization_id>", responses={200: OptimizationView, 401: ErrorResponse, 404: ErrorResponse})
 def get_optimization(path: OptimizationPath) -> Response:
     """Status and progress (combos scored); once final, the best combo with the full metrics of one
-    ``run_backtest`` per symbol, or the walk-forward path and stitched out-of-sample equity."""
-    svc = services()
-    with svc.session_factory() as session:
+    ``run_backtest`` per symbol, or the walk-forward path and stitched out-of-sample equity. Rows only: a worker
+    stored the outcome before the job read final (a cancelled one's follows once its last slice stops)."""
+    with services().session_factory() as session:
         job, opt = _readable(session, path.optimization_id)
         progress = _progress(session, job)
-        session.expunge_all()
-    outcome = opt_service.ensure_outcome(svc.session_factory, job, opt)
-    return jsonify(_view(job, opt, progress, outcome).model_dump(mode="json"))
+        view = _view(job, opt, progress, opt.outcome)
+    return jsonify(view.model_dump(mode="json"))
 
 
 @bp.get(
@@ -287,8 +286,8 @@ def get_results(path: OptimizationPath, query: OptimizationResultsQuery) -> Resp
     each with the constraints it fails. ``window`` picks a walk-forward window's in-sample table."""
     with services().session_factory() as session:
         job, opt = _readable(session, path.optimization_id)
-        spec = opt_service.OptimizationSpec.model_validate(opt.spec)
-        rows, passing, total = opt_service.ranked_page(
+        spec = OptimizationSpec.model_validate(opt.spec)
+        rows, passing, total = read.ranked_page(
             session,
             job.id,
             spec,
@@ -320,7 +319,7 @@ def cancel_optimization(path: OptimizationPath) -> Response:
     job_id = _id(path.optimization_id)
     with svc.session_factory() as session:
         try:
-            job, _ = opt_service.get(session, job_id)
+            job, _ = read.get(session, job_id)
         except NotFound:
             raise _not_found(job_id) from None
         owner_id, status = job.owner_id, job.status
@@ -335,7 +334,7 @@ def cancel_optimization(path: OptimizationPath) -> Response:
         audit(session, AuditAction.JOB_CANCELLED, resource_type="optimization", resource_id=cancelled.id)
 
     job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record, events=RedisJobEvents(svc.redis))
-    # Revoke; with no slice running (none will finish to do it): the outcome and artifacts, and the webhook.
+    # Revoke; with no slice running (none will finish to do it): a worker's outcome and artifacts, and the webhook.
     after_cancel(svc, job, task_ids)
     if job.status != "cancelled":
         raise Conflict(
@@ -343,7 +342,7 @@ def cancel_optimization(path: OptimizationPath) -> Response:
             details={"optimization_id": str(job_id), "status": job.status},
         )
     with svc.session_factory() as session:
-        job, opt = opt_service.get(session, job_id)
+        job, opt = read.get(session, job_id)
         progress = _progress(session, job)
     return jsonify(_view(job, opt, progress, None).model_dump(mode="json"))
 

@@ -18,9 +18,11 @@ are raised for the run (they would otherwise answer 429 by design); logs at WARN
    master and its workers), one kind at a time: 16 clients polling one finished job for 5 s, then 16 clients
    submitting one-symbol jobs for 5 s. Unlike latencies, these figures do not depend on what else competes for the
    machine's cores, so capacity can be read from them (one core serves 1000 / ms requests a second).
-4. The view of a just-finished backtest run: ``--run-samples`` runs of every symbol with validation, one after the
-   other, each polled every 20 ms; the latency of the first ``GET /api/runs/<id>`` that sees it final (p50, p99): a
-   view only reads rows, the worker that finished the run computed its portfolio and validation result.
+4. The view of a just-finished job, one kind after the other, each job polled on its own view every 20 ms; the
+   latency of the first ``GET`` that sees it final (p50, p99): a view only reads rows, the worker that finished the
+   job stored what it shows in the transaction that made it final. ``--run-samples`` backtest runs of every symbol
+   with validation (``GET /api/runs/<id>``), then ``--optimization-samples`` small dual-SMA optimisations of one
+   symbol (``GET /api/optimizations/<id>``).
 """
 
 from __future__ import annotations
@@ -179,10 +181,17 @@ RUN_BODY = {
 }
 
 
-def finished_view_latency(client: Client, path: str, submit: tuple[str, dict[str, Any]], key: str) -> float:
+def finished_view_latency(
+    client: Client,
+    path: str,
+    submit: tuple[str, dict[str, Any]],
+    key: str,
+    complete: Callable[[dict[str, Any]], bool] = lambda view: True,
+) -> float:
     """Seconds of the first ``GET path/<id>`` that sees a job just submitted (``submit``: its POST path and body;
     ``key``: the id's field in the answer) final, polling every 20 ms: what a client pays for a just-finished job's
-    view. A job kind's benchmark calls this with its own paths and body."""
+    view. ``complete``: what that first final view must already show. A job kind's benchmark calls this with its
+    own paths and body."""
     status, accepted = client.request("POST", *submit)
     assert status == 202, accepted
     while True:
@@ -193,6 +202,7 @@ def finished_view_latency(client: Client, path: str, submit: tuple[str, dict[str
         assert status == 200, view
         if view["status"] in FINAL:
             assert view["status"] == "succeeded", view["status"]
+            assert complete(view), view
             return took
 
 
@@ -219,6 +229,24 @@ def trivial_job_latency(port: int, token: str, symbol: str) -> float:
         time.sleep(0.002)
 
 
+def has_outcome(view: dict[str, Any]) -> bool:
+    return view["combos_passing"] is not None
+
+
+def finished_optimization_view_latencies(port: int, token: str, symbol: str, samples: int) -> list[float]:
+    """:func:`finished_view_latency` of ``samples`` small dual-SMA optimisations of ``symbol`` (a distinct spec each):
+    the first final view must carry the outcome."""
+    client = Client(port, token)
+    latencies = []
+    for i in range(samples):
+        doc = {"symbol": symbol, "strategy": "dual_sma", "objective": {"metric": "sharpe", "direction": "max"},
+               "parameters": {"fast": [3, 5, 8], "slow": [40 + i, 30]}}  # fmt: skip
+        submission = ("/api/optimizations", doc)
+        took = finished_view_latency(client, "/api/optimizations", submission, "optimization_id", complete=has_outcome)
+        latencies.append(took)
+    return latencies
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=200)
@@ -226,6 +254,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument("--run-samples", type=int, default=20)
+    parser.add_argument("--optimization-samples", type=int, default=40)
     args = parser.parse_args()
 
     with bench_stack("load") as stack:
@@ -340,6 +369,12 @@ def main() -> int:
         print(f"floor: bare Celery round trip {1000 * statistics.median(round_trips):.1f} ms + sandbox process "
               f"start (one symbol) {1000 * statistics.median(starts):.1f} ms = {1000 * floor:.1f} ms; "
               f"ratio {trivial / floor:.2f} (goal <= 2.00)")  # fmt: skip
+        views = finished_optimization_view_latencies(port, tokens[0], symbols[0], args.optimization_samples)
+        print(
+            f"GET /api/optimizations/<id> of a just-finished optimisation (one symbol, 6 combos; first poll that "
+            f"sees it final, {len(views)} optimisations): p50 {1000 * pct(views, 50):.1f} ms, "
+            f"p99 {1000 * pct(views, 99):.1f} ms"
+        )
         engine.dispose()
         return 0
 

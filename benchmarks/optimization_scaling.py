@@ -11,8 +11,10 @@ Workload 1: every (fast, slow) with 2 <= fast < slow <= 100 on backtesting.py's 
 the conventions of benchmarks/grid_vs_vectorbt.py (long-only, fractional units, next-open fills, 0.2 % fees,
 10,000 cash). The bars are loaded into a fresh database (embedded PostgreSQL and Redis unless
 ALPHAFORGE_BENCH_DATABASE_URL / ALPHAFORGE_BENCH_REDIS_URL name servers). The job is timed from submit
-(``optimizations.service.submit``, what ``POST /api/optimizations`` calls: combos, job and slice rows, enqueue)
-to the final status seen by a poller of the job row (every 10 ms), queueing included; a worker process with
+(``optimizations.submit.submit``, what ``POST /api/optimizations`` calls: combos, job and slice rows, enqueue)
+to the final status seen by a poller of the job row (every 10 ms), queueing included: the outcome commits with the
+final status (the slice that ends the job stores it), the artifacts the worker writes next are reported beside it;
+a worker process with
 concurrency 1 or 2, started and warmed (one untimed optimisation) before timing; each round a new spec
 (``config.seed`` differs) so it is a new job. Its ranked table is checked against ``run_dual_sma_grid`` called
 directly. vectorbt: ``MA.run_combs`` + crossovers + ``Portfolio.from_signals`` with and without the same summary
@@ -45,11 +47,14 @@ from benchmarks.grid_vs_vectorbt import cold, load_goog, timed, vbt_run, vbt_set
 from benchmarks.run_scaling import start_worker
 from benchmarks.stack import bench_stack, stop_process
 from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, create_celery, shard_enqueuer
+from shared.domain.search import grid, scoring
+from shared.domain.search import spec as search_spec
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory
-from shared.infra.models import DailyBar, Job, RunManifest, Symbol, User
+from shared.infra.models import DailyBar, Job, Optimization, RunManifest, Symbol, User
 from shared.jobs.backtests import shard as runs
-from shared.jobs.optimizations import service as opt
+from shared.jobs.optimizations import read, submit
+from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 from shared.marketdata.bars import load_bars
 from shared.marketdata.demo import load_demo_universe
 
@@ -66,13 +71,13 @@ GOOG_BODY: dict[str, Any] = {
 }
 
 
-def goog_spec(seed: int) -> opt.OptimizationSpec:
+def goog_spec(seed: int) -> search_spec.OptimizationSpec:
     body = {**GOOG_BODY, "config": {**GOOG_BODY["config"], "seed": seed}}
-    return opt.OptimizationSpec.model_validate(body)
+    return search_spec.OptimizationSpec.model_validate(body)
 
 
-def universe_spec(symbols: list[str], seed: int) -> opt.OptimizationSpec:
-    return opt.OptimizationSpec.model_validate(
+def universe_spec(symbols: list[str], seed: int) -> search_spec.OptimizationSpec:
+    return search_spec.OptimizationSpec.model_validate(
         {
             "config": {"symbols": symbols, "strategy": {"name": "dual_sma"}, "execution": {"fee_bps": 5}, "seed": seed},
             "parameters": {"fast": {"start": 2, "stop": 21, "step": 1}, "slow": {"start": 30, "stop": 150, "step": 5}},
@@ -103,27 +108,33 @@ def load_goog_bars(factory: sessionmaker[Session]) -> None:
 
 
 def run_job(
-    factory: sessionmaker[Session], settings: Settings, owner: str, spec: opt.OptimizationSpec
+    factory: sessionmaker[Session], settings: Settings, owner: str, spec: search_spec.OptimizationSpec
 ) -> tuple[float, uuid.UUID]:
-    """Seconds from submit to the final status seen by a poller."""
+    """Seconds from submit to the final status (its outcome stored with it) seen by a poller."""
     celery = create_celery(settings)
-    limits = opt.Limits(100_000, 10**9, settings.optimization_slice_backtests)
+    limits = Limits(100_000, 10**9, settings.optimization_slice_backtests)
     began = time.perf_counter()
-    submitted = opt.submit(
+    submitted = submit.submit(
         factory,
-        opt.OptimizationRequest(spec=spec, owner_id=owner),
+        OptimizationRequest(spec=spec, owner_id=owner),
         limits,
         enqueue=shard_enqueuer(celery, TASK_RUN_OPTIMIZATION_SHARD),
     )
     job_id = submitted.job.id
     while True:
         with factory() as session:
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            status, outcome = session.execute(
+                select(Job.status, Optimization.outcome)
+                .join(Optimization, Optimization.job_id == Job.id)
+                .where(Job.id == job_id)
+            ).one()
         if status in FINAL:
             break
         time.sleep(0.01)
     elapsed = time.perf_counter() - began
-    while True:  # untimed: the outcome and artifacts the worker builds next (the next round must not share it)
+    if outcome is None:
+        raise RuntimeError(f"optimization {job_id}: final without its outcome")
+    while True:  # untimed: the artifacts the worker writes after that commit (the next round must not share it)
         with factory() as session:
             if session.scalar(select(RunManifest.id).where(RunManifest.job_id == job_id)) is not None:
                 break
@@ -138,23 +149,23 @@ def run_job(
 
 
 ARTIFACTS_S: list[float] = []
-"""Seconds from submit to the outcome and artifacts built, per job (reported beside the timed figure)."""
+"""Seconds from submit to the artifacts built (after the final status), per job (beside the timed figure)."""
 
 
-def direct(factory: sessionmaker[Session], spec: opt.OptimizationSpec) -> tuple[float, np.ndarray]:
+def direct(factory: sessionmaker[Session], spec: search_spec.OptimizationSpec) -> tuple[float, np.ndarray]:
     """The same scoring in this process (bars loaded with the same query): seconds and the aggregated summary."""
     began = time.perf_counter()
-    c = opt.combos(spec)
+    c = grid.combos(spec)
     with factory() as session:
         loaded = load_bars(session.connection(), spec.config.symbols, None, None)
-    per = [opt.score_symbol(runs.engine_bars(b), spec.config, c, 0, len(c)) for b in loaded.values()]
-    summary, _ = opt.aggregate([p for p in per if p is not None])
+    per = [scoring.score_symbol(runs.engine_bars(b), spec.config, c, 0, len(c)) for b in loaded.values()]
+    summary, _ = scoring.aggregate([p for p in per if p is not None])
     return time.perf_counter() - began, summary
 
 
 def same_as_direct(factory: sessionmaker[Session], job_id: uuid.UUID, expected: np.ndarray) -> bool:
     with factory() as session:
-        _, _, summary = opt.load_summary(session, job_id, 0)
+        _, _, summary = read.load_summary(session, job_id, 0)
     return summary.shape == expected.shape and bool(np.allclose(summary, expected, rtol=1e-12, equal_nan=True))
 
 
@@ -195,7 +206,7 @@ def measure(label: str, rounds: int, fn: Callable[[int], float]) -> float:
     ARTIFACTS_S.clear()
     times = [fn(r) for r in range(rounds)]
     if ARTIFACTS_S:
-        label += f" [with outcome + artifacts: median {statistics.median(ARTIFACTS_S):.2f} s]"
+        label += f" [to the artifacts: median {statistics.median(ARTIFACTS_S):.2f} s]"
     print(
         f"  {label}: " + ", ".join(f"{t:.2f}" for t in times) + f" s (median {statistics.median(times):.2f} s)",
         flush=True,
@@ -226,7 +237,7 @@ def main() -> int:
         )
         work: Path = stack.work
         seed = iter(range(1, 10_000))
-        n_combos = len(opt.combos(goog_spec(0)))
+        n_combos = len(grid.combos(goog_spec(0)))
         print(
             f"GOOG grid: {n_combos:,} combos x 2,148 bars; slices of {settings.optimization_slice_backtests:,} "
             "backtests",
@@ -298,7 +309,7 @@ def main() -> int:
                 )
             print(
                 f"\nloaded {len(symbols)} symbols x {args.universe_years} years in {time.perf_counter() - began:.1f} s;"
-                f" grid of {len(opt.combos(universe_spec(symbols, 0)))} combos",
+                f" grid of {len(grid.combos(universe_spec(symbols, 0)))} combos",
                 flush=True,
             )
             u_direct, u_expected = direct(factory, universe_spec(symbols, 0))

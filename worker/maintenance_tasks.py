@@ -20,6 +20,7 @@ from celery import Celery, shared_task, signals
 
 from shared.contract import (
     TASK_BUILD_RUN_ARTIFACTS,
+    TASK_FINISH_OPTIMIZATION,
     TASK_NIGHTLY_HARVEST,
     TASK_NIGHTLY_RUN,
     TASK_PRUNE_JOBS,
@@ -42,6 +43,7 @@ from shared.jobs.backtests import retention as run_retention
 from shared.jobs.fairness import PRIORITY_STEPS
 from shared.jobs.pipeline import Finalize, ShardTask
 from worker import metrics_signals
+from worker.optimization_tasks import finalize_optimization
 from worker.tasks import ServicesTask, WorkerServices
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,19 @@ SHARD_TASKS: dict[str, str] = {
 }
 """The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
 
-FINALIZERS: dict[str, Finalize] = {JobKind.BACKTEST.value: run_finalize.finalize_run}
+FINALIZERS: dict[str, Finalize] = {
+    JobKind.BACKTEST.value: run_finalize.finalize_run,
+    JobKind.OPTIMIZATION.value: finalize_optimization,
+}
 """Each job kind's finalization (shared/jobs/pipeline.py ``Finalize``), the one its shard tasks pass: the reconciler
 uses it when failing a shard ends a job, and its finalize pass catches up on the ended jobs of these kinds."""
 
-AFTER_FINALIZE: dict[str, str] = {JobKind.BACKTEST.value: TASK_BUILD_RUN_ARTIFACTS}
-"""The task (argument: the job id) that follows a kind's finalization when the reconciler did it: a run's artifacts."""
+AFTER_FINALIZE: dict[str, str] = {
+    JobKind.BACKTEST.value: TASK_BUILD_RUN_ARTIFACTS,
+    JobKind.OPTIMIZATION.value: TASK_FINISH_OPTIMIZATION,
+}
+"""The task (argument: the job id) that follows a kind's finalization when the reconciler did it: the job's
+artifacts (each finalizes first if needed, then builds)."""
 
 metrics_signals.connect(SHARD_TASKS)  # shard wall time into the shared histogram of GET /metrics
 

@@ -1,61 +1,55 @@
-"""Thin Celery tasks for optimisation slices: load by id, call ``optimizations.service.run_shard``, decide retry
-(the rules of every shard task: ``worker.tasks.run_shard_task``); after the job's last slice, its outcome and
-artifacts."""
+"""Thin Celery tasks for optimisation slices: load by id, call ``optimizations.shard.run_shard``, decide retry
+(the rules of every shard task: ``worker.tasks.run_shard_task``), as for backtest runs. The slice that ends the job
+stores its outcome in the same transaction (the kind's finalization, :func:`finalize_optimization`), then the
+worker builds its artifacts; ``finish_optimization`` does both for one that ended with no slice left to do it."""
 
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
-from celery import shared_task
+from celery import current_app, shared_task
+from sqlalchemy.orm import Session
 
 from shared.contract import TASK_FINISH_OPTIMIZATION, TASK_RUN_OPTIMIZATION_SHARD
-from shared.infra.artifact_store import ArtifactStore
-from shared.jobs.backtests import read as runs
-from shared.jobs.optimizations import service as optimization
-from worker.tasks import ServicesTask, WorkerServices, run_shard_task
+from shared.infra.models import Job, JobKind
+from shared.jobs.optimizations import artifacts, finalize, shard
+from worker.tasks import ServicesTask, build_after_shard, finalize_then_build, run_shard_task
 
 log = logging.getLogger(__name__)
+
+
+def finalize_optimization(session: Session, job: Job) -> None:
+    """The optimisation kind's finalization (``shared.jobs.pipeline.Finalize``) in this worker: the outcome, with the
+    worker's sandbox limits (a script strategy's best combo runs in the sandbox)."""
+    finalize.finalize_optimization(session, job, limits=current_app.conf.alphaforge_settings.sandbox)
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_RUN_OPTIMIZATION_SHARD, acks_late=True, max_retries=None)
 def run_optimization_shard(self: Any, shard_id: int) -> str:
     outcome = run_shard_task(
         self,
-        "optimization",
+        JobKind.OPTIMIZATION.value,
         shard_id,
-        lambda services: optimization.run_shard(
-            services.session_factory, shard_id, events=services.events, limits=services.settings.sandbox
+        lambda services: shard.run_shard(
+            services.session_factory,
+            shard_id,
+            events=services.events,
+            limits=services.settings.sandbox,
+            finalize=finalize_optimization,
         ),
+        finalize=finalize_optimization,
     )
-    finish(self.services, shard_id)  # not reached when the slice is retried (retry raises)
+    # not reached when the slice is retried (retry raises)
+    build_after_shard(self.services, JobKind.OPTIMIZATION.value, shard_id, artifacts.build_if_finished)
     return outcome
-
-
-def finish(services: WorkerServices, shard_id: int) -> None:
-    """If that was the job's last open slice: its outcome (best combo's full metrics or the walk-forward path)
-    and artifacts. A failure is logged (GET computes the outcome on read); the slice's rows stand."""
-    job_id = None
-    try:
-        job_id = runs.job_of_shard(services.session_factory, shard_id)
-        if job_id is not None:
-            store = ArtifactStore.from_settings(services.settings)
-            optimization.build_if_finished(services.session_factory, store, job_id, limits=services.settings.sandbox)
-    except Exception:
-        log.exception("optimization %s: outcome or artifacts not built", job_id)
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_FINISH_OPTIMIZATION, acks_late=True, max_retries=5)
 def finish_optimization(self: Any, job_id: str) -> str:
-    """The outcome and artifacts of an optimisation cancelled while no slice ran (no slice task finishes to
-    build them, so the cancel sends this)."""
-    try:
-        store = ArtifactStore.from_settings(self.services.settings)
-        built = optimization.build_if_finished(
-            self.services.session_factory, store, uuid.UUID(job_id), limits=self.services.settings.sandbox
-        )
-    except Exception as exc:
-        log.warning("optimization %s: not finished yet (%s: %s); retrying", job_id, type(exc).__name__, exc)
-        raise self.retry(exc=exc, countdown=5) from exc
-    return "built" if built is not None else "not final"
+    """Finish an optimisation that ended with no slice running (cancelled while every slice waited: the cancel sends
+    this; the reconciler too, after finalizing one): its outcome, then its artifacts
+    (``worker.tasks.finalize_then_build``)."""
+    return finalize_then_build(
+        self, JobKind.OPTIMIZATION.value, job_id, finalize_optimization, artifacts.build_if_finished
+    )

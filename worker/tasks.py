@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contract import TASK_RUN_CALCULATION_SHARD
 from shared.infra import log_context
+from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.events import RedisJobEvents
 from shared.jobs import backoff, calculations, leases
 from shared.jobs import pipeline as jobs
+from shared.jobs.backtests.read import job_of_shard
 from shared.sandbox.runner import run_script
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,39 @@ def run_shard_task(
             raise
         return "failed"
     return {None: "skipped", True: "stored", False: "duplicate"}[stored]
+
+
+BuildArtifacts = Callable[[sessionmaker[Session], ArtifactStore, uuid.UUID], object | None]
+"""A job kind's artifact build (files outside the database, after its finalization committed): the manifest, or None
+while the job is not finalized. Idempotent: a second call finds the first's manifest."""
+
+
+def build_after_shard(services: WorkerServices, kind: str, shard_id: int, build: BuildArtifacts) -> None:
+    """After a shard task: if that finalized its job, build the job's artifacts. A failure here is logged and leaves
+    the job without artifacts; it never undoes or retries the shard, whose results (and the job's finalization)
+    stand."""
+    job_id = None
+    try:
+        job_id = job_of_shard(services.session_factory, shard_id)
+        if job_id is not None:
+            build(services.session_factory, ArtifactStore.from_settings(services.settings), job_id)
+    except Exception:
+        log.exception("%s %s: artifacts not built", kind, job_id)
+
+
+def finalize_then_build(task: Any, kind: str, job_id: str, finalize: jobs.Finalize, build: BuildArtifacts) -> str:
+    """The follow-up task of a job that ended with no shard left to finalize it (cancelled while every shard waited:
+    the cancel sends it; the reconciler too, after its finalize pass): ``pipeline.finalize_job`` with the kind's
+    finalization, then its artifacts. Both find their earlier result when done twice; retried on any error."""
+    services: WorkerServices = task.services
+    try:
+        ended = uuid.UUID(job_id)
+        jobs.finalize_job(services.session_factory, ended, finalize)
+        built = build(services.session_factory, ArtifactStore.from_settings(services.settings), ended)
+    except Exception as exc:
+        log.warning("%s %s: not finished yet (%s: %s); retrying", kind, job_id, type(exc).__name__, exc)
+        raise task.retry(exc=exc, countdown=5) from exc
+    return "built" if built is not None else "not final"
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_RUN_CALCULATION_SHARD, acks_late=True, max_retries=None)

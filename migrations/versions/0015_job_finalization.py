@@ -5,13 +5,14 @@ Revises: 0014_shard_leases
 Create Date: 2026-12-03 09:00:00
 
 ``jobs.finalized_at`` is set by a worker in the transaction that stores a job's finalization (a backtest run's
-portfolio and validation result: shared/jobs/pipeline.py ``Finalize``); ``jobs.finalize_error`` says why one raised.
+portfolio and validation result, an optimisation's outcome: shared/jobs/pipeline.py ``Finalize``);
+``jobs.finalize_error`` says why one raised.
 The partial index finds the ended jobs still to finalize (the reconciler's finalize pass).
 
 Backfill: ended backtest runs whose portfolio and validation result were already computed (on a read, before this
-revision) and that have no open shard are marked finalized at their end; the others (never viewed, or a shard left
-open) stay NULL, and the reconciler's finalize pass computes them in a worker. Jobs of the other kinds have no
-finalization yet and stay NULL.
+revision), and ended optimisations whose outcome was (on a read, or by the worker after its last slice), that have
+no open shard are marked finalized at their end; the others (never viewed, or a shard left open) stay NULL, and the
+reconciler's finalize pass computes them in a worker. Jobs of the other kinds have no finalization and stay NULL.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def upgrade() -> None:
           AND j.status IN ('succeeded', 'partial', 'failed', 'cancelled')
           AND (r.portfolio IS NOT NULL OR cardinality(j.symbols) < 2)
           AND (r.validation IS NULL OR r.validation_result IS NOT NULL)
+          AND NOT EXISTS (
+              SELECT 1 FROM job_shards s WHERE s.job_id = j.id AND s.status IN ('queued', 'running')
+          )
+        """
+    )
+    op.execute(
+        """
+        UPDATE jobs j SET finalized_at = coalesce(j.finished_at, now())
+        FROM optimizations o
+        WHERE o.job_id = j.id
+          AND j.status IN ('succeeded', 'partial', 'failed', 'cancelled')
+          AND o.outcome IS NOT NULL
           AND NOT EXISTS (
               SELECT 1 FROM job_shards s WHERE s.job_id = j.id AND s.status IN ('queued', 'running')
           )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +21,10 @@ from api.optimizations import spec_from_body
 from shared.domain.backtest import BacktestConfig, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
-from shared.infra.models import DailyBar, Job, JobShard, Symbol, User
+from shared.infra.models import DailyBar, Job, JobShard, Optimization, Symbol, User
 from shared.jobs.backtests import shard as runs
-from shared.jobs.optimizations import service as opt_service
+from shared.jobs.optimizations import submit
+from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 from shared.marketdata.bars import load_bars
 from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
 from tests.integration import test_webhooks as hooks
@@ -62,14 +64,26 @@ def create(client: FlaskClient, doc: dict[str, Any], status: int = 202) -> dict[
 
 
 def finished(client: FlaskClient, optimization_id: str, timeout_s: float = 120) -> dict[str, Any]:
-    """The view once final and its outcome is in (the worker computes it after the last slice)."""
+    """The view once final: its outcome is in by then (the worker stores it in the transaction that makes the job
+    final)."""
     wait_for_job(client, optimization_id, timeout_s)
-    deadline = time.monotonic() + 30
+    view: dict[str, Any] = client.get(f"{OPT}/{optimization_id}").get_json()
+    assert view["combos_passing"] is not None or view["walk_forward"] is not None, view
+    return view
+
+
+def artifacts_listing(client: FlaskClient, optimization_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    """The artifacts listing once written: the worker writes the files after the commit that finalized the job;
+    until then the listing answers 409 (pending), never anything else."""
+    deadline = time.monotonic() + timeout_s
     while True:
-        view = client.get(f"{OPT}/{optimization_id}").get_json()
-        if view["best"] is not None or view["walk_forward"] is not None or time.monotonic() > deadline:
-            return view
-        time.sleep(0.2)
+        listing = client.get(f"{OPT}/{optimization_id}/artifacts")
+        if listing.status_code == 200:
+            shown: dict[str, Any] = listing.get_json()
+            return shown
+        assert listing.status_code == 409, listing.get_data(as_text=True)
+        assert time.monotonic() < deadline, f"no artifacts {timeout_s} s after the job was final"
+        time.sleep(0.05)
 
 
 def table(client: FlaskClient, optimization_id: str, **query: Any) -> list[dict[str, Any]]:
@@ -165,14 +179,8 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.get_json()["optimization_id"] == accepted["optimization_id"]
     # artifacts: heatmap, ranked CSV, optimization.json, in a verifiable manifest
-    listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
-    for _ in range(50):
-        if listing.status_code == 200:
-            break
-        time.sleep(0.2)
-        listing = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts")
-    assert listing.status_code == 200, listing.get_data(as_text=True)
-    names = {f["name"] for f in listing.get_json()["files"]}
+    listing = artifacts_listing(client, accepted["optimization_id"])
+    names = {f["name"] for f in listing["files"]}
     assert names == {"heatmap.png", "results.csv", "optimization.json"}
     png = client.get(f"{OPT}/{accepted['optimization_id']}/artifacts/heatmap.png")
     assert png.status_code == 200 and png.data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,6 +202,98 @@ def test_grid_best_and_table_equal_a_brute_force_loop(client: FlaskClient, clean
     assert all(d["task"]["kind"] == "optimization" and "validation" not in d for d in shard_events)
     slices = sorted((d["task"]["lo"], d["task"]["hi"]) for d in shard_events if "attempt" in d)
     assert slices[0][0] == 0 and slices[-1][1] == len(PAIRS)
+
+
+ENGINE_ENTRY_POINTS = (
+    "run_backtest",
+    "run_dual_sma_grid",
+    "run_events",
+    "strategy_signals",
+    "backtest_symbol",
+    "backtest_script",
+    "strategy_events",
+    "compute_outcome",
+    "full_run",
+    "finalize_optimization",
+    "finalize_locked",
+    "finalize_job",
+    "portfolio_metrics",
+    "render",
+)
+
+
+def forbid_engine_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every engine entry point (and the finalization and artifact functions) raises, in every module of this process
+    that holds it: the API's process. Returns the names of the calls attempted."""
+    from shared.domain.backtest import engine, grid
+    from shared.domain.search import report
+    from shared.jobs import pipeline
+    from shared.jobs.backtests import finalize as run_finalize
+    from shared.jobs.backtests import shard as run_shards
+    from shared.jobs.optimizations import finalize as opt_finalize
+    from shared.library import strategy_scripts
+
+    homes = (engine, grid, run_shards, run_finalize, opt_finalize, pipeline, report, strategy_scripts)
+    originals = {id(getattr(m, n)): n for m in homes for n in ENGINE_ENTRY_POINTS if callable(getattr(m, n, None))}
+    attempted: list[str] = []
+
+    def forbidden(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            attempted.append(name)
+            raise AssertionError(f"{name} called in the API process")
+
+        return call
+
+    patched = 0
+    for module in list(sys.modules.values()):
+        if module is None or not (module.__name__.startswith(("shared", "api"))):
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) and id(value) in originals:
+                monkeypatch.setattr(module, attr, forbidden(originals[id(value)]))
+                patched += 1
+    assert patched >= len(homes), patched
+    return attempted
+
+
+def test_a_just_finished_optimisation_is_read_without_engine_work(
+    client: FlaskClient, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stores the outcome in the transaction that makes the job final: from the first moment the status is
+    final the outcome row is there, and GET answers the full view with every engine entry point raising here. The
+    artifacts (files) follow that commit: pending (409) until written, then listed."""
+    seed_bars(clean_db, SYMBOLS, days=300, seed=21)
+    attempted = forbid_engine_work(monkeypatch)
+    doc = body(symbols=SYMBOLS, parameters={"fast": [3, 5, 8], "slow": [20, 30]}, constraints=[])
+    del doc["symbol"]
+    oid = create(client, doc)["optimization_id"]
+    factory = make_session_factory(clean_db)
+    query = (
+        select(Job.status, Job.finalized_at, Job.finalize_error, Optimization.outcome)
+        .join(Optimization, Optimization.job_id == Job.id)
+        .where(Job.id == oid)
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        with factory() as session:
+            status, finalized_at, finalize_error, outcome = session.execute(query).one()  # one snapshot
+        if status in FINAL:
+            break
+        assert time.monotonic() < deadline, f"not final within 120 s ({status})"
+        time.sleep(0.01)
+    assert outcome is not None and finalized_at is not None and finalize_error is None, status
+    response = client.get(f"{OPT}/{oid}")  # the first read of a just-finished optimisation
+    assert response.status_code == 200, response.get_data(as_text=True)
+    view = response.get_json()
+    assert view["status"] == "succeeded" and view["progress"]["percent"] == 100.0
+    best = view["best"]
+    assert best is not None and set(best["symbols"]) == set(SYMBOLS) and best["portfolio"] is not None
+    assert best["params"] in [{"fast": f, "slow": s} for f in (3, 5, 8) for s in (20, 30)]
+    assert view["combos_passing"] == 6
+    assert client.get(f"{OPT}/{oid}/results").status_code == 200
+    listing = artifacts_listing(client, oid)
+    assert {f["name"] for f in listing["files"]} == {"heatmap.png", "results.csv", "optimization.json"}
+    assert attempted == []
 
 
 def test_many_symbols_and_constraint_filtering(client: FlaskClient, clean_db: Engine) -> None:
@@ -295,6 +395,17 @@ def test_cancel_keeps_what_was_scored_and_409_when_final(small_slice_client: Fla
     total = sum(t["work"] for t, _ in slices)
     job = client.get(f"/api/jobs/{oid}").get_json()
     assert job["progress"]["percent"] == round(100.0 * done / total, 2) < 100.0
+    # a worker computes the cancelled optimisation's outcome from what was scored (the view only reads it)
+    deadline = time.monotonic() + 60
+    with make_session_factory(clean_db)() as session:
+        query = select(Job.finalized_at, Optimization.outcome).join(Optimization, Optimization.job_id == Job.id)
+        while (row := session.execute(query.where(Job.id == oid)).one()).finalized_at is None:
+            assert time.monotonic() < deadline, "the cancelled optimisation was not finalized within 60 s"
+            session.expire_all()
+            time.sleep(0.1)
+    assert row.outcome is not None and row.outcome["status"] == "cancelled"
+    view = client.get(f"{OPT}/{oid}").get_json()
+    assert view["combos_passing"] == row.outcome["combos_passing"] and view["best"] == row.outcome["best"]
 
 
 @pytest.mark.parametrize(
@@ -532,10 +643,10 @@ def test_an_optimisation_cancelled_with_no_slice_running_calls_back(
     spec, _ = spec_from_body(doc)
     with factory() as session:
         owner_id = session.scalar(select(User.id).where(User.username == "hooker"))
-    submitted = opt_service.submit(
+    submitted = submit.submit(
         factory,
-        opt_service.OptimizationRequest(spec=spec, owner_id=owner_id, callback_url=receiver.url),
-        opt_service.Limits(1000, 100_000, 2_500),
+        OptimizationRequest(spec=spec, owner_id=owner_id, callback_url=receiver.url),
+        Limits(1000, 100_000, 2_500),
         enqueue=lambda tasks: None,  # queued, its slices' tasks never sent
     )
     oid = str(submitted.job.id)

@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 
 from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.search import grid, plan, scoring
+from shared.domain.search import spec as search_spec
 from shared.errors import ValidationFailed
-from shared.jobs.optimizations import service as opt
+from shared.jobs.optimizations import finalize
 
 
-def spec(**changes: Any) -> opt.OptimizationSpec:
+def spec(**changes: Any) -> search_spec.OptimizationSpec:
     doc: dict[str, Any] = {
         "config": {"symbols": ["X"], "strategy": {"name": "dual_sma"}},
         "parameters": {"fast": {"start": 2, "stop": 10, "step": 2}, "slow": [5, 10, 20]},
     }
     doc.update(changes)
-    return opt.OptimizationSpec.model_validate(doc)
+    return search_spec.OptimizationSpec.model_validate(doc)
 
 
 def bars(n: int = 400, seed: int = 3) -> Bars:
@@ -44,7 +46,7 @@ def error_field(exc: pytest.ExceptionInfo[ValidationFailed]) -> str:
 
 
 def test_grid_is_the_valid_cartesian_product_with_inclusive_stops() -> None:
-    c = opt.combos(spec())
+    c = grid.combos(spec())
     assert c.names == ("fast", "slow")
     assert c.values == [(f, s) for f in (2, 4, 6, 8, 10) for s in (5, 10, 20) if f < s]
     assert c.grid_size == len(c) and c.params(0) == {"fast": 2, "slow": 5}
@@ -55,8 +57,8 @@ def test_float_ranges_and_cross_field_rules_of_other_strategies() -> None:
         config={"symbols": ["X"], "strategy": {"name": "rsi_reversion"}},
         parameters={"lower": {"start": 20, "stop": 40, "step": 10}, "upper": [35, 70]},
     )
-    assert opt.combos(s).values == [(20.0, 35.0), (20.0, 70.0), (30.0, 35.0), (30.0, 70.0), (40.0, 70.0)]
-    assert opt.parameter_values("bollinger_reversion", "k", opt.Range(start=0.5, stop=1.0, step=0.1)) == [
+    assert grid.combos(s).values == [(20.0, 35.0), (20.0, 70.0), (30.0, 35.0), (30.0, 70.0), (40.0, 70.0)]
+    assert grid.parameter_values("bollinger_reversion", "k", search_spec.Range(start=0.5, stop=1.0, step=0.1)) == [
         0.5,
         0.6,
         0.7,
@@ -78,32 +80,32 @@ def test_float_ranges_and_cross_field_rules_of_other_strategies() -> None:
 )
 def test_bad_parameters_name_the_field(parameters: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationFailed) as exc:
-        opt.combos(spec(parameters=parameters))
+        grid.combos(spec(parameters=parameters))
     assert error_field(exc) == field
 
 
 def test_random_search_is_a_seeded_sample_of_the_grid() -> None:
-    grid = opt.combos(spec(parameters={"fast": {"start": 2, "stop": 40, "step": 1}, "slow": [50, 60]}))
+    whole = grid.combos(spec(parameters={"fast": {"start": 2, "stop": 40, "step": 1}, "slow": [50, 60]}))
     pick = {"method": "random", "budget": 10}
-    a = opt.combos(
+    a = grid.combos(
         spec(parameters={"fast": {"start": 2, "stop": 40, "step": 1}, "slow": [50, 60]}, search={**pick, "seed": 7})
     )
-    b = opt.combos(
+    b = grid.combos(
         spec(parameters={"fast": {"start": 2, "stop": 40, "step": 1}, "slow": [50, 60]}, search={**pick, "seed": 7})
     )
-    c = opt.combos(
+    c = grid.combos(
         spec(parameters={"fast": {"start": 2, "stop": 40, "step": 1}, "slow": [50, 60]}, search={**pick, "seed": 8})
     )
     assert a.values == b.values and a.values != c.values and len(a) == 10
-    assert set(a.values) <= set(grid.values) and len(set(a.values)) == 10
-    assert a.values == sorted(a.values, key=grid.values.index)  # grid order
-    everything = opt.combos(spec(parameters={"fast": [2, 3], "slow": [5]}, search={**pick, "seed": 1}))
+    assert set(a.values) <= set(whole.values) and len(set(a.values)) == 10
+    assert a.values == sorted(a.values, key=whole.values.index)  # grid order
+    everything = grid.combos(spec(parameters={"fast": [2, 3], "slow": [5]}, search={**pick, "seed": 1}))
     assert everything.values == [(2, 5), (3, 5)]  # a budget above the grid takes the grid
 
 
 def test_impossible_constraints_are_named() -> None:
-    c = opt.Constraint
-    opt.check_constraints([c(metric="max_drawdown_pct", op=">=", value=-15), c(metric="trades", op=">=", value=20)])
+    c = search_spec.Constraint
+    grid.check_constraints([c(metric="max_drawdown_pct", op=">=", value=-15), c(metric="trades", op=">=", value=20)])
     for constraints, index in (
         ([c(metric="max_drawdown_pct", op=">", value=0)], 0),
         ([c(metric="win_rate_pct", op=">", value=100)], 0),
@@ -112,24 +114,30 @@ def test_impossible_constraints_are_named() -> None:
         ([c(metric="sharpe", op=">", value=1), c(metric="sharpe", op="<", value=1)], 1),
     ):
         with pytest.raises(ValidationFailed) as exc:
-            opt.check_constraints(constraints)
+            grid.check_constraints(constraints)
         assert error_field(exc) == f"constraints[{index}]"
 
 
 def test_rank_filters_orders_and_breaks_ties_by_index() -> None:
-    names = opt.METRIC_NAMES
+    names = search_spec.METRIC_NAMES
     summary = np.full((5, len(names)), 1.0)
     sharpe, trades = names.index("sharpe"), names.index("trades")
     summary[:, sharpe] = [0.5, np.nan, 0.9, 0.9, 2.0]
     summary[:, trades] = [30, 30, 30, 30, 5]
-    objective = opt.Objective(metric="sharpe", direction="max")
-    at_least_20 = [opt.Constraint(metric="trades", op=">=", value=20)]
-    assert opt.rank(summary, objective, at_least_20).tolist() == [2, 3, 0, 1]
-    assert opt.best_index(summary, objective, at_least_20) == 2
-    assert opt.rank(summary, opt.Objective(metric="sharpe", direction="min"), []).tolist() == [0, 2, 3, 4, 1]
-    assert opt.best_index(summary[[1]], objective, []) is None  # an undefined objective is never best
-    reasons = opt.failed_reasons(
-        {"trades": 5.0, "sharpe": None}, [*at_least_20, opt.Constraint(metric="sharpe", op=">", value=0)]
+    objective = search_spec.Objective(metric="sharpe", direction="max")
+    at_least_20 = [search_spec.Constraint(metric="trades", op=">=", value=20)]
+    assert scoring.rank(summary, objective, at_least_20).tolist() == [2, 3, 0, 1]
+    assert scoring.best_index(summary, objective, at_least_20) == 2
+    assert scoring.rank(summary, search_spec.Objective(metric="sharpe", direction="min"), []).tolist() == [
+        0,
+        2,
+        3,
+        4,
+        1,
+    ]
+    assert scoring.best_index(summary[[1]], objective, []) is None  # an undefined objective is never best
+    reasons = scoring.failed_reasons(
+        {"trades": 5.0, "sharpe": None}, [*at_least_20, search_spec.Constraint(metric="sharpe", op=">", value=0)]
     )
     assert len(reasons) == 2 and "undefined" in reasons[1]
 
@@ -138,9 +146,9 @@ def test_aggregate_means_metrics_and_sums_trades() -> None:
     a = np.arange(16, dtype=float).reshape(2, 8)
     b = a + 2
     b[0, 4] = np.nan
-    out, n = opt.aggregate([a, b])
+    out, n = scoring.aggregate([a, b])
     assert n == 2
-    t = opt.TRADES
+    t = search_spec.TRADES
     assert out[0, t] == a[0, t] + b[0, t] and out[1, 0] == (a[1, 0] + b[1, 0]) / 2
     assert out[0, 4] == a[0, 4]  # NaN left out of the mean
 
@@ -151,37 +159,37 @@ def test_scores_equal_run_backtest_per_combo_on_both_paths() -> None:
         spec(),
         spec(config={"symbols": ["X"], "strategy": {"name": "donchian_breakout"}}, parameters={"period": [10, 20, 55]}),
     ):
-        c = opt.combos(s)
-        scored = opt.score_symbol(b, s.config, c, 0, len(c))
+        c = grid.combos(s)
+        scored = scoring.score_symbol(b, s.config, c, 0, len(c))
         assert scored is not None
         for i in range(len(c)):
-            config = opt.config_for(s.config, c.params(i))
+            config = scoring.config_for(s.config, c.params(i))
             metrics = run_backtest(b, config).metrics
-            for j, name in enumerate(opt.METRICS.values()):
+            for j, name in enumerate(search_spec.METRICS.values()):
                 want = float(metrics[name])
                 assert (math.isnan(want) and math.isnan(scored[i, j])) or math.isclose(scored[i, j], want, rel_tol=1e-9)
 
 
 def test_plan_slices_every_combo_once_per_window() -> None:
-    tasks = opt.plan(10, 3, 9, None)  # 3 combos per slice
+    tasks = plan.plan(10, 3, 9, None)  # 3 combos per slice
     assert [(t.lo, t.hi) for t in tasks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert sum(t.work for t in tasks) == 30
     calendar = [dt.date(2020, 1, 1) + dt.timedelta(days=i) for i in range(100)]
-    windows = opt.window_dates(calendar, opt.WalkForward(in_sample=40, out_of_sample=20))
+    windows = plan.window_dates(calendar, search_spec.WalkForward(in_sample=40, out_of_sample=20))
     assert [(w.in_sample[0].day, w.out_of_sample[0]) for w in windows][:1] == [(1, calendar[40])]
     assert len(windows) == 3 and windows[-1].out_of_sample[1] == calendar[-1]
-    wf_tasks = opt.plan(10, 1, 5, windows)
+    wf_tasks = plan.plan(10, 1, 5, windows)
     assert len(wf_tasks) == 6 and {t.window for t in wf_tasks} == {0, 1, 2}
-    assert opt.Task.from_dict(wf_tasks[3].as_dict()) == wf_tasks[3]
-    anchored = opt.window_dates(calendar, opt.WalkForward(in_sample=40, out_of_sample=20, anchored=True))
+    assert plan.Task.from_dict(wf_tasks[3].as_dict()) == wf_tasks[3]
+    anchored = plan.window_dates(calendar, search_spec.WalkForward(in_sample=40, out_of_sample=20, anchored=True))
     assert all(w.in_sample[0] == calendar[0] for w in anchored)
 
 
 def test_out_of_sample_run_starts_flat_and_never_reads_later_bars() -> None:
     b = bars(300)
     s = spec()
-    task = opt.Task(1, 0, 1, str(b.dates[50]), str(b.dates[199]), str(b.dates[200]), str(b.dates[249]))
-    curve = opt._oos_curve(b, s.config, {"fast": 5, "slow": 20}, task)
+    task = plan.Task(1, 0, 1, str(b.dates[50]), str(b.dates[199]), str(b.dates[200]), str(b.dates[249]))
+    curve = finalize.oos_curve(b, s.config, {"fast": 5, "slow": 20}, task)
     assert curve is not None
     days, equity = curve
     assert str(days[0]) == task.oos_start and str(days[-1]) == task.oos_end
@@ -194,7 +202,7 @@ def test_out_of_sample_run_starts_flat_and_never_reads_later_bars() -> None:
         volume=b.volume,
         dates=b.dates,
     )
-    again = opt._oos_curve(later, s.config, {"fast": 5, "slow": 20}, task)
+    again = finalize.oos_curve(later, s.config, {"fast": 5, "slow": 20}, task)
     assert again is not None and np.array_equal(again[1], equity)
 
 

@@ -1,0 +1,145 @@
+"""Row reads of optimisations, for views and for finalizing: the job and its optimisation, a window's stored rows,
+the slices' tasks, progress in combos and the ranked table. Nothing here computes with the engine."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import and_, case, func, select, true
+from sqlalchemy.orm import Session
+
+from shared.domain.search.plan import Task
+from shared.domain.search.scoring import failed_reasons
+from shared.domain.search.spec import METRIC_NAMES, METRICS, OptimizationSpec
+from shared.errors import NotFound
+from shared.infra.models import Job, JobShard, Optimization, OptimizationResult
+
+
+def find(session: Session, owner_id: str, spec_hash: str) -> tuple[Job, Optimization] | None:
+    opt = session.scalar(
+        select(Optimization).where(Optimization.owner_id == owner_id, Optimization.spec_hash == spec_hash)
+    )
+    if opt is None:
+        return None
+    job = session.get(Job, opt.job_id)
+    assert job is not None
+    return job, opt
+
+
+def get(session: Session, job_id: uuid.UUID) -> tuple[Job, Optimization]:
+    opt = session.get(Optimization, job_id)
+    job = session.get(Job, job_id) if opt is not None else None
+    if opt is None or job is None:
+        raise NotFound(f"optimization {job_id} not found", details={"optimization_id": str(job_id)})
+    return job, opt
+
+
+def load_summary(
+    session: Session, job_id: uuid.UUID, window: int
+) -> tuple[NDArray[np.int64], list[dict[str, Any]], NDArray[np.float64]]:
+    """A window's rows: combo indices, params and the metric matrix (NULL as NaN), by combo index."""
+    rows = session.execute(
+        select(
+            OptimizationResult.combo_index,
+            OptimizationResult.params,
+            *(getattr(OptimizationResult, n) for n in METRIC_NAMES),
+        )
+        .where(OptimizationResult.job_id == job_id, OptimizationResult.window == window)
+        .order_by(OptimizationResult.combo_index)
+    ).all()
+    index = np.array([r[0] for r in rows], dtype=np.int64)
+    params = [r[1] for r in rows]
+    summary = np.array([[math.nan if v is None else v for v in r[2:]] for r in rows], dtype=np.float64)
+    return index, params, summary.reshape(len(rows), len(METRICS))
+
+
+def job_tasks(session: Session, job_id: uuid.UUID) -> list[tuple[Task, str]]:
+    rows = session.execute(
+        select(JobShard.task, JobShard.status)
+        .where(JobShard.job_id == job_id, JobShard.task.is_not(None))
+        .order_by(JobShard.index)
+    ).all()
+    return [(Task.from_dict(t), status) for t, status in rows]
+
+
+def progress_counts(session: Session, job_id: uuid.UUID) -> tuple[int, int]:
+    """(combos scored, combos planned), over every window (rows stored so far: a running slice stores chunks)."""
+    planned = sum(t.hi - t.lo for t, _ in job_tasks(session, job_id))
+    done = session.scalar(
+        select(func.count()).select_from(OptimizationResult).where(OptimizationResult.job_id == job_id)
+    )
+    return int(done or 0), planned
+
+
+def _order(spec: OptimizationSpec) -> list[Any]:
+    col = getattr(OptimizationResult, spec.objective.metric)
+    primary = col.desc().nulls_last() if spec.objective.direction == "max" else col.asc().nulls_last()
+    return [primary, OptimizationResult.combo_index]
+
+
+def _passes(spec: OptimizationSpec) -> Any:
+
+    conds = []
+    for c in spec.constraints:
+        col = getattr(OptimizationResult, c.metric)
+        conds.append({">=": col >= c.value, "<=": col <= c.value, ">": col > c.value, "<": col < c.value}[c.op])
+    return and_(true(), *conds)
+
+
+@dataclass(frozen=True)
+class RankedRow:
+    rank: int | None  # 1-based among the rows that pass; None for a filtered-out row
+    combo_index: int
+    window: int
+    params: dict[str, Any]
+    metrics: dict[str, float | None]
+    symbols: int
+    passed: bool
+    reasons: list[str]
+
+
+def ranked_page(
+    session: Session,
+    job_id: uuid.UUID,
+    spec: OptimizationSpec,
+    *,
+    window: int,
+    offset: int,
+    limit: int,
+    include_filtered: bool,
+) -> tuple[list[RankedRow], int, int]:
+    """A page of the ranked table: the rows passing every constraint, best first (ties: lower combo index);
+    with ``include_filtered`` the rows that fail follow, each with its reasons. Also (passing, total) counts."""
+
+    passes = _passes(spec)
+    base = select(OptimizationResult).where(OptimizationResult.job_id == job_id, OptimizationResult.window == window)
+    total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
+    passing = int(session.scalar(select(func.count()).select_from(base.where(passes).subquery())) or 0)
+    if include_filtered:
+        # a NULL metric makes the condition NULL: such a row fails (coalesce to false)
+        query = base.order_by(case((func.coalesce(passes, False), 0), else_=1), *_order(spec))
+    else:
+        query = base.where(passes).order_by(*_order(spec))
+    out = []
+    for i, r in enumerate(session.scalars(query.offset(offset).limit(limit))):
+        metrics = {n: getattr(r, n) for n in METRIC_NAMES}
+        reasons = failed_reasons(metrics, spec.constraints)
+        position = offset + i
+        out.append(
+            RankedRow(
+                position + 1 if not reasons and position < passing else None,
+                r.combo_index,
+                r.window,
+                r.params,
+                metrics,
+                r.symbols,
+                not reasons,
+                reasons,
+            )
+        )
+    return out, passing, total
