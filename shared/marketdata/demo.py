@@ -23,10 +23,11 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Engine
 
+from shared.domain.stats import TRADING_DAYS
 from shared.marketdata.csv_import import SymbolInfo, spooled_buffer, upsert_bars_csv
 
 DEFAULT_END_DATE = dt.date(2025, 12, 31)
-SESSIONS_PER_YEAR = 252
+
 SYMBOL_PREFIX = "SYN"
 
 # Per-symbol parameter ranges (annualised).
@@ -101,8 +102,8 @@ def generate_series(rng: np.random.Generator, dates: DateArray, symbol: str, nam
     start_price = float(np.exp(rng.uniform(*np.log(_START_PRICE_RANGE))))
     mean_volume = float(np.exp(rng.uniform(*np.log(_MEAN_VOLUME_RANGE))))
 
-    daily_vol = annual_vol / np.sqrt(SESSIONS_PER_YEAR)
-    daily_drift = (annual_drift - 0.5 * annual_vol**2) / SESSIONS_PER_YEAR
+    daily_vol = annual_vol / np.sqrt(TRADING_DAYS)
+    daily_drift = (annual_drift - 0.5 * annual_vol**2) / TRADING_DAYS
     # Unit-variance Student-t shocks, split into an overnight and an intraday part.
     shocks = rng.standard_t(_SHOCK_DOF, size=(2, n)) / np.sqrt(_SHOCK_DOF / (_SHOCK_DOF - 2.0))
     overnight = daily_drift * _OVERNIGHT_VARIANCE_SHARE + daily_vol * np.sqrt(_OVERNIGHT_VARIANCE_SHARE) * shocks[0]
@@ -151,7 +152,7 @@ def generate_demo_bars(symbols: int, years: int, seed: int, end: dt.date | None 
         raise ValueError("years must be >= 1")
     if seed < 0:
         raise ValueError("seed must be >= 0")
-    dates = business_days(SESSIONS_PER_YEAR * years, end or DEFAULT_END_DATE)
+    dates = business_days(TRADING_DAYS * years, end or DEFAULT_END_DATE)
     children = np.random.SeedSequence(seed).spawn(symbols)
     for index, child in enumerate(children, start=1):
         yield generate_series(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
+from shared.domain.stats import TRADING_DAYS
 from shared.marketdata.demo import (
     DEFAULT_END_DATE,
-    SESSIONS_PER_YEAR,
     DemoSeries,
     business_days,
     generate_demo_bars,
@@ -61,7 +61,7 @@ def test_names_and_shapes() -> None:
     assert [s.symbol for s in universe] == ["SYN0001", "SYN0002", "SYN0003"]
     assert universe[1].name == "Synthetic 0002 (seed 5)"
     for series in universe:
-        assert len(series.dates) == 2 * SESSIONS_PER_YEAR
+        assert len(series.dates) == 2 * TRADING_DAYS
         for column in (series.open, series.high, series.low, series.close):
             assert column.dtype == np.float64 and column.shape == series.dates.shape
         assert series.volume.dtype == np.int64
@@ -96,7 +96,7 @@ def test_statistics_are_plausible() -> None:
     vols, correlations = [], []
     for series in _universe(symbols=30, years=4, seed=9):
         returns = np.diff(np.log(series.close))
-        vols.append(returns.std() * np.sqrt(SESSIONS_PER_YEAR))
+        vols.append(returns.std() * np.sqrt(TRADING_DAYS))
         correlations.append(np.corrcoef(np.abs(returns), np.log(series.volume[1:]))[0, 1])
         gaps = series.open[1:] / series.close[:-1]
         assert np.any(gaps != 1.0)  # opens are gapped from the previous close
@@ -115,7 +115,7 @@ def test_rejects_nonsense_arguments(symbols: int, years: int, seed: int) -> None
 
 def test_load_stores_exactly_the_generated_bars(clean_db: Engine) -> None:
     report = load_demo_universe(clean_db, symbols=3, years=1, seed=21)
-    rows = 3 * SESSIONS_PER_YEAR
+    rows = 3 * TRADING_DAYS
     assert (report.symbols, report.rows, report.inserted, report.updated) == (3, rows, rows, 0)
     assert report.end_date == DEFAULT_END_DATE
     expected = [
@@ -139,7 +139,7 @@ def test_reload_is_idempotent_and_another_seed_updates(clean_db: Engine) -> None
     assert _bars(clean_db) == first
 
     other = load_demo_universe(clean_db, symbols=2, years=1, seed=2)
-    assert (other.inserted, other.updated) == (0, 2 * SESSIONS_PER_YEAR)
+    assert (other.inserted, other.updated) == (0, 2 * TRADING_DAYS)
     assert _bars(clean_db) != first
     with clean_db.connect() as conn:
         names = conn.execute(text("SELECT name FROM symbols ORDER BY symbol")).scalars().all()
@@ -163,5 +163,5 @@ def test_loaded_rows_satisfy_invariants_in_sql(clean_db: Engine) -> None:
             )
         ).one()
         not_synthetic = conn.execute(text("SELECT count(*) FROM symbols WHERE NOT is_synthetic")).scalar_one()
-    assert tuple(stats) == (10 * 2 * SESSIONS_PER_YEAR, 0, 0, dt.date(2024, 6, 28), 10)
+    assert tuple(stats) == (10 * 2 * TRADING_DAYS, 0, 0, dt.date(2024, 6, 28), 10)
     assert not_synthetic == 0

@@ -5,6 +5,7 @@ a failed enqueue) are finalized by a worker task or by the reconciler's finalize
 
 from __future__ import annotations
 
+import importlib
 import secrets
 import time
 import uuid
@@ -22,12 +23,18 @@ import shared.domain.backtest.simulator
 from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueuer
 from shared.domain import robustness
 from shared.domain.backtest import BacktestConfig
+from shared.domain.robustness import methods as robustness_methods
+from shared.domain.robustness import portfolio as robustness_portfolio
+from shared.domain.robustness import tasks as robustness_tasks
 from shared.errors import ServiceUnavailable
 from shared.infra.config import Settings
 from shared.infra.models import BacktestRun, Job, JobShard
 from shared.jobs import pipeline, reconciler
 from shared.jobs.backtests import finalize, read, shard, submit
 from tests.helpers import FINAL, ApiUser, seed_bars
+
+# The package exports a function of the same name as this submodule: reach the module itself.
+robustness_walk_forward = importlib.import_module("shared.domain.robustness.walk_forward")
 
 RUNS = "/api/runs"
 SYMBOLS = ["FIN0", "FIN1", "FIN2", "FIN3"]
@@ -40,10 +47,15 @@ ENGINE_ENTRY_POINTS = [
     (shared.domain.backtest.engine, "compute_metrics"),
     (shared.domain.backtest.simulator, "simulate"),
     (shard, "run_backtest"),
-    (robustness, "run_backtest"),
+    (robustness_methods, "run_backtest"),
+    (robustness_portfolio, "run_backtest"),
+    (robustness_walk_forward, "run_backtest"),
     (robustness, "sleeves"),
+    (robustness_portfolio, "sleeves"),
     (robustness, "combine"),
+    (robustness_tasks, "combine"),
     (robustness, "portfolio_curve"),
+    (robustness_portfolio, "portfolio_curve"),
     (finalize, "portfolio_curve"),
     (finalize, "portfolio_metrics"),
     (finalize, "run_portfolio"),

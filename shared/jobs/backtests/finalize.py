@@ -24,11 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain import robustness as val
 from shared.domain.backtest import BacktestConfig
+from shared.domain.stats import TRADING_DAYS, sharpe_ratio
 from shared.infra.models import BacktestRun, Job, JobShard, ShardStatus
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import load_curves, load_parts
-
-TRADING_DAYS = 252
 
 as_days = val.as_days
 portfolio_curve = val.portfolio_curve  # the sleeves' arithmetic, shared with validation (shared.domain.robustness)
@@ -52,9 +51,7 @@ def portfolio_metrics(curves: val.Curves, initial_cash: float, risk_free_rate: f
     final_equity = float(total[-1])
     series = np.concatenate([[start_equity], total])
     returns = series[1:] / series[:-1] - 1
-    excess = returns - risk_free_rate / TRADING_DAYS
-    std = float(np.std(excess, ddof=1)) if len(excess) > 1 else math.nan
-    sharpe = float(np.mean(excess)) / std * math.sqrt(TRADING_DAYS) if std and math.isfinite(std) else math.nan
+    std = float(np.std(returns, ddof=1)) if len(returns) > 1 else math.nan
     peak = np.maximum.accumulate(series)
     max_drawdown = float(np.min(series / peak - 1))
     days = int((all_dates[-1] - all_dates[0]).astype(np.int64))
@@ -69,7 +66,7 @@ def portfolio_metrics(curves: val.Curves, initial_cash: float, risk_free_rate: f
         "return_pct": (growth - 1) * 100,
         "return_ann_pct": annual * 100,
         "volatility_ann_pct": std * math.sqrt(TRADING_DAYS) * 100,
-        "sharpe": sharpe,
+        "sharpe": sharpe_ratio(returns, risk_free_rate),
         "max_drawdown_pct": max_drawdown * 100,
     }
     return {k: finite(float(v)) if isinstance(v, float) else v for k, v in metrics.items()}
