@@ -268,7 +268,8 @@ def list_optimizations(query: OptimizationsQuery) -> Response:
 def get_optimization(path: OptimizationPath) -> Response:
     """Status and progress (combos scored); once final, the best combo with the full metrics of one
     ``run_backtest`` per symbol, or the walk-forward path and stitched out-of-sample equity. Rows only: a worker
-    stored the outcome before the job read final (a cancelled one's follows once its last slice stops)."""
+    stored the outcome in the transaction that made the job final (a cancelled one's follows once its last slice
+    stops, or the worker task the cancel sends finalizes it)."""
     with services().session_factory() as session:
         job, opt = _readable(session, path.optimization_id)
         progress = _progress(session, job)
@@ -334,7 +335,8 @@ def cancel_optimization(path: OptimizationPath) -> Response:
         audit(session, AuditAction.JOB_CANCELLED, resource_type="optimization", resource_id=cancelled.id)
 
     job, task_ids = jobs.cancel_job(svc.session_factory, job_id, on_write=record, events=RedisJobEvents(svc.redis))
-    # Revoke; with no slice running (none will finish to do it): a worker's outcome and artifacts, and the webhook.
+    # Revoke; with no slice running (none will finish to do it): a worker finalizes it (outcome, then artifacts), and
+    # the webhook.
     after_cancel(svc, job, task_ids)
     if job.status != "cancelled":
         raise Conflict(
@@ -354,10 +356,11 @@ def _manifest(raw_id: str) -> tuple[Job, RunManifest]:
     with services().session_factory() as session:
         job, _ = _readable(session, raw_id)
         manifest = artifacts.get_manifest(session, job.id)
-    if manifest is None:
+    if manifest is None:  # pending: written by a worker once the job is finalized; missing if its finalization failed
+        artifacts_state = "missing" if job.finalize_error is not None else "pending"
         raise Conflict(
             f"optimization {job.id} has no artifacts yet",
-            details={"optimization_id": str(job.id), "status": job.status},
+            details={"optimization_id": str(job.id), "status": job.status, "artifacts": artifacts_state},
         )
     return job, manifest
 

@@ -22,7 +22,7 @@ BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replac
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
 TASK_BUILD_RUN_ARTIFACTS = "alphaforge.backtests.build_artifacts"  # finalize + artifacts of one ended, no shard left
 TASK_RUN_OPTIMIZATION_SHARD = "alphaforge.optimizations.run_shard"
-TASK_FINISH_OPTIMIZATION = "alphaforge.optimizations.finish"  # outcome and artifacts of one ended with no slice left
+TASK_FINISH_OPTIMIZATION = "alphaforge.optimizations.finish"  # finalize + artifacts of one ended, no slice left
 # Housekeeping, on the maintenance queue; beat's timetable of them is beat_schedule() below.
 TASK_RECONCILE_SHARDS = "alphaforge.maintenance.reconcile_shards"
 TASK_PRUNE_JOBS = "alphaforge.maintenance.prune_jobs"

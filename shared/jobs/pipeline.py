@@ -57,7 +57,7 @@ OnWrite = Callable[[Session, Job], None]
 
 Finalize = Callable[[Session, Job], None]
 """A job kind's finalization: what is computed once a job has ended, from the rows its shards stored, and stored for
-its views to read (a backtest run's portfolio and validation result). Its contract:
+its views to read (a backtest run's portfolio and validation result, an optimisation's outcome). Its contract:
 
 * **When**: once per job, when the job has a final status (:data:`FINAL_STATUSES`) and none of its shards is open
   (queued or running). Always in a worker, never in the API: in the transaction of the shard that completes the

@@ -82,6 +82,7 @@ def artifacts_listing(client: FlaskClient, optimization_id: str, timeout_s: floa
             shown: dict[str, Any] = listing.get_json()
             return shown
         assert listing.status_code == 409, listing.get_data(as_text=True)
+        assert listing.get_json()["error"]["details"]["artifacts"] == "pending", listing.get_json()
         assert time.monotonic() < deadline, f"no artifacts {timeout_s} s after the job was final"
         time.sleep(0.05)
 
