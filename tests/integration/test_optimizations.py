@@ -659,3 +659,14 @@ def test_an_optimisation_cancelled_with_no_slice_running_calls_back(
         time.sleep(0.05)
     summary = verify_signature(hook_client.get("/api/auth/webhook-secret").get_json()["secret"], receiver.received[0])
     assert summary["event"] == "optimization.finished" and summary["status"] == "cancelled"
+    # the cancel's follow-up task (alphaforge.optimizations.finish): a worker finalizes it, then writes its artifacts
+    listing = artifacts_listing(hook_client, oid)
+    assert "optimization.json" in {f["name"] for f in listing["files"]}
+    with factory() as session:
+        row = session.execute(
+            select(Job.finalized_at, Optimization.outcome)
+            .join(Optimization, Optimization.job_id == Job.id)
+            .where(Job.id == submitted.job.id)
+        ).one()
+    assert row.finalized_at is not None and row.outcome is not None
+    assert row.outcome["status"] == "cancelled" and row.outcome["combos_scored"] == 0
