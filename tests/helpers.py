@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -16,6 +17,24 @@ from api.auth import issue_tokens
 from shared.infra.models import DailyBar, Symbol, User, UserRole
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, *, poll_s: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout_s``.
+
+    A deadline, never a fixed sleep: on a quiet machine it returns as soon as the condition holds, on a loaded
+    one it waits as long as the deadline allows.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not after {timeout_s} s: {what}")
+        time.sleep(poll_s)
 
 
 def business_days(start: dt.date, count: int) -> list[dt.date]:
