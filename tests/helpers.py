@@ -9,12 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis
+from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, insert
 
 from api.auth import issue_tokens
 from shared.infra.models import DailyBar, Symbol, User, UserRole
+from shared.jobs.fairness import PRIORITY_STEPS
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
@@ -71,6 +74,36 @@ def seed_bars(engine: Engine, symbols: list[str], *, days: int = 300, seed: int 
         conn.execute(insert(Symbol), [{"symbol": s, "is_synthetic": True} for s in symbols])
         conn.execute(insert(DailyBar), rows)
     return by_symbol
+
+
+_KOMBU_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue ``q`` at priority p > 0 is the list ``q\x06\x16p``
+
+
+def broker_queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` on the Redis broker, over all its priority lists."""
+    return sum(int(client.llen(queue if p == 0 else f"{queue}{_KOMBU_PRIORITY_SEP}{p}")) for p in PRIORITY_STEPS)
+
+
+def broker_holds_task(client: redis.Redis, queues: list[str], task_id: str) -> bool:
+    """True while the broker still has the task's message: waiting in one of ``queues``, or delivered to a worker
+    and not yet acknowledged (kombu's ``unacked`` hash)."""
+    needle = task_id.encode()
+    for queue in queues:
+        for p in PRIORITY_STEPS:
+            name = queue if p == 0 else f"{queue}{_KOMBU_PRIORITY_SEP}{p}"
+            if any(needle in message for message in client.lrange(name, 0, -1)):
+                return True
+    return any(needle in message for message in client.hvals("unacked"))
+
+
+def worker_holds_task(app: Celery, task_id: str, destination: list[str] | None = None) -> bool:
+    """True while a worker has the task reserved (prefetched) or running. A worker that does not answer the
+    inspection counts as holding it: absence must be observed, never assumed."""
+    inspect = app.control.inspect(destination=destination, timeout=2.0)
+    reserved, active = inspect.reserved(), inspect.active()
+    if reserved is None or active is None:
+        return True
+    return any(task["id"] == task_id for tasks in [*reserved.values(), *active.values()] for task in tasks)
 
 
 def wait_for_job(client: FlaskClient, job_id: str, timeout_s: float = 90) -> dict[str, Any]:
