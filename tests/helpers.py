@@ -96,14 +96,16 @@ def broker_holds_task(client: redis.Redis, queues: list[str], task_id: str) -> b
     return any(needle in message for message in client.hvals("unacked"))
 
 
-def worker_holds_task(app: Celery, task_id: str, destination: list[str] | None = None) -> bool:
-    """True while a worker has the task reserved (prefetched) or running. A worker that does not answer the
-    inspection counts as holding it: absence must be observed, never assumed."""
-    inspect = app.control.inspect(destination=destination, timeout=2.0)
+def worker_holds_task(app: Celery, task_ids: str | list[str], destination: list[str] | None = None) -> bool:
+    """True while a worker has one of the tasks reserved (prefetched) or running. A worker that does not answer
+    the inspection counts as holding them: absence must be observed, never assumed. Without ``destination`` the
+    inspection waits its whole timeout for replies (it cannot know how many workers there are)."""
+    wanted = {task_ids} if isinstance(task_ids, str) else set(task_ids)
+    inspect = app.control.inspect(destination=destination, timeout=1.0)
     reserved, active = inspect.reserved(), inspect.active()
     if reserved is None or active is None:
         return True
-    return any(task["id"] == task_id for tasks in [*reserved.values(), *active.values()] for task in tasks)
+    return any(task["id"] in wanted for tasks in [*reserved.values(), *active.values()] for task in tasks)
 
 
 def wait_for_job(client: FlaskClient, job_id: str, timeout_s: float = 90) -> dict[str, Any]:
