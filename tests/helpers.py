@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import random
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import redis
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, insert
+from sqlalchemy import Connection, Engine, insert
 
 from api.auth import issue_tokens
 from shared.infra.models import DailyBar, Symbol, User, UserRole
@@ -72,8 +73,25 @@ def seed_bars(engine: Engine, symbols: list[str], *, days: int = 300, seed: int 
         by_symbol[symbol] = series
     with engine.begin() as conn:
         conn.execute(insert(Symbol), [{"symbol": s, "is_synthetic": True} for s in symbols])
-        conn.execute(insert(DailyBar), rows)
+        copy_bars(conn, rows)
     return by_symbol
+
+
+_BAR_COLUMNS = ("symbol", "date", "open", "high", "low", "close", "volume")
+
+
+def copy_bars(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert daily bars with one COPY (an INSERT of 400,000 rows takes ~15 s, COPY ~1 s). ``repr`` of a float
+    is its shortest exact text, so PostgreSQL stores the very doubles the caller holds."""
+    symbols = {row["symbol"] for row in rows}
+    assert not any(set(s) & set("\t\n\\") for s in symbols), symbols  # COPY's text format would need escapes
+    buffer = io.StringIO("".join(
+        f"{r['symbol']}\t{r['date'].isoformat()}\t{float(r['open'])!r}\t{float(r['high'])!r}\t{float(r['low'])!r}\t"
+        f"{float(r['close'])!r}\t{int(r['volume'])}\n"
+        for r in rows
+    ))  # fmt: skip
+    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.copy_expert(f"COPY {DailyBar.__tablename__} ({', '.join(_BAR_COLUMNS)}) FROM STDIN", buffer)
 
 
 _KOMBU_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue ``q`` at priority p > 0 is the list ``q\x06\x16p``
