@@ -136,7 +136,7 @@ def wait_for_job(client: FlaskClient, job_id: str, timeout_s: float = 90) -> dic
             return body
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} not finished after {timeout_s} s: {body}")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def all_results(client: FlaskClient, job_id: str, page_size: int = 1000) -> list[dict[str, Any]]:
