@@ -82,7 +82,7 @@ def wait_final(factory: sessionmaker[Session], job_id: uuid.UUID, timeout_s: flo
             if job.status in FINAL:
                 return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.status}"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def shards_of(factory: sessionmaker[Session], job_id: uuid.UUID) -> list[JobShard]:
