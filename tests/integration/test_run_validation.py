@@ -288,7 +288,10 @@ def test_cancel_during_validation_keeps_the_draws_made(
     cancelled = client.post(f"{RUNS}/{run_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
     _wait_final(session_factory, run_id, timeout_s=60)  # running tasks stop at their next checkpoint
-    view = client.get(f"{RUNS}/{run_id}").get_json()
+    deadline = time.monotonic() + 60
+    while (view := client.get(f"{RUNS}/{run_id}").get_json())["validation"]["result"] is None:  # finalized
+        assert time.monotonic() < deadline, view["progress"]
+        time.sleep(0.05)
     assert view["status"] == "cancelled"
     perm = view["validation"]["result"]["methods"]["permutation"]
     assert 0 < perm["draws"] < 10_000 and not perm["complete"] and perm["tasks_done"] < perm["tasks_total"] == 20
