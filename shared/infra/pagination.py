@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, tuple_
+from sqlalchemy import Select, and_, false, or_, tuple_
 from sqlalchemy.orm import Session
 
 from shared.errors import ValidationFailed
@@ -35,6 +35,15 @@ def text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("not a string")
     return value
+
+
+def number(value: Any) -> float | None:
+    """A float sort value (``None``: SQL NULL); JSON keeps a float's exact digits."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError("not a number")
+    return float(value)
 
 
 def integer(value: Any) -> int:
@@ -80,10 +89,36 @@ def decode_cursor(cursor: str, parsers: Sequence[Parser]) -> tuple[Any, ...]:
 
 
 @dataclass(frozen=True)
+class Sort:
+    """One sort column of a list whose columns do not all run the same way: its direction, and whether it may be
+    NULL (NULLs sort last, as ``nulls_last()``)."""
+
+    column: Any
+    descending: bool = False
+    nullable: bool = False
+
+    def ordered(self) -> Any:
+        order = self.column.desc() if self.descending else self.column.asc()
+        return order.nulls_last() if self.nullable else order
+
+    def equal(self, value: Any) -> Any:
+        return self.column.is_(None) if value is None else self.column == value
+
+    def beyond(self, value: Any) -> Any:
+        """Rows strictly after ``value`` in this column's order (NULLs last: nothing is after a NULL)."""
+        if value is None:
+            return false()
+        later = self.column < value if self.descending else self.column > value
+        return or_(later, self.column.is_(None)) if self.nullable else later
+
+
+@dataclass(frozen=True)
 class Keyset(Generic[T]):
     """A list's order: its sort columns (unique together), how to read a cursor's values back, and a row's key.
 
-    ``descending``: newest first (every column descending: PostgreSQL compares the row value as a whole)."""
+    ``descending``: newest first (every column descending: PostgreSQL compares the row value as a whole). Columns
+    given as :class:`Sort` may each run their own way and be NULL; the page then starts after the cursor by the
+    lexicographic rule (a column beyond the cursor's value, every earlier one equal to it)."""
 
     columns: tuple[Any, ...]
     parsers: tuple[Parser, ...]
@@ -92,11 +127,22 @@ class Keyset(Generic[T]):
 
     def after(self, query: Select[Any], cursor: str | None) -> Select[Any]:
         """``query`` ordered by the key and starting after ``cursor`` (from the first row without one)."""
+        sorts = [c if isinstance(c, Sort) else Sort(c, self.descending) for c in self.columns]
         if cursor:
             values = decode_cursor(cursor, self.parsers)
-            row = tuple_(*self.columns)
-            query = query.where(row < tuple_(*values) if self.descending else row > tuple_(*values))
-        return query.order_by(*(c.desc() if self.descending else c.asc() for c in self.columns))
+            if all(type(c) is not Sort for c in self.columns):
+                row, start = tuple_(*self.columns), tuple_(*values)
+                query = query.where(row < start if self.descending else row > start)
+            else:
+                query = query.where(
+                    or_(
+                        *(
+                            and_(*(s.equal(v) for s, v in zip(sorts[:i], values[:i], strict=True)), sort.beyond(value))
+                            for i, (sort, value) in enumerate(zip(sorts, values, strict=True))
+                        )
+                    )
+                )
+        return query.order_by(*(s.ordered() for s in sorts))
 
 
 def page(

@@ -180,7 +180,7 @@ def test_request_id_reaches_the_worker_and_every_log_line_of_its_tasks(
         ours = [line for line in _worker_lines(settings) if line.get("task_id") in task_ids]
         if {line.get("logger") for line in ours} >= {"worker.tasks", "celery.app.trace"} or time.monotonic() > deadline:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert ours, "no worker log line names the job's tasks"
     assert {line["task_id"] for line in ours} == task_ids
     assert all(line.get("request_id") == request_id for line in ours), ours

@@ -22,7 +22,7 @@ from api import create_app
 from shared.infra.config import Settings
 from shared.infra.migrate import PROJECT_ROOT
 from shared.infra.models import ApiKey, User
-from tests.helpers import ApiUser
+from tests.helpers import ApiUser, wait_until
 
 CREDENTIALS = {"username": "Carol", "password": "a long enough password"}
 
@@ -165,7 +165,9 @@ def test_expired_token_is_401(settings: Settings, flask_app: Flask, anon_client:
         client = short.test_client()
         tokens = login(client, user.username, user.password)
         assert client.get("/api/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
-        time.sleep(2.1)
+        # Refused once its one second is over (JWT times are whole seconds: within two seconds at most).
+        wait_until(lambda: client.get("/api/auth/me", headers=bearer(tokens["access_token"])).status_code == 401,
+                   10, "the access token to expire", poll_s=0.1)  # fmt: skip
         assert_401(client.get("/api/auth/me", headers=bearer(tokens["access_token"])), "token_expired")
     finally:
         short.extensions["alphaforge"].engine.dispose()

@@ -188,7 +188,7 @@ def _wait_final(client: FlaskClient, job_id: str, timeout_s: float = FINAL_TIMEO
         if view is not None and view["status"] in FINAL:
             return view
         assert time.monotonic() < deadline, f"job {job_id} not final after {timeout_s} s: {view}"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def _outcome(client: FlaskClient, item: Item) -> Any:
@@ -227,7 +227,7 @@ def _wait_for(fetch: Callable[[], dict[str, Any] | None], what: str, timeout_s: 
     deadline = time.monotonic() + timeout_s
     while (found := fetch()) is None:
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(0.05)
     return found
 
 

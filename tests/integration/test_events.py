@@ -72,7 +72,7 @@ def running_api_process(settings: Settings, **env: str) -> Iterator[tuple[tuple[
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn did not come up; log:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
+            time.sleep(0.05)
         yield (host, port), proc
     finally:
         _stop_process_group(proc)

@@ -2,7 +2,8 @@
 the worker's pool, and revoke a waiting shard's task (the shard is skipped, then the reconciler re-publishes it under
 a fresh task id and the job still finishes: revoking in Flower is not how a job is cancelled, POST .../cancel is).
 
-A worker, Flower and a Redis database of their own (so no other test's worker takes the shards).
+A worker, Flower and a Redis database of their own (so no other test's worker takes the shards), shared by the
+module's tests.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,14 +26,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contract import TASK_RECONCILE_SHARDS, create_celery, shard_enqueuer
-from shared.infra.config import QUEUE_MAINTENANCE, Maintenance, Settings
+from shared.infra.config import QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Maintenance, Settings
 from shared.infra.migrate import PROJECT_ROOT
 from shared.infra.models import Job, JobShard
 from shared.jobs import calculations
 from shared.jobs.calculations import CalculationRequest
 from shared.ops.embedded import free_tcp_port
 from shared.ops.launcher import child_commands
-from tests.helpers import FINAL, seed_bars
+from tests.helpers import FINAL, broker_holds_task, seed_bars, worker_holds_task
 from tests.integration.test_faults_worker_kill import Processes, wait_for
 
 FLOWER_REDIS_DB = 9
@@ -57,7 +57,7 @@ def call(url: str, method: str = "GET", auth: tuple[str, str] | None = AUTH) -> 
         return 0, None
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stack(settings: Settings) -> Iterator[tuple[Settings, Processes, str, Celery]]:
     base, _, _db = settings.require_redis_url().rpartition("/")
     own = settings.with_overrides(
@@ -109,12 +109,14 @@ def test_pool_resize_through_flower(stack: tuple[Settings, Processes, str, Celer
     status, body = call(f"{url}/api/worker/pool/shrink/{WORKER}?n=1", "POST")
     assert status == 200, body
     wait_for(lambda: pool_size(app) == 2, 15, "the pool to shrink to 2 processes")
+    assert call(f"{url}/api/worker/pool/shrink/{WORKER}?n=1", "POST")[0] == 200
+    wait_for(lambda: pool_size(app) == 1, 15, "the pool back at 1 process (the worker is shared by this module)")
 
 
 def test_revoking_a_waiting_shard_in_flower_skips_it_until_the_reconciler_brings_it_back(
     stack: tuple[Settings, Processes, str, Celery], clean_db: Engine, session_factory: sessionmaker[Session]
 ) -> None:
-    _, _, url, app = stack
+    settings, _, url, app = stack
     symbols = [f"V{i:02d}" for i in range(24)]
     seed_bars(clean_db, symbols, days=30)
     request = CalculationRequest(script=SLOW_SCRIPT, column_name="c", symbols=symbols)
@@ -136,7 +138,16 @@ def test_revoking_a_waiting_shard_in_flower_skips_it_until_the_reconciler_brings
         return all(status == "succeeded" for shard_id, status in rows if shard_id != last_id)
 
     wait_for(others_done, 60, "the other shards")
-    time.sleep(1.0)  # the worker has taken the revoked message by now (it was the last one waiting) ...
+    # The worker has taken the revoked message (it was the last one waiting) and discarded it: its task-revoked
+    # event reached Flower, and the message is neither queued, unacknowledged, reserved nor running ...
+    wait_for(lambda: (call(f"{url}/api/task/info/{revoked_task}")[1] or {}).get("state") == "REVOKED", 60,
+             "the worker's task-revoked event in Flower")  # fmt: skip
+    broker = redis.Redis.from_url(settings.require_redis_url())
+    try:
+        assert not broker_holds_task(broker, [QUEUE_INTERACTIVE], revoked_task)
+    finally:
+        broker.close()
+    assert not worker_holds_task(app, revoked_task, [WORKER])
     with session_factory() as session:
         assert session.scalar(select(JobShard.status).where(JobShard.id == last_id)) == "queued"  # ... and skipped it
         assert session.scalar(select(Job.status).where(Job.id == job.id)) == "running"

@@ -33,7 +33,7 @@ def optimisation(client: FlaskClient, fast: int) -> str:
     assert view["status"] == "succeeded" and view["best"] is not None, view
     deadline = time.monotonic() + 30  # the worker writes the artifacts after the outcome
     while (listing := client.get(f"{OPT}/{oid}/artifacts")).status_code == 409 and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert listing.status_code == 200, listing.get_data(as_text=True)
     return oid
 

@@ -28,7 +28,7 @@ def wait_for_artifacts(client: FlaskClient, run_id: str, timeout_s: float = 120)
             return view
         assert view["status"] == "pending", view
         assert time.monotonic() < deadline, f"no artifacts for {run_id} after {timeout_s} s"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def submit(client: FlaskClient, symbols: list[str], fast: int = 5) -> str:

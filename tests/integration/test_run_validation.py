@@ -278,11 +278,21 @@ def test_cancel_during_validation_keeps_the_draws_made(
             break
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(1.0)  # some draws made
+    while True:  # some draws made: a validation task has stored its part
+        with session_factory() as session:
+            part = session.scalar(select(RunValidationPart.task_index).where(
+                RunValidationPart.job_id == uuid.UUID(run_id)))  # fmt: skip
+        if part is not None:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     cancelled = client.post(f"{RUNS}/{run_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.get_json()["status"] == "cancelled"
     _wait_final(session_factory, run_id, timeout_s=60)  # running tasks stop at their next checkpoint
-    view = client.get(f"{RUNS}/{run_id}").get_json()
+    deadline = time.monotonic() + 60
+    while (view := client.get(f"{RUNS}/{run_id}").get_json())["validation"]["result"] is None:  # finalized
+        assert time.monotonic() < deadline, view["progress"]
+        time.sleep(0.05)
     assert view["status"] == "cancelled"
     perm = view["validation"]["result"]["methods"]["permutation"]
     assert 0 < perm["draws"] < 10_000 and not perm["complete"] and perm["tasks_done"] < perm["tasks_total"] == 20

@@ -57,7 +57,7 @@ def wait_for_run(client: FlaskClient, run_id: str, timeout_s: float = 120) -> di
         if body["status"] in FINAL:
             return body
         assert time.monotonic() < deadline, f"run {run_id} not finished: {body['progress']}"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def submit(client: FlaskClient, body: dict[str, Any], status: int = 202) -> dict[str, Any]:
