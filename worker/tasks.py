@@ -17,13 +17,13 @@ from celery import Task, shared_task
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.contract import TASK_RUN_CALCULATION_SHARD
+from shared.contract import TASK_RUN_CALCULATION_SHARD, TASK_WEBHOOK_DELIVER
 from shared.infra import log_context
 from shared.infra.artifact_store import ArtifactStore
-from shared.infra.config import Settings
+from shared.infra.config import QUEUE_MAINTENANCE, Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.events import RedisJobEvents
-from shared.jobs import backoff, calculations, leases
+from shared.jobs import backoff, calculations, leases, webhooks
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import job_of_shard
 from shared.sandbox.runner import run_script
@@ -153,7 +153,8 @@ def build_after_shard(services: WorkerServices, kind: str, shard_id: int, build:
 def finalize_then_build(task: Any, kind: str, job_id: str, finalize: jobs.Finalize, build: BuildArtifacts) -> str:
     """The follow-up task of a job that ended with no shard left to finalize it (cancelled while every shard waited:
     the cancel sends it; the reconciler too, after its finalize pass): ``pipeline.finalize_job`` with the kind's
-    finalization, then its artifacts. Both find their earlier result when done twice; retried on any error."""
+    finalization, then its artifacts, then the job's first webhook delivery if due. Both find their earlier result when
+    done twice; retried on any error."""
     services: WorkerServices = task.services
     try:
         ended = uuid.UUID(job_id)
@@ -162,7 +163,21 @@ def finalize_then_build(task: Any, kind: str, job_id: str, finalize: jobs.Finali
     except Exception as exc:
         log.warning("%s %s: not finished yet (%s: %s); retrying", kind, job_id, type(exc).__name__, exc)
         raise task.retry(exc=exc, countdown=5) from exc
+    start_first_delivery(task, ended)
     return "built" if built is not None else "not final"
+
+
+def start_first_delivery(task: Any, job_id: uuid.UUID) -> None:
+    """Send the job's first webhook delivery now if it is due: after its finalization committed, so the receiver
+    finds the job's views complete (a delivery sent earlier, by the cancel, skips the job while this task holds its
+    row). A failure is logged: the beat poll delivers it anyway."""
+    try:
+        with task.services.session_factory() as session:
+            due = webhooks.job_first_delivery_due(session, job_id)
+        if due:
+            task.app.send_task(TASK_WEBHOOK_DELIVER, args=(str(job_id),), queue=QUEUE_MAINTENANCE)
+    except Exception:
+        log.warning("could not start the webhook delivery of job %s; the beat poll will", job_id, exc_info=True)
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_RUN_CALCULATION_SHARD, acks_late=True, max_retries=None)

@@ -284,3 +284,14 @@ def first_delivery_due(session: Session, shard_id: int) -> uuid.UUID | None:
         .where(JobShard.id == shard_id, Job.callback_state == "pending", Job.status.in_(FINISHED))
         .where(Job.callback_attempts == 0)
     )
+
+
+def job_first_delivery_due(session: Session, job_id: uuid.UUID) -> bool:
+    """The job has ended with its webhook not yet tried (:func:`first_delivery_due`, by job): what the worker task that
+    finalizes a job ended with no shard left checks, to start the delivery once the job's views are complete."""
+    due = session.scalar(
+        select(Job.id).where(
+            Job.id == job_id, Job.callback_state == "pending", Job.status.in_(FINISHED), Job.callback_attempts == 0
+        )
+    )
+    return due is not None
