@@ -26,14 +26,14 @@ class OptimizationsQuery(BaseModel):
 
     status: OptimizationStatus | None = None
     limit: int = Field(default=50, ge=1, le=200)
-    offset: int = Field(default=0, ge=0, le=1_000_000)
+    cursor: str | None = Field(default=None, max_length=300, description="next_cursor of the previous page")
 
 
 class OptimizationResultsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(default=100, ge=1, le=1000)
-    offset: int = Field(default=0, ge=0, le=10_000_000)
+    cursor: str | None = Field(default=None, max_length=500, description="next_cursor of the previous page")
     window: int = Field(default=0, ge=0, le=100_000, description="walk-forward window (0 without walk-forward)")
     include_filtered: bool = Field(default=False, description="also list the rows a constraint filtered out")
 
@@ -105,7 +105,7 @@ class OptimizationSummaryItem(BaseModel):
 
 class OptimizationsPage(BaseModel):
     optimizations: list[OptimizationSummaryItem]
-    next_offset: int | None
+    next_cursor: str | None
 
 
 class RankedRowView(BaseModel):
@@ -128,4 +128,4 @@ class OptimizationResultsPage(BaseModel):
     passing: int
     total: int
     results: list[RankedRowView]
-    next_offset: int | None
+    next_cursor: str | None

@@ -43,6 +43,7 @@ from shared.accounts.audit import AuditAction
 from shared.contract import TASK_RUN_OPTIMIZATION_SHARD, shard_enqueuer
 from shared.domain.search.spec import OptimizationSpec
 from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.infra import pagination
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job, Optimization, RunManifest
 from shared.jobs import pipeline as jobs
@@ -232,17 +233,25 @@ def _view(
     )
 
 
+NEWEST_FIRST: pagination.Keyset[tuple[Job, Optimization]] = pagination.Keyset(
+    (Optimization.created_at, Optimization.job_id),
+    (pagination.timestamp, pagination.uuid_value),
+    lambda row: (row[1].created_at, row[1].job_id),
+    descending=True,
+)
+
+
 @bp.get("", responses={200: OptimizationsPage, 401: ErrorResponse, 422: ErrorResponse})
 def list_optimizations(query: OptimizationsQuery) -> Response:
-    """Your optimisations, newest first; filter by ``status``; paged by ``offset``."""
+    """Your optimisations, newest first; filter by ``status``; keyset-paged (``cursor``)."""
     stmt = select(Job, Optimization).join(Optimization, Optimization.job_id == Job.id)
     stmt = stmt.where(Optimization.owner_id == current_principal().user_id)
     if query.status:
         stmt = stmt.where(Job.status == query.status)
-    stmt = stmt.order_by(Optimization.created_at.desc(), Optimization.job_id.desc())
     with services().session_factory() as session:
-        rows = session.execute(stmt.offset(query.offset).limit(query.limit + 1)).all()
-    more = len(rows) > query.limit
+        rows, next_cursor = pagination.page(
+            session, stmt, NEWEST_FIRST, limit=query.limit, cursor=query.cursor, scalars=False
+        )
     page = OptimizationsPage(
         optimizations=[
             OptimizationSummaryItem(
@@ -257,9 +266,9 @@ def list_optimizations(query: OptimizationsQuery) -> Response:
                 finished_at=job.finished_at,
                 links=links(job.id),
             )
-            for job, opt in rows[: query.limit]
+            for job, opt in rows
         ],
-        next_offset=query.offset + query.limit if more else None,
+        next_cursor=next_cursor,
     )
     return jsonify(page.model_dump(mode="json"))
 
@@ -283,21 +292,20 @@ def get_optimization(path: OptimizationPath) -> Response:
 )
 def get_results(path: OptimizationPath, query: OptimizationResultsQuery) -> Response:
     """The ranked table: combos passing every constraint, best first (ties: lower combo index; an undefined
-    objective last), paged by ``offset``; ``include_filtered=true`` lists the filtered-out rows after them,
+    objective last), keyset-paged (``cursor``); ``include_filtered=true`` lists the filtered-out rows after them,
     each with the constraints it fails. ``window`` picks a walk-forward window's in-sample table."""
     with services().session_factory() as session:
         job, opt = _readable(session, path.optimization_id)
         spec = OptimizationSpec.model_validate(opt.spec)
-        rows, passing, total = read.ranked_page(
+        rows, passing, total, next_cursor = read.ranked_page(
             session,
             job.id,
             spec,
             window=query.window,
-            offset=query.offset,
+            cursor=query.cursor,
             limit=query.limit,
             include_filtered=query.include_filtered,
         )
-    shown = total if query.include_filtered else passing
     page = OptimizationResultsPage(
         optimization_id=str(job.id),
         status=job.status,
@@ -307,7 +315,7 @@ def get_results(path: OptimizationPath, query: OptimizationResultsQuery) -> Resp
         passing=passing,
         total=total,
         results=[RankedRowView.model_validate(vars(r)) for r in rows],
-        next_offset=query.offset + len(rows) if query.offset + len(rows) < shown else None,
+        next_cursor=next_cursor,
     )
     return jsonify(page.model_dump(mode="json"))
 

@@ -127,9 +127,12 @@ class Keyset(Generic[T]):
 
     def after(self, query: Select[Any], cursor: str | None) -> Select[Any]:
         """``query`` ordered by the key and starting after ``cursor`` (from the first row without one)."""
+        return self.after_key(query, decode_cursor(cursor, self.parsers) if cursor else None)
+
+    def after_key(self, query: Select[Any], values: Sequence[Any] | None) -> Select[Any]:
+        """``query`` ordered by the key and starting after the row whose key is ``values`` (None: from the first)."""
         sorts = [c if isinstance(c, Sort) else Sort(c, self.descending) for c in self.columns]
-        if cursor:
-            values = decode_cursor(cursor, self.parsers)
+        if values is not None:
             if all(type(c) is not Sort for c in self.columns):
                 row, start = tuple_(*self.columns), tuple_(*values)
                 query = query.where(row < start if self.descending else row > start)

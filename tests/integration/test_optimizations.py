@@ -89,15 +89,15 @@ def artifacts_listing(client: FlaskClient, optimization_id: str, timeout_s: floa
 
 def table(client: FlaskClient, optimization_id: str, **query: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    offset = 0
+    cursor: dict[str, str] = {}
     while True:
-        page = client.get(f"{OPT}/{optimization_id}/results", query_string={**query, "offset": offset, "limit": 37})
+        page = client.get(f"{OPT}/{optimization_id}/results", query_string={**query, **cursor, "limit": 7})
         assert page.status_code == 200, page.get_data(as_text=True)
         doc = page.get_json()
         rows.extend(doc["results"])
-        if doc["next_offset"] is None:
+        if doc["next_cursor"] is None:
             return rows
-        offset = doc["next_offset"]
+        cursor = {"cursor": doc["next_cursor"]}
 
 
 def engine_bars(engine: Engine, symbol: str) -> Any:

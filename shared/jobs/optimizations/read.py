@@ -17,6 +17,7 @@ from shared.domain.search.plan import Task
 from shared.domain.search.scoring import failed_reasons
 from shared.domain.search.spec import METRIC_NAMES, METRICS, OptimizationSpec
 from shared.errors import NotFound
+from shared.infra import pagination
 from shared.infra.models import Job, JobShard, Optimization, OptimizationResult
 
 
@@ -109,30 +110,42 @@ def ranked_page(
     spec: OptimizationSpec,
     *,
     window: int,
-    offset: int,
+    cursor: str | None,
     limit: int,
     include_filtered: bool,
-) -> tuple[list[RankedRow], int, int]:
-    """A page of the ranked table: the rows passing every constraint, best first (ties: lower combo index);
-    with ``include_filtered`` the rows that fail follow, each with its reasons. Also (passing, total) counts."""
-
-    passes = _passes(spec)
+) -> tuple[list[RankedRow], int, int, str | None]:
+    """A page of the ranked table: the rows passing every constraint, best first (ties: lower combo index; an
+    undefined objective last); with ``include_filtered`` the rows that fail follow, each with its reasons. Also the
+    (passing, total) counts and the next page's cursor: the last row's sort key and how many passing rows the pages
+    so far held (the next page's ranks continue from it)."""
+    passes = func.coalesce(_passes(spec), False)  # a NULL metric makes a condition NULL: such a row fails
     base = select(OptimizationResult).where(OptimizationResult.job_id == job_id, OptimizationResult.window == window)
     total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
     passing = int(session.scalar(select(func.count()).select_from(base.where(passes).subquery())) or 0)
-    if include_filtered:
-        # a NULL metric makes the condition NULL: such a row fails (coalesce to false)
-        query = base.order_by(case((func.coalesce(passes, False), 0), else_=1), *_order(spec))
-    else:
-        query = base.where(passes).order_by(*_order(spec))
+    group = case((passes, 0), else_=1)
+    objective = getattr(OptimizationResult, spec.objective.metric)
+    order = (
+        *((pagination.Sort(group),) if include_filtered else ()),
+        pagination.Sort(objective, descending=spec.objective.direction == "max", nullable=True),
+        pagination.Sort(OptimizationResult.combo_index),
+    )
+    parsers = (*((pagination.integer,) if include_filtered else ()), pagination.number, pagination.integer)
+    ranked_before = 0
+    start = None
+    if cursor:
+        *start, ranked_before = pagination.decode_cursor(cursor, (*parsers, pagination.integer))
+    keyset: pagination.Keyset[Any] = pagination.Keyset(order, parsers, lambda row: row)
+    query = (base if include_filtered else base.where(passes)).add_columns(group)
+    rows = list(session.execute(keyset.after_key(query, start).limit(limit + 1)))
     out = []
-    for i, r in enumerate(session.scalars(query.offset(offset).limit(limit))):
+    for r, row_group in rows[:limit]:
         metrics = {n: getattr(r, n) for n in METRIC_NAMES}
         reasons = failed_reasons(metrics, spec.constraints)
-        position = offset + i
+        ranked = row_group == 0 and not reasons
+        ranked_before += 1 if ranked else 0
         out.append(
             RankedRow(
-                position + 1 if not reasons and position < passing else None,
+                ranked_before if ranked else None,
                 r.combo_index,
                 r.window,
                 r.params,
@@ -142,4 +155,9 @@ def ranked_page(
                 reasons,
             )
         )
-    return out, passing, total
+    next_cursor = None
+    if len(rows) > limit:
+        last, last_group = rows[limit - 1]
+        key = (*((last_group,) if include_filtered else ()), getattr(last, spec.objective.metric), last.combo_index)
+        next_cursor = pagination.encode_cursor([*key, ranked_before])
+    return out, passing, total, next_cursor
