@@ -10,7 +10,11 @@ active jobs:
   stalled), so it is looked at in the next pass, seconds after the death, with no grace period;
 * a **queued shard** (or a running one claimed without a lease) published more than a grace period ago: a message
   can legitimately wait in a queue for a long time, so only these passes scan the queues (less often, see
-  ``Maintenance.queued_pass_interval_s``).
+  ``Maintenance.queued_pass_interval_s``);
+* a **queued shard published before a death** that a pass has just seen (a lease expired and its task is found
+  nowhere): the dead worker may have prefetched it, and a prefetched message dies with its worker (on Redis it
+  waits in ``unacked`` for the visibility timeout). The pass that sees the death judges those at once instead of
+  after the grace period; one queue scan per death, none while every worker lives.
 
 It asks where each candidate's current task is (still in a broker queue, or held by a live worker:
 :data:`LiveTasks`), and for each one found nowhere:
@@ -43,6 +47,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, text, update
@@ -74,6 +79,7 @@ class Candidate:
     status: str
     requeues: int
     lease_expired: bool
+    lease_expires_at: datetime | None
 
 
 @dataclass
@@ -117,12 +123,24 @@ def candidate_query(*, grace_s: float, kinds: Collection[str], limit: int, queue
     expired = _lease_expired()
     wanted = expired
     if queued:
-        published_before = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)
-        stale = and_(JobShard.status.in_(_OPEN), _no_live_lease(), JobShard.enqueued_at < published_before)
-        wanted = or_(expired, stale)
+        wanted = or_(expired, _published_before(func.now() - func.make_interval(0, 0, 0, 0, 0, 0, grace_s)))
+    return _candidates(wanted, kinds=kinds, limit=limit)
+
+
+def published_before_query(before: datetime, *, kinds: Collection[str], limit: int) -> Select[Any]:
+    """Open shards of active jobs of the given kinds with no live lease, (re-)published before ``before``."""
+    return _candidates(_published_before(before), kinds=kinds, limit=limit)
+
+
+def _published_before(before: Any) -> ColumnElement[bool]:
+    return and_(JobShard.status.in_(_OPEN), _no_live_lease(), JobShard.enqueued_at < before)
+
+
+def _candidates(wanted: ColumnElement[bool], *, kinds: Collection[str], limit: int) -> Select[Any]:
+    expired = _lease_expired()
     columns = (JobShard.id, JobShard.job_id, Job.kind, Job.queue, JobShard.task_id, JobShard.status, JobShard.requeues)
     return (
-        select(*columns, expired)
+        select(*columns, expired, JobShard.lease_expires_at)
         .join(Job, Job.id == JobShard.job_id)
         .where(wanted, Job.status.in_(_ACTIVE), Job.kind.in_(list(kinds)))
         .order_by(expired.desc(), JobShard.enqueued_at, JobShard.id)
@@ -133,8 +151,32 @@ def candidate_query(*, grace_s: float, kinds: Collection[str], limit: int, queue
 def find_candidates(
     session: Session, *, grace_s: float, kinds: Collection[str], limit: int, queued: bool = True
 ) -> list[Candidate]:
-    rows = session.execute(candidate_query(grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)).all()
-    return [Candidate(s, j, k, q, t, st, r, bool(e)) for s, j, k, q, t, st, r, e in rows]
+    return _read(session, candidate_query(grace_s=grace_s, kinds=kinds, limit=limit, queued=queued))
+
+
+def _read(session: Session, query: Select[Any]) -> list[Candidate]:
+    return [Candidate(s, j, k, q, t, st, r, bool(e), x) for s, j, k, q, t, st, r, e, x in session.execute(query)]
+
+
+def _vanished(
+    candidates: Sequence[Candidate], live_tasks: LiveTasks, report: ReconcileReport
+) -> tuple[list[Candidate], bool]:
+    """The candidates whose task is found nowhere, and whether that could be told (else only those whose lease
+    expired are returned: their holder's silence is the evidence)."""
+    report.candidates += len(candidates)
+    if not candidates:
+        return [], True
+    alive = live_tasks([c.task_id for c in candidates])
+    judged = list(candidates)
+    if alive is None:
+        judged = [c for c in candidates if c.lease_expired]
+        report.skipped = "could not tell which tasks are alive (broker or workers did not answer)"
+        log.warning("reconciler: %s; %d shards left for the next pass, %d whose lease expired judged vanished",
+                    report.skipped, len(candidates) - len(judged), len(judged))  # fmt: skip
+        alive = set()
+    vanished = [c for c in judged if c.task_id not in alive]
+    report.alive += len(judged) - len(vanished)
+    return vanished, report.skipped is None
 
 
 def gave_up_reason(requeues: int) -> str:
@@ -186,20 +228,14 @@ def reconcile(
     report = ReconcileReport()
     with factory() as session:
         candidates = find_candidates(session, grace_s=grace_s, kinds=kinds, limit=limit, queued=queued)
-    report.candidates = len(candidates)
-    if not candidates:
-        return report
-    alive = live_tasks([c.task_id for c in candidates])
-    judged = candidates
-    if alive is None:
-        judged = [c for c in candidates if c.lease_expired]
-        left = len(candidates) - len(judged)
-        report.skipped = "could not tell which tasks are alive (broker or workers did not answer)"
-        log.warning("reconciler: %s; %d shards left for the next pass, %d whose lease expired judged vanished",
-                    report.skipped, left, len(judged))  # fmt: skip
-        alive = set()
-    vanished = [c for c in judged if c.task_id not in alive]
-    report.alive = len(judged) - len(vanished)
+    vanished, told = _vanished(candidates, live_tasks, report)
+    deaths = [c.lease_expires_at for c in vanished if c.lease_expired and c.lease_expires_at is not None]
+    if deaths and told:  # a worker died: what it had prefetched is lost with it, whatever the grace says
+        seen = {c.shard_id for c in candidates}
+        with factory() as session:
+            orphans = _read(session, published_before_query(max(deaths), kinds=kinds, limit=limit))
+        more, _ = _vanished([c for c in orphans if c.shard_id not in seen], live_tasks, report)
+        vanished.extend(more)
     to_publish: dict[tuple[str, str], list[jobs.ShardTask]] = defaultdict(list)
     for candidate in vanished:
         if candidate.requeues >= max_requeues:

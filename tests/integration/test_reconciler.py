@@ -61,6 +61,7 @@ def run_pass(
     grace_s: float = 0.0,
     max_requeues: int = 3,
     requeue: reconciler.Requeue | None = None,
+    queued: bool = True,
 ) -> reconciler.ReconcileReport:
     return reconciler.reconcile(
         factory,
@@ -69,6 +70,7 @@ def run_pass(
         kinds=SHARD_TASKS.keys(),
         grace_s=grace_s,
         max_requeues=max_requeues,
+        queued=queued,
     )
 
 
@@ -127,6 +129,37 @@ def test_nothing_is_judged_within_the_grace_period(
     report = run_pass(session_factory, celery_app, broker, grace_s=3600)
     assert report.candidates == 0 and report.requeued == []
     assert [s.requeues for s in shards_of(session_factory, job.id)] == [0]
+
+
+def test_a_dead_workers_prefetched_shards_are_judged_at_once(
+    clean_db: Engine, session_factory: sessionmaker[Session], celery_app: Celery, broker: redis.Redis
+) -> None:
+    """A lease pass that finds a dead holder (its lease expired, its task found nowhere) also judges the queued
+    shards published before that lease ran out, however young: the dead worker may have prefetched them. Those
+    published after it, and every queued shard of a pass that finds no death, are left to the grace rule."""
+    symbols = [f"P{i:02d}" for i in range(15)]
+    seed_bars(clean_db, symbols, days=5)
+    job = submit(session_factory, symbols, lose_messages)  # three shards; their messages are lost
+    assert run_pass(session_factory, celery_app, broker, grace_s=3600, queued=False).candidates == 0
+    held, *prefetched = shards_of(session_factory, job.id)
+    with session_factory() as session, session.begin():
+        session.execute(
+            update(JobShard).where(JobShard.job_id == job.id).values(enqueued_at=text("now() - interval '5 seconds'"))
+        )
+        session.execute(
+            update(JobShard)
+            .where(JobShard.id == held.id)
+            .values(
+                status="running", lease_holder="dead@host pid 1", lease_expires_at=text("now() - interval '1 second'")
+            )
+        )
+    later = submit(session_factory, ["Q1", "Q2"], lose_messages)  # published after the death: not its prefetch
+    report = run_pass(session_factory, celery_app, broker, grace_s=3600, queued=False)
+    assert sorted(report.requeued) == sorted([held.id, *(s.id for s in prefetched)]) and report.alive == 0
+    final = wait_final(session_factory, job.id)
+    assert final.status == "succeeded" and final.symbols_done == 15
+    assert [s.requeues for s in shards_of(session_factory, later.id)] == [0]
+    assert wait_status(session_factory, later.id) == "queued"
 
 
 def test_a_shard_that_keeps_vanishing_fails_with_the_reason(
