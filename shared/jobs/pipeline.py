@@ -525,6 +525,14 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
+def job_with_record(session: Session, record: type[R], key: Any, *where: Any) -> tuple[Job, R] | None:
+    """A job and its kind's record (``key``: the record's job id column), read in one statement and so from one
+    snapshot: two reads could pair a job already final with its record as it was before the finalization that
+    ended the job committed (a view showing a finished run without its portfolio)."""
+    row = session.execute(select(Job, record).join(record, key == Job.id).where(*where)).first()
+    return None if row is None else (row[0], row[1])
+
+
 RESULTS_BY_SYMBOL: pagination.Keyset[JobResult] = pagination.Keyset(
     (JobResult.symbol,), (pagination.text,), lambda r: (r.symbol,)
 )

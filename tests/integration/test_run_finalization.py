@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, Row, select, text, update
+from sqlalchemy import Engine, Row, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import shared.domain.backtest
@@ -223,3 +223,34 @@ def test_the_reconciler_finalizes_ended_runs_nobody_finalized(
     assert stored(session_factory, unqueued).finalized_at is not None
     again = reconciler.finalize_ended(session_factory, finalizers=FINALIZERS, grace_s=0, queued=True)
     assert again.finalized == [] and again.shards_closed == 0
+
+
+def test_a_view_reads_the_job_and_its_run_from_one_snapshot(
+    settings: Settings, engine: Engine, session_factory: sessionmaker[Session], user: ApiUser
+) -> None:
+    """The finalization that ends a run commits its status and its portfolio together; a view that read them in two
+    statements could see the run before that commit and the job after it (final, without its portfolio). Here the
+    commit lands right after the view's first statement: what the view returns is the state before it, whole."""
+    seed_bars(engine, SYMBOLS, days=30)
+    run_id = submit_nowhere(session_factory, settings, user.id, body(validation=None) | {"validation": {}})
+    committed = []
+
+    def finalize_meanwhile(*args: Any) -> None:
+        if committed:
+            return
+        committed.append(True)
+        with engine.begin() as conn:  # another connection: the worker's transaction that ends and finalizes the run
+            conn.execute(update(Job).where(Job.id == run_id).values(status="succeeded", finalized_at=text("now()")))
+            conn.execute(update(BacktestRun).where(BacktestRun.job_id == run_id).values(portfolio={"sleeves": 4}))
+
+    event.listen(engine, "after_cursor_execute", finalize_meanwhile)
+    try:
+        with session_factory() as session:
+            job, run = read.get_run(session, run_id)
+    finally:
+        event.remove(engine, "after_cursor_execute", finalize_meanwhile)
+    assert committed
+    assert (job.status, run.portfolio) == ("queued", None)
+    with session_factory() as session:
+        job, run = read.get_run(session, run_id)
+    assert (job.status, run.portfolio) == ("succeeded", {"sleeves": 4})

@@ -38,22 +38,20 @@ SUMMARY_METRICS = {
 
 
 def find_run(session: Session, owner_id: str, config_hash: str) -> tuple[Job, BacktestRun] | None:
-    run = session.scalar(
-        select(BacktestRun).where(BacktestRun.owner_id == owner_id, BacktestRun.config_hash == config_hash)
+    return jobs.job_with_record(
+        session,
+        BacktestRun,
+        BacktestRun.job_id,
+        BacktestRun.owner_id == owner_id,
+        BacktestRun.config_hash == config_hash,
     )
-    if run is None:
-        return None
-    job = session.get(Job, run.job_id)
-    assert job is not None
-    return job, run
 
 
 def get_run(session: Session, job_id: uuid.UUID) -> tuple[Job, BacktestRun]:
-    run = session.get(BacktestRun, job_id)
-    job = session.get(Job, job_id) if run is not None else None
-    if run is None or job is None:
+    found = jobs.job_with_record(session, BacktestRun, BacktestRun.job_id, Job.id == job_id)
+    if found is None:
         raise NotFound(f"run {job_id} not found", details={"run_id": str(job_id)})
-    return job, run
+    return found
 
 
 def run_config(session: Session, job_id: uuid.UUID) -> BacktestConfig:

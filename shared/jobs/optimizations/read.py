@@ -19,25 +19,24 @@ from shared.domain.search.spec import METRIC_NAMES, METRICS, OptimizationSpec
 from shared.errors import NotFound
 from shared.infra import pagination
 from shared.infra.models import Job, JobShard, Optimization, OptimizationResult
+from shared.jobs import pipeline as jobs
 
 
 def find(session: Session, owner_id: str, spec_hash: str) -> tuple[Job, Optimization] | None:
-    opt = session.scalar(
-        select(Optimization).where(Optimization.owner_id == owner_id, Optimization.spec_hash == spec_hash)
+    return jobs.job_with_record(
+        session,
+        Optimization,
+        Optimization.job_id,
+        Optimization.owner_id == owner_id,
+        Optimization.spec_hash == spec_hash,
     )
-    if opt is None:
-        return None
-    job = session.get(Job, opt.job_id)
-    assert job is not None
-    return job, opt
 
 
 def get(session: Session, job_id: uuid.UUID) -> tuple[Job, Optimization]:
-    opt = session.get(Optimization, job_id)
-    job = session.get(Job, job_id) if opt is not None else None
-    if opt is None or job is None:
+    found = jobs.job_with_record(session, Optimization, Optimization.job_id, Job.id == job_id)
+    if found is None:
         raise NotFound(f"optimization {job_id} not found", details={"optimization_id": str(job_id)})
-    return job, opt
+    return found
 
 
 def load_summary(
