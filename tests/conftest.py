@@ -4,6 +4,11 @@ Servers: ``ALPHAFORGE_TEST_DATABASE_URL`` (any database on a server where we may
 and ``ALPHAFORGE_TEST_REDIS_URL`` (a Redis database the tests may flush) point the tests at running
 servers; when unset, the tests start the embedded servers themselves. Each run works in a fresh
 database ``af_test_<random>`` that is dropped at the end.
+
+``./alphaforge test`` runs three pytest-xdist processes (pyproject.toml), a file at a time each: every process has
+its own servers (or its own database on the given PostgreSQL server), worker and data directory, so that what a
+file does to its stack (a Redis restart, a paused PostgreSQL) never reaches a test of another process. Tests use
+fixed database numbers on their Redis server: a given one takes one process (``-n 0``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ WORKER_LOG_NAME = "celery-worker.log"  # under settings.data_dir
 
 # Every table of the models is emptied between tests (a table added later cannot be forgotten here).
 _DATA_TABLES = tuple(table.name for table in reversed(Base.metadata.sorted_tables))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a file of tests that takes tens of seconds; scheduled first")
+    if os.environ.get("ALPHAFORGE_TEST_REDIS_URL") and (config.getoption("numprocesses", None) or 0) > 1:
+        raise pytest.UsageError(
+            "ALPHAFORGE_TEST_REDIS_URL: the tests flush that Redis server's databases by number, so they cannot share "
+            "it between parallel processes; add -n 0 (one process), or unset it (each process starts its own Redis)"
+        )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow files first (a stable sort: files and tests keep their order otherwise), so that the parallel run
+    does not end with one long file running alone while the other processes idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def test_oversized_body_is_413(client: FlaskClient, settings: Settings) -> None:
     assert_error(response, 413, "request_entity_too_large")
 
 
-@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid", "1"])
+@pytest.mark.parametrize("job_id", ["0b5e7c8a-3d2f-4a61-9c4e-7f1d2b3a4c5d", "not-a-uuid", "1"])
 def test_unknown_job_is_404(client: FlaskClient, job_id: str) -> None:
     for path in (f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/results"):
         assert_error(client.get(path), 404, "not_found")

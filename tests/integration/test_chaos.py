@@ -45,6 +45,8 @@ from shared.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.helpers import FINAL, authed_client, make_user, seed_bars
 from tests.integration.test_faults_worker_kill import Processes
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 SEED = int(os.environ.get("ALPHAFORGE_CHAOS_SEED", "1414"))
 SHARD_SIZE = 5
 CALC_SYMBOLS = [f"CH{i:02d}" for i in range(30)]

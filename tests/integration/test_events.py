@@ -30,6 +30,8 @@ from shared.ops.launcher import child_commands
 from tests.conftest import PROJECT_ROOT, _stop_process_group
 from tests.helpers import ApiUser, seed_bars, wait_for_job
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 SYMBOLS = [f"EV{i:02d}" for i in range(12)]
 SHARD_SIZE = 3  # 12 symbols -> 4 shards
 

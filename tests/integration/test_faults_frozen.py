@@ -30,6 +30,8 @@ from shared.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.helpers import TEST_PASSWORD, ApiUser, make_user, seed_bars
 from tests.integration.test_events import running_api
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 Server = tuple[str, int]
 BOUND_S = 5.0  # the bound: every answer during a freeze, and recovery after it
 PROBES = 200

@@ -28,6 +28,8 @@ from shared.ops.embedded import EmbeddedRedis
 from tests.helpers import FINAL, seed_bars
 from tests.integration.test_faults_worker_kill import SCRIPT, Processes, shard_statuses, wait_for
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 SYMBOLS = 200
 SHARD_SIZE = 5
 

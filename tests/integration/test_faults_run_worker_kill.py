@@ -11,6 +11,7 @@ import signal
 import time
 
 import psutil
+import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,8 @@ from tests.integration.test_faults_worker_kill import (  # noqa: F401 (fixtures)
     shard_statuses,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 SYMBOLS = 60
 SHARD_SIZE = 5  # 12 shards

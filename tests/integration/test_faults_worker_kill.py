@@ -31,6 +31,8 @@ from shared.jobs import calculations
 from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, seed_bars
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FAULT_REDIS_DB = 13
 SYMBOLS = 200

@@ -36,6 +36,8 @@ from shared.ops.launcher import child_commands
 from tests.helpers import FINAL, broker_holds_task, seed_bars, worker_holds_task
 from tests.integration.test_faults_worker_kill import Processes, wait_for
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 FLOWER_REDIS_DB = 9
 AUTH = ("ops", "a-long-flower-passphrase")
 WORKER = "flowerctl@flower-test"

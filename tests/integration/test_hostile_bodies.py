@@ -8,11 +8,14 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from api.ratelimit import reset_rate_limits
 from tests.helpers import seed_bars
+
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 HOSTILE: list[Any] = [
     None, -1, 0, 2.5, 10**30, 1e308, -1e308, True, "", "x", "\u0000", "9" * 5000, "2024-13-45",

@@ -35,6 +35,8 @@ from shared.infra.migrate import PROJECT_ROOT
 from shared.ops.embedded import free_tcp_port
 from shared.ops.supervisor import Restarts, Supervisor
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

@@ -233,7 +233,7 @@ def test_a_view_reads_the_job_and_its_run_from_one_snapshot(
     commit lands right after the view's first statement: what the view returns is the state before it, whole."""
     seed_bars(engine, SYMBOLS, days=30)
     run_id = submit_nowhere(session_factory, settings, user.id, body(validation=None) | {"validation": {}})
-    committed = []
+    committed: list[bool] = []
 
     def finalize_meanwhile(*args: Any) -> None:
         if committed:

@@ -58,6 +58,8 @@ from tests.conftest import ServerUrls
 from tests.helpers import FINAL, authed_client, make_user, seed_bars
 from tests.virtual_hosts import TcpPostgres, VirtualLink, namespaces_unavailable, popen_on_second_host
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "af-scale-out"
 SHARD_SIZE = 5

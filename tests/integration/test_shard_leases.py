@@ -35,6 +35,8 @@ from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, ApiUser, seed_bars
 from tests.integration.test_faults_worker_kill import Processes, _group, wait_for
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 LEASE_REDIS_DB = 14
 RERUN_BOUND_S = 15.0  # a shard whose worker died is re-run within 15 s
 SLOW = "s = 0\nfor i in range(600000):\n    s += i\nresult = close[-1]"  # a few tenths of a second per symbol

@@ -32,6 +32,8 @@ from shared.infra.migrate import PROJECT_ROOT
 from shared.ops.embedded import free_tcp_port
 from tests.integration.test_launcher import _alive, _belongs_to_run, _descendants, _kill_all, _wait_for
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 RESTART_MAX = 3
 RESTART_WINDOW_S = 120
