@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -132,7 +130,11 @@ def _trades_csv(data: RunData) -> bytes:
 
 def _chart_png(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark: np.ndarray) -> bytes:
     """Equity against buy and hold, drawdown underneath; trade entries and exits marked for a one-symbol run.
-    A ``Figure`` with the Agg canvas, not pyplot: no global state, safe in any thread or process."""
+    A ``Figure`` with the Agg canvas, not pyplot: no global state, safe in any thread or process. Imported here:
+    matplotlib costs every worker process a share of its start-up, and only artifact builds draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 6.5), dpi=100)
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
