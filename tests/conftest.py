@@ -14,6 +14,7 @@ fixed database numbers on their Redis server: a given one takes one process (``-
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
@@ -52,6 +54,7 @@ WORKER_LOG_NAME = "celery-worker.log"  # under settings.data_dir
 
 # Every table of the models is emptied between tests (a table added later cannot be forgotten here).
 _DATA_TABLES = tuple(table.name for table in reversed(Base.metadata.sorted_tables))
+DEADLOCK_DETECTED = "40P01"  # PostgreSQL's SQLSTATE
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,9 +133,19 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @pytest.fixture
 def clean_db(engine: Engine) -> Iterator[Engine]:
-    """Empty every data table before the test (integration tests request it, directly or not)."""
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(_DATA_TABLES)} CASCADE"))
+    """Empty every data table before the test (integration tests request it, directly or not).
+
+    The session's worker may still be finishing something a previous test started (a retention pass, a late
+    duplicate delivery) while TRUNCATE takes its locks table by table: PostgreSQL may then break a deadlock by
+    rolling the TRUNCATE back (40P01). The other transaction goes on, and the TRUNCATE is tried again."""
+    for attempt in itertools.count(1):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {', '.join(_DATA_TABLES)} CASCADE"))
+            break
+        except OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) != DEADLOCK_DETECTED or attempt == 5:
+                raise
     yield engine
 
 
