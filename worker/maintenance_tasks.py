@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -48,26 +49,29 @@ from worker.tasks import ServicesTask, WorkerServices
 
 log = logging.getLogger(__name__)
 
-SHARD_TASKS: dict[str, str] = {
-    JobKind.CALCULATION.value: TASK_RUN_CALCULATION_SHARD,
-    JobKind.BACKTEST.value: TASK_RUN_BACKTEST_SHARD,
-    JobKind.OPTIMIZATION.value: TASK_RUN_OPTIMIZATION_SHARD,
-}
-"""The Celery task that runs a shard of each job kind: the reconciler heals only the kinds listed here."""
 
-FINALIZERS: dict[str, Finalize] = {
-    JobKind.BACKTEST.value: run_finalize.finalize_run,
-    JobKind.OPTIMIZATION.value: finalize_optimization,
-}
-"""Each job kind's finalization (shared/jobs/pipeline.py ``Finalize``), the one its shard tasks pass: the reconciler
-uses it when failing a shard ends a job, and its finalize pass catches up on the ended jobs of these kinds."""
+@dataclass(frozen=True)
+class KindTasks:
+    """What the worker side declares of a job kind: the Celery task that runs its shards, its finalization
+    (shared/jobs/pipeline.py ``Finalize``, the one its shard tasks pass) and the task (argument: the job id) that
+    follows a finalization the reconciler did (the job's artifacts: each finalizes first if needed, then builds)."""
 
-AFTER_FINALIZE: dict[str, str] = {
-    JobKind.BACKTEST.value: TASK_BUILD_RUN_ARTIFACTS,
-    JobKind.OPTIMIZATION.value: TASK_FINISH_OPTIMIZATION,
+    shard_task: str
+    finalize: Finalize | None = None
+    after_finalize: str | None = None
+
+
+JOB_KINDS: dict[str, KindTasks] = {
+    JobKind.CALCULATION.value: KindTasks(TASK_RUN_CALCULATION_SHARD),
+    JobKind.BACKTEST.value: KindTasks(TASK_RUN_BACKTEST_SHARD, run_finalize.finalize_run, TASK_BUILD_RUN_ARTIFACTS),
+    JobKind.OPTIMIZATION.value: KindTasks(TASK_RUN_OPTIMIZATION_SHARD, finalize_optimization, TASK_FINISH_OPTIMIZATION),
 }
-"""The task (argument: the job id) that follows a kind's finalization when the reconciler did it: the job's
-artifacts (each finalizes first if needed, then builds)."""
+"""Every job kind the reconciler heals, one line each: adding a kind is its package, its shard task, its schema
+and its line here."""
+
+SHARD_TASKS = {kind: tasks.shard_task for kind, tasks in JOB_KINDS.items()}
+FINALIZERS = {kind: tasks.finalize for kind, tasks in JOB_KINDS.items() if tasks.finalize is not None}
+AFTER_FINALIZE = {kind: tasks.after_finalize for kind, tasks in JOB_KINDS.items() if tasks.after_finalize is not None}
 
 metrics_signals.connect(SHARD_TASKS)  # shard wall time into the shared histogram of GET /metrics
 
