@@ -14,7 +14,6 @@ fixed database numbers on their Redis server: a given one takes one process (``-
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import secrets
 import shutil
@@ -138,7 +137,7 @@ def clean_db(engine: Engine) -> Iterator[Engine]:
     The session's worker may still be finishing something a previous test started (a retention pass, a late
     duplicate delivery) while TRUNCATE takes its locks table by table: PostgreSQL may then break a deadlock by
     rolling the TRUNCATE back (40P01). The other transaction goes on, and the TRUNCATE is tried again."""
-    for attempt in itertools.count(1):
+    for attempt in range(1, 6):
         try:
             with engine.begin() as conn:
                 conn.execute(text(f"TRUNCATE {', '.join(_DATA_TABLES)} CASCADE"))

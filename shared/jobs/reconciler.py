@@ -167,6 +167,7 @@ def _vanished(
     if not candidates:
         return [], True
     alive = live_tasks([c.task_id for c in candidates])
+    told = alive is not None
     judged = list(candidates)
     if alive is None:
         judged = [c for c in candidates if c.lease_expired]
@@ -176,7 +177,7 @@ def _vanished(
         alive = set()
     vanished = [c for c in judged if c.task_id not in alive]
     report.alive += len(judged) - len(vanished)
-    return vanished, report.skipped is None
+    return vanished, told
 
 
 def gave_up_reason(requeues: int) -> str:
