@@ -73,6 +73,8 @@ class OptimizationView(BaseModel):
     strategy: str
     spec_hash: str
     spec: dict[str, Any]
+    data_sha256: str | None = None  # the data it was created on (its symbols' data versions); another is another
+    data_version: int | None = None  # the newest import among its bars then
     combos: int
     progress: OptimizationProgress
     created_at: dt.datetime

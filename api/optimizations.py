@@ -219,6 +219,8 @@ def _view(
         strategy=opt.strategy,
         spec_hash=opt.spec_hash,
         spec=opt.spec,
+        data_sha256=job.data_sha256,
+        data_version=job.data_version,
         combos=opt.combos,
         progress=progress,
         created_at=job.created_at,

@@ -123,6 +123,10 @@ class RunView(BaseModel):
     strategy: str
     config_hash: str
     config: dict[str, Any]
+    data_sha256: str | None = Field(
+        default=None, description="the data the run was created on (its symbols' data versions); another is another run"
+    )
+    data_version: int | None = Field(default=None, description="the newest import among the run's bars then")
     progress: RunProgress
     created_at: dt.datetime
     started_at: dt.datetime | None

@@ -136,6 +136,8 @@ def run_view(
         strategy=run.strategy,
         config_hash=run.config_hash,
         config=run.config,
+        data_sha256=job.data_sha256,
+        data_version=job.data_version,
         progress=run_progress(job, validation),
         created_at=job.created_at,
         started_at=job.started_at,

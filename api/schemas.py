@@ -141,6 +141,8 @@ class Progress(BaseModel):
 class Reproducibility(BaseModel):
     script_sha256: str
     symbols_sha256: str
+    data_sha256: str | None = None  # the data the job was submitted on: the SHA-256 of its symbols' data versions
+    data_version: int | None = None  # the newest import among them
     symbol_count: int
     start_date: dt.date | None
     end_date: dt.date | None

@@ -17,6 +17,7 @@ machines here are shared and noisy, so only the ratio measured within one run is
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -25,16 +26,24 @@ import statistics
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Engine, text
 
+from benchmarks.row_loader import create_row_table, row_loader
 from benchmarks.stack import bench_stack
 from shared.accounts import users
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory, session_scope
+from shared.marketdata import store
 from shared.marketdata.bars import SymbolBars, load_bars
 from shared.marketdata.demo import load_demo_universe
+from shared.marketdata.series import day_ts
 from shared.ops.embedded import free_tcp_port
 from shared.ops.launcher import child_commands
 from shared.sandbox.runner import run_script
@@ -105,42 +114,64 @@ def fetch_values(base: str, job_id: str) -> dict[str, float]:
             return values
 
 
-def plain_compute(bars: dict[str, SymbolBars]) -> dict[str, float]:
-    """The script as plain Python: no RestrictedPython, no sandbox process."""
+Columns6 = tuple[Any, ...]  # (dates, open, high, low, close, volume): sequences of one symbol's bars
+
+
+def plain_compute(bars: dict[str, Columns6]) -> dict[str, float]:
+    """The script as plain Python: no RestrictedPython, no sandbox process. ``bars``: per symbol (dates, open,
+    high, low, close, volume)."""
     code = compile(SMA_SCRIPT, "<reference>", "exec")
     values: dict[str, float] = {}
-    for symbol, b in bars.items():
+    for symbol, (dates, o, h, lo, c, v) in bars.items():
         namespace: dict[str, Any] = {
-            "open": tuple(b.open), "high": tuple(b.high), "low": tuple(b.low), "close": tuple(b.close),
-            "volume": tuple(b.volume), "dates": b.dates, "symbol": symbol, "params": dict(PARAMS),
-            "math": math, "statistics": statistics,
+            "open": tuple(o), "high": tuple(h), "low": tuple(lo), "close": tuple(c), "volume": tuple(v),
+            "dates": dates, "symbol": symbol, "params": dict(PARAMS), "math": math, "statistics": statistics,
         }  # fmt: skip
         exec(code, namespace)
         values[symbol] = namespace["result"]
     return values
 
 
-def load_all(database_url: str, symbols: list[str], start: Any) -> dict[str, SymbolBars]:
-    engine = make_engine(database_url, pool_size=1)
+def columns6(bars: dict[str, SymbolBars]) -> dict[str, Columns6]:
+    return {s: (b.dates, b.open, b.high, b.low, b.close, b.volume) for s, b in bars.items()}
+
+
+def load_all(engine: Engine, symbols: list[str], start: Any) -> dict[str, SymbolBars]:
+    store.process_cache().clear()  # a cold read, as a fresh notebook does
     with engine.connect() as conn:
-        bars = load_bars(conn, symbols, start, None)
-    engine.dispose()
-    return bars
+        return load_bars(conn, symbols, start, None)
 
 
-def run_reference(database_url: str, symbols: list[str], start: Any) -> tuple[float, float, dict[str, float]]:
-    """Seconds in all, seconds of that spent loading bars, and the values."""
+def run_reference(
+    engine: Engine, symbols: list[str], start: Any, loader: str = "store"
+) -> tuple[float, float, dict[str, float]]:
+    """The plain loop over bars read by the product's read path (``store``) or by the old ``row`` loader: seconds
+    in all, seconds of that spent loading bars, and the values."""
     began = time.perf_counter()
-    bars = load_all(database_url, symbols, start)
+    if loader == "store":
+        bars = columns6(load_all(engine, symbols, start))
+    else:
+        with engine.connect() as conn:
+            bars = row_loader(conn, symbols, start)
     loaded = time.perf_counter()
     values = plain_compute(bars)
     return time.perf_counter() - began, loaded - began, values
 
 
+def polars_notebook(path: Path, start: dt.date) -> tuple[float, dict[str, float]]:
+    """What a quant writes in a notebook: read the Parquet file with polars, the same column in expressions."""
+    began = time.perf_counter()
+    frame = pl.read_parquet(path).filter(pl.col("ts") >= day_ts(start))
+    above = (pl.col("close") > pl.col("close").rolling_mean(PARAMS["n"])).sum()
+    out = frame.group_by("symbol", maintain_order=True).agg((above / (pl.len() - PARAMS["n"] + 1)).alias("value"))
+    values = dict(zip(out["symbol"].to_list(), out["value"].to_list(), strict=True))
+    return time.perf_counter() - began, values
+
+
 def compute_only(bars: dict[str, SymbolBars], settings: Settings) -> tuple[float, float]:
     """Sandbox overhead without the database: plain compute vs sandboxed compute, one core each."""
     began = time.perf_counter()
-    plain_compute(bars)
+    plain_compute(columns6(bars))
     plain = time.perf_counter() - began
     items = list(bars.values())
     began = time.perf_counter()
@@ -167,13 +198,20 @@ def main() -> int:
             symbols = list(
                 conn.scalars(text("SELECT symbol FROM symbols ORDER BY symbol LIMIT :n"), {"n": args.symbols})
             )
-            start = conn.scalar(
-                text("SELECT date FROM daily_bars WHERE symbol = :s ORDER BY date DESC OFFSET :k LIMIT 1"),
-                {"s": symbols[0], "k": args.bars - 1},
-            )
+            start = load_bars(conn, symbols[:1], None, None)[symbols[0]].days[-args.bars].astype(dt.date)
+            universe = {sym: b for sym, b in load_bars(conn, symbols, None, None).items()}
         with session_scope(make_session_factory(engine)) as session:
             users.create_user(session, "bench", PASSWORD)
+        create_row_table(engine, {s: store.columns_of(b.ts, b.open, b.high, b.low, b.close, b.volume)
+                                  for s, b in universe.items()})  # fmt: skip
+        parquet = stack.work / "bars.parquet"
+        pq.write_table(pa.table({
+            "symbol": np.repeat(symbols, [len(universe[s]) for s in symbols]),
+            **{name: np.concatenate([getattr(universe[s], name) for s in symbols])
+               for name in ("ts", "open", "high", "low", "close", "volume")},
+        }), parquet)  # fmt: skip
         engine.dispose()
+        reader = make_engine(database_url, pool_size=1)
 
         port = free_tcp_port()
         settings = Settings.from_env().with_overrides(
@@ -189,21 +227,31 @@ def main() -> int:
         TOKEN["access"] = login["access_token"]
         run_system(base, symbols[:20], start.isoformat())  # warm-up: connections, imports
 
-        system_times, reference_times = [], []
+        system_times, reference_times, row_times, row_loads, store_loads, polars_times = [], [], [], [], [], []
         for round_no in range(1, args.rounds + 1):
             seconds, job = run_system(base, symbols, start.isoformat())
             assert job["status"] == "succeeded", job
             system_times.append(seconds)
-            ref_seconds, load_seconds, expected = run_reference(database_url, symbols, start)
+            ref_seconds, load_seconds, expected = run_reference(reader, symbols, start)
             reference_times.append(ref_seconds)
+            store_loads.append(load_seconds)
+            row_seconds, row_load, from_rows = run_reference(reader, symbols, start, loader="row")
+            row_times.append(row_seconds)
+            row_loads.append(row_load)
+            polars_seconds, from_polars = polars_notebook(parquet, start)
+            polars_times.append(polars_seconds)
             got = fetch_values(base, job["job_id"])
             mismatches = [s for s in symbols if not math.isclose(got[s], expected[s], rel_tol=1e-12, abs_tol=1e-15)]
             assert not mismatches, f"values differ from the reference for {mismatches[:5]}"
+            assert from_rows == expected, "the row loader's bars gave other values"
+            off = sum(1 for s in symbols if abs(from_polars[s] - got[s]) > 1e-9)  # rolling sums round differently
             print(f"round {round_no}: system {seconds:.2f} s, plain loop {ref_seconds:.2f} s "
                   f"(load {load_seconds:.2f} s + compute {ref_seconds - load_seconds:.2f} s), "
-                  f"ratio {seconds / ref_seconds:.2f}", flush=True)  # fmt: skip
+                  f"plain loop on the row loader {row_seconds:.2f} s (load {row_load:.2f} s), "
+                  f"polars {polars_seconds:.2f} s ({off} values off by > 1e-9), "
+                  f"ratio system/plain {seconds / ref_seconds:.2f}", flush=True)  # fmt: skip
 
-        plain_cpu, sandbox_cpu = compute_only(load_all(database_url, symbols, start), settings)
+        plain_cpu, sandbox_cpu = compute_only(load_all(reader, symbols, start), settings)
         system = statistics.median(system_times)
         reference = statistics.median(reference_times)
         evaluations = len(symbols)
@@ -212,6 +260,15 @@ def main() -> int:
         print(f"system:    {system:.2f} s  -> {evaluations / system:,.0f} symbol-evaluations/s")
         print(f"reference: {reference:.2f} s  -> {evaluations / reference:,.0f} symbol-evaluations/s (plain Python)")
         print(f"ratio system/reference: {system / reference:.2f}  (goal <= 2.00)")
+        row_load, store_load = statistics.median(row_loads), statistics.median(store_loads)
+        polars = statistics.median(polars_times)
+        print(f"reading the bars: row loader {row_load:.2f} s, column store {store_load:.2f} s "
+              f"({row_load / store_load:.0f}x)")  # fmt: skip
+        print(f"system on the row loader (derived: this run's system time with its reading replaced by the row "
+              f"loader's, both measured here): {system - store_load + row_load:.2f} s")  # fmt: skip
+        print(f"polars notebook (Parquet): {polars:.2f} s; ratio system/polars {system / polars:.1f} (goal <= 10), "
+              f"on the row loader {(system - store_load + row_load) / polars:.1f}")  # fmt: skip
+        reader.dispose()
         print(
             f"compute only, one core, no database: plain {plain_cpu:.2f} s, sandboxed {sandbox_cpu:.2f} s "
             f"(RestrictedPython + one process per {settings.shard_size} symbols): ratio {sandbox_cpu / plain_cpu:.2f}"

@@ -51,12 +51,14 @@ from shared.domain.search import grid, scoring
 from shared.domain.search import spec as search_spec
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory
-from shared.infra.models import DailyBar, Job, Optimization, RunManifest, Symbol, User
+from shared.infra.models import Job, Optimization, RunManifest, Symbol, User
 from shared.jobs.backtests import shard as runs
 from shared.jobs.optimizations import read, submit
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest
+from shared.marketdata import store
 from shared.marketdata.bars import load_bars
 from shared.marketdata.demo import load_demo_universe
+from shared.marketdata.series import COLUMNS, DEFAULT_TIMEFRAME, day_ts
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 GOOG_BODY: dict[str, Any] = {
@@ -104,7 +106,9 @@ def load_goog_bars(factory: sessionmaker[Session]) -> None:
     ]
     with factory() as session, session.begin():
         session.execute(insert(Symbol).values(symbol="GOOG", name="GOOG (backtesting.py test data)"))
-        session.execute(insert(DailyBar), rows)
+        by_date = sorted(rows, key=lambda r: r["date"])
+        columns = store.columns_of([day_ts(r["date"]) for r in by_date], *([r[k] for r in by_date] for k in COLUMNS))
+        store.store_columns(session.connection(), DEFAULT_TIMEFRAME, {"GOOG": columns})
 
 
 def run_job(

@@ -26,6 +26,8 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from shared.domain.sandbox import ta
 from shared.domain.sandbox.policy import compile_script, indicator_facade, script_globals
 from shared.infra.config import SandboxLimits
@@ -77,8 +79,8 @@ def synthetic_bars(symbols: int, bars: int, seed: int = 11) -> list[SymbolBars]:
             price *= math.exp(rng.gauss(0.0002, 0.02))
             closes.append(price)
         volume = array("d", (float(rng.randint(1_000, 1_000_000)) for _ in range(bars)))
-        dates = tuple(f"d{i}" for i in range(bars))
-        items.append(SymbolBars(f"S{k:04d}", dates, closes, closes, closes, closes, volume))
+        dates = np.datetime64("2000-01-03") + np.arange(bars)
+        items.append(SymbolBars.from_dates(f"S{k:04d}", dates, closes, closes, closes, closes, volume))
     return items
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import random
 import time
 from collections.abc import Callable
@@ -14,11 +13,13 @@ import redis
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine, insert, text
 
 from api.auth import issue_tokens
-from shared.infra.models import DailyBar, Symbol, User, UserRole
+from shared.infra.models import Symbol, User, UserRole
 from shared.jobs.fairness import PRIORITY_STEPS
+from shared.marketdata import store
+from shared.marketdata.series import COLUMNS, DEFAULT_TIMEFRAME, day_ts
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
 
@@ -77,21 +78,33 @@ def seed_bars(engine: Engine, symbols: list[str], *, days: int = 300, seed: int 
     return by_symbol
 
 
-_BAR_COLUMNS = ("symbol", "date", "open", "high", "low", "close", "volume")
-
-
 def copy_bars(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Insert daily bars with one COPY (an INSERT of 400,000 rows takes ~15 s, COPY ~1 s). ``repr`` of a float
-    is its shortest exact text, so PostgreSQL stores the very doubles the caller holds."""
-    symbols = {row["symbol"] for row in rows}
-    assert not any(set(s) & set("\t\n\\") for s in symbols), symbols  # COPY's text format would need escapes
-    buffer = io.StringIO("".join(
-        f"{r['symbol']}\t{r['date'].isoformat()}\t{float(r['open'])!r}\t{float(r['high'])!r}\t{float(r['low'])!r}\t"
-        f"{float(r['close'])!r}\t{int(r['volume'])}\n"
-        for r in rows
-    ))  # fmt: skip
-    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.copy_expert(f"COPY {DailyBar.__tablename__} ({', '.join(_BAR_COLUMNS)}) FROM STDIN", buffer)
+    """Store daily bars through the product's write path (``store.store_columns``), in ``conn``'s transaction."""
+    by_symbol: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_symbol.setdefault(row["symbol"], []).append(row)
+    incoming = {}
+    for symbol, own in by_symbol.items():
+        own.sort(key=lambda r: r["date"])
+        incoming[symbol] = store.columns_of(
+            [day_ts(r["date"]) for r in own], *([float(r[name]) for r in own] for name in COLUMNS)
+        )
+    store.store_columns(conn, DEFAULT_TIMEFRAME, incoming)
+
+
+def stored_rows(engine: Engine, timeframe: str = DEFAULT_TIMEFRAME) -> list[tuple[Any, ...]]:
+    """Every stored bar at ``timeframe`` as (symbol, date, open, high, low, close, volume), by symbol and date,
+    read through the product's read path with a cache of its own (what another process would read)."""
+    with engine.connect() as conn:
+        symbols = list(conn.scalars(text("SELECT symbol FROM bar_series WHERE timeframe = :tf"), {"tf": timeframe}))
+        found = store.read_series(conn, symbols, timeframe, cache=store.ChunkCache(0))
+    rows: list[tuple[Any, ...]] = []
+    for symbol in sorted(found):
+        c = found[symbol].columns
+        days = (c.ts // 86_400).astype("datetime64[D]").astype(dt.date).tolist()
+        rows.extend(zip([symbol] * len(days), days, c.open.tolist(), c.high.tolist(), c.low.tolist(),
+                        c.close.tolist(), [int(v) for v in c.volume.tolist()], strict=True))  # fmt: skip
+    return rows
 
 
 _KOMBU_PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue ``q`` at priority p > 0 is the list ``q\x06\x16p``

@@ -448,6 +448,13 @@ class Settings:
         "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE", 10, "combos per optimisation task of a script strategy"
     )
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    bar_cache_mb: int = setting(
+        "ALPHAFORGE_BAR_CACHE_MB",
+        256,
+        "decoded bar chunks a worker process keeps in memory, MB: the bound of its bar cache at any universe size "
+        "(`0`: none)",
+        ge=0,
+    )
     demo_symbols: int = setting(
         "ALPHAFORGE_DEMO_SYMBOLS",
         500,

@@ -10,7 +10,7 @@ Past it the socket is shut down and ``OperationalError`` ("could not receive dat
 SQLAlchemy treats as a disconnect (the connection is dropped) and the API answers 503.
 
 The wait callback is process-wide and makes psycopg2 refuse COPY, so only the API's and the workers' processes
-install it (``api.create_wsgi_app``, ``worker.tasks``); the CLI's bar import, which COPYs, never does.
+install it (``api.create_wsgi_app``, ``worker.tasks``), and nothing in the product uses COPY.
 """
 
 from __future__ import annotations

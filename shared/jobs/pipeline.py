@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy.exc
@@ -29,6 +29,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobResult, JobShard, JobStatus, ShardStatus
 from shared.infra.security import Incident
 from shared.jobs import leases
+from shared.marketdata.bars import SymbolBars
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ class Outcome:
     error: dict[str, Any] | None
     incidents: tuple[Incident, ...] = field(default=(), compare=False)
     data: dict[str, Any] | None = None  # what a job kind keeps beside the value (a backtest: its metrics)
+    data_version: int | None = None  # of the bars it was computed from (None: it read none)
+
+
+def read_at(outcomes: Sequence[Outcome], bars: Mapping[str, SymbolBars]) -> list[Outcome]:
+    """The outcomes, each with the data version of its symbol's bars (what its result row records)."""
+    return [replace(o, data_version=bars[o.symbol].version) if o.symbol in bars else o for o in outcomes]
 
 
 def split_into_shards(symbols: Sequence[str], shard_size: int) -> list[list[str]]:
@@ -411,7 +418,14 @@ def _finish_shard(
     if outcomes:
         stmt = insert(JobResult).values(
             [
-                {"job_id": job_id, "symbol": o.symbol, "value": o.value, "error": o.error, "data": o.data}
+                {
+                    "job_id": job_id,
+                    "symbol": o.symbol,
+                    "value": o.value,
+                    "error": o.error,
+                    "data": o.data,
+                    "data_version": o.data_version,
+                }
                 for o in outcomes
             ]
         )
@@ -422,6 +436,7 @@ def _finish_shard(
                     "value": stmt.excluded.value,
                     "error": stmt.excluded.error,
                     "data": stmt.excluded.data,
+                    "data_version": stmt.excluded.data_version,
                     "computed_at": text("now()"),
                 },
             )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -271,15 +270,7 @@ def default_runner() -> StrategyRunner:
 
 def sandbox_bars(symbol: str, bars: Bars) -> SymbolBars:
     """Engine bars as the sandbox takes them (the same series a calculation script sees)."""
-    return SymbolBars(
-        symbol,
-        tuple(str(d) for d in bars.dates.astype("datetime64[D]")),
-        array("d", np.ascontiguousarray(bars.open, dtype=np.float64).tobytes()),
-        array("d", np.ascontiguousarray(bars.high, dtype=np.float64).tobytes()),
-        array("d", np.ascontiguousarray(bars.low, dtype=np.float64).tobytes()),
-        array("d", np.ascontiguousarray(bars.close, dtype=np.float64).tobytes()),
-        array("d", np.ascontiguousarray(bars.volume, dtype=np.float64).tobytes()),
-    )
+    return SymbolBars.from_dates(symbol, bars.dates, bars.open, bars.high, bars.low, bars.close, bars.volume)
 
 
 def script_signals(

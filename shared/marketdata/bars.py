@@ -1,14 +1,20 @@
-"""Reading daily bars: one query per shard, columns as compact float arrays per symbol."""
+"""Reading bars, the one read path of every job kind, preview and task: :func:`load_bars` over the column store."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
-from sqlalchemy import Connection, text
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import Connection
+
+from shared.marketdata import store
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns, day_ts
 
 # What a symbol may look like everywhere (API requests, CSV imports): upper-case letters, digits and
 # . - ^ = _ (e.g. BRK.B, BF-B), starting with a letter or digit, at most 32 characters.
@@ -17,50 +23,82 @@ SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-^=_]{0,31}")
 
 @dataclass(frozen=True)
 class SymbolBars:
-    """One symbol's daily bars, oldest first. Arrays are ``array('d')`` (compact, cheap to ship)."""
+    """One symbol's bars, oldest first: ``ts`` (epoch seconds, UTC) and float64 columns, read-only (they may be
+    shared with the process's cache), with the data version they were read at."""
 
     symbol: str
-    dates: tuple[str, ...]  # ISO dates
-    open: array
-    high: array
-    low: array
-    close: array
-    volume: array
+    ts: NDArray[np.int64]
+    open: NDArray[np.float64]
+    high: NDArray[np.float64]
+    low: NDArray[np.float64]
+    close: NDArray[np.float64]
+    volume: NDArray[np.float64]
+    version: int = 0
+    timeframe: str = DEFAULT_TIMEFRAME
 
     def __len__(self) -> int:
-        return len(self.dates)
+        return len(self.ts)
+
+    @classmethod
+    def of(cls, symbol: str, columns: Columns, version: int = 0, timeframe: str = DEFAULT_TIMEFRAME) -> SymbolBars:
+        return cls(symbol, columns.ts, columns.open, columns.high, columns.low, columns.close, columns.volume,
+                   version, timeframe)  # fmt: skip
+
+    @classmethod
+    def from_dates(
+        cls, symbol: str, dates: Sequence[str | dt.date] | NDArray[np.datetime64], open: object, high: object,
+        low: object, close: object, volume: object,
+    ) -> SymbolBars:  # fmt: skip
+        """Daily bars from ISO dates (or dates) and array-likes."""
+        days = np.asarray(dates, dtype="datetime64[D]").astype(np.int64)
+        return cls.of(symbol, store.columns_of(days * SECONDS_PER_DAY, open, high, low, close, volume))
+
+    @property
+    def days(self) -> NDArray[np.datetime64]:
+        """Each bar's date (``datetime64[D]``)."""
+        return (self.ts // SECONDS_PER_DAY).astype("datetime64[D]")
+
+    @cached_property
+    def dates(self) -> tuple[str, ...]:
+        """ISO dates, as scripts see them."""
+        return tuple(np.datetime_as_string(self.days).tolist())
 
 
-_LOAD_SQL = text(
-    """
-    SELECT symbol, date, open, high, low, close, volume
-    FROM daily_bars
-    WHERE symbol = ANY(:symbols)
-      AND (CAST(:start AS date) IS NULL OR date >= CAST(:start AS date))
-      AND (CAST(:end AS date) IS NULL OR date <= CAST(:end AS date))
-    ORDER BY symbol, date
-    """
-)
+@dataclass(frozen=True)
+class DataStamp:
+    """Which data a job is computed from: the SHA-256 of its symbols' data versions at one timeframe (``symbol:version``
+    lines, sorted; 0 for a symbol without bars), and the newest of those versions (None: no bars at all)."""
+
+    sha256: str
+    version: int | None
+
+
+def data_stamp(conn: Connection, symbols: Sequence[str], timeframe: str = DEFAULT_TIMEFRAME) -> DataStamp:
+    """The data a job over ``symbols`` is computed from, as of now (a submission stamps its job with it)."""
+    versions = store.versions(conn, symbols, timeframe)
+    lines = "\n".join(f"{symbol}:{versions.get(symbol, 0)}" for symbol in sorted(set(symbols)))
+    digest = hashlib.sha256(f"{timeframe}\n{lines}".encode()).hexdigest()
+    return DataStamp(digest, max(versions.values(), default=None))
 
 
 def load_bars(
-    conn: Connection, symbols: Sequence[str], start: dt.date | None, end: dt.date | None
+    conn: Connection,
+    symbols: Sequence[str],
+    start: dt.date | None,
+    end: dt.date | None,
+    *,
+    timeframe: str = DEFAULT_TIMEFRAME,
 ) -> dict[str, SymbolBars]:
-    """Bars of ``symbols`` within [start, end] in one query. Symbols without bars are absent."""
-    columns: dict[str, tuple[list[str], array, array, array, array, array]] = {}
-    current: str | None = None
-    cols: tuple[list[str], array, array, array, array, array] | None = None
-    result = conn.execute(_LOAD_SQL, {"symbols": list(symbols), "start": start, "end": end})
-    for symbol, date, o, h, low, c, v in result:
-        if symbol != current:
-            current = symbol
-            cols = ([], array("d"), array("d"), array("d"), array("d"), array("d"))
-            columns[symbol] = cols
-        assert cols is not None
-        cols[0].append(date.isoformat())
-        cols[1].append(o)
-        cols[2].append(h)
-        cols[3].append(low)
-        cols[4].append(c)
-        cols[5].append(v)
-    return {symbol: SymbolBars(symbol, tuple(d), o, h, low, c, v) for symbol, (d, o, h, low, c, v) in columns.items()}
+    """Bars of ``symbols`` within [start, end], from this process's cache and at most two statements. Symbols
+    without bars in the range are absent. Each symbol's bars are one committed version (``SymbolBars.version``)."""
+    found = store.read_series(
+        conn, symbols, timeframe, None if start is None else day_ts(start), None if end is None else day_ts(end)
+    )
+    return {symbol: SymbolBars.of(symbol, s.columns, s.version, timeframe) for symbol, s in found.items()}
+
+
+def has_bars(conn: Connection, symbols: Sequence[str], start: dt.date | None, end: dt.date | None) -> bool:
+    """Whether any of ``symbols`` has a daily bar within [start, end]."""
+    return store.has_bars(
+        conn, symbols, DEFAULT_TIMEFRAME, None if start is None else day_ts(start), None if end is None else day_ts(end)
+    )

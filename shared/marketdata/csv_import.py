@@ -3,38 +3,36 @@
 Why this shape:
 
 * Validation runs in Python over the whole file *before* the database is touched, so a file with a
-  bad row is rejected with every problem and its line number, and the tables are never half-loaded.
-* Valid rows are re-written in canonical form (upper-cased symbol, ISO date, shortest round-trip float
-  text, integer volume) into a spooled temporary buffer that PostgreSQL ingests with one ``COPY``.
-  Row-by-row ``INSERT`` would take minutes for a 1.26M-row universe; ``COPY`` takes seconds.
-* Rows are upserted from a staging table by ``(symbol, date)``, so loading the same file twice
-  changes nothing and a corrected file updates exactly the rows that changed.
-
-:func:`upsert_bars_csv` (the staging + upsert step) is shared with :mod:`shared.marketdata.demo`.
+  bad row is rejected with every problem and its line number, and the store is never half-loaded.
+* Valid rows are gathered as columns (``array('d')``, 48 bytes a row) and sorted per symbol in numpy;
+  :func:`shared.marketdata.store.import_columns` lays them over the stored series by date in one
+  transaction, so loading the same file twice changes nothing and a corrected file updates exactly the
+  bars that changed (and the data version of exactly the symbols it changed).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import itertools
 import math
 import re
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import NamedTuple, TextIO, TypeVar, cast
+from typing import NamedTuple, TextIO, TypeVar
 
 import numpy as np
-from psycopg2.extensions import connection as PgConnection
 from sqlalchemy import Engine
 
+from shared.marketdata import store
 from shared.marketdata.bars import SYMBOL_PATTERN
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns
 
-# The CSV columns, in the order the staging table (and the canonical buffer) uses them.
+# The CSV columns, in the order validation reads them.
 BAR_COLUMNS: tuple[str, ...] = ("symbol", "date", "open", "high", "low", "close", "volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
 CANONICAL_LAYOUT: tuple[int, ...] = tuple(range(len(BAR_COLUMNS)))
@@ -43,9 +41,8 @@ _DATE_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # Relative slack for the high/low envelope checks: absorbs float noise from upstream rounding.
 OHLC_TOLERANCE = 1e-9
-# daily_bars.volume is BIGINT; a float-spelled volume above 2**53 cannot be an exact integer.
-_MAX_VOLUME = 2**63 - 1
-_MAX_EXACT_FLOAT_INT = 2**53
+# Volumes are stored as float64 beside the prices: exact for whole numbers up to 2**53.
+_MAX_VOLUME = 2**53
 
 _T = TypeVar("_T")
 # What undecodable input bytes become (see import_csv_file).
@@ -55,10 +52,7 @@ _REPLACEMENT_CHAR = "\ufffd"
 SUMMARY_PROBLEMS = 50
 MAX_KEPT_PROBLEMS = 1000
 
-# Canonical rows are spooled in memory up to this size, then to a temporary file (bounded memory).
-_SPOOL_BYTES = 64 * 1024 * 1024
-# Serialises bar loads: two concurrent upserts touching the same keys in different orders could deadlock.
-_LOAD_LOCK_KEY = "alphaforge.daily_bars.load"
+_ORDINAL_1970 = date(1970, 1, 1).toordinal()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,24 +117,11 @@ class ImportReport:
 
 
 @dataclass(frozen=True)
-class LoadCounts:
-    inserted: int
-    updated: int
+class Validated:
+    """A valid file's bars: how many rows, and each symbol's columns in date order."""
 
-
-@dataclass(frozen=True)
-class SymbolInfo:
-    """Symbol metadata upserted before the bars (the demo universe marks its symbols synthetic)."""
-
-    symbol: str
-    name: str | None = None
-    is_synthetic: bool = False
-
-
-@dataclass(frozen=True)
-class ValidationSummary:
     rows: int
-    symbols: int
+    columns: dict[str, Columns]
 
 
 class BarRow(NamedTuple):
@@ -227,13 +208,13 @@ def parse_volume(raw: str) -> int:
             raise ValueError(f"volume {text!r} is not a number") from None
         if not math.isfinite(as_float) or not as_float.is_integer():
             raise ValueError(f"volume must be a whole number, got {text!r}") from None
-        if abs(as_float) >= _MAX_EXACT_FLOAT_INT:
+        if abs(as_float) >= _MAX_VOLUME:
             raise ValueError(f"volume {text!r} is too large to be exact; write it as an integer") from None
         value = int(as_float)
     if value < 0:
         raise ValueError(f"volume must be >= 0, got {text!r}")
     if value > _MAX_VOLUME:
-        raise ValueError(f"volume {text!r} is too large")
+        raise ValueError(f"volume {text!r} is too large (at most 2**53, what a float64 holds exactly)")
     return value
 
 
@@ -329,12 +310,6 @@ def _field(parse: Callable[[str], _T], raw: str, line: int, name: str, problems:
         return None
 
 
-def canonical_csv_line(row: BarRow) -> str:
-    """The staging-table text of a row. ``repr`` of a float is its shortest exact spelling, so values
-    round-trip into ``double precision`` bit for bit; symbols never need quoting (see the pattern)."""
-    return f"{row.symbol},{row.date.isoformat()},{row.open!r},{row.high!r},{row.low!r},{row.close!r},{row.volume}\n"
-
-
 class _ProblemLog:
     """Collects problems with an exact total but a bounded list."""
 
@@ -349,8 +324,8 @@ class _ProblemLog:
                 self.kept.append(problem)
 
 
-def validate_csv(stream: TextIO, out: TextIO | None, *, source_name: str) -> ValidationSummary:
-    """Validate a whole CSV stream; write canonical rows to ``out`` while no problem has been seen.
+def validate_csv(stream: TextIO, *, source_name: str) -> Validated:
+    """Validate a whole CSV stream; return its bars as columns per symbol.
 
     Raises :class:`BarsImportError` listing the problems (line order) if any row is bad. The stream
     should be opened with ``newline=""`` so quoted fields and line counting follow the csv module.
@@ -371,6 +346,7 @@ def validate_csv(stream: TextIO, out: TextIO | None, *, source_name: str) -> Val
     symbol_ids: dict[str, int] = {}
     keys = array("q")  # symbol id << 32 | date ordinal, per valid row: duplicate detection in numpy
     key_lines = array("q")
+    values = [array("d") for _ in range(5)]  # open, high, low, close, volume of each valid row
     rows = 0
     next_line = reader.line_num + 1
     while True:
@@ -394,14 +370,32 @@ def validate_csv(stream: TextIO, out: TextIO | None, *, source_name: str) -> Val
         symbol_id = symbol_ids.setdefault(result.symbol, len(symbol_ids))
         keys.append((symbol_id << 32) | result.date.toordinal())
         key_lines.append(line)
-        if out is not None and log.total == 0:
-            out.write(canonical_csv_line(result))
+        if log.total == 0:
+            for column, value in zip(values, result[2:], strict=True):
+                column.append(value)
 
     log.add(duplicate_problems(keys, key_lines, symbol_ids))
     if log.total:
         log.kept.sort(key=lambda problem: problem.line)
         raise BarsImportError(source_name, log.kept, total_problems=log.total)
-    return ValidationSummary(rows=rows, symbols=len(symbol_ids))
+    return Validated(rows, columns_by_symbol(keys, values, symbol_ids))
+
+
+def columns_by_symbol(keys: array[int], values: list[array[float]], symbol_ids: dict[str, int]) -> dict[str, Columns]:
+    """Valid rows (``symbol id << 32 | date ordinal`` keys, no key twice) as each symbol's columns, by date."""
+    key_arr = np.frombuffer(keys, dtype=np.int64)
+    order = np.argsort(key_arr, kind="stable")
+    ordered = key_arr[order]
+    ids = ordered >> 32
+    ts = ((ordered & 0xFFFFFFFF) - _ORDINAL_1970) * SECONDS_PER_DAY
+    stacked = np.stack([np.frombuffer(column, dtype=np.float64) for column in values])[:, order]
+    names = {symbol_id: symbol for symbol, symbol_id in symbol_ids.items()}
+    edges = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+    return {
+        names[int(ids[lo])]: Columns.from_values(ts[lo:hi], stacked[:, lo:hi])
+        for lo, hi in itertools.pairwise(edges)
+        if hi > lo
+    }
 
 
 def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str, int]) -> list[RowProblem]:
@@ -441,94 +435,6 @@ def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading: COPY into a staging table, then upsert, all in one transaction
-# --------------------------------------------------------------------------------------------------
-
-_CREATE_STAGING = """
-CREATE TEMP TABLE af_bars_staging (
-    symbol varchar(32) NOT NULL,
-    date date NOT NULL,
-    open double precision NOT NULL,
-    high double precision NOT NULL,
-    low double precision NOT NULL,
-    close double precision NOT NULL,
-    volume bigint NOT NULL
-) ON COMMIT DROP
-"""
-
-_COPY_STAGING = "COPY af_bars_staging (symbol, date, open, high, low, close, volume) FROM STDIN WITH (FORMAT csv)"
-
-_UPSERT_SYMBOL_INFO = """
-INSERT INTO symbols (symbol, name, is_synthetic)
-SELECT * FROM unnest(%s::varchar[], %s::text[], %s::boolean[])
-ON CONFLICT (symbol) DO UPDATE SET name = EXCLUDED.name, is_synthetic = EXCLUDED.is_synthetic
-"""
-
-_INSERT_MISSING_SYMBOLS = """
-INSERT INTO symbols (symbol)
-SELECT DISTINCT symbol FROM af_bars_staging
-ON CONFLICT (symbol) DO NOTHING
-"""
-
-# The WHERE makes an identical re-import write nothing (no dead tuples) and lets us count real updates.
-# xmax = 0 holds exactly for freshly inserted tuples, so RETURNING tells inserts from updates.
-_UPSERT_BARS = """
-WITH upserted AS (
-    INSERT INTO daily_bars (symbol, date, open, high, low, close, volume)
-    SELECT symbol, date, open, high, low, close, volume FROM af_bars_staging
-    ON CONFLICT (symbol, date) DO UPDATE SET
-        open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
-        close = EXCLUDED.close, volume = EXCLUDED.volume
-    WHERE (daily_bars.open, daily_bars.high, daily_bars.low, daily_bars.close, daily_bars.volume)
-        IS DISTINCT FROM (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.volume)
-    RETURNING (xmax = 0) AS inserted
-)
-SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted
-"""
-
-
-def upsert_bars_csv(engine: Engine, bars_csv: TextIO, *, symbols: Sequence[SymbolInfo] = ()) -> LoadCounts:
-    """Load canonical, already validated bar rows (CSV without header, :data:`BAR_COLUMNS` order).
-
-    One transaction: ``symbols`` metadata is upserted, the rows are COPYed into a temp staging table,
-    unknown symbols are created, and bars are upserted by ``(symbol, date)``. Any failure rolls back
-    everything. The rows must not repeat a ``(symbol, date)`` (PostgreSQL refuses to upsert one key twice).
-    """
-    raw = engine.raw_connection()
-    try:
-        driver = cast(PgConnection, raw.driver_connection)
-        with driver.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOAD_LOCK_KEY,))
-            cur.execute(_CREATE_STAGING)
-            cur.copy_expert(_COPY_STAGING, bars_csv)
-            if symbols:
-                cur.execute(
-                    _UPSERT_SYMBOL_INFO,
-                    (
-                        [info.symbol for info in symbols],
-                        [info.name for info in symbols],
-                        [info.is_synthetic for info in symbols],
-                    ),
-                )
-            cur.execute(_INSERT_MISSING_SYMBOLS)
-            cur.execute(_UPSERT_BARS)
-            counts = cur.fetchone()
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
-    finally:
-        raw.close()
-    assert counts is not None
-    return LoadCounts(inserted=int(counts[0]), updated=int(counts[1]))
-
-
-def spooled_buffer() -> TextIO:
-    """A text buffer for canonical rows: memory first, a temporary file past :data:`_SPOOL_BYTES`."""
-    return cast(TextIO, tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, mode="w+", encoding="utf-8", newline=""))
-
-
-# --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
 
@@ -536,18 +442,14 @@ def spooled_buffer() -> TextIO:
 def import_csv(engine: Engine, stream: TextIO, *, source_name: str) -> ImportReport:
     """Validate the whole stream, then load it atomically. Raises :class:`BarsImportError` (nothing loaded)."""
     started = time.perf_counter()
-    with spooled_buffer() as buffer:
-        summary = validate_csv(stream, buffer, source_name=source_name)
-        counts = LoadCounts(0, 0)
-        if summary.rows:
-            buffer.seek(0)
-            counts = upsert_bars_csv(engine, buffer)
+    validated = validate_csv(stream, source_name=source_name)
+    counts = store.import_columns(engine, DEFAULT_TIMEFRAME, validated.columns) if validated.rows else None
     return ImportReport(
         source_name=source_name,
-        rows=summary.rows,
-        symbols=summary.symbols,
-        inserted=counts.inserted,
-        updated=counts.updated,
+        rows=validated.rows,
+        symbols=len(validated.columns),
+        inserted=counts.inserted if counts else 0,
+        updated=counts.updated if counts else 0,
         seconds=time.perf_counter() - started,
     )
 

@@ -8,8 +8,8 @@ Why it looks the way it does:
 * Plausible enough for alpha scripts: per-symbol drift and annual volatility (15-60 %), fat-tailed
   daily returns, an overnight gap between the previous close and the open, highs/lows enclosing
   the body, and lognormal volumes that rise with the size of the move.
-* Loaded through :func:`shared.marketdata.csv_import.upsert_bars_csv`, the importer's COPY + upsert path, so it is
-  idempotent by ``(symbol, date)`` and all-or-nothing.
+* Loaded through :func:`shared.marketdata.store.import_columns`, the importer's path, so it is idempotent by
+  ``(symbol, date)`` and all-or-nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from shared.domain.stats import TRADING_DAYS
-from shared.marketdata.csv_import import SymbolInfo, spooled_buffer, upsert_bars_csv
+from shared.marketdata import store
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns
+from shared.marketdata.store import SymbolInfo
 
 DEFAULT_END_DATE = dt.date(2025, 12, 31)
 
@@ -160,42 +162,60 @@ def generate_demo_bars(symbols: int, years: int, seed: int, end: dt.date | None 
         )
 
 
-def series_csv(series: DemoSeries, date_texts: list[str]) -> str:
-    """The canonical staging CSV of one series (see ``shared.marketdata.csv_import.canonical_csv_line``)."""
-    symbol = series.symbol
-    return "".join(
-        f"{symbol},{day},{o!r},{h!r},{lo!r},{c!r},{v}\n"
-        for day, o, h, lo, c, v in zip(
-            date_texts,
-            series.open.tolist(),
-            series.high.tolist(),
-            series.low.tolist(),
-            series.close.tolist(),
-            series.volume.tolist(),
-            strict=True,
-        )
-    )
+def _listed(symbols: list[str]) -> str:
+    return ", ".join(symbols[:5]) + (f" and {len(symbols) - 5} more" if len(symbols) > 5 else "")
+
+
+def series_columns(series: DemoSeries) -> Columns:
+    return store.columns_of(
+        series.dates.astype(np.int64) * SECONDS_PER_DAY, series.open, series.high, series.low, series.close,
+        series.volume,
+    )  # fmt: skip
+
+
+class DemoConflict(ValueError):
+    """The demo universe would change bars already stored (real ones, or another seed's, length's or end's)."""
 
 
 def load_demo_universe(
-    engine: Engine, *, symbols: int, years: int, seed: int, end_date: dt.date | None = None
+    engine: Engine, *, symbols: int, years: int, seed: int, end_date: dt.date | None = None, replace: bool = False
 ) -> DemoReport:
-    """Generate the universe and upsert it in one transaction; symbols are marked ``is_synthetic``."""
+    """Generate the universe and upsert it in one transaction; symbols are marked ``is_synthetic``.
+
+    Loading the same universe again changes nothing. One that would change stored bars (the symbols hold real bars,
+    or another seed's, length's or end date's) raises :class:`DemoConflict` and loads nothing, unless ``replace``:
+    then those symbols' daily series are replaced by the generated ones."""
     started = time.perf_counter()
     infos: list[SymbolInfo] = []
+    incoming: dict[str, Columns] = {}
     rows = 0
     dates: DateArray | None = None
-    with spooled_buffer() as buffer:
-        for series in generate_demo_bars(symbols, years, seed, end_date):
-            if dates is None:
-                dates = series.dates
-                date_texts = [str(day) for day in dates]
-            buffer.write(series_csv(series, date_texts))
-            infos.append(SymbolInfo(series.symbol, series.name, is_synthetic=True))
-            rows += len(series.dates)
-        generated = time.perf_counter()
-        buffer.seek(0)
-        counts = upsert_bars_csv(engine, buffer, symbols=infos)
+    for series in generate_demo_bars(symbols, years, seed, end_date):
+        dates = series.dates
+        incoming[series.symbol] = series_columns(series)
+        infos.append(SymbolInfo(series.symbol, series.name, is_synthetic=True))
+        rows += len(series.dates)
+    generated = time.perf_counter()
+    with engine.begin() as conn:
+        names = list(incoming)
+        if replace:
+            conn.execute(text("DELETE FROM bar_series WHERE timeframe = :tf AND symbol = ANY(:s)"),
+                         {"tf": DEFAULT_TIMEFRAME, "s": names})  # fmt: skip
+        else:
+            real = conn.scalars(
+                text("SELECT s.symbol FROM symbols s JOIN bar_series b ON b.symbol = s.symbol"
+                     " WHERE s.symbol = ANY(:s) AND NOT s.is_synthetic ORDER BY 1"), {"s": names}
+            ).all()  # fmt: skip
+            if real:
+                raise DemoConflict(
+                    f"{_listed(list(real))} hold real bars; nothing was loaded (--replace replaces them)"
+                )
+        counts = store.store_columns(conn, DEFAULT_TIMEFRAME, incoming, symbols=infos)
+        if counts.updated and not replace:
+            raise DemoConflict(
+                f"{counts.updated:,} stored bars of {_listed(names)} differ from this universe's (another seed, "
+                "length or end date); nothing was loaded (--replace replaces their series)"
+            )  # the transaction rolls back
     assert dates is not None
     return DemoReport(
         symbols=len(infos),

@@ -31,7 +31,7 @@ def load_demo_data_if_empty(database_url: str, *, symbols: int, years: int) -> N
     engine = make_engine(database_url, pool_size=1)
     try:
         with engine.connect() as conn:
-            has_bars = conn.execute(text("SELECT EXISTS (SELECT 1 FROM daily_bars)")).scalar()
+            has_bars = conn.execute(text("SELECT EXISTS (SELECT 1 FROM bar_series)")).scalar()
         if has_bars or symbols == 0 or years == 0:
             return
         from shared.marketdata.demo import load_demo_universe

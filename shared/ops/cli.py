@@ -134,10 +134,16 @@ def cmd_bars_import(args: argparse.Namespace) -> int:
 
 
 def cmd_bars_demo(args: argparse.Namespace) -> int:
-    from shared.marketdata.demo import load_demo_universe
+    from shared.marketdata.demo import DemoConflict, load_demo_universe
 
     with _database(Settings.from_env()) as engine:
-        result = load_demo_universe(engine, symbols=args.symbols, years=args.years, seed=args.seed)
+        try:
+            result = load_demo_universe(
+                engine, symbols=args.symbols, years=args.years, seed=args.seed, replace=args.replace
+            )
+        except DemoConflict as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     _print_result(result)
     return 0
 
@@ -217,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--symbols", type=_positive_int, default=500, help="number of symbols (default 500)")
     demo.add_argument("--years", type=_positive_int, default=10, help="years of daily bars (default 10)")
     demo.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    demo.add_argument("--replace", action="store_true",
+                      help="replace the series of symbols that hold other bars (refused without it)")  # fmt: skip
     demo.set_defaults(func=cmd_bars_demo)
 
     user = sub.add_parser("user", help="manage accounts (for operators)")

@@ -1,7 +1,7 @@
 """``alphaforge up``: the whole system in the foreground of one terminal.
 
 Order: pid file lock → embedded PostgreSQL/Redis for whatever URL is unset → migrations → demo data when
-``daily_bars`` is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise
+the bar store is empty → API (gunicorn), Celery worker, Celery beat and Flower as child processes → supervise
 (restart what dies).
 
 Everything it reads comes from :meth:`Settings.from_env`, e.g. ``ALPHAFORGE_DEMO_SYMBOLS`` (500) and

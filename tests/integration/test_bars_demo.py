@@ -12,11 +12,13 @@ from sqlalchemy import Engine, text
 from shared.domain.stats import TRADING_DAYS
 from shared.marketdata.demo import (
     DEFAULT_END_DATE,
+    DemoConflict,
     DemoSeries,
     business_days,
     generate_demo_bars,
     load_demo_universe,
 )
+from tests.helpers import copy_bars, stored_rows
 
 
 def _universe(symbols: int = 4, years: int = 2, seed: int = 7, end: dt.date | None = None) -> list[DemoSeries]:
@@ -31,9 +33,7 @@ def _same(a: DemoSeries, b: DemoSeries) -> bool:
 
 
 def _bars(engine: Engine) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT symbol, date, open, high, low, close, volume FROM daily_bars ORDER BY 1, 2"))
-        return [tuple(row) for row in rows]
+    return stored_rows(engine)
 
 
 # -- the pure generator -----------------------------------------------------------------------------
@@ -138,30 +138,42 @@ def test_reload_is_idempotent_and_another_seed_updates(clean_db: Engine) -> None
     assert (again.inserted, again.updated) == (0, 0)
     assert _bars(clean_db) == first
 
-    other = load_demo_universe(clean_db, symbols=2, years=1, seed=2)
-    assert (other.inserted, other.updated) == (0, 2 * TRADING_DAYS)
+    for changed in ({"seed": 2}, {"years": 2}, {"end_date": dt.date(2025, 6, 30)}):  # never silently over them
+        with pytest.raises(DemoConflict, match="differ from this universe"):
+            load_demo_universe(clean_db, symbols=2, **({"years": 1, "seed": 1} | changed))
+        assert _bars(clean_db) == first
+
+    other = load_demo_universe(clean_db, symbols=2, years=1, seed=2, replace=True)
+    assert (other.inserted, other.updated) == (2 * TRADING_DAYS, 0)
     assert _bars(clean_db) != first
     with clean_db.connect() as conn:
         names = conn.execute(text("SELECT name FROM symbols ORDER BY symbol")).scalars().all()
     assert names == ["Synthetic 0001 (seed 2)", "Synthetic 0002 (seed 2)"]
 
 
+def test_the_demo_refuses_symbols_with_real_bars(clean_db: Engine) -> None:
+    seed_real = [{"symbol": "SYN0001", "date": dt.date(2025, 12, 30), "open": 10.0, "high": 11.0, "low": 9.0,
+                  "close": 10.5, "volume": 100}]  # fmt: skip
+    with clean_db.begin() as conn:
+        copy_bars(conn, seed_real)
+    with pytest.raises(DemoConflict, match="SYN0001 hold real bars"):
+        load_demo_universe(clean_db, symbols=2, years=1, seed=1)
+    assert [r[0] for r in _bars(clean_db)] == ["SYN0001"]
+    load_demo_universe(clean_db, symbols=2, years=1, seed=1, replace=True)
+    assert len(_bars(clean_db)) == 2 * TRADING_DAYS
+
+
 def test_loaded_rows_satisfy_invariants_in_sql(clean_db: Engine) -> None:
     load_demo_universe(clean_db, symbols=10, years=2, seed=4, end_date=dt.date(2024, 6, 30))
+    rows = _bars(clean_db)
+    stats = (
+        len(rows),
+        sum(1 for _, _, o, h, lo, c, v in rows if h < max(o, c, lo) or lo > min(o, c) or lo <= 0 or v <= 0),
+        sum(1 for _, day, *_ in rows if day.isoweekday() in (6, 7)),
+        max(day for _, day, *_ in rows),
+        len({symbol for symbol, *_ in rows}),
+    )
     with clean_db.connect() as conn:
-        stats = conn.execute(
-            text(
-                """
-                SELECT count(*),
-                       count(*) FILTER (WHERE high < greatest(open, close, low) OR low > least(open, close)
-                                        OR low <= 0 OR volume <= 0),
-                       count(*) FILTER (WHERE extract(isodow FROM date) IN (6, 7)),
-                       max(date),
-                       count(DISTINCT symbol)
-                FROM daily_bars
-                """
-            )
-        ).one()
         not_synthetic = conn.execute(text("SELECT count(*) FROM symbols WHERE NOT is_synthetic")).scalar_one()
     assert tuple(stats) == (10 * 2 * TRADING_DAYS, 0, 0, dt.date(2024, 6, 28), 10)
     assert not_synthetic == 0

@@ -11,21 +11,18 @@ import psycopg2
 import pytest
 from sqlalchemy import Engine, text
 
-from shared.marketdata.csv_import import (
-    BAR_COLUMNS,
-    BarsImportError,
-    SymbolInfo,
-    import_csv,
-    import_csv_file,
-    upsert_bars_csv,
-)
+from shared.marketdata import store
+from shared.marketdata.csv_import import BAR_COLUMNS, BarsImportError, import_csv, import_csv_file
+from shared.marketdata.series import DEFAULT_TIMEFRAME, day_ts
+from shared.marketdata.store import SymbolInfo
+from tests.helpers import stored_rows
 
 HEADER = ",".join(BAR_COLUMNS)
 
 # Values chosen to catch any lossy float formatting on the way into double precision.
 ROWS = [
     ("AAPL", "2024-01-02", 0.1, 0.30000000000000004, 0.1, 0.2, 0),
-    ("AAPL", "2024-01-03", 1 / 3, 2 / 3, 1 / 7, 0.5, 2**62),
+    ("AAPL", "2024-01-03", 1 / 3, 2 / 3, 1 / 7, 0.5, 2**53),
     ("AAPL", "2024-01-04", 123456.789012345, 123456.78901234501, 1e-05, 99999.99999999999, 1200),
     ("BRK.B", "2024-01-02", 350.25, 352.0, 349.5, 351.75, 3_000_000),
     ("BRK.B", "2024-01-03", 5e-324 * 2**60, 1.7976931348623157e308, 5e-324 * 2**60, 5e-324 * 2**60, 1),
@@ -46,9 +43,7 @@ def _import(engine: Engine, content: str, name: str = "bars.csv") -> Any:
 
 
 def _bars(engine: Engine) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT symbol, date, open, high, low, close, volume FROM daily_bars ORDER BY 1, 2"))
-        return [tuple(row) for row in rows]
+    return stored_rows(engine)
 
 
 def _symbols(engine: Engine) -> list[tuple[Any, ...]]:
@@ -149,11 +144,15 @@ def test_import_file_reports_bad_encoding_on_its_line(clean_db: Engine, tmp_path
     assert _bars(clean_db) == []
 
 
+def _one_bar(day: date = date(2024, 1, 2)) -> store.Columns:
+    return store.columns_of([day_ts(day)], [10.0], [12.0], [9.0], [11.0], [1000.0])
+
+
 def test_upsert_is_one_transaction(clean_db: Engine) -> None:
-    """A failure inside the load (here: a row the database rejects) rolls back the symbol upsert too."""
-    buffer = io.StringIO("AAPL,2024-01-02,10,12,9,11,1000\nAAPL,2024-13-01,10,12,9,11,1000\n")
+    """A failure inside the load (here: a symbol the database rejects) rolls back the symbol upsert too."""
+    incoming = {"AAPL": _one_bar(), "X" * 40: _one_bar()}
     with pytest.raises(psycopg2.DataError):
-        upsert_bars_csv(clean_db, buffer, symbols=[SymbolInfo("AAPL", "Apple", is_synthetic=False)])
+        store.import_columns(clean_db, DEFAULT_TIMEFRAME, incoming, symbols=[SymbolInfo("AAPL", "Apple", False)])
     assert _symbols(clean_db) == []
     assert _bars(clean_db) == []
     # The pooled connection is healthy afterwards.
@@ -162,7 +161,7 @@ def test_upsert_is_one_transaction(clean_db: Engine) -> None:
 
 
 def test_symbol_info_is_upserted(clean_db: Engine) -> None:
-    buffer = io.StringIO("SYN0001,2024-01-02,10.0,12.0,9.0,11.0,1000\n")
-    counts = upsert_bars_csv(clean_db, buffer, symbols=[SymbolInfo("SYN0001", "Synthetic 0001 (seed 1)", True)])
+    info = SymbolInfo("SYN0001", "Synthetic 0001 (seed 1)", True)
+    counts = store.import_columns(clean_db, DEFAULT_TIMEFRAME, {"SYN0001": _one_bar()}, symbols=[info])
     assert (counts.inserted, counts.updated) == (1, 0)
     assert _symbols(clean_db) == [("SYN0001", "Synthetic 0001 (seed 1)", True)]

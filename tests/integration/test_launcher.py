@@ -288,7 +288,7 @@ def test_up_serves_health_and_stops_cleanly_on_sigterm(up_database: str, up_data
         try:
             with engine.connect() as conn:
                 assert conn.execute(text("SELECT count(*) FROM symbols")).scalar() == 5
-                assert conn.execute(text("SELECT count(*) FROM daily_bars")).scalar_one() > 200
+                assert conn.execute(text("SELECT sum(bars) FROM bar_series")).scalar_one() > 200
         finally:
             engine.dispose()
 

@@ -3,6 +3,8 @@ revision's backfill."""
 
 from __future__ import annotations
 
+import datetime as dt
+import random
 import secrets
 import uuid
 
@@ -14,6 +16,7 @@ from shared.infra import dbadmin, migrate
 from shared.infra.db import normalize_database_url
 from shared.infra.models import Base
 from tests.conftest import ServerUrls
+from tests.helpers import stored_rows
 
 
 def test_models_match_migrated_schema(engine: Engine) -> None:
@@ -68,6 +71,45 @@ def test_0015_marks_ended_optimisations_with_an_outcome_finalized(test_servers: 
         at, end = finalized[jobs["with_outcome"]]
         assert at is not None and at == end
         assert all(finalized[jobs[n]][0] is None for n in ("without_outcome", "slice_open", "running"))
+    finally:
+        engine.dispose()
+        dbadmin.drop_database(test_servers.server_database_url, name)
+
+
+def test_0016_moves_daily_rows_into_column_series_and_back(test_servers: ServerUrls) -> None:
+    """Upgrading from 0015: every daily row is in the column store, bit for bit, chunked by decade, each series with
+    a data version; downgrading writes the same rows back."""
+    name = f"af_migrate_{secrets.token_hex(4)}"
+    url = dbadmin.create_database(test_servers.server_database_url, name)
+    engine = create_engine(normalize_database_url(url))
+    rng = random.Random(3)
+    days = [dt.date(2019, 12, 30) + dt.timedelta(days=i) for i in range(5)]  # across a decade's boundary
+    rows = sorted(
+        (symbol, day, rng.random(), rng.random() + 1, rng.random() / 7, 1 / 3 + k, 2**53 - k)
+        for symbol in ("A", "BRK.B", "Z9") for k, day in enumerate(days)
+    )  # fmt: skip
+    try:
+        migrate.upgrade(url, "0015_job_finalization")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO symbols (symbol) VALUES ('A'), ('BRK.B'), ('Z9'), ('NOBARS')"))
+            conn.execute(
+                text("INSERT INTO daily_bars VALUES (:s, :d, :o, :h, :l, :c, :v)"),
+                [dict(zip("sdohlcv", row, strict=True)) for row in rows],
+            )
+        migrate.upgrade(url)
+        assert stored_rows(engine) == rows
+        with engine.connect() as conn:
+            chunks = conn.execute(text("SELECT symbol, chunk_start, bars FROM bar_chunks ORDER BY 1, 2")).all()
+            series = conn.execute(text("SELECT symbol, bars, data_version FROM bar_series ORDER BY 1")).all()
+        assert [tuple(c) for c in chunks] == [
+            (s, day, n) for s in ("A", "BRK.B", "Z9") for day, n in ((dt.date(2010, 1, 1), 2), (dt.date(2020, 1, 1), 3))
+        ]
+        assert [(s, n) for s, n, _ in series] == [("A", 5), ("BRK.B", 5), ("Z9", 5)]
+        assert all(v >= 1 for *_, v in series)
+        migrate.downgrade(url, "0015_job_finalization")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT * FROM daily_bars ORDER BY symbol, date")).all()
+        assert [tuple(r) for r in back] == rows
     finally:
         engine.dispose()
         dbadmin.drop_database(test_servers.server_database_url, name)

@@ -21,12 +21,12 @@ from api.optimizations import spec_from_body
 from shared.domain.backtest import BacktestConfig, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
-from shared.infra.models import DailyBar, Job, JobShard, Optimization, Symbol, User
+from shared.infra.models import Job, JobShard, Optimization, Symbol, User
 from shared.jobs.backtests import shard as runs
 from shared.jobs.optimizations import submit
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest
 from shared.marketdata.bars import load_bars
-from tests.helpers import FINAL, ApiUser, authed_client, seed_bars, wait_for_job
+from tests.helpers import FINAL, ApiUser, authed_client, copy_bars, seed_bars, wait_for_job
 from tests.integration import test_webhooks as hooks
 from tests.integration.test_webhooks import Receiver, verify_signature
 
@@ -477,7 +477,7 @@ def test_walk_forward_never_uses_out_of_sample_bars(client: FlaskClient, clean_d
         altered.append(row)
     with clean_db.begin() as conn:
         conn.execute(insert(Symbol), [{"symbol": "WFB", "is_synthetic": True}])
-        conn.execute(insert(DailyBar), altered)
+        copy_bars(conn, altered)
     wf = {"in_sample": in_sample, "out_of_sample": out_of_sample}
     views = []
     for symbol in ("WFA", "WFB"):

@@ -20,10 +20,10 @@ from shared.contract import TASK_RUN_BACKTEST_SHARD, create_celery, shard_enqueu
 from shared.domain.backtest import BacktestConfig, Bars, run_backtest
 from shared.infra.config import Settings
 from shared.infra.db import make_session_factory
-from shared.infra.models import AuditLog, DailyBar, JobShard, Symbol
+from shared.infra.models import AuditLog, JobShard, Symbol
 from shared.jobs.backtests import submit as runs
 from shared.marketdata.bars import load_bars
-from tests.helpers import FINAL, ApiUser, authed_client, seed_bars
+from tests.helpers import FINAL, ApiUser, authed_client, copy_bars, seed_bars
 
 RUNS = "/api/runs"
 SYMBOLS = [f"RUN{i:02d}" for i in range(30)]
@@ -319,7 +319,7 @@ def test_symbols_without_bars_in_the_range_are_per_symbol_errors(
     late = dt.date(2023, 1, 2) + dt.timedelta(days=400)
     with engine.begin() as conn:
         conn.execute(insert(Symbol), [{"symbol": "LATE"}])
-        conn.execute(insert(DailyBar), [{"symbol": "LATE", "date": late + dt.timedelta(days=i), "open": 10.0,
+        copy_bars(conn, [{"symbol": "LATE", "date": late + dt.timedelta(days=i), "open": 10.0,
                                          "high": 11.0, "low": 9.0, "close": 10.0 + i % 3, "volume": 1000}
                                         for i in range(30)])  # fmt: skip
     response = runs_client.post(

@@ -6,6 +6,7 @@ import io
 import pickle
 from datetime import date
 
+import numpy as np
 import pytest
 
 from shared.marketdata.csv_import import (
@@ -15,7 +16,6 @@ from shared.marketdata.csv_import import (
     BarRow,
     BarsImportError,
     RowProblem,
-    ValidationSummary,
     parse_header,
     parse_volume,
     validate_csv,
@@ -32,10 +32,15 @@ def _row(**changes: str) -> list[str]:
     return [fields[column] for column in BAR_COLUMNS]
 
 
-def _validate(text: str) -> tuple[ValidationSummary, str]:
-    out = io.StringIO()
-    summary = validate_csv(io.StringIO(text, newline=""), out, source_name="test.csv")
-    return summary, out.getvalue()
+def _validate(text: str) -> tuple[int, dict[str, list[tuple[object, ...]]]]:
+    """(valid rows, each symbol's bars as (date, open, high, low, close, volume) tuples in date order)."""
+    validated = validate_csv(io.StringIO(text, newline=""), source_name="test.csv")
+    bars = {
+        symbol: list(zip(np.datetime_as_string((c.ts // 86_400).astype("datetime64[D]")).tolist(), c.open.tolist(),
+                         c.high.tolist(), c.low.tolist(), c.close.tolist(), c.volume.tolist(), strict=True))
+        for symbol, c in validated.columns.items()
+    }  # fmt: skip
+    return validated.rows, bars
 
 
 def _problems(text: str) -> list[RowProblem]:
@@ -152,15 +157,19 @@ def test_volume_accepts_integral_spellings(text: str, value: int) -> None:
 # -- whole files ------------------------------------------------------------------------------------
 
 
-def test_valid_file_writes_canonical_rows() -> None:
-    text = f"{HEADER}\naapl,2024-01-02,10,12,9,11,1000.0\nMSFT,2024-01-02,0.1,0.30000000000000004,0.1,0.2,0\n"
-    summary, out = _validate(text)
-    assert summary == ValidationSummary(rows=2, symbols=2)
-    assert out == "AAPL,2024-01-02,10.0,12.0,9.0,11.0,1000\nMSFT,2024-01-02,0.1,0.30000000000000004,0.1,0.2,0\n"
+def test_valid_file_gives_each_symbols_columns_in_date_order() -> None:
+    text = (
+        f"{HEADER}\naapl,2024-01-03,10,12,9,11,1000.0\nMSFT,2024-01-02,0.1,0.30000000000000004,0.1,0.2,0\n"
+        "AAPL,2024-01-02,1,2,0.5,1.5,7\n"
+    )
+    assert _validate(text) == (3, {
+        "AAPL": [("2024-01-02", 1.0, 2.0, 0.5, 1.5, 7.0), ("2024-01-03", 10.0, 12.0, 9.0, 11.0, 1000.0)],
+        "MSFT": [("2024-01-02", 0.1, 0.30000000000000004, 0.1, 0.2, 0.0)],
+    })  # fmt: skip
 
 
 def test_header_only_file_is_empty_but_valid() -> None:
-    assert _validate(HEADER + "\n") == (ValidationSummary(rows=0, symbols=0), "")
+    assert _validate(HEADER + "\n") == (0, {})
 
 
 def test_empty_file_needs_a_header() -> None:
@@ -234,14 +243,6 @@ def test_kept_problems_are_bounded_but_counted() -> None:
     assert info.value.total_problems == count
     assert len(info.value.problems) == MAX_KEPT_PROBLEMS
     assert info.value.problems[0].line == 2
-
-
-def test_nothing_written_after_the_first_problem() -> None:
-    out = io.StringIO()
-    text = f"{HEADER}\nAAPL,bad,10,12,9,11,1000\nAAPL,2024-01-03,10,12,9,11,1000\n"
-    with pytest.raises(BarsImportError):
-        validate_csv(io.StringIO(text, newline=""), out, source_name="x")
-    assert out.getvalue() == ""
 
 
 def test_import_error_survives_pickling() -> None:

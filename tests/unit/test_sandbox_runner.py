@@ -10,6 +10,7 @@ import time
 from array import array
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -24,8 +25,8 @@ LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
 
 def bars(symbol: str, n: int = 50) -> SymbolBars:
     closes = array("d", [100.0 + i for i in range(n)])
-    return SymbolBars(symbol, tuple(f"2024-01-{1 + i % 28:02d}" for i in range(n)), closes, closes, closes, closes,
-                      array("d", [1000.0] * n))  # fmt: skip
+    days = np.datetime64("2024-01-01") + np.arange(n)
+    return SymbolBars.from_dates(symbol, days, closes, closes, closes, closes, [1000.0] * n)
 
 
 def run(script: str, symbols: list[str], params: dict[str, object] | None = None) -> dict[str, Outcome]:

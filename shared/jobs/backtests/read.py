@@ -37,13 +37,15 @@ SUMMARY_METRICS = {
 }
 
 
-def find_run(session: Session, owner_id: str, config_hash: str) -> tuple[Job, BacktestRun] | None:
+def find_run(session: Session, owner_id: str, config_hash: str, data_sha256: str) -> tuple[Job, BacktestRun] | None:
+    """The owner's run of this definition on this data."""
     return jobs.job_with_record(
         session,
         BacktestRun,
         BacktestRun.job_id,
         BacktestRun.owner_id == owner_id,
         BacktestRun.config_hash == config_hash,
+        BacktestRun.data_sha256 == data_sha256,
     )
 
 

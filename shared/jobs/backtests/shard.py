@@ -43,7 +43,7 @@ CANCEL_CHECK_INTERVAL_S = 0.25
 def engine_bars(bars: SymbolBars) -> Bars:
     """The database's bars as the engine takes them."""
     return Bars.from_arrays(
-        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.dates
+        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.days
     )
 
 
@@ -180,7 +180,7 @@ def run_script_strategy(
     record(factory, [(r.outcome.symbol, i) for r in done for i in r.outcome.incidents], job_id=job.id,
            owner_id=job.owner_id)  # fmt: skip
     _store_curves(factory, job.id, done)
-    outcomes = [r.outcome for r in done]
+    outcomes = jobs.read_at([r.outcome for r in done], bars)
     return jobs.complete_shard(factory, started.shard_id, outcomes, events=events, finalize=finalize_run)
 
 
@@ -220,7 +220,8 @@ def run_shard(
                 break
         done.append(backtest_symbol(symbol, bars.get(symbol), config))
     _store_curves(factory, job.id, done)
-    return jobs.complete_shard(factory, shard_id, [r.outcome for r in done], events=events, finalize=finalize_run)
+    outcomes = jobs.read_at([r.outcome for r in done], bars)
+    return jobs.complete_shard(factory, shard_id, outcomes, events=events, finalize=finalize_run)
 
 
 # --- validation tasks -----------------------------------------------------------------------------------------

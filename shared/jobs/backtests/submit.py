@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain import robustness as val
@@ -23,6 +23,7 @@ from shared.infra.models import BacktestRun, Job, JobKind, Symbol
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import find_run
 from shared.jobs.calculations import symbols_sha256
+from shared.marketdata.bars import data_stamp, has_bars
 
 
 @dataclass(frozen=True)
@@ -91,19 +92,6 @@ def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: V
     return tasks
 
 
-_SYMBOLS_WITH_BARS = text(
-    """
-    SELECT s FROM unnest(CAST(:symbols AS varchar[])) AS s
-    WHERE EXISTS (
-        SELECT 1 FROM daily_bars b
-        WHERE b.symbol = s
-          AND (CAST(:start AS date) IS NULL OR b.date >= CAST(:start AS date))
-          AND (CAST(:end AS date) IS NULL OR b.date <= CAST(:end AS date))
-    )
-    """
-)
-
-
 def check_symbols(session: Session, config: BacktestConfig) -> None:
     """Unknown symbols are a 422 naming each one (``symbols[i]``); a date range in which none of the symbols
     has a bar is a 422 on ``start_date``. A symbol without bars in the range while others have some is that
@@ -114,8 +102,7 @@ def check_symbols(session: Session, config: BacktestConfig) -> None:
         errors = [{"field": f"symbols[{i}]", "message": f"unknown symbol {s}"} for i, s in unknown]
         shown = ", ".join(s for _, s in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise ValidationFailed(f"symbols: unknown symbol(s) {shown}", details={"errors": errors})
-    params = {"symbols": config.symbols, "start": config.start_date, "end": config.end_date}
-    if session.execute(_SYMBOLS_WITH_BARS, params).first() is None:
+    if not has_bars(session.connection(), config.symbols, config.start_date, config.end_date):
         start = config.start_date.isoformat() if config.start_date else "the first bar"
         end = config.end_date.isoformat() if config.end_date else "the last bar"
         message = f"no bars between {start} and {end} for any of the {len(config.symbols)} symbols"
@@ -147,6 +134,9 @@ def submit_run(
     if spec is not None:
         tasks = check_validation(config, spec, validation_limits or ValidationLimits(10**12, 10**12))
 
+    with factory() as session:
+        stamp = data_stamp(session.connection(), config.symbols)
+
     def build(session: Session) -> tuple[Job, BacktestRun]:
         check_symbols(session, config)
         if (config.strategy.name == "script") != (request.strategy_code is not None):
@@ -159,6 +149,8 @@ def submit_run(
             script_sha256=run_hash,
             symbols=list(config.symbols),
             symbols_sha256=symbols_sha256(config.symbols),
+            data_sha256=stamp.sha256,
+            data_version=stamp.version,
             start_date=config.start_date,
             end_date=config.end_date,
             params=config.strategy.params.model_dump(mode="json"),
@@ -171,13 +163,14 @@ def submit_run(
             strategy=config.strategy.name,
             config=config.model_dump(mode="json"),
             config_hash=run_hash,
+            data_sha256=stamp.sha256,
             validation=spec.model_dump(mode="json") if spec is not None else None,
             strategy_code=request.strategy_code,
         )
         return job, run
 
     return jobs.submit_once(
-        factory, lambda session: find_run(session, request.owner_id, run_hash), build, shard_size, enqueue,
-        on_write=on_write, max_active_per_owner=max_active_per_owner, events=events,
+        factory, lambda session: find_run(session, request.owner_id, run_hash, stamp.sha256), build, shard_size,
+        enqueue, on_write=on_write, max_active_per_owner=max_active_per_owner, events=events,
         tasks_first=[t.as_dict() for t in tasks],
     )  # fmt: skip

@@ -57,6 +57,7 @@ def run_shard(
     present = [bars[s] for s in started.symbols if s in bars]
     computed = {o.symbol: o for o in runner(job.script, job.params, present, limits)}
     outcomes = [computed[s] if s in computed else _missing_outcome(s, known, job) for s in started.symbols]
+    outcomes = jobs.read_at(outcomes, bars)
     # Recorded before the results, in a transaction of their own: a rejection happened whether or not
     # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
     record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)

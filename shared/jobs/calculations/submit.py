@@ -20,6 +20,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobKind
 from shared.infra.security import record_compile_refusal
 from shared.jobs import pipeline as jobs
+from shared.marketdata.bars import data_stamp
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def submit_calculation(
 ) -> Job:
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
     check_script(factory, request.script, owner_id=request.owner_id)
+    with factory() as session:
+        stamp = data_stamp(session.connection(), request.symbols)
     job = Job(
         kind=JobKind.CALCULATION.value,
         owner_id=request.owner_id,
@@ -73,6 +76,8 @@ def submit_calculation(
         callback_state="pending" if request.callback_url else None,
         symbols=list(request.symbols),
         symbols_sha256=symbols_sha256(request.symbols),
+        data_sha256=stamp.sha256,
+        data_version=stamp.version,
         start_date=request.start_date,
         end_date=request.end_date,
         params=json.loads(json.dumps(request.params)),

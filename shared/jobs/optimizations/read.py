@@ -22,13 +22,15 @@ from shared.infra.models import Job, JobShard, Optimization, OptimizationResult
 from shared.jobs import pipeline as jobs
 
 
-def find(session: Session, owner_id: str, spec_hash: str) -> tuple[Job, Optimization] | None:
+def find(session: Session, owner_id: str, spec_hash: str, data_sha256: str) -> tuple[Job, Optimization] | None:
+    """The owner's optimisation of this spec on this data."""
     return jobs.job_with_record(
         session,
         Optimization,
         Optimization.job_id,
         Optimization.owner_id == owner_id,
         Optimization.spec_hash == spec_hash,
+        Optimization.data_sha256 == data_sha256,
     )
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import text
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain.backtest import BacktestConfig
@@ -24,18 +24,14 @@ from shared.jobs.calculations import symbols_sha256
 from shared.jobs.optimizations import read
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest, check
 from shared.library import strategy_scripts
+from shared.marketdata.bars import data_stamp, load_bars
 
 
 def _calendar(session: Session, config: BacktestConfig) -> list[dt.date]:
-    rows = session.execute(
-        text(
-            "SELECT DISTINCT date FROM daily_bars WHERE symbol = ANY(CAST(:s AS varchar[]))"
-            " AND (CAST(:start AS date) IS NULL OR date >= CAST(:start AS date))"
-            " AND (CAST(:end AS date) IS NULL OR date <= CAST(:end AS date)) ORDER BY date"
-        ),
-        {"s": config.symbols, "start": config.start_date, "end": config.end_date},
-    ).all()
-    return [r[0] for r in rows]
+    """Every date on which one of the config's symbols has a bar in its range."""
+    bars = load_bars(session.connection(), config.symbols, config.start_date, config.end_date)
+    days = np.unique(np.concatenate([b.days for b in bars.values()])) if bars else np.empty(0, "datetime64[D]")
+    return days.astype(dt.date).tolist()
 
 
 def submit(
@@ -66,6 +62,8 @@ def submit(
         spec = OptimizationSpec.model_validate(spec.model_dump(mode="json"))
     spec_hash = spec.spec_hash
     tasks_first: list[dict[str, Any]] = []  # the slices, planned by ``build`` before ``submit_once`` writes them
+    with factory() as session:
+        stamp = data_stamp(session.connection(), spec.config.symbols)
 
     def build(session: Session) -> tuple[Job, Optimization]:
         session.commit()  # end the find's read transaction: the combos are CPU work, no connection waits on them
@@ -104,6 +102,8 @@ def submit(
             script_sha256=spec_hash,
             symbols=list(config.symbols),
             symbols_sha256=symbols_sha256(config.symbols),
+            data_sha256=stamp.sha256,
+            data_version=stamp.version,
             start_date=config.start_date,
             end_date=config.end_date,
             params={"parameters": list(c.names), "combos": len(c)},
@@ -120,13 +120,14 @@ def submit(
             strategy=config.strategy.name,
             spec=spec.model_dump(mode="json"),
             spec_hash=spec_hash,
+            data_sha256=stamp.sha256,
             combos=len(c),
         )
         return job, opt
 
     return jobs.submit_once(
         factory,
-        lambda session: read.find(session, request.owner_id, spec_hash),
+        lambda session: read.find(session, request.owner_id, spec_hash, stamp.sha256),
         build,
         max(1, len(spec.config.symbols)),
         enqueue,
