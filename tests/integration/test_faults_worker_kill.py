@@ -121,10 +121,21 @@ def test_job_survives_sigkill_of_its_worker(
             statuses = shard_statuses(session_factory, job.id)
             return statuses.count("succeeded") >= 4 and statuses.count("running") >= 1
 
-        wait_for(a_is_mid_job, 60, "worker A to be in the middle of the job")
-        os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its pool follows (PDEATHSIG)
+        # Freeze A's whole process group before looking, so that nothing it runs can finish between the look and the
+        # kill; if nothing runs at that instant, let it go on and look again.
+        deadline = time.monotonic() + 60
+        while True:
+            wait_for(a_is_mid_job, 60, "worker A to be in the middle of the job")
+            os.killpg(worker_a.pid, signal.SIGSTOP)
+            if shard_statuses(session_factory, job.id).count("running"):
+                break
+            os.killpg(worker_a.pid, signal.SIGCONT)
+            assert time.monotonic() < deadline, "worker A never ran a shard when frozen"
+        os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its frozen pool follows (PDEATHSIG)
         killed_at = time.monotonic()
         worker_a.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # a sandbox process frozen before its own setsid: let it exit
+            os.killpg(worker_a.pid, signal.SIGCONT)
         wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                  for p in _group(worker_a.pid)), 10, "worker A's pool to die")  # fmt: skip
         statuses = shard_statuses(session_factory, job.id)
