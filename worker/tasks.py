@@ -51,7 +51,7 @@ class ServicesTask(Task):
         if self._services is None:
             settings: Settings = self.app.conf.alphaforge_settings
             install_deadlines()  # a frozen database ends a wait with an error (then a retry), never a hang
-            store.configure_cache(settings.bar_cache_mb)
+            store.configure(settings.bar_cache_mb, copy=True)
             bounds = Bounds.for_workers(settings.timeouts)
             engine = make_engine(settings.require_database_url(), pool_size=2, bounds=bounds)
             events = RedisJobEvents(

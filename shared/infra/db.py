@@ -10,16 +10,19 @@ Past it the socket is shut down and ``OperationalError`` ("could not receive dat
 SQLAlchemy treats as a disconnect (the connection is dropped) and the API answers 503.
 
 The wait callback is process-wide and makes psycopg2 refuse COPY, so only the API's and the workers' processes
-install it (``api.create_wsgi_app``, ``worker.tasks``), and nothing in the product uses COPY.
+install it (``api.create_wsgi_app``, ``worker.tasks``); the workers' bar reads COPY through :func:`copy_out`, which
+bounds the COPY with a watchdog instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,8 +99,7 @@ def _wait_with_deadline(conn: Any) -> None:
         if remaining is not None and remaining <= 0:
             # conn.close() would block on the connection's own lock here; shutting the socket down ends every wait
             # on it, and SQLAlchemy closes the connection as a disconnect.
-            with contextlib.suppress(OSError):
-                socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+            _shut_down(conn)
             raise psycopg2.OperationalError(f"could not receive data from server: no answer within {limit:g} s")
         if state == psycopg2.extensions.POLL_READ:
             select.select([conn.fileno()], [], [], remaining)
@@ -110,6 +112,45 @@ def _wait_with_deadline(conn: Any) -> None:
 def install_deadlines() -> None:
     """Bound every wait of this process's PostgreSQL connections (see the module docstring). Idempotent."""
     psycopg2.extensions.set_wait_callback(_wait_with_deadline)
+
+
+_copy_lock = threading.Lock()
+
+
+def copy_out(cursor: Any, sql: str) -> io.BytesIO:
+    """``COPY (...) TO STDOUT`` into memory, bounded like any statement of the cursor's connection.
+
+    psycopg2 refuses COPY under a wait callback. Where one is installed, it is taken out for this one COPY (one COPY
+    at a time per process) and a watchdog shuts the socket down at the statement's deadline instead, as the callback
+    would have. Only the workers use it: while it runs, another thread's new statement would wait without the
+    callback's deadline (the server's own timeouts still apply), which a worker's lease heartbeat can afford (a
+    missed renewal is a retry elsewhere) and an API request thread should not.
+    """
+    conn = cursor.connection
+    out = io.BytesIO()
+    callback = psycopg2.extensions.get_wait_callback()
+    if callback is None:
+        cursor.copy_expert(sql, out)
+        return out
+    limit = conn.statement_s + DEADLINE_MARGIN_S if isinstance(conn, _BoundedConnection) else None
+    with _copy_lock:
+        psycopg2.extensions.set_wait_callback(None)
+        watchdog = threading.Timer(limit, _shut_down, (conn,)) if limit else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            cursor.copy_expert(sql, out)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            psycopg2.extensions.set_wait_callback(callback)
+    return out
+
+
+def _shut_down(conn: Any) -> None:
+    with contextlib.suppress(OSError):
+        socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
 
 def _options(bounds: Bounds) -> str:

@@ -9,8 +9,9 @@ Reads are two statements at most: chunk metadata with the versions, then the byt
 not hold (one bytea per chunk, no per-bar parsing). Versions are compared between the two; an import that
 committed in between makes the read start again, so what is returned is one committed state of every series.
 
-No COPY: the API's and the workers' processes bound every wait with psycopg2's wait callback
-(``shared.infra.db.install_deadlines``), with which psycopg2 refuses COPY.
+A worker process fetches chunk bytes with binary COPY (raw bytes; a SELECT sends bytea hex-encoded, twice the size,
+and decoding it is most of a cold read), through ``shared.infra.db.copy_out``, which keeps the COPY bounded under
+the process's wait callback; other processes (the API's) SELECT (:func:`configure`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from psycopg2.extensions import cursor as PgCursor
 from psycopg2.extras import execute_values
 from sqlalchemy import Connection, Engine
 
+from shared.infra import db
+from shared.marketdata import pgcopy
 from shared.marketdata.series import BYTES_PER_BAR, Columns, concat, merge, pack, split_chunks, unpack
 
 _EPOCH = dt.date(1970, 1, 1)
@@ -115,17 +118,20 @@ class ChunkCache:
 
 
 _cache = ChunkCache(256 * 1024 * 1024)
+_copy = False  # fetch chunk bytes with binary COPY (worker processes: see shared.infra.db.copy_out)
 
 
 def process_cache() -> ChunkCache:
     return _cache
 
 
-def configure_cache(max_mb: int) -> ChunkCache:
-    """This process's cache, bounded at ``max_mb`` (``ALPHAFORGE_BAR_CACHE_MB``; 0: no cache)."""
-    global _cache
-    if _cache.max_bytes != max_mb * 1024 * 1024:
-        _cache = ChunkCache(max_mb * 1024 * 1024)
+def configure(cache_mb: int, *, copy: bool = False) -> ChunkCache:
+    """This process's cache, bounded at ``cache_mb`` (``ALPHAFORGE_BAR_CACHE_MB``; 0: no cache), and whether its
+    reads fetch by binary COPY."""
+    global _cache, _copy
+    if _cache.max_bytes != cache_mb * 1024 * 1024:
+        _cache = ChunkCache(cache_mb * 1024 * 1024)
+    _copy = copy
     return _cache
 
 
@@ -197,8 +203,14 @@ def _fetch(
 ) -> bool:
     """Fetch the ``wanted`` chunks into ``found`` (and the cache); False if one is not at the version ``meta`` saw."""
     versions = {symbol: version for symbol, version, _, _ in meta}
-    cursor.execute(_DATA_SQL, {"tf": timeframe, "symbols": [s for s, _ in wanted], "days": [d for _, d in wanted]})
-    rows = cursor.fetchall()
+    params = {"tf": timeframe, "symbols": [s for s, _ in wanted], "days": [d for _, d in wanted]}
+    if _copy:
+        query = cursor.mogrify(_DATA_SQL, params).decode()
+        buffer = db.copy_out(cursor, f"COPY ({query}) TO STDOUT WITH (FORMAT binary)")
+        rows = pgcopy.decode(buffer.getbuffer(), "tqiib")
+    else:
+        cursor.execute(_DATA_SQL, params)
+        rows = cursor.fetchall()
     if len(rows) != len(wanted):
         return False
     for symbol, version, day, bars, data in rows:

@@ -4,12 +4,15 @@ import commits into, and a run identified by the data it is computed on."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
+from shared.infra.db import install_deadlines
 from shared.marketdata import store
 from shared.marketdata.bars import data_stamp, load_bars
 from shared.marketdata.series import DEFAULT_TIMEFRAME, Columns, day_ts
@@ -42,7 +45,20 @@ def _versions(engine: Engine) -> dict[str, int]:
         }
 
 
-def test_import_then_read_is_bit_for_bit_across_chunks_and_ranges(clean_db: Engine) -> None:
+@pytest.fixture(params=["select", "copy"])
+def read_by(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both ways a read fetches chunks: SELECT (the API's processes) and binary COPY under the wait callback (the
+    workers')."""
+    if request.param == "copy":
+        install_deadlines()
+    store.configure(256, copy=request.param == "copy")
+    try:
+        yield request.param
+    finally:
+        store.configure(256, copy=False)
+
+
+def test_import_then_read_is_bit_for_bit_across_chunks_and_ranges(clean_db: Engine, read_by: str) -> None:
     universe = {"A": _series(dt.date(2015, 3, 2), 2000), "BRK.B": _series(dt.date(2019, 12, 2), 40)}
     counts = store.import_columns(clean_db, DEFAULT_TIMEFRAME, universe)
     assert (counts.inserted, counts.updated, counts.series) == (2040, 0, 2)

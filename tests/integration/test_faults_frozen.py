@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg2
+import psycopg2.extensions
 import pytest
 import redis
 from sqlalchemy import Engine
@@ -25,7 +27,8 @@ from sqlalchemy import Engine
 from api import create_app
 from shared.infra import dbadmin, migrate
 from shared.infra.config import Settings
-from shared.infra.db import make_engine
+from shared.infra.db import Bounds, install_deadlines, make_engine
+from shared.marketdata import store
 from shared.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.helpers import TEST_PASSWORD, ApiUser, make_user, seed_bars
 from tests.integration.test_events import running_api
@@ -216,6 +219,49 @@ def test_a_frozen_database_is_a_503_within_seconds_and_the_api_recovers(
         client.close()
         app.extensions["alphaforge"].engine.dispose()
         engine.dispose()
+
+
+class _FreezeOnFirstLook(store.ChunkCache):
+    """A cache that freezes the database the first time a read looks into it: between the read's metadata statement
+    and its COPY of the chunks' bytes."""
+
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        super().__init__(0)
+        self.server, self.freeze, self.frozen = server, contextlib.ExitStack(), False
+
+    def get(self, key: store.ChunkKey) -> Any:
+        if not self.frozen:  # every process of the server, the reader's own backend included
+            self.frozen = True
+            self.freeze.enter_context(_frozen(_postgres_processes(self.server)))
+        return super().get(key)
+
+
+def test_a_workers_bar_copy_on_a_frozen_database_ends_at_its_deadline(
+    own_postgres: tuple[EmbeddedPostgres, str],
+) -> None:
+    """A worker reads bars by COPY, for which the wait callback is taken out: a watchdog ends it at the statement's
+    deadline instead, the callback is back afterwards, and the next read works once the database wakes."""
+    server_pg, database_url = own_postgres
+    install_deadlines()
+    bounds = Bounds(connect_s=2, ping_s=1, statement_s=1.0, lock_s=1.0, idle_in_transaction_s=5, pool_checkout_s=2)
+    engine = make_engine(database_url, pool_size=1, bounds=bounds)
+    cache = _FreezeOnFirstLook(server_pg)
+    try:
+        seed_bars(engine, ["FRZ1", "FRZ2"], days=50)
+        store.configure(0, copy=True)
+        began = time.monotonic()
+        with pytest.raises(psycopg2.OperationalError), engine.connect() as conn:
+            store.read_series(conn, ["FRZ1", "FRZ2"], "1d", cache=cache)
+        took = time.monotonic() - began
+        assert cache.frozen and took < BOUND_S, f"the COPY ended after {took:.2f} s"
+        assert psycopg2.extensions.get_wait_callback() is not None  # bounded waits again
+    finally:
+        cache.freeze.close()
+        store.configure(256, copy=False)
+    with engine.connect() as conn:  # the pool dropped the dead connection: a fresh one reads
+        assert set(store.read_series(conn, ["FRZ1", "FRZ2"], "1d", cache=store.ChunkCache(0))) == {"FRZ1", "FRZ2"}
+    engine.dispose()
+    print(f"\n[frozen database] a worker's bar COPY ended {took:.2f} s after it began (statement bound 1 s)")
 
 
 # --- a frozen Redis ----------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""PostgreSQL's binary COPY output, parsed: bytea columns come as raw bytes (a plain SELECT sends them hex-encoded,
+twice the size, decoded byte by byte), a few fields a row, read with ``struct``.
+
+Field types are named by one letter: ``t`` text (UTF-8), ``i`` int4, ``q`` int8, ``b`` bytea (a memoryview).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_HEADER_LEN = len(_SIGNATURE) + 8  # flags, header extension length
+_INT2 = struct.Struct("!h")
+_INT4 = struct.Struct("!i")
+_INT8 = struct.Struct("!q")
+
+
+class CopyFormatError(ValueError):
+    """The bytes are not binary COPY of the expected fields."""
+
+
+def decode(data: memoryview, fields: str) -> list[tuple[Any, ...]]:
+    """The rows of a binary COPY stream whose columns are of the types ``fields`` names (NULL: None)."""
+    if bytes(data[: len(_SIGNATURE)]) != _SIGNATURE:
+        raise CopyFormatError("not PostgreSQL binary COPY output")
+    (extension,) = _INT4.unpack_from(data, len(_SIGNATURE) + 4)
+    pos = _HEADER_LEN + extension
+    rows: list[tuple[Any, ...]] = []
+    while True:
+        (count,) = _INT2.unpack_from(data, pos)
+        pos += 2
+        if count == -1:
+            return rows
+        if count != len(fields):
+            raise CopyFormatError(f"a row of {count} fields, expected {len(fields)}")
+        row: list[Any] = []
+        for kind in fields:
+            (length,) = _INT4.unpack_from(data, pos)
+            pos += 4
+            if length == -1:
+                row.append(None)
+                continue
+            if kind == "b":
+                row.append(data[pos : pos + length])
+            elif kind == "t":
+                row.append(str(data[pos : pos + length], "utf-8"))
+            elif kind == "i":
+                row.append(_INT4.unpack_from(data, pos)[0])
+            elif kind == "q":
+                row.append(_INT8.unpack_from(data, pos)[0])
+            else:
+                raise ValueError(f"unknown field type {kind!r}")
+            pos += length
+        rows.append(tuple(row))
