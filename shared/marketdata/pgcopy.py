@@ -1,7 +1,8 @@
 """PostgreSQL's binary COPY output, parsed: bytea columns come as raw bytes (a plain SELECT sends them hex-encoded,
 twice the size, decoded byte by byte), a few fields a row, read with ``struct``.
 
-Field types are named by one letter: ``t`` text (UTF-8), ``i`` int4, ``q`` int8, ``b`` bytea (a memoryview).
+Field types are named by one letter: ``t`` text (UTF-8), ``i`` int4, ``q`` int8, ``b`` bytea (``bytes`` of its own: a
+view of the stream would keep all of it alive as long as any one value is, e.g. in a cache).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def decode(data: memoryview, fields: str) -> list[tuple[Any, ...]]:
                 row.append(None)
                 continue
             if kind == "b":
-                row.append(data[pos : pos + length])
+                row.append(bytes(data[pos : pos + length]))
             elif kind == "t":
                 row.append(str(data[pos : pos + length], "utf-8"))
             elif kind == "i":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 
 import numpy as np
 import pytest
 
-from shared.marketdata import store
+from shared.marketdata import pgcopy, store
 from shared.marketdata.bars import SymbolBars
 from shared.marketdata.series import (
     BYTES_PER_BAR,
@@ -156,3 +157,30 @@ def test_a_zero_cache_holds_nothing() -> None:
     cache = store.ChunkCache(0)
     cache.put(("A", "1d", 0, 1), _chunk(1))
     assert len(cache) == 0 and cache.get(("A", "1d", 0, 1)) is None
+
+
+# -- binary COPY output ------------------------------------------------------------------------------------------
+
+
+def _copy_stream(rows: list[list[bytes | None]]) -> memoryview:
+    out = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+    for row in rows:
+        out += struct.pack("!h", len(row))
+        for value in row:
+            out += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    return memoryview(out + struct.pack("!h", -1))
+
+
+def test_binary_copy_rows_decode_to_values_and_bytes_of_their_own() -> None:
+    stream = _copy_stream([[b"BRK.B", struct.pack("!q", 2**40), struct.pack("!i", -3), b"\x00\x01"],
+                           [b"A", struct.pack("!q", 1), None, b""]])  # fmt: skip
+    rows = pgcopy.decode(stream, "tqib")
+    assert rows == [("BRK.B", 2**40, -3, b"\x00\x01"), ("A", 1, None, b"")]
+    assert type(rows[0][3]) is bytes  # not a view that keeps the whole stream alive
+
+
+def test_binary_copy_of_other_shapes_is_refused() -> None:
+    with pytest.raises(pgcopy.CopyFormatError, match="not PostgreSQL binary COPY"):
+        pgcopy.decode(memoryview(b"symbol,date\n"), "t")
+    with pytest.raises(pgcopy.CopyFormatError, match="a row of 1 fields, expected 2"):
+        pgcopy.decode(_copy_stream([[b"A"]]), "tq")
