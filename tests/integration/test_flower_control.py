@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.contract import TASK_RECONCILE_SHARDS, create_celery, shard_enqueuer
@@ -95,6 +95,17 @@ def stack(settings: Settings) -> Iterator[tuple[Settings, Processes, str, Celery
         client.close()
 
 
+def _waited(factory: sessionmaker[Session], shard_id: int) -> float:
+    """Seconds since the shard was enqueued, by the database's clock (the one the reconciler's grace is read on)."""
+    with factory() as session:
+        return float(
+            session.scalar(
+                select(func.extract("epoch", func.now() - JobShard.enqueued_at)).where(JobShard.id == shard_id)
+            )
+            or 0.0
+        )
+
+
 def pool_size(app: Celery) -> int:
     stats = app.control.inspect(destination=[WORKER], timeout=2.0).stats() or {}
     return len(stats[WORKER]["pool"]["processes"])
@@ -156,6 +167,10 @@ def test_revoking_a_waiting_shard_in_flower_skips_it_until_the_reconciler_brings
     revoked = app.control.inspect(destination=[WORKER], timeout=2.0).revoked() or {}
     assert revoked_task in revoked.get(WORKER, [])
 
+    # A queued shard is the reconciler's only once it has waited its grace; on a fast machine the rest of the job can
+    # be done sooner than that.
+    grace = settings.maintenance.reconcile_grace_s
+    wait_for(lambda: _waited(session_factory, last_id) > grace, 30, "the revoked shard to have waited its grace")
     app.send_task(TASK_RECONCILE_SHARDS, queue=QUEUE_MAINTENANCE)  # what beat does every minute
 
     def finished() -> bool:
