@@ -36,6 +36,7 @@ from shared.marketdata.series import BYTES_PER_BAR, Columns, concat, merge, pack
 
 _EPOCH = dt.date(1970, 1, 1)
 READ_ATTEMPTS = 5
+FETCH_BATCH = 250  # chunks a statement fetches: 30 MB of decade chunks of daily bars
 
 
 class ConcurrentImport(RuntimeError):
@@ -201,25 +202,28 @@ def _fetch(
     found: dict[ChunkKey, Columns],
     cache: ChunkCache,
 ) -> bool:
-    """Fetch the ``wanted`` chunks into ``found`` (and the cache); False if one is not at the version ``meta`` saw."""
+    """Fetch the ``wanted`` chunks into ``found`` (and the cache), :data:`FETCH_BATCH` a statement (what one statement
+    holds in memory at once beside the decoded arrays); False if one is not at the version ``meta`` saw."""
     versions = {symbol: version for symbol, version, _, _ in meta}
-    params = {"tf": timeframe, "symbols": [s for s, _ in wanted], "days": [d for _, d in wanted]}
-    if _copy:
-        query = cursor.mogrify(_DATA_SQL, params).decode()
-        buffer = db.copy_out(cursor, f"COPY ({query}) TO STDOUT WITH (FORMAT binary)")
-        rows = pgcopy.decode(buffer.getbuffer(), "tqiib")
-    else:
-        cursor.execute(_DATA_SQL, params)
-        rows = cursor.fetchall()
-    if len(rows) != len(wanted):
-        return False
-    for symbol, version, day, bars, data in rows:
-        if versions.get(symbol) != version:
+    for lo in range(0, len(wanted), FETCH_BATCH):
+        batch = wanted[lo : lo + FETCH_BATCH]
+        params = {"tf": timeframe, "symbols": [s for s, _ in batch], "days": [d for _, d in batch]}
+        if _copy:
+            query = cursor.mogrify(_DATA_SQL, params).decode()
+            buffer = db.copy_out(cursor, f"COPY ({query}) TO STDOUT WITH (FORMAT binary)")
+            rows = pgcopy.decode(buffer.getbuffer(), "tqiib")
+        else:
+            cursor.execute(_DATA_SQL, params)
+            rows = cursor.fetchall()
+        if len(rows) != len(batch):
             return False
-        key = (symbol, timeframe, day, version)
-        columns = unpack(data, bars)
-        found[key] = columns
-        cache.put(key, columns)
+        for symbol, version, day, bars, data in rows:
+            if versions.get(symbol) != version:
+                return False
+            key = (symbol, timeframe, day, version)
+            columns = unpack(data, bars)
+            found[key] = columns
+            cache.put(key, columns)
     return True
 
 

@@ -58,7 +58,10 @@ def read_by(request: pytest.FixtureRequest) -> Iterator[str]:
         store.configure(256, copy=False)
 
 
-def test_import_then_read_is_bit_for_bit_across_chunks_and_ranges(clean_db: Engine, read_by: str) -> None:
+def test_import_then_read_is_bit_for_bit_across_chunks_and_ranges(
+    clean_db: Engine, read_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "FETCH_BATCH", 3)  # four chunks: two statements
     universe = {"A": _series(dt.date(2015, 3, 2), 2000), "BRK.B": _series(dt.date(2019, 12, 2), 40)}
     counts = store.import_columns(clean_db, DEFAULT_TIMEFRAME, universe)
     assert (counts.inserted, counts.updated, counts.series) == (2040, 0, 2)
