@@ -67,10 +67,14 @@ class RowProblem:
     line: int
     field: str | None
     message: str
+    source: str | None = None  # the file, when an import reads several
+    unit: str = "line"  # what ``line`` counts: "line" (CSV), "row" (Parquet, 1-based), "file" (the file as a whole)
 
     def __str__(self) -> str:
-        where = f"line {self.line}" + (f", {self.field}" if self.field else "")
-        return f"{where}: {self.message}"
+        place = [self.source] if self.source else []
+        place += [f"{self.unit} {self.line}"] if self.unit != "file" else []
+        place += [self.field] if self.field else []
+        return f"{', '.join(place)}: {self.message}"
 
 
 class BarsImportError(Exception):

@@ -4,7 +4,7 @@ Commands:
   up                     run everything in the foreground (embedded PostgreSQL/Redis when the URLs are unset)
   test [PYTEST ARGS]     ruff (lint and format), mypy, then pytest
   migrate                apply database migrations to DATABASE_URL
-  bars import FILE       import daily bars from a CSV file
+  bars import PATH       import daily bars: a CSV or Parquet file, or a folder of SYMBOL.csv / .parquet files
   bars demo              load a synthetic demo universe
   user create NAME       create an account (--admin for an administrator); prints a generated password
                          unless --password-stdin reads one from standard input
@@ -117,15 +117,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bars_import(args: argparse.Namespace) -> int:
-    from shared.marketdata.csv_import import BarsImportError, import_csv_file
+    from shared.marketdata.csv_import import BarsImportError
+    from shared.marketdata.table_import import import_path
 
     path = _caller_path(args.file)
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    if not path.exists():
+        print(f"error: no such file or folder: {path}", file=sys.stderr)
         return 1
     with _database(Settings.from_env()) as engine:
         try:
-            report = import_csv_file(engine, path)
+            report = import_path(engine, path)
         except BarsImportError as exc:
             print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
             return 1
@@ -216,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bars = sub.add_parser("bars", help="load daily bars")
     bars_sub = bars.add_subparsers(dest="bars_command", required=True, metavar="SUBCOMMAND")
-    imp = bars_sub.add_parser("import", help="import daily bars from a CSV file")
-    imp.add_argument("file", metavar="FILE", help="CSV file")
+    imp = bars_sub.add_parser("import", help="import daily bars from a CSV or Parquet file, or a folder of them")
+    imp.add_argument(
+        "file", metavar="FILE_OR_FOLDER", help="a CSV or Parquet file, or a folder of SYMBOL.csv / SYMBOL.parquet files"
+    )
     imp.set_defaults(func=cmd_bars_import)
     demo = bars_sub.add_parser("demo", help="load a synthetic demo universe")
     demo.add_argument("--symbols", type=_positive_int, default=500, help="number of symbols (default 500)")
