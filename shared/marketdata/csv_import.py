@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import itertools
 import math
 import re
 import time
@@ -30,7 +29,7 @@ from sqlalchemy import Engine
 
 from shared.marketdata import store
 from shared.marketdata.bars import SYMBOL_PATTERN
-from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns
+from shared.marketdata.series import DEFAULT_TIMEFRAME, Columns, by_symbol
 
 # The CSV columns, in the order validation reads them.
 BAR_COLUMNS: tuple[str, ...] = ("symbol", "date", "open", "high", "low", "close", "volume")
@@ -388,18 +387,9 @@ def validate_csv(stream: TextIO, *, source_name: str) -> Validated:
 def columns_by_symbol(keys: array[int], values: list[array[float]], symbol_ids: dict[str, int]) -> dict[str, Columns]:
     """Valid rows (``symbol id << 32 | date ordinal`` keys, no key twice) as each symbol's columns, by date."""
     key_arr = np.frombuffer(keys, dtype=np.int64)
-    order = np.argsort(key_arr, kind="stable")
-    ordered = key_arr[order]
-    ids = ordered >> 32
-    ts = ((ordered & 0xFFFFFFFF) - _ORDINAL_1970) * SECONDS_PER_DAY
-    stacked = np.stack([np.frombuffer(column, dtype=np.float64) for column in values])[:, order]
-    names = {symbol_id: symbol for symbol, symbol_id in symbol_ids.items()}
-    edges = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
-    return {
-        names[int(ids[lo])]: Columns.from_values(ts[lo:hi], stacked[:, lo:hi])
-        for lo, hi in itertools.pairwise(edges)
-        if hi > lo
-    }
+    names = sorted(symbol_ids, key=symbol_ids.__getitem__)
+    stacked = np.stack([np.frombuffer(column, dtype=np.float64) for column in values])
+    return by_symbol(names, key_arr >> 32, (key_arr & 0xFFFFFFFF) - _ORDINAL_1970, stacked)
 
 
 def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str, int]) -> list[RowProblem]:

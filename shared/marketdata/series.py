@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,18 +103,33 @@ def chunk_start(timeframe: str, ts: NDArray[np.int64]) -> NDArray[np.int64]:
     return first.astype("datetime64[D]").astype(np.int64)
 
 
-def split_chunks(timeframe: str, columns: Columns) -> Iterator[tuple[dt.date, Columns]]:
-    """``columns`` cut at chunk boundaries: (chunk's first day, its bars), in order."""
+def split_chunks(timeframe: str, columns: Columns) -> Iterator[tuple[int, Columns]]:
+    """``columns`` cut at chunk boundaries: (chunk's first day as epoch days, its bars), in order."""
     if not len(columns):
         return
     keys = chunk_start(timeframe, columns.ts)
     edges = np.flatnonzero(keys[1:] != keys[:-1]) + 1
     bounds = [0, *edges.tolist(), len(columns)]
     for lo, hi in itertools.pairwise(bounds):
-        yield _EPOCH + dt.timedelta(days=int(keys[lo])), columns.take(lo, hi)
+        yield int(keys[lo]), columns.take(lo, hi)
 
 
 _EPOCH = dt.date(1970, 1, 1)
+
+
+def by_symbol(
+    symbols: Sequence[str], codes: NDArray[np.int64], days: NDArray[np.int64], values: NDArray[np.float64]
+) -> dict[str, Columns]:
+    """Rows (each row's symbol as an index into ``symbols``, its epoch day, its five values as a column of
+    ``values``) as each symbol's columns in date order. Rows must not repeat a (symbol, day)."""
+    order = np.lexsort((days, codes))
+    by_code, by_day = codes[order], days[order]
+    edges = [0, *(np.flatnonzero(by_code[1:] != by_code[:-1]) + 1).tolist(), len(order)]
+    return {
+        symbols[int(by_code[lo])]: Columns.from_values(by_day[lo:hi] * SECONDS_PER_DAY, values[:, order[lo:hi]])
+        for lo, hi in itertools.pairwise(edges)
+        if hi > lo
+    }
 
 
 def day_ts(day: dt.date) -> int:

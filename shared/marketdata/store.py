@@ -16,7 +16,6 @@ the process's wait callback; other processes (the API's) SELECT (:func:`configur
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,6 @@ from shared.infra import db
 from shared.marketdata import pgcopy
 from shared.marketdata.series import BYTES_PER_BAR, Columns, concat, merge, pack, split_chunks, unpack
 
-_EPOCH = dt.date(1970, 1, 1)
 READ_ATTEMPTS = 5
 FETCH_BATCH = 250  # chunks a statement fetches: 30 MB of decade chunks of daily bars
 
@@ -325,7 +323,7 @@ def write_series(cursor: PgCursor, timeframe: str, incoming: Mapping[str, Column
     pieces: dict[tuple[str, int], Columns] = {}
     for symbol, columns in incoming.items():
         for first_day, chunk in split_chunks(timeframe, columns):
-            pieces[(symbol, (first_day - _EPOCH).days)] = chunk
+            pieces[(symbol, first_day)] = chunk
     if not pieces:
         return WriteCounts(0, 0, 0, None)
     keys = list(pieces)

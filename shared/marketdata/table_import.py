@@ -17,7 +17,6 @@ everything goes into the store in one transaction (``store.import_columns``): id
 from __future__ import annotations
 
 import csv
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from shared.marketdata.csv_import import (
     import_csv_file,
     parse_date,
 )
-from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns
+from shared.marketdata.series import DEFAULT_TIMEFRAME, Columns, by_symbol
 
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 IGNORED_COLUMNS = ("adj close", "adj_close", "adjclose")
@@ -305,12 +304,7 @@ def _by_symbol(
     by_code, by_day = codes[order], days[order]
     repeats = np.flatnonzero((by_code[1:] == by_code[:-1]) & (by_day[1:] == by_day[:-1])) + 1
     problems.add(order[repeats], "date", lambda i: f"duplicate bar for {symbols[codes[i]]} on {_iso(int(days[i]))}")
-    edges = [0, *(np.flatnonzero(by_code[1:] != by_code[:-1]) + 1).tolist(), len(order)]
-    return {
-        symbols[int(by_code[lo])]: Columns.from_values(by_day[lo:hi] * SECONDS_PER_DAY, values[:, order[lo:hi]])
-        for lo, hi in itertools.pairwise(edges)
-        if hi > lo
-    }
+    return by_symbol(symbols, codes, days, values) if not repeats.size else {}
 
 
 def _iso(day: int) -> str:
