@@ -63,7 +63,8 @@ def _child(up_pid: int, match: Callable[[list[str]], bool]) -> psutil.Process | 
     """The live direct child of `up` whose command line matches."""
     for proc in psutil.Process(up_pid).children():
         try:
-            if _alive(proc) and match(proc.cmdline()):
+            cmdline = proc.cmdline()  # empty for a child caught between fork and exec, or exiting
+            if _alive(proc) and cmdline and match(cmdline):
                 return proc
         except psutil.Error:
             continue
