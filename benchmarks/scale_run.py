@@ -51,8 +51,9 @@ class PeakMemory:
             for name, pid in self.roots.items():
                 try:
                     root = psutil.Process(pid)
-                    for k, proc in enumerate([root, *root.children(recursive=True)]):
-                        label = name if k == 0 else f"{name} child {proc.pid}"
+                    for proc in [root, *root.children(recursive=True)]:
+                        label = (name if proc.pid == pid else f"{name} pool process {proc.pid}"
+                                 if proc.ppid() == pid else f"{name}'s sandbox processes (largest)")  # fmt: skip
                         self.peaks[label] = max(self.peaks.get(label, 0), proc.memory_info().rss)
                 except psutil.Error:
                     continue

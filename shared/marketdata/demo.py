@@ -47,6 +47,9 @@ _MIN_PRICE = 10.0**-_PRICE_DECIMALS
 # log(volume) = log(mean) + _VOLUME_MOVE_BETA * (|z| - E|z|) + N(0, _VOLUME_NOISE): busier on big moves.
 _VOLUME_MOVE_BETA = 0.35
 _VOLUME_NOISE = 0.30
+# A day's volume is at most this multiple of the symbol's mean: the fat-tailed shocks' rare extremes (|t| of 50 and
+# more among millions of draws) would otherwise make volumes beyond 2**53, even past int64.
+_MAX_VOLUME_MULTIPLE = 50.0
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -128,6 +131,7 @@ def generate_series(rng: np.random.Generator, dates: DateArray, symbol: str, nam
         + _VOLUME_MOVE_BETA * (move - expected_move)
         + rng.normal(-0.5 * _VOLUME_NOISE**2, _VOLUME_NOISE, n)
     )
+    log_volume = np.minimum(log_volume, np.log(mean_volume * _MAX_VOLUME_MULTIPLE))
     volume = np.maximum(1, np.rint(np.exp(log_volume))).astype(np.int64)
     return DemoSeries(symbol, name, dates, open_, high, low, close, volume)
 

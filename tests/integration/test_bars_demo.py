@@ -92,6 +92,12 @@ def test_ohlc_invariants_and_positive_volumes() -> None:
         assert np.all(np.round(series.close, 4) == series.close)  # quoted to the tick
 
 
+def test_volumes_stay_whole_and_bounded_in_a_large_universe() -> None:
+    """Seed 3 drew shocks extreme enough (SYN0891 among the first 891 symbols over 10 years) to overflow volume."""
+    for series in generate_demo_bars(891, 10, seed=3):
+        assert 1 <= series.volume.min() and series.volume.max() <= 2**53, series.symbol
+
+
 def test_statistics_are_plausible() -> None:
     vols, correlations = [], []
     for series in _universe(symbols=30, years=4, seed=9):
