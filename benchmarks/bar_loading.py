@@ -30,18 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import text
 
 from benchmarks.row_loader import create_row_table, row_loader
-from benchmarks.stack import bench_stack
+from benchmarks.stack import bench_stack, write_parquet
 from shared.infra.db import install_deadlines, make_engine
 from shared.marketdata import store
 from shared.marketdata.bars import load_bars
 from shared.marketdata.demo import generate_demo_bars, series_columns
 from shared.marketdata.series import DEFAULT_TIMEFRAME
-from shared.marketdata.table_import import VALUE_COLUMNS, import_path
+from shared.marketdata.table_import import import_path
 
 
 def parquet_loader(path: Path) -> dict[str, tuple[np.ndarray, ...]]:
@@ -82,14 +81,7 @@ def main() -> int:
         assert counts.inserted == total, counts
         create_row_table(engine, universe)  # the reference's table: the same bars, one row each
         parquet = Path(scratch) / "bars.parquet"
-        pq.write_table(
-            pa.table({
-                "symbol": np.repeat(symbols, [len(universe[s]) for s in symbols]),
-                **{name: np.concatenate([getattr(universe[s], name) for s in symbols])
-                   for name in ("ts", "open", "high", "low", "close", "volume")},
-            }),
-            parquet,
-        )  # fmt: skip
+        write_parquet(parquet, universe)
 
         install_deadlines()
         with engine.connect() as conn:
@@ -105,11 +97,7 @@ def main() -> int:
         parquet_s, from_parquet = timed(lambda: parquet_loader(parquet), args.rounds)
         # `bars import` of a Parquet file of the same bars (the importer's columns, dates as dates) into an empty store
         to_import = Path(scratch) / "import.parquet"
-        pq.write_table(pa.table({
-            "symbol": np.repeat(symbols, [len(universe[s]) for s in symbols]),
-            "date": np.concatenate([(universe[s].ts // 86_400).astype("datetime64[D]") for s in symbols]),
-            **{name: np.concatenate([getattr(universe[s], name) for s in symbols]) for name in VALUE_COLUMNS},
-        }), to_import)  # fmt: skip
+        write_parquet(to_import, universe, dates=True)
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM bar_series"))
         began = time.perf_counter()

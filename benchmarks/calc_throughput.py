@@ -29,14 +29,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlalchemy import Engine, text
 
 from benchmarks.row_loader import create_row_table, row_loader
-from benchmarks.stack import bench_stack
+from benchmarks.stack import bench_stack, write_parquet
 from shared.accounts import users
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory, session_scope
@@ -207,11 +204,7 @@ def main() -> int:
         create_row_table(engine, {s: store.columns_of(b.ts, b.open, b.high, b.low, b.close, b.volume)
                                   for s, b in universe.items()})  # fmt: skip
         parquet = stack.work / "bars.parquet"
-        pq.write_table(pa.table({
-            "symbol": np.repeat(symbols, [len(universe[s]) for s in symbols]),
-            **{name: np.concatenate([getattr(universe[s], name) for s in symbols])
-               for name in ("ts", "open", "high", "low", "close", "volume")},
-        }), parquet)  # fmt: skip
+        write_parquet(parquet, universe)
         engine.dispose()
         reader = make_engine(database_url, pool_size=1)
         store.configure(256, copy=True)  # this process reads as a worker does

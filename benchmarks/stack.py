@@ -16,8 +16,14 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shared.infra import dbadmin, migrate
+from shared.marketdata.series import COLUMNS
 from shared.ops.embedded import EmbeddedServers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +77,14 @@ def bench_stack(prefix: str) -> Iterator[BenchStack]:
         dbadmin.drop_database(server_url, db_name)
         servers.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def write_parquet(path: Path, universe: Mapping[str, Any], *, dates: bool = False) -> None:
+    """The bars of ``universe`` (per symbol, anything with ``ts`` and the five value columns) as one Parquet file,
+    sorted by symbol: with ``ts`` (epoch seconds), or, with ``dates``, a ``date`` column as ``bars import`` takes."""
+    symbols = sorted(universe)
+    ts = np.concatenate([universe[s].ts for s in symbols])
+    columns: dict[str, Any] = {"symbol": np.repeat(symbols, [len(universe[s].ts) for s in symbols])}
+    columns |= {"date": (ts // 86_400).astype("datetime64[D]")} if dates else {"ts": ts}
+    columns |= {name: np.concatenate([getattr(universe[s], name) for s in symbols]) for name in COLUMNS}
+    pq.write_table(pa.table(columns), path)

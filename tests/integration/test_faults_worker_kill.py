@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +96,34 @@ def wait_for(predicate: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def kill_mid_work(
+    worker: subprocess.Popen[bytes], ready: Callable[[], bool], holds: Callable[[], bool], timeout_s: float = 60
+) -> float:
+    """SIGKILL a worker's main process while it holds work; the monotonic time of the kill, once its pool is gone.
+
+    Waits for ``ready``, then freezes the worker's whole process group before asking ``holds``, so that nothing it
+    runs can finish between the look and the kill; if it holds nothing at that instant, it goes on and is looked at
+    again. Its frozen pool follows the main process (PDEATHSIG: SIGKILL, which a stopped process takes too); a
+    sandbox process caught between fork and its own setsid was frozen with the group, and is let go on to find its
+    parent gone and exit."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        wait_for(ready, timeout_s, "the worker to be in the middle of the job")
+        os.killpg(worker.pid, signal.SIGSTOP)
+        if holds():
+            break
+        os.killpg(worker.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the worker never held work when frozen"
+    os.kill(worker.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    worker.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGCONT)
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group(worker.pid)),
+             10, "the worker's pool to die")  # fmt: skip
+    return killed_at
+
+
 def shard_statuses(factory: sessionmaker[Session], job_id: object) -> list[str]:
     with factory() as session:
         return list(session.scalars(select(JobShard.status).where(JobShard.job_id == job_id)))
@@ -121,23 +149,7 @@ def test_job_survives_sigkill_of_its_worker(
             statuses = shard_statuses(session_factory, job.id)
             return statuses.count("succeeded") >= 4 and statuses.count("running") >= 1
 
-        # Freeze A's whole process group before looking, so that nothing it runs can finish between the look and the
-        # kill; if nothing runs at that instant, let it go on and look again.
-        deadline = time.monotonic() + 60
-        while True:
-            wait_for(a_is_mid_job, 60, "worker A to be in the middle of the job")
-            os.killpg(worker_a.pid, signal.SIGSTOP)
-            if shard_statuses(session_factory, job.id).count("running"):
-                break
-            os.killpg(worker_a.pid, signal.SIGCONT)
-            assert time.monotonic() < deadline, "worker A never ran a shard when frozen"
-        os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its frozen pool follows (PDEATHSIG)
-        killed_at = time.monotonic()
-        worker_a.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # a sandbox process frozen before its own setsid: let it exit
-            os.killpg(worker_a.pid, signal.SIGCONT)
-        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                 for p in _group(worker_a.pid)), 10, "worker A's pool to die")  # fmt: skip
+        killed_at = kill_mid_work(worker_a, a_is_mid_job, lambda: "running" in shard_statuses(session_factory, job.id))
         statuses = shard_statuses(session_factory, job.id)
         stranded = statuses.count("running")
         assert stranded >= 1 and statuses.count("succeeded") < 40

@@ -9,15 +9,11 @@ holder is silent is judged even when no worker answers; the heartbeat stops with
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
-import psutil
 import pytest
 import redis
 from celery import Celery
@@ -34,7 +30,7 @@ from shared.jobs import pipeline as jobs
 from shared.jobs.backtests import submit as runs
 from shared.jobs.calculations import CalculationRequest
 from tests.helpers import FINAL, ApiUser, seed_bars
-from tests.integration.test_faults_worker_kill import Processes, _group, wait_for
+from tests.integration.test_faults_worker_kill import Processes, kill_mid_work, wait_for
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
@@ -95,26 +91,7 @@ def _kill_mid_job_and_measure(
             done = session.scalar(select(func.count()).where(JobShard.job_id == job_id, JobShard.status == "succeeded"))
         return bool(_held(factory, job_id, f"{tag}-a@")) and (done or 0) >= 1
 
-    # Freeze A's whole process group before looking at what it holds, so that nothing it holds can finish between the
-    # look and the kill; if it holds nothing at that instant, let it go on and look again.
-    deadline = time.monotonic() + 90
-    while True:
-        wait_for(a_is_mid_job, 90, "worker A to hold running shards in the middle of the job")
-        os.killpg(worker_a.pid, signal.SIGSTOP)
-        if _held(factory, job_id, f"{tag}-a@"):
-            break
-        os.killpg(worker_a.pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, "worker A never held a running shard when frozen"
-    os.kill(worker_a.pid, signal.SIGKILL)  # the main process only; its frozen pool follows (PDEATHSIG)
-    killed_at = time.monotonic()
-    worker_a.wait(timeout=10)
-    # Its pool got SIGKILL (PDEATHSIG) as it died, which a stopped process takes too; but a sandbox process caught
-    # between fork and its own setsid and PDEATHSIG was frozen with the group and would stay stopped: let it go on,
-    # find its parent gone and exit.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker_a.pid, signal.SIGCONT)
-    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group(worker_a.pid)),
-             10, "worker A's pool to die")  # fmt: skip
+    killed_at = kill_mid_work(worker_a, a_is_mid_job, lambda: bool(_held(factory, job_id, f"{tag}-a@")), 90)
     stranded = _held(factory, job_id, f"{tag}-a@")  # what A held when its pool died: nobody renews these now
     assert stranded, "worker A finished its shards before it died: nothing to recover"
 
