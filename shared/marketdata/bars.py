@@ -89,16 +89,16 @@ def load_bars(
     *,
     timeframe: str = DEFAULT_TIMEFRAME,
 ) -> dict[str, SymbolBars]:
-    """Bars of ``symbols`` within [start, end], from this process's cache and at most two statements. Symbols
-    without bars in the range are absent. Each symbol's bars are one committed version (``SymbolBars.version``)."""
-    found = store.read_series(
-        conn, symbols, timeframe, None if start is None else day_ts(start), None if end is None else day_ts(end)
-    )
+    """Bars of ``symbols`` within [start, end], from this process's cache, then the database (marketdata/store.py).
+    Symbols without bars in the range are absent. Each symbol's bars are one committed version (``SymbolBars.version``)."""
+    found = store.read_series(conn, symbols, timeframe, *_range_ts(start, end))
     return {symbol: SymbolBars.of(symbol, s.columns, s.version, timeframe) for symbol, s in found.items()}
+
+
+def _range_ts(start: dt.date | None, end: dt.date | None) -> tuple[int | None, int | None]:
+    return (None if start is None else day_ts(start)), (None if end is None else day_ts(end))
 
 
 def has_bars(conn: Connection, symbols: Sequence[str], start: dt.date | None, end: dt.date | None) -> bool:
     """Whether any of ``symbols`` has a daily bar within [start, end]."""
-    return store.has_bars(
-        conn, symbols, DEFAULT_TIMEFRAME, None if start is None else day_ts(start), None if end is None else day_ts(end)
-    )
+    return store.has_bars(conn, symbols, DEFAULT_TIMEFRAME, *_range_ts(start, end))

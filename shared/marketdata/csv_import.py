@@ -51,7 +51,7 @@ _REPLACEMENT_CHAR = "\ufffd"
 SUMMARY_PROBLEMS = 50
 MAX_KEPT_PROBLEMS = 1000
 
-_ORDINAL_1970 = date(1970, 1, 1).toordinal()
+ORDINAL_1970 = date(1970, 1, 1).toordinal()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def columns_by_symbol(keys: array[int], values: list[array[float]], symbol_ids: 
     key_arr = np.frombuffer(keys, dtype=np.int64)
     names = sorted(symbol_ids, key=symbol_ids.__getitem__)
     stacked = np.stack([np.frombuffer(column, dtype=np.float64) for column in values])
-    return by_symbol(names, key_arr >> 32, (key_arr & 0xFFFFFFFF) - _ORDINAL_1970, stacked)
+    return by_symbol(names, key_arr >> 32, (key_arr & 0xFFFFFFFF) - ORDINAL_1970, stacked)
 
 
 def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str, int]) -> list[RowProblem]:

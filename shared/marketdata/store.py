@@ -5,9 +5,10 @@ and first/last ``ts``; ``bar_chunks`` holds its bars, one row per chunk (``serie
 contiguous columns (``series.pack``). An import rewrites only the chunks it changes and gives every series it
 changed one new ``data_version`` (the import's number, from the ``bar_data_version`` sequence), in one transaction.
 
-Reads are two statements at most: chunk metadata with the versions, then the bytes of the chunks this process does
-not hold (one bytea per chunk, no per-bar parsing). Versions are compared between the two; an import that
-committed in between makes the read start again, so what is returned is one committed state of every series.
+A read is chunk metadata with the versions in one statement, then the bytes of the chunks this process does not
+hold (one bytea per chunk, no per-bar parsing; :data:`FETCH_BATCH` chunks a statement). The versions the bytes come
+with are compared with the metadata's; an import that committed in between makes the read start again, so what is
+returned is one committed state of every series.
 
 A worker process fetches chunk bytes with binary COPY (raw bytes; a SELECT sends bytea hex-encoded, twice the size,
 and decoding it is most of a cold read), through ``shared.infra.db.copy_out``, which keeps the COPY bounded under
@@ -38,7 +39,7 @@ FETCH_BATCH = 250  # chunks a statement fetches: 30 MB of decade chunks of daily
 
 
 class ConcurrentImport(RuntimeError):
-    """Imports kept committing between a read's two statements (every attempt saw a new version)."""
+    """Imports kept committing during a read (every attempt saw a new version between metadata and bytes)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def read_series(
                 else:
                     found[key] = hit
             if wanted and not _fetch(cursor, timeframe, wanted, meta, found, cache):
-                continue  # an import committed between the two statements: read again
+                continue  # an import committed between the metadata and the bytes: read again
             return _assemble(meta, found, timeframe, start_ts, end_ts)
     raise ConcurrentImport(f"bars of {len(symbols)} symbol(s) changed under {READ_ATTEMPTS} reads in a row")
 

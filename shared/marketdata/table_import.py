@@ -36,6 +36,7 @@ from shared.marketdata.bars import SYMBOL_PATTERN
 from shared.marketdata.csv_import import (
     MAX_KEPT_PROBLEMS,
     OHLC_TOLERANCE,
+    ORDINAL_1970,
     BarsImportError,
     ImportReport,
     RowProblem,
@@ -225,10 +226,9 @@ def _dates(column: pa.ChunkedArray, problems: _Problems) -> NDArray[np.int64]:
     out = np.zeros(len(text), dtype=np.int64)
     bad: list[int] = []
     messages: dict[int, str] = {}
-    epoch = parse_date("1970-01-01").toordinal()
     for i, value in enumerate(text.tolist()):
         try:
-            out[i] = parse_date(value or "").toordinal() - epoch
+            out[i] = parse_date(value or "").toordinal() - ORDINAL_1970
         except ValueError as exc:
             bad.append(i)
             messages[i] = str(exc)
