@@ -90,7 +90,8 @@ def load_bars(
     timeframe: str = DEFAULT_TIMEFRAME,
 ) -> dict[str, SymbolBars]:
     """Bars of ``symbols`` within [start, end], from this process's cache, then the database (marketdata/store.py).
-    Symbols without bars in the range are absent. Each symbol's bars are one committed version (``SymbolBars.version``)."""
+    Symbols without bars in the range are absent. Each symbol's bars are one committed version
+    (``SymbolBars.version``)."""
     found = store.read_series(conn, symbols, timeframe, *_range_ts(start, end))
     return {symbol: SymbolBars.of(symbol, s.columns, s.version, timeframe) for symbol, s in found.items()}
 
