@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 
 from shared.marketdata import store
 from shared.marketdata.bars import SYMBOL_PATTERN
-from shared.marketdata.series import DEFAULT_TIMEFRAME, Columns, by_symbol
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns, by_symbol
 
 # The CSV columns, in the order validation reads them.
 BAR_COLUMNS: tuple[str, ...] = ("symbol", "date", "open", "high", "low", "close", "volume")
@@ -389,7 +389,7 @@ def columns_by_symbol(keys: array[int], values: list[array[float]], symbol_ids: 
     key_arr = np.frombuffer(keys, dtype=np.int64)
     names = sorted(symbol_ids, key=symbol_ids.__getitem__)
     stacked = np.stack([np.frombuffer(column, dtype=np.float64) for column in values])
-    return by_symbol(names, key_arr >> 32, (key_arr & 0xFFFFFFFF) - ORDINAL_1970, stacked)
+    return by_symbol(names, key_arr >> 32, ((key_arr & 0xFFFFFFFF) - ORDINAL_1970) * SECONDS_PER_DAY, stacked)
 
 
 def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str, int]) -> list[RowProblem]:

@@ -118,15 +118,15 @@ _EPOCH = dt.date(1970, 1, 1)
 
 
 def by_symbol(
-    symbols: Sequence[str], codes: NDArray[np.int64], days: NDArray[np.int64], values: NDArray[np.float64]
+    symbols: Sequence[str], codes: NDArray[np.int64], ts: NDArray[np.int64], values: NDArray[np.float64]
 ) -> dict[str, Columns]:
-    """Rows (each row's symbol as an index into ``symbols``, its epoch day, its five values as a column of
-    ``values``) as each symbol's columns in date order. Rows must not repeat a (symbol, day)."""
-    order = np.lexsort((days, codes))
-    by_code, by_day = codes[order], days[order]
+    """Rows (each row's symbol as an index into ``symbols``, its ``ts``, its five values as a column of ``values``)
+    as each symbol's columns in time order. Rows must not repeat a (symbol, ts)."""
+    order = np.lexsort((ts, codes))
+    by_code, by_ts = codes[order], ts[order]
     edges = [0, *(np.flatnonzero(by_code[1:] != by_code[:-1]) + 1).tolist(), len(order)]
     return {
-        symbols[int(by_code[lo])]: Columns.from_values(by_day[lo:hi] * SECONDS_PER_DAY, values[:, order[lo:hi]])
+        symbols[int(by_code[lo])]: Columns.from_values(by_ts[lo:hi], values[:, order[lo:hi]])
         for lo, hi in itertools.pairwise(edges)
         if hi > lo
     }

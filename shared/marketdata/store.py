@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -287,6 +287,7 @@ class WriteCounts:
 
 
 _WRITE_BATCH = 200  # chunks per INSERT statement (a decade of daily bars is 121 KB a chunk)
+OnWritten = Callable[[int], object]
 
 _UPSERT_SERIES = """
 INSERT INTO bar_series AS h (symbol, timeframe, data_version, bars, first_ts, last_ts, updated_at)
@@ -317,10 +318,13 @@ JOIN bar_chunks c ON c.symbol = k.symbol AND c.timeframe = %(tf)s AND c.chunk_st
 """
 
 
-def write_series(cursor: PgCursor, timeframe: str, incoming: Mapping[str, Columns]) -> WriteCounts:
+def write_series(
+    cursor: PgCursor, timeframe: str, incoming: Mapping[str, Columns], on_written: OnWritten | None = None
+) -> WriteCounts:
     """Lay ``incoming`` (per symbol: sorted, no repeated ``ts``, symbols already in ``symbols``) over the stored
     series, in the caller's transaction, which must hold the bar-load lock: chunks that change are rewritten, and
-    every series that changed gets one new data version. Bars the store has and ``incoming`` lacks are kept."""
+    every series that changed gets one new data version. Bars the store has and ``incoming`` lacks are kept.
+    ``on_written`` is told how many of ``incoming``'s bars each step has dealt with (a progress bar)."""
     pieces: dict[tuple[str, int], Columns] = {}
     for symbol, columns in incoming.items():
         for first_day, chunk in split_chunks(timeframe, columns):
@@ -328,26 +332,38 @@ def write_series(cursor: PgCursor, timeframe: str, incoming: Mapping[str, Column
     if not pieces:
         return WriteCounts(0, 0, 0, None)
     keys = list(pieces)
-    cursor.execute(_STORED_CHUNKS, {"tf": timeframe, "symbols": [s for s, _ in keys], "days": [d for _, d in keys]})
-    stored = {(symbol, day): unpack(data, bars) for symbol, day, bars, data in cursor.fetchall()}
     inserted = updated = 0
-    rewrites: list[tuple[str, str, int, int, int, int, Binary]] = []
-    for (symbol, day), chunk in pieces.items():
-        result = merge(stored[(symbol, day)] if (symbol, day) in stored else concat([]), chunk)
-        inserted += result.inserted
-        updated += result.updated
-        if result.inserted or result.updated:
-            ts = result.columns.ts
-            rewrites.append((symbol, timeframe, day, len(ts), int(ts[0]), int(ts[-1]), Binary(pack(result.columns))))
-    if not rewrites:
+    version: int | None = None
+    changed: set[str] = set()
+    for lo in range(0, len(keys), _WRITE_BATCH):  # a batch of chunks at a time: memory bounded by the batch
+        batch = keys[lo : lo + _WRITE_BATCH]
+        cursor.execute(
+            _STORED_CHUNKS, {"tf": timeframe, "symbols": [s for s, _ in batch], "days": [d for _, d in batch]}
+        )
+        stored = {(symbol, day): unpack(data, bars) for symbol, day, bars, data in cursor.fetchall()}
+        rewrites: list[tuple[str, str, int, int, int, int, Binary]] = []
+        for symbol, day in batch:
+            result = merge(stored.get((symbol, day), concat([])), pieces[(symbol, day)])
+            inserted += result.inserted
+            updated += result.updated
+            if result.inserted or result.updated:
+                ts = result.columns.ts
+                rewrites.append(
+                    (symbol, timeframe, day, len(ts), int(ts[0]), int(ts[-1]), Binary(pack(result.columns)))
+                )
+        if rewrites:
+            if version is None:
+                cursor.execute("SELECT nextval('bar_data_version')")
+                version = int(cursor.fetchone()[0])  # type: ignore[index]
+            fresh = sorted({symbol for symbol, *_ in rewrites} - changed)
+            cursor.execute(_UPSERT_SERIES, {"tf": timeframe, "version": version, "symbols": fresh})
+            changed.update(fresh)
+            execute_values(cursor, _UPSERT_CHUNKS, rewrites, template=_CHUNK_ROW, page_size=len(rewrites))
+        if on_written:
+            on_written(sum(len(pieces[key]) for key in batch))
+    if version is None:
         return WriteCounts(0, 0, 0, None)
-    changed = sorted({symbol for symbol, *_ in rewrites})
-    cursor.execute("SELECT nextval('bar_data_version')")
-    version = int(cursor.fetchone()[0])  # type: ignore[index]
-    cursor.execute(_UPSERT_SERIES, {"tf": timeframe, "version": version, "symbols": changed})
-    for lo in range(0, len(rewrites), _WRITE_BATCH):
-        execute_values(cursor, _UPSERT_CHUNKS, rewrites[lo : lo + _WRITE_BATCH], template=_CHUNK_ROW)
-    cursor.execute(_SUMMARISE_SERIES, {"tf": timeframe, "symbols": changed})
+    cursor.execute(_SUMMARISE_SERIES, {"tf": timeframe, "symbols": sorted(changed)})
     return WriteCounts(inserted, updated, len(changed), version)
 
 
@@ -375,15 +391,25 @@ INSERT INTO symbols (symbol) SELECT unnest(%s::varchar[]) ON CONFLICT (symbol) D
 
 
 def import_columns(
-    engine: Engine, timeframe: str, incoming: Mapping[str, Columns], *, symbols: Sequence[SymbolInfo] = ()
+    engine: Engine,
+    timeframe: str,
+    incoming: Mapping[str, Columns],
+    *,
+    symbols: Sequence[SymbolInfo] = (),
+    on_written: OnWritten | None = None,
 ) -> WriteCounts:
     """:func:`store_columns` in a transaction of its own: all of it is stored, or nothing."""
     with engine.begin() as conn:
-        return store_columns(conn, timeframe, incoming, symbols=symbols)
+        return store_columns(conn, timeframe, incoming, symbols=symbols, on_written=on_written)
 
 
 def store_columns(
-    conn: Connection, timeframe: str, incoming: Mapping[str, Columns], *, symbols: Sequence[SymbolInfo] = ()
+    conn: Connection,
+    timeframe: str,
+    incoming: Mapping[str, Columns],
+    *,
+    symbols: Sequence[SymbolInfo] = (),
+    on_written: OnWritten | None = None,
 ) -> WriteCounts:
     """In ``conn``'s transaction: take the bar-load lock, upsert ``symbols``' metadata, create unknown symbols, and
     lay ``incoming`` over the store (:func:`write_series`)."""
@@ -395,7 +421,7 @@ def store_columns(
                 ([i.symbol for i in symbols], [i.name for i in symbols], [i.is_synthetic for i in symbols]),
             )
         cursor.execute(_INSERT_MISSING_SYMBOLS, (sorted(incoming),))
-        return write_series(cursor, timeframe, incoming)
+        return write_series(cursor, timeframe, incoming, on_written)
 
 
 def columns_of(ts: Any, open: Any, high: Any, low: Any, close: Any, volume: Any) -> Columns:

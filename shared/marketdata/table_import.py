@@ -4,20 +4,27 @@ What it takes:
 
 * a Parquet file with the CSV importer's columns (``symbol, date, open, high, low, close, volume``); without a
   ``symbol`` column it is one symbol's file, named ``SYMBOL.parquet``;
+* intraday bars: the same with a ``timestamp`` (or ``datetime``) column in place of ``date``: ISO 8601 text or a
+  Parquet timestamp, with a UTC offset, or without one in the zone ``tz`` names (``--tz``); the timeframe is
+  ``--timeframe``, or the most common spacing of a file's bars when that is a stored timeframe's length;
 * a folder of per-symbol files, ``SYMBOL.csv`` or ``SYMBOL.parquet``, in the layout common downloaders write
   (``Date,Open,High,Low,Close,Adj Close,Volume``, any column case; ``Adj Close`` is not imported: adjustments are
   computed from corporate actions, not taken from a vendor's column).
 
 Every value is checked in numpy over whole columns with the CSV importer's rules (prices finite and > 0, a whole
-volume in [0, 2**53], high and low enclosing the body, one bar per symbol and date); a file's problems name the
-file and its row (Parquet, 1-based) or line (CSV, header = 1). Nothing is loaded unless every file is good; then
+volume in [0, 2**53], high and low enclosing the body, one bar per symbol and date or timestamp, intraday bars at
+least a timeframe apart); a file's problems name the file and its row (Parquet, 1-based) or line (CSV, header = 1).
+Nothing is loaded unless every file is good; then
 everything goes into the store in one transaction (``store.import_columns``): idempotent, all or nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import sys
 import time
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 from sqlalchemy import Engine
+from tqdm import tqdm
 
 from shared.marketdata import store
 from shared.marketdata.bars import SYMBOL_PATTERN
@@ -43,21 +51,24 @@ from shared.marketdata.csv_import import (
     import_csv_file,
     parse_date,
 )
-from shared.marketdata.series import DEFAULT_TIMEFRAME, Columns, by_symbol
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, TIMEFRAME_SECONDS, Columns, by_symbol
 
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 IGNORED_COLUMNS = ("adj close", "adj_close", "adjclose")
 MAX_VOLUME = 2**53
 SUFFIXES = (".csv", ".parquet")
+TIME_COLUMNS = ("timestamp", "datetime")  # an intraday file's time column (any case); a daily file's is ``date``
+_TIMEFRAME_OF_SECONDS = {seconds: name for name, seconds in TIMEFRAME_SECONDS.items()}
 
 
 @dataclass(frozen=True)
 class FileBars:
-    """One file's valid bars, per symbol, and how many rows it had."""
+    """One file's valid bars, per symbol, their timeframe, and how many rows it had."""
 
     source: str
     rows: int
     columns: dict[str, Columns]
+    timeframe: str = DEFAULT_TIMEFRAME
 
 
 class _Problems:
@@ -81,23 +92,38 @@ class _Problems:
             raise BarsImportError(self.source, self.kept, total_problems=self.total)
 
 
-def import_path(engine: Engine, path: Path) -> ImportReport:
+def import_path(
+    engine: Engine, path: Path, *, timeframe: str | None = None, tz: str | None = None, progress: bool | None = None
+) -> ImportReport:
     """Validate every file of ``path`` (a CSV or Parquet file, or a folder of per-symbol files), then load all of
     them in one transaction. Raises :class:`BarsImportError` naming every bad row of every file (nothing loaded).
-    A CSV file with a ``symbol`` column goes to the CSV importer (shared.marketdata.csv_import)."""
-    if path.is_file() and path.suffix.lower() == ".csv" and _has_symbol_column(path):
+    A daily CSV file with a ``symbol`` column goes to the CSV importer (shared.marketdata.csv_import).
+
+    ``timeframe``: the bars' timeframe (default: daily for a ``date`` column, inferred for a ``timestamp`` one);
+    ``tz``: the time zone of timestamps written without a UTC offset; ``progress``: a progress bar on standard
+    error (default: when it is a terminal)."""
+    header = _csv_header(path) if path.is_file() and path.suffix.lower() == ".csv" else set()
+    if "symbol" in header and "date" in header and timeframe in (None, DEFAULT_TIMEFRAME):
         return import_csv_file(engine, path)  # the CSV importer's own format: checked line by line, as before
     started = time.perf_counter()
     files = per_symbol_files(path) if path.is_dir() else [path]
     problems: list[RowProblem] = []
     total = 0
     parts: list[FileBars] = []
-    for file in files:
+    show = sys.stderr.isatty() if progress is None else progress
+    for file in tqdm(files, desc="reading", unit="file", disable=not show or len(files) < 2, file=sys.stderr):
         try:
-            parts.append(read_file(file))
+            parts.append(read_file(file, timeframe=timeframe, tz=tz))
         except BarsImportError as exc:
             problems.extend(exc.problems)
             total += exc.total_problems
+    timeframes = sorted({p.timeframe for p in parts})
+    if len(timeframes) > 1:
+        first = {tf: next(p.source for p in parts if p.timeframe == tf) for tf in timeframes}
+        shown = ", ".join(f"{tf} ({source})" for tf, source in first.items())
+        problems.append(RowProblem(0, None, f"files of one import must hold one timeframe, these hold {shown}; give "
+                                   "--timeframe or import them apart", source=str(path), unit="file"))  # fmt: skip
+        total += 1
     merged, repeated = _merge(parts)
     problems.extend(repeated)
     total += len(repeated)
@@ -105,7 +131,9 @@ def import_path(engine: Engine, path: Path) -> ImportReport:
         problems.sort(key=lambda p: (p.source or "", p.line))
         raise BarsImportError(str(path), problems[:MAX_KEPT_PROBLEMS], total_problems=total)
     rows = sum(p.rows for p in parts)
-    counts = store.import_columns(engine, DEFAULT_TIMEFRAME, merged) if merged else None
+    bars = sum(len(c) for c in merged.values())
+    with tqdm(total=bars, desc="writing", unit="bar", unit_scale=True, disable=not show, file=sys.stderr) as bar:
+        counts = store.import_columns(engine, timeframes[0], merged, on_written=bar.update) if merged else None
     return ImportReport(
         source_name=str(path),
         rows=rows,
@@ -116,9 +144,9 @@ def import_path(engine: Engine, path: Path) -> ImportReport:
     )
 
 
-def _has_symbol_column(file: Path) -> bool:
+def _csv_header(file: Path) -> set[str]:
     with file.open(newline="", encoding="utf-8-sig", errors="replace") as stream:
-        return "symbol" in {name.strip().lower() for name in next(csv.reader(stream), [])}
+        return {name.strip().lower() for name in next(csv.reader(stream), [])}
 
 
 def per_symbol_files(folder: Path) -> list[Path]:
@@ -143,8 +171,9 @@ def _symbol_of(file: Path) -> str:
     return file.stem.strip().upper()
 
 
-def read_file(file: Path) -> FileBars:
-    """One file's bars, validated. A file without a ``symbol`` column holds one symbol's bars: its name's stem."""
+def read_file(file: Path, *, timeframe: str | None = None, tz: str | None = None) -> FileBars:
+    """One file's bars, validated. A file without a ``symbol`` column holds one symbol's bars: its name's stem.
+    ``timeframe`` and ``tz`` as for :func:`import_path`."""
     source = str(file)
     is_csv = file.suffix.lower() == ".csv"
     problems = _Problems(source, "line" if is_csv else "row", 2 if is_csv else 1)
@@ -154,7 +183,8 @@ def read_file(file: Path) -> FileBars:
         raise _whole(file, f"unreadable file: {exc}") from None
     names = {name.strip().lstrip("\ufeff").strip().lower(): name for name in table.column_names}
     symbol = None if "symbol" in names else _symbol_of(file)  # a file without a symbol column is SYMBOL.ext
-    wanted = ["date", *VALUE_COLUMNS] + ([] if symbol is not None else ["symbol"])
+    clock = next((c for c in ("date", *TIME_COLUMNS) if c in names), "date")
+    wanted = [clock, *VALUE_COLUMNS] + ([] if symbol is not None else ["symbol"])
     missing = [c for c in wanted if c not in names]
     extra = [n for n in names if n not in wanted and n not in IGNORED_COLUMNS]
     if missing or extra:
@@ -162,6 +192,9 @@ def read_file(file: Path) -> FileBars:
             [f"unexpected column(s) {', '.join(repr(e) for e in extra)}"] if extra else []
         )
         raise _whole(file, f"columns must be {','.join(wanted)} (any order and case): {'; '.join(parts)}")
+    if clock == "date" and timeframe not in (None, DEFAULT_TIMEFRAME):
+        raise _whole(file, f"a date column holds daily bars, not {timeframe} ones: intraday bars need a timestamp "
+                     "column")  # fmt: skip
     n = table.num_rows
     if symbol is not None and SYMBOL_PATTERN.fullmatch(symbol) is None:
         raise _whole(file, f"file name {file.name!r} is not a symbol (letters, digits and . - ^ = _, at most 32)")
@@ -169,13 +202,23 @@ def read_file(file: Path) -> FileBars:
         symbols, codes = [symbol], np.zeros(n, dtype=np.int64)
     else:
         symbols, codes = _symbols(table[names["symbol"]], problems)
-    days = _dates(table[names["date"]], problems)
+    if clock == "date":
+        ts = _dates(table[names["date"]], problems) * SECONDS_PER_DAY
+    else:
+        ts = _timestamps(table[names[clock]], clock, tz, problems, file)
     values = np.stack([_floats(table[names[c]], c, problems) for c in VALUE_COLUMNS]) if n else np.empty((5, 0))
     _check_values(values, problems)
     problems.raise_if_any()
-    columns = _by_symbol(symbols, codes, days, values, problems)
+    found = DEFAULT_TIMEFRAME if clock == "date" else timeframe or _infer_timeframe(codes, ts)
+    if found is None:
+        raise _whole(file, "cannot tell the bars' timeframe from their timestamps (their most common spacing is not "
+                     f"one of {', '.join(TIMEFRAME_SECONDS)}): give --timeframe")  # fmt: skip
+    if clock != "date" and found == DEFAULT_TIMEFRAME:
+        problems.add(np.flatnonzero(ts % SECONDS_PER_DAY), clock, "a daily bar's timestamp must be a date (00:00 UTC)")
     problems.raise_if_any()
-    return FileBars(source, n, columns)
+    columns = _by_symbol(symbols, codes, ts, values, problems, found, clock)
+    problems.raise_if_any()
+    return FileBars(source, n, columns, found)
 
 
 def _read_table(file: Path, is_csv: bool) -> pa.Table:
@@ -295,20 +338,117 @@ def _check_values(values: NDArray[np.float64], problems: _Problems) -> None:
 def _by_symbol(
     symbols: list[str],
     codes: NDArray[np.int64],
-    days: NDArray[np.int64],
+    ts: NDArray[np.int64],
     values: NDArray[np.float64],
     problems: _Problems,
+    timeframe: str,
+    clock: str,
 ) -> dict[str, Columns]:
-    """Each symbol's bars in date order; a repeated (symbol, date) is a problem naming the date."""
-    order = np.lexsort((days, codes))
-    by_code, by_day = codes[order], days[order]
-    repeats = np.flatnonzero((by_code[1:] == by_code[:-1]) & (by_day[1:] == by_day[:-1])) + 1
-    problems.add(order[repeats], "date", lambda i: f"duplicate bar for {symbols[codes[i]]} on {_iso(int(days[i]))}")
-    return by_symbol(symbols, codes, days, values) if not repeats.size else {}
+    """Each symbol's bars in time order; a repeated (symbol, ts) is a problem naming it, and so is an intraday bar
+    less than a timeframe after the one before it (the file is not at that timeframe)."""
+    order = np.lexsort((ts, codes))
+    by_code, by_ts = codes[order], ts[order]
+    same = by_code[1:] == by_code[:-1]
+    gaps = by_ts[1:] - by_ts[:-1]
+    repeats = np.flatnonzero(same & (gaps == 0)) + 1
+    problems.add(order[repeats], clock, lambda i: f"duplicate bar for {symbols[codes[i]]} on {_iso(int(ts[i]))}")
+    step = TIMEFRAME_SECONDS[timeframe]
+    if step < SECONDS_PER_DAY:
+        close = np.flatnonzero(same & (gaps > 0) & (gaps < step)) + 1
+        problems.add(order[close], clock, lambda i: f"{symbols[codes[i]]} at {_iso(int(ts[i]))} is less than a "
+                     f"{timeframe} bar after the bar before it")  # fmt: skip
+    return by_symbol(symbols, codes, ts, values) if not problems.total else {}
 
 
-def _iso(day: int) -> str:
-    return str(np.datetime64(int(day), "D"))
+def _infer_timeframe(codes: NDArray[np.int64], ts: NDArray[np.int64]) -> str | None:
+    """The intraday timeframe whose length is the most common spacing of consecutive bars of a symbol."""
+    order = np.lexsort((ts, codes))
+    gaps = np.diff(ts[order])[(np.diff(codes[order]) == 0)]
+    gaps = gaps[gaps > 0]
+    if not gaps.size:
+        return None
+    spacings, counts = np.unique(gaps, return_counts=True)
+    found = _TIMEFRAME_OF_SECONDS.get(int(spacings[np.argmax(counts)]))
+    return found if found != DEFAULT_TIMEFRAME else None
+
+
+def _timestamps(
+    column: pa.ChunkedArray, clock: str, tz: str | None, problems: _Problems, file: Path
+) -> NDArray[np.int64]:
+    """Epoch seconds (UTC) of each row: vectorised when the whole column parses one way, else row by row, each bad
+    row a problem. A timestamp without an offset is wall-clock time in ``tz`` (a whole-file problem without it)."""
+    micros: pa.ChunkedArray | None = None
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        aware = pa.types.is_timestamp(column.type) and column.type.tz is not None
+        micros = column.cast(pa.timestamp("us", tz="UTC") if aware else pa.timestamp("us"))
+        if not aware:
+            micros = _assume(micros, tz, file)
+    else:
+        text = pc.utf8_trim_whitespace(column.cast(pa.string()))
+        try:
+            micros = text.cast(pa.timestamp("us", tz="UTC"))
+        except pa.ArrowInvalid:
+            try:
+                micros = _assume(text.cast(pa.timestamp("us")), tz, file)
+            except pa.ArrowInvalid:
+                micros = None
+        if micros is None:
+            return _timestamps_by_row(text.to_pylist(), clock, tz, problems, file)
+    raw = micros.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    missing = pc.is_null(micros).to_numpy(zero_copy_only=False)
+    problems.add(np.flatnonzero(missing), clock, f"{clock} is empty")
+    values = np.nan_to_num(raw.astype(np.float64)).astype(np.int64) if missing.any() else raw.astype(np.int64)
+    problems.add(np.flatnonzero(values % 1_000_000), clock, "bars start on a whole second")
+    return values // 1_000_000
+
+
+def _assume(naive: pa.ChunkedArray, tz: str | None, file: Path) -> pa.ChunkedArray:
+    """Naive timestamps as instants in ``tz`` (raises ArrowInvalid on a time the zone skips or repeats)."""
+    if tz is None:
+        raise _whole(file, "timestamps without a UTC offset need --tz, the time zone they are in (e.g. "
+                     "America/New_York)")  # fmt: skip
+    return pc.assume_timezone(naive, timezone=tz, ambiguous="raise", nonexistent="raise")
+
+
+def _timestamps_by_row(
+    text: list[str | None], clock: str, tz: str | None, problems: _Problems, file: Path
+) -> NDArray[np.int64]:
+    zone = zoneinfo.ZoneInfo(tz) if tz else None
+    out = np.zeros(len(text), dtype=np.int64)
+    for i, raw in enumerate(text):
+        message = None
+        try:
+            stamp = dt.datetime.fromisoformat(raw or "")
+        except ValueError:
+            message = f"{clock} {raw!r} is not an ISO 8601 timestamp" if raw else f"{clock} is empty"
+        else:
+            if stamp.tzinfo is None:
+                if zone is None:
+                    raise _whole(file, "timestamps without a UTC offset need --tz, the time zone they are in (e.g. "
+                                 "America/New_York)")  # fmt: skip
+                first, second = stamp.replace(tzinfo=zone), stamp.replace(tzinfo=zone, fold=1)
+                if first.utcoffset() != second.utcoffset():
+                    message = f"{raw} is {'skipped' if _skipped(first) else 'repeated'} by {tz}'s clock change"
+                stamp = first
+            if stamp.microsecond:
+                message = "bars start on a whole second"
+            out[i] = int(stamp.timestamp())
+        if message:
+            problems.add([i], clock, message)
+    return out
+
+
+def _skipped(local: dt.datetime) -> bool:
+    """Whether a wall-clock time does not exist in its zone (it comes back changed from a round trip via UTC)."""
+    return local.astimezone(dt.UTC).astimezone(local.tzinfo).replace(tzinfo=None) != local.replace(tzinfo=None)
+
+
+def _iso(ts: int) -> str:
+    return str(np.datetime64(int(ts) // SECONDS_PER_DAY, "D")) if ts % SECONDS_PER_DAY == 0 else f"{_utc(ts)}Z"
+
+
+def _utc(ts: int) -> str:
+    return str(np.datetime64(int(ts), "s"))
 
 
 def _merge(parts: list[FileBars]) -> tuple[dict[str, Columns], list[RowProblem]]:

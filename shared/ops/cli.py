@@ -4,7 +4,8 @@ Commands:
   up                     run everything in the foreground (embedded PostgreSQL/Redis when the URLs are unset)
   test [PYTEST ARGS]     ruff (lint and format), mypy, then pytest
   migrate                apply database migrations to DATABASE_URL
-  bars import PATH       import daily bars: a CSV or Parquet file, or a folder of SYMBOL.csv / .parquet files
+  bars import PATH       import bars: a CSV or Parquet file, or a folder of SYMBOL.csv / .parquet files
+                         (--timeframe 1m..1d, --tz for timestamps without a UTC offset)
   bars demo              load a synthetic demo universe
   user create NAME       create an account (--admin for an administrator); prints a generated password
                          unless --password-stdin reads one from standard input
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from shared.errors import ConfigError
 from shared.infra.config import Settings
 from shared.infra.migrate import PROJECT_ROOT
+from shared.marketdata.series import TIMEFRAME_SECONDS
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -126,7 +128,7 @@ def cmd_bars_import(args: argparse.Namespace) -> int:
         return 1
     with _database(Settings.from_env()) as engine:
         try:
-            report = import_path(engine, path)
+            report = import_path(engine, path, timeframe=args.timeframe, tz=args.tz)
         except BarsImportError as exc:
             print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
             return 1
@@ -187,6 +189,16 @@ def cmd_user_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_zone(raw: str) -> str:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(raw)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {raw!r} (an IANA name, e.g. America/New_York)") from None
+    return raw
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw)
@@ -215,12 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations to DATABASE_URL")
     migrate.set_defaults(func=cmd_migrate)
 
-    bars = sub.add_parser("bars", help="load daily bars")
+    bars = sub.add_parser("bars", help="load bars")
     bars_sub = bars.add_subparsers(dest="bars_command", required=True, metavar="SUBCOMMAND")
-    imp = bars_sub.add_parser("import", help="import daily bars from a CSV or Parquet file, or a folder of them")
+    imp = bars_sub.add_parser("import", help="import bars from a CSV or Parquet file, or a folder of them")
     imp.add_argument(
         "file", metavar="FILE_OR_FOLDER", help="a CSV or Parquet file, or a folder of SYMBOL.csv / SYMBOL.parquet files"
     )
+    imp.add_argument("--timeframe", choices=list(TIMEFRAME_SECONDS),
+                     help="the bars' timeframe (default: 1d for a date column; for a timestamp column, the most "
+                          "common spacing of the bars)")  # fmt: skip
+    imp.add_argument("--tz", type=_time_zone,
+                     help="time zone of timestamps written without a UTC offset (e.g. America/New_York)")  # fmt: skip
     imp.set_defaults(func=cmd_bars_import)
     demo = bars_sub.add_parser("demo", help="load a synthetic demo universe")
     demo.add_argument("--symbols", type=_positive_int, default=500, help="number of symbols (default 500)")

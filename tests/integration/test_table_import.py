@@ -137,3 +137,99 @@ def test_a_large_parquet_import_is_one_transaction_of_columns(clean_db: Engine, 
     assert (report.rows, report.symbols, report.inserted) == (n * len(symbols), 50, n * len(symbols))
     stored = stored_rows(clean_db)
     assert len(stored) == n * len(symbols) and stored[0][0] == "P000" and stored[-1][5] == close[-1, -1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Intraday bars: a timestamp column, --timeframe / --tz, read back bit for bit at every stored timeframe
+# --------------------------------------------------------------------------------------------------
+
+
+def _intraday(seconds: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` bars ``seconds`` apart from 2024-03-08 14:30 UTC (across the US clock change), with a gap, and awkward
+    float values."""
+    rng = np.random.default_rng(seed)
+    ts = 1_709_908_200 + seconds * np.arange(n, dtype=np.int64)
+    ts[n // 2 :] += 3 * seconds  # a gap: missing bars are not an error
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
+    values = np.stack([close * (1 + 1e-4), close * 1.001 + 1 / 3, close * 0.999, close, rng.integers(0, 10**6, n)])
+    return ts, values.astype(np.float64)
+
+
+@pytest.mark.parametrize("timeframe", ["1m", "5m", "15m", "30m", "1h"])
+def test_intraday_parquet_round_trips_bit_for_bit_with_the_timeframe_inferred(
+    clean_db: Engine, tmp_path: Path, timeframe: str
+) -> None:
+    from shared.marketdata import store
+    from shared.marketdata.series import TIMEFRAME_SECONDS
+
+    ts, values = _intraday(TIMEFRAME_SECONDS[timeframe], 400, seed=len(timeframe))
+    columns: dict[str, Any] = {"Timestamp": pa.array(ts * 1_000_000, pa.timestamp("us", tz="UTC"))}
+    columns |= {name: values[k] for k, name in enumerate(("Open", "High", "Low", "Close", "Volume"))}
+    pq.write_table(pa.table(columns), tmp_path / "MSFT.parquet")
+    report = import_path(clean_db, tmp_path)
+    assert (report.rows, report.inserted, report.updated) == (400, 400, 0)
+    with clean_db.connect() as conn:
+        read = store.read_series(conn, ["MSFT"], timeframe, cache=store.ChunkCache(0))["MSFT"].columns
+        assert store.read_series(conn, ["MSFT"], "1d", cache=store.ChunkCache(0)) == {}
+    assert read.ts.tobytes() == ts.tobytes() and read.values().tobytes() == values.tobytes()
+    assert import_path(clean_db, tmp_path).inserted == 0  # idempotent
+
+
+def test_intraday_csv_timestamps_with_offsets_or_in_a_named_zone_are_the_same_instants(
+    clean_db: Engine, tmp_path: Path
+) -> None:
+    """One symbol's hourly bars written with UTC offsets, another's as New York wall-clock time with ``tz``: across
+    the clock change of 2024-03-10 both are stored as the same UTC instants."""
+    from zoneinfo import ZoneInfo
+
+    from shared.marketdata import store
+
+    ts = np.array([1_709_908_200 + 3600 * k for k in range(3)] + [1_710_163_800, 1_710_167_400], dtype=np.int64)
+    zone = ZoneInfo("America/New_York")
+    stamps = [dt.datetime.fromtimestamp(int(t), zone) for t in ts]
+    rows = "\n".join(f"{{}},{k + 1}.0,{k + 2}.0,{k + 0.5},{k + 1.5},{100 + k}" for k in range(len(ts)))
+    with_offsets = [s.isoformat() for s in stamps]
+    wall_clock = [s.replace(tzinfo=None).isoformat(sep=" ") for s in stamps]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "OFF.csv").write_text("timestamp,open,high,low,close,volume\n" + rows.format(*with_offsets))
+    (tmp_path / "b" / "WALL.csv").write_text("Datetime,Open,High,Low,Close,Volume\n" + rows.format(*wall_clock))
+    with pytest.raises(BarsImportError, match="need --tz"):
+        import_path(clean_db, tmp_path / "b", timeframe="1h")
+    import_path(clean_db, tmp_path / "a", timeframe="1h")
+    import_path(clean_db, tmp_path / "b", timeframe="1h", tz="America/New_York")
+    with clean_db.connect() as conn:
+        read = store.read_series(conn, ["OFF", "WALL"], "1h", cache=store.ChunkCache(0))
+    assert read["OFF"].columns.ts.tolist() == read["WALL"].columns.ts.tolist() == ts.tolist()
+
+
+def test_bad_intraday_rows_are_named_and_nothing_is_loaded(clean_db: Engine, tmp_path: Path) -> None:
+    lines = [
+        "symbol,timestamp,open,high,low,close,volume",
+        "AAA,2024-01-02T14:30:00Z,1,2,0.5,1.5,10",
+        "AAA,2024-01-02T14:35:00Z,1,2,0.5,1.5,10",
+        "AAA,2024-01-02T14:37:00Z,1,2,0.5,1.5,10",  # 2 minutes after the previous bar: not a 5m bar
+        "AAA,2024-01-02T14:35:00Z,1,2,0.5,1.5,10",  # repeated
+        "AAA,yesterday,1,2,0.5,1.5,10",
+        "BBB,2024-01-02T14:30:00Z,1,2,0.5,1.5,10",
+    ]
+    (tmp_path / "bars.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BarsImportError) as caught:
+        import_path(clean_db, tmp_path / "bars.csv", timeframe="5m")
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path}/bars.csv, line 6, timestamp: timestamp 'yesterday' is not an ISO 8601 timestamp"
+    ]
+    lines[5] = "AAA,2024-01-02T14:45:00Z,1,2,0.5,1.5,10"
+    (tmp_path / "bars.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BarsImportError) as caught:
+        import_path(clean_db, tmp_path / "bars.csv", timeframe="5m")
+    assert [str(p) for p in caught.value.problems] == [
+        f"{tmp_path}/bars.csv, line 4, timestamp: AAA at 2024-01-02T14:37:00Z is less than a 5m bar after the bar "
+        "before it",
+        f"{tmp_path}/bars.csv, line 5, timestamp: duplicate bar for AAA on 2024-01-02T14:35:00Z",
+    ]
+    with pytest.raises(BarsImportError, match="a date column holds daily bars, not 1h ones"):
+        (tmp_path / "d.parquet").write_bytes(b"")
+        pq.write_table(_table("AAA", BARS["AAPL"]), tmp_path / "d.parquet")
+        import_path(clean_db, tmp_path / "d.parquet", timeframe="1h")
+    assert stored_rows(clean_db) == []
