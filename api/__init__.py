@@ -24,6 +24,7 @@ from shared.infra.artifact_store import ArtifactStore
 from shared.infra.config import Settings
 from shared.infra.db import Bounds, install_deadlines, make_engine, make_session_factory
 from shared.infra.logs import configure_logging
+from shared.marketdata import providers
 
 API_VERSION = "0.1.0"
 
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    providers.configure(settings.bar_provider, settings.bar_parquet_dir, settings.bar_cache_mb)
     engine = make_engine(settings.require_database_url(), bounds=Bounds.for_api(settings.timeouts))
     redis_pool = api_redis_pool(settings)
     app.extensions["alphaforge"] = ApiServices(

@@ -20,7 +20,7 @@ from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job
 from shared.jobs import webhooks
 from shared.jobs.calculations import CalculationRequest, submit_calculation
-from shared.library import scripts
+from shared.library import scripts, universes
 
 bp = APIBlueprint(
     "calculations",
@@ -81,6 +81,9 @@ def execute(body: CalculationExecuteBody) -> Response:
             "script", f"script is {len(script):,} characters; at most {settings.max_script_chars:,} allowed"
         )
     symbols = list(dict.fromkeys(body.stock_symbols))
+    if body.as_of is not None:
+        with svc.session_factory() as session:
+            symbols = universes.listed_members(session, symbols, body.as_of)
     if len(symbols) > settings.max_symbols_per_job:
         raise ValidationFailed.for_field(
             "stock_symbols", f"{len(symbols):,} symbols; at most {settings.max_symbols_per_job:,} per job"
@@ -91,6 +94,8 @@ def execute(body: CalculationExecuteBody) -> Response:
         symbols=symbols,
         start_date=body.start_date,
         end_date=body.end_date,
+        timeframe=body.timeframe,
+        adjustment=body.adjustment,
         params=body.params,
         owner_id=principal.user_id,
         script_id=script_id,

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import select
 
 from api import BEARER_SECURITY, services
-from api.schemas import ErrorResponse
+from api.schemas import Adjustment, ErrorResponse, Timeframe
 from shared.domain.indicators import core as indicators
 from shared.errors import ValidationFailed
 from shared.infra import pagination
 from shared.infra.models import Symbol
+from shared.jobs.calculations.submit import CALCULATION_ADJUSTMENT
 from shared.marketdata.bars import SYMBOL_PATTERN, SymbolBars, load_bars
 
 bp = APIBlueprint("previews", __name__, url_prefix="/api", abp_tags=[Tag(name="data")], abp_security=BEARER_SECURITY)
@@ -55,6 +56,8 @@ class _RangeQuery(BaseModel):
     symbol: str = Field(max_length=32)
     start: dt.date | None = None
     end: dt.date | None = None
+    timeframe: Timeframe = Field(default="1d", description="stored bars, or coarser ones resampled (1w, 1mo)")
+    adjustment: Adjustment = Field(default=CALCULATION_ADJUSTMENT, description="none, splits or total_return")
     limit: int = Field(default=500, ge=1, le=5000)
     cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
@@ -99,7 +102,7 @@ class FeaturesQuery(_RangeQuery):
 
 
 class Candle(BaseModel):
-    date: dt.date
+    date: str = Field(description="ISO date, or for intraday bars an ISO UTC timestamp")
     open: float
     high: float
     low: float
@@ -122,36 +125,45 @@ class FeaturesPage(BaseModel):
     next_cursor: str | None
 
 
-def _bars(symbol: str, *, start: dt.date | None, end: dt.date | None) -> SymbolBars | None:
+def _bars(query: _RangeQuery, *, whole_history: bool = False) -> tuple[SymbolBars | None, int]:
+    """The symbol's bars up to ``query.end`` (from its first bar with ``whole_history``, else from ``query.start``)
+    and the index of the first bar on or after ``query.start``."""
     with services().session_factory() as session:
-        if session.scalar(select(Symbol.symbol).where(Symbol.symbol == symbol)) is None:
-            raise ValidationFailed.for_field("symbol", f"unknown symbol {symbol}")
-        return load_bars(session.connection(), [symbol], start, end).get(symbol)
+        if session.scalar(select(Symbol.symbol).where(Symbol.symbol == query.symbol)) is None:
+            raise ValidationFailed.for_field("symbol", f"unknown symbol {query.symbol}")
+        conn = session.connection()
+        read = {"timeframe": query.timeframe, "adjustment": query.adjustment}
+        bars = load_bars(conn, [query.symbol], None if whole_history else query.start, query.end, **read)
+        found = bars.get(query.symbol)
+        if found is None or not whole_history or query.start is None:
+            return found, 0
+        # The bounds are local dates: the first bar in range is the first bar a read from ``start`` returns.
+        in_range = load_bars(conn, [query.symbol], query.start, query.end, **read).get(query.symbol)
+        first = len(found) if in_range is None else int(np.searchsorted(found.ts, in_range.ts[0]))
+        return found, first
 
 
-def _window(dates: tuple[str, ...], query: _RangeQuery) -> tuple[int, int, str | None]:
-    """[lo, hi) of the page within ``dates`` (ISO strings, sorted) and the next cursor."""
-    (cursor_day,) = pagination.decode_cursor(query.cursor, (pagination.day,)) if query.cursor else (None,)
-    after = cursor_day if cursor_day and (query.start is None or cursor_day >= query.start) else None
-    lo_date = (after + dt.timedelta(days=1)) if after else query.start
-    lo = int(np.searchsorted(dates, lo_date.isoformat(), side="left")) if lo_date else 0
-    last = int(np.searchsorted(dates, query.end.isoformat(), side="right")) if query.end else len(dates)
-    hi = min(last, lo + query.limit)
-    return lo, hi, pagination.encode_cursor([dates[hi - 1]]) if hi < last and hi > lo else None
+def _window(bars: SymbolBars | None, first: int, query: _RangeQuery) -> tuple[int, int, str | None]:
+    """[lo, hi) of the page within ``bars`` (from index ``first``) and the next cursor (the page's last ``ts``)."""
+    if bars is None:
+        return 0, 0, None
+    (after,) = pagination.decode_cursor(query.cursor, (pagination.integer,)) if query.cursor else (None,)
+    lo = max(first, int(np.searchsorted(bars.ts, after, side="right")) if after is not None else 0)
+    hi = min(len(bars), lo + query.limit)
+    return lo, hi, pagination.encode_cursor([int(bars.ts[hi - 1])]) if hi < len(bars) and hi > lo else None
 
 
 @bp.get("/candles", responses={200: CandlesPage, 401: ErrorResponse, 422: ErrorResponse})
 def candles(query: CandlesQuery) -> Response:
-    """A symbol's daily bars in [start, end], oldest first, paged by date."""
-    bars = _bars(query.symbol, start=query.start, end=query.end)
+    """A symbol's bars at ``timeframe`` on the local dates [start, end], oldest first, paged."""
+    bars, first = _bars(query)
     dates = bars.dates if bars else ()
-    lo, hi, cursor = _window(dates, query)
-    assert bars is not None or lo == hi
+    lo, hi, cursor = _window(bars, first, query)
     page = CandlesPage(
         symbol=query.symbol,
         candles=[
             Candle(
-                date=dt.date.fromisoformat(dates[i]),
+                date=dates[i],
                 open=bars.open[i],
                 high=bars.high[i],
                 low=bars.low[i],
@@ -205,9 +217,9 @@ def _json_number(value: float) -> float | None:
 @bp.get("/features", responses={200: FeaturesPage, 401: ErrorResponse, 422: ErrorResponse})
 def features(query: FeaturesQuery) -> Response:
     """An indicator over a symbol's bars (computed on its whole history, then cut to [start, end]), paged."""
-    bars = _bars(query.symbol, start=None, end=query.end)
+    bars, first = _bars(query, whole_history=True)
     dates = bars.dates if bars else ()
-    lo, hi, cursor = _window(dates, query)
+    lo, hi, cursor = _window(bars, first, query)
     params, columns = _compute(query, bars) if bars is not None else ({}, {})
     rows = [
         {"date": dates[i], **{col: _json_number(values[i]) for col, values in columns.items()}} for i in range(lo, hi)

@@ -156,12 +156,15 @@ def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]
     """The engine's config and the optional run name. The symbols come as exactly one of ``symbols``, ``symbol``
     (one symbol) or ``universe`` (the id or name of a saved universe of yours, resolved to its symbols now). With
     ``preset`` (id or name of a preset of yours) the rest of the body is laid over the preset's config
-    (``shared.library.presets.merge_overrides``). The config holds the resolved symbols and settings, so idempotency
-    works on what runs. Invalid fields raise pydantic's ValidationError: a 422 naming each field."""
+    (``shared.library.presets.merge_overrides``). With ``as_of`` (an ISO date) only the symbols listed on that day
+    are kept (free of survivorship bias: delisted ones included, later listings not). The config holds the resolved
+    symbols and settings, so idempotency works on what runs. Invalid fields raise pydantic's ValidationError: a 422
+    naming each field."""
     from shared.library import presets, universes
 
     body = dict(body)
     name = body.pop("name", None)
+    as_of = _as_of(body.pop("as_of", None))
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 100):
         raise ValidationFailed.for_field("name", "must be a non-blank string of at most 100 characters")
     given = [key for key in ("symbol", "symbols", "universe") if key in body]
@@ -185,6 +188,9 @@ def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]
             if "preset" in body:
                 base = presets.resolve_for_run(session, owner_id, body.pop("preset"))
                 body = presets.merge_overrides(base, body)
+    if as_of is not None and isinstance(body.get("symbols"), list):
+        with services().session_factory() as session:
+            body["symbols"] = universes.listed_members(session, body["symbols"], as_of)
     _check_date_order(body)
     config = BacktestConfig.model_validate(body)
     return config, (name.strip() if name else None)
@@ -197,6 +203,16 @@ def _validation_from_body(raw: object) -> ValidationSpec | None:
         return None
     spec = ValidationBody.model_validate({"validation": raw}).validation
     return spec if spec.methods() else None
+
+
+def _as_of(raw: object) -> dt.date | None:
+    if raw is None:
+        return None
+    try:
+        return dt.date.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        pass
+    raise ValidationFailed.for_field("as_of", f"must be an ISO date (YYYY-MM-DD), got {str(raw)[:40]!r}")
 
 
 def _check_date_order(body: dict[str, Any]) -> None:

@@ -6,10 +6,11 @@ import datetime as dt
 import json
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from shared.jobs.calculations.submit import CALCULATION_ADJUSTMENT
 from shared.marketdata.bars import SYMBOL_PATTERN
 
 MAX_PARAMS_BYTES = 16_384
@@ -75,8 +76,12 @@ StockSymbol = Annotated[str, AfterValidator(_symbol)]
 IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
 
 
+Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "1d", "1w", "1mo"]
+Adjustment = Literal["none", "splits", "total_return"]
+
+
 class CalculationExecuteBody(BaseModel):
-    """Run a script over each symbol's daily bars. The script assigns `result` (a finite number or None)."""
+    """Run a script over each symbol's bars. The script assigns `result` (a finite number or None)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +96,17 @@ class CalculationExecuteBody(BaseModel):
     stock_symbols: list[StockSymbol] = Field(min_length=1, description="symbols; duplicates are removed, order kept")
     start_date: IsoDate | None = None
     end_date: IsoDate | None = None
+    as_of: IsoDate | None = Field(
+        default=None, description="keep only the symbols listed on this day (delisted ones included, later ones not)"
+    )
+    timeframe: Timeframe = Field(
+        default="1d", description="bars the script sees: stored ones, or coarser ones resampled (1w, 1mo from daily)"
+    )
+    adjustment: Adjustment = Field(
+        default=CALCULATION_ADJUSTMENT,
+        description="prices adjusted for corporate actions, backward: none (as traded), splits, or total_return "
+        "(splits and dividends). Default splits: levels stay today's quotes and a split breaks no indicator",
+    )
     params: Annotated[dict[str, Any], AfterValidator(_params)] = Field(default_factory=dict)
     callback_url: str | None = Field(
         default=None, max_length=2000, description="POSTed a signed JSON summary when the job ends (http/https, public)"
@@ -146,6 +162,8 @@ class Reproducibility(BaseModel):
     symbol_count: int
     start_date: dt.date | None
     end_date: dt.date | None
+    timeframe: str = "1d"
+    adjustment: str = "none"
     params: dict[str, Any]
     shard_size: int
 

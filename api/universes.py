@@ -1,13 +1,14 @@
 """Saved universes: ``/api/universes[/<id>]``, a user's named lists of symbols.
 
 Owners read and change theirs; admins may read anyone's. Someone else's universe is a 404. A run is created over
-one with ``POST /api/runs {"universe": "<id or name>", ...}``.
+one with ``POST /api/runs {"universe": "<id or name>", ...}``. ``GET /api/universes/<id>?as_of=YYYY-MM-DD`` gives
+the universe as of that day: only its symbols listed then (delisted ones included before their delisting).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
@@ -17,7 +18,7 @@ from api import BEARER_SECURITY, services
 from api.account_schemas import MAX_PAGE, Name
 from api.audit import audit
 from api.auth import current_principal
-from api.schemas import ErrorResponse
+from api.schemas import ErrorResponse, IsoDate
 from shared.accounts.audit import AuditAction
 from shared.errors import Forbidden, ValidationFailed
 from shared.infra.db import session_scope
@@ -39,6 +40,7 @@ _WRITE_ERRORS: dict[str | int, type[BaseModel] | dict[Any, Any] | None] = {
 Symbols = Annotated[
     list[str], Field(min_length=1, description="symbols, upper-cased; duplicates are removed, order kept")
 ]
+Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "1d", "1w", "1mo"]  # universes.TIMEFRAMES
 
 
 class UniverseCreateBody(BaseModel):
@@ -47,6 +49,7 @@ class UniverseCreateBody(BaseModel):
     name: Annotated[Name, Field(max_length=100)]
     description: str = Field(default="", max_length=2000)
     symbols: Symbols
+    timeframe: Timeframe = Field(default="1d", description="the timeframe the universe is meant for")
 
 
 class UniverseUpdateBody(BaseModel):
@@ -57,6 +60,7 @@ class UniverseUpdateBody(BaseModel):
     name: Annotated[Name, Field(max_length=100)] | None = None
     description: str | None = Field(default=None, max_length=2000)
     symbols: Symbols | None = None
+    timeframe: Timeframe | None = None
     expected_version: int | None = Field(
         default=None, ge=1, description="refuse (409) unless the universe is still at this version"
     )
@@ -64,6 +68,14 @@ class UniverseUpdateBody(BaseModel):
 
 class UniversePath(BaseModel):
     universe_id: str
+
+
+class UniverseGetQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    as_of: IsoDate | None = Field(
+        default=None, description="only the symbols listed on this day (YYYY-MM-DD): listed by then, not delisted yet"
+    )
 
 
 class UniverseListQuery(BaseModel):
@@ -81,6 +93,8 @@ class UniverseView(BaseModel):
     name: str
     description: str
     symbols: list[str]
+    timeframe: str
+    as_of: dt.date | None = Field(default=None, description="the day ``symbols`` were taken as of (None: all of them)")
     version: int
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -93,6 +107,7 @@ class UniverseSummary(BaseModel):
     name: str
     description: str
     size: int
+    timeframe: str
     version: int
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -115,6 +130,7 @@ def universe_view(universe: SavedUniverse) -> UniverseView:
         name=universe.name,
         description=universe.description,
         symbols=list(universe.symbols),
+        timeframe=universes.timeframe_of(universe),
         version=universe.version,
         created_at=universe.created_at,
         updated_at=universe.updated_at,
@@ -131,7 +147,9 @@ def create_universe(body: UniverseCreateBody) -> Response:
     """Save a list of symbols under a name of yours (unique per user: a taken name is a 409 naming ``name``).
     Every symbol must be known: an unknown one is a 422 naming ``symbols[i]``."""
     principal = current_principal()
-    fields = universes.UniverseInput(name=body.name, description=body.description, symbols=_symbols(body.symbols))
+    fields = universes.UniverseInput(
+        name=body.name, description=body.description, symbols=_symbols(body.symbols), timeframe=body.timeframe
+    )
     with session_scope(services().session_factory) as session:
         universe = universes.create_universe(session, principal.user_id, fields)
         audit(session, AuditAction.UNIVERSE_CREATED, resource_type="universe", resource_id=universe.id,
@@ -164,6 +182,7 @@ def list_universes(query: UniverseListQuery) -> Response:
                     name=u.name,
                     description=u.description,
                     size=len(u.symbols),
+                    timeframe=universes.timeframe_of(u),
                     version=u.version,
                     created_at=u.created_at,
                     updated_at=u.updated_at,
@@ -176,24 +195,31 @@ def list_universes(query: UniverseListQuery) -> Response:
     return jsonify(page.model_dump(mode="json"))
 
 
-@bp.get("/<universe_id>", responses={200: UniverseView, 404: ErrorResponse})
-def get_universe(path: UniversePath) -> Response:
-    """One universe with its symbols."""
+@bp.get("/<universe_id>", responses={200: UniverseView, 404: ErrorResponse, 422: ErrorResponse})
+def get_universe(path: UniversePath, query: UniverseGetQuery) -> Response:
+    """One universe with its symbols; with ``as_of``, only those listed on that day (in the universe's order)."""
     with services().session_factory() as session:
         universe = universes.get_universe(session, current_principal(), path.universe_id)
-        return jsonify(universe_view(universe).model_dump(mode="json"))
+        view = universe_view(universe)
+        if query.as_of is not None:
+            listed = universes.resolve_as_of(session, universe.symbols, query.as_of)
+            view = view.model_copy(update={"symbols": listed, "as_of": query.as_of})
+        return jsonify(view.model_dump(mode="json"))
 
 
 @bp.put("/<universe_id>", responses={200: UniverseView, **_WRITE_ERRORS})
 def update_universe(path: UniversePath, body: UniverseUpdateBody) -> Response:
     """Change a universe; omitted fields keep their value. Runs made over it earlier keep their symbols."""
     principal = current_principal()
-    if body.name is None and body.description is None and body.symbols is None:
-        raise ValidationFailed.for_field("body", "nothing to change: give at least one of name, description, symbols")
+    if body.name is None and body.description is None and body.symbols is None and body.timeframe is None:
+        raise ValidationFailed.for_field(
+            "body", "nothing to change: give at least one of name, description, symbols, timeframe"
+        )
     changes = universes.UniverseChanges(
         name=body.name,
         description=body.description,
         symbols=_symbols(body.symbols) if body.symbols is not None else None,
+        timeframe=body.timeframe,
         expected_version=body.expected_version,
     )
     with session_scope(services().session_factory) as session:

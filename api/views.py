@@ -84,6 +84,8 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
             symbol_count=job.symbols_total,
             start_date=job.start_date,
             end_date=job.end_date,
+            timeframe=job.timeframe,
+            adjustment=job.adjustment,
             params=job.params,
             shard_size=job.shard_size,
         ),

@@ -2,22 +2,34 @@
 API and a worker, with wall times and the peak memory of every process of the system.
 
     .venv/bin/python -m benchmarks.scale_run [--symbols 5000] [--years 10]
+    .venv/bin/python -m benchmarks.scale_run --minutes [--symbols 500] [--years 1]
 
-Not part of the default suite (minutes, gigabytes). Daily bars for now; the 1-minute run waits for intraday
-timeframes. Peak memory is each process's largest resident set seen while polling every 0.2 s (the worker's pool
+Not part of the default suite (minutes, gigabytes). Daily bars (the demo universe), or with ``--minutes``
+1-minute bars of regular New York sessions (390 a day, 252 days a year) written as one Parquet file per symbol and
+imported with ``bars import``'s code; the calculation job then reads them at 1m, and the backtest run at 1d (runs
+take daily or coarser bars: the minutes resampled on read).
+
+Peak memory is each process's largest resident set seen while polling every 0.2 s (the worker's pool
 processes are where bars are read and cached: ``ALPHAFORGE_BAR_CACHE_MB`` bounds their cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import secrets
+import tempfile
 import threading
 import time
+import zoneinfo
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from benchmarks.calc_throughput import PARAMS, PASSWORD, SMA_SCRIPT, TOKEN, http, wait_http
 from benchmarks.stack import bench_stack
@@ -25,6 +37,7 @@ from shared.accounts import users
 from shared.infra.config import Settings
 from shared.infra.db import make_engine, make_session_factory, session_scope
 from shared.marketdata.demo import load_demo_universe
+from shared.marketdata.table_import import import_path
 from shared.ops.embedded import free_tcp_port
 from shared.ops.launcher import child_commands
 
@@ -67,18 +80,63 @@ def wait_final(base: str, path: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+def session_minutes(years: int) -> np.ndarray:
+    """Epoch seconds of every minute bar of ``years`` x 252 regular New York sessions from 2024-01-02."""
+    zone, day, opens = zoneinfo.ZoneInfo("America/New_York"), dt.date(2024, 1, 2), list[int]()
+    while len(opens) < 252 * years:
+        if day.weekday() < 5:
+            opens.append(int(dt.datetime.combine(day, dt.time(9, 30), tzinfo=zone).timestamp()))
+        day += dt.timedelta(days=1)
+    return (np.asarray(opens, dtype=np.int64)[:, None] + 60 * np.arange(390)).ravel()
+
+
+def write_minute_files(folder: Path, symbols: list[str], years: int) -> int:
+    """One ``SYMBOL.parquet`` of random-walk minute bars per symbol; the number of bars written."""
+    ts = pa.array(session_minutes(years) * 1_000_000, pa.timestamp("us", tz="UTC"))
+    rng = np.random.default_rng(5)
+    for symbol in symbols:
+        close = 50 * np.exp(np.cumsum(rng.normal(0, 4e-4, len(ts))))
+        wick = np.abs(rng.normal(0, 2e-4, len(ts)))
+        pq.write_table(pa.table({
+            "timestamp": ts, "open": close * (1 - wick / 2), "high": close * (1 + wick), "low": close * (1 - wick),
+            "close": close, "volume": rng.integers(100, 10_000, len(ts)).astype(np.float64),
+        }), folder / f"{symbol}.parquet")  # fmt: skip
+    return len(ts) * len(symbols)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--symbols", type=int, default=5000)
-    parser.add_argument("--years", type=int, default=10)
+    parser.add_argument("--symbols", type=int, default=None, help="default 5,000 (500 with --minutes)")
+    parser.add_argument("--years", type=int, default=None, help="default 10 (1 with --minutes)")
+    parser.add_argument("--minutes", action="store_true", help="1-minute bars instead of the daily demo universe")
     args = parser.parse_args()
-    with bench_stack("scale") as stack:
+    args.symbols = args.symbols or (500 if args.minutes else 5000)
+    args.years = args.years or (1 if args.minutes else 10)
+    timeframe = "1m" if args.minutes else "1d"
+    prefix = "MIN" if args.minutes else "SYN"
+    symbols = [f"{prefix}{i:04d}" for i in range(1, args.symbols + 1)]
+    with bench_stack("scale") as stack, tempfile.TemporaryDirectory() as scratch:
         engine = make_engine(stack.database_url, pool_size=1)
-        began = time.perf_counter()
-        report = load_demo_universe(engine, symbols=args.symbols, years=args.years, seed=3)
-        import_s = time.perf_counter() - began
-        print(f"imported {report.rows:,} bars of {report.symbols:,} symbols in {import_s:.1f} s "
-              f"({report.rows / import_s / 1e6:.2f} M bars/s)", flush=True)  # fmt: skip
+        if args.minutes:
+            began = time.perf_counter()
+            written = write_minute_files(Path(scratch), symbols, args.years)
+            print(f"wrote {written:,} 1-minute bars as {len(symbols)} Parquet files in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)  # fmt: skip
+        mark = psutil.Process().memory_info().rss
+        with PeakMemory({"importer": os.getpid()}) as importing:
+            began = time.perf_counter()
+            if args.minutes:
+                rows, imported = (r := import_path(engine, Path(scratch), progress=False)).rows, r.symbols
+            else:
+                rows, imported = (
+                    (d := load_demo_universe(engine, symbols=args.symbols, years=args.years, seed=3)).rows,
+                    d.symbols,
+                )
+            import_s = time.perf_counter() - began
+        print(f"imported {rows:,} bars of {imported:,} symbols in {import_s:.1f} s "
+              f"({rows / import_s / 1e6:.2f} M bars/s); importer peak RSS "
+              f"{importing.peaks.get('importer', mark) / 2**20:.0f} MB (before: {mark / 2**20:.0f} MB)",
+              flush=True)  # fmt: skip
         with session_scope(make_session_factory(engine)) as session:
             users.create_user(session, "bench", PASSWORD)
         engine.dispose()
@@ -95,11 +153,11 @@ def main() -> int:
         TOKEN["access"] = http("POST", f"{base}/auth/login", {"username": "bench", "password": PASSWORD})[
             "access_token"
         ]
-        symbols = [f"SYN{i:04d}" for i in range(1, args.symbols + 1)]
         with PeakMemory(procs) as memory:
             began = time.perf_counter()
             job = http("POST", f"{base}/custom-calculations/execute", {
                 "script": SMA_SCRIPT, "column_name": "pct_above_sma20", "stock_symbols": symbols, "params": PARAMS,
+                "timeframe": timeframe,
             })  # fmt: skip
             calc = wait_final(base, f"jobs/{job['job_id']}")
             calc_s = time.perf_counter() - began
@@ -109,7 +167,7 @@ def main() -> int:
             })  # fmt: skip
             backtest = wait_final(base, f"runs/{run['run_id']}")
             run_s = time.perf_counter() - began
-        print(f"calculation job over {args.symbols:,} symbols: {calc['status']} in {calc_s:.1f} s")
+        print(f"calculation job over {args.symbols:,} symbols at {timeframe}: {calc['status']} in {calc_s:.1f} s")
         print(f"backtest run over {args.symbols:,} symbols: {backtest['status']} in {run_s:.1f} s")
         print(f"bar cache bound per worker process: {settings.bar_cache_mb} MB (ALPHAFORGE_BAR_CACHE_MB)")
         for label, peak in sorted(memory.peaks.items()):

@@ -26,7 +26,7 @@ from shared.infra.events import RedisJobEvents
 from shared.jobs import backoff, calculations, leases, webhooks
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import job_of_shard
-from shared.marketdata import store
+from shared.marketdata import providers, store
 from shared.sandbox.runner import run_script
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ServicesTask(Task):
             settings: Settings = self.app.conf.alphaforge_settings
             install_deadlines()  # a frozen database ends a wait with an error (then a retry), never a hang
             store.configure(settings.bar_cache_mb, copy=True)
+            providers.configure(settings.bar_provider, settings.bar_parquet_dir, settings.bar_cache_mb)
             bounds = Bounds.for_workers(settings.timeouts)
             engine = make_engine(settings.require_database_url(), pool_size=2, bounds=bounds)
             events = RedisJobEvents(

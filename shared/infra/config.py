@@ -455,6 +455,18 @@ class Settings:
         "(`0`: none)",
         ge=0,
     )
+    bar_provider: str = setting(
+        "ALPHAFORGE_BAR_PROVIDER",
+        "store",
+        "where jobs read bars: `store` (the PostgreSQL column store bars are imported into) or `parquet` (per-symbol "
+        "files under `ALPHAFORGE_BAR_PARQUET_DIR`, read in place)",
+        check=schema.one_of("store", "parquet"),
+    )
+    bar_parquet_dir: Path | None = setting(  # noqa: RUF009 - a field(), with an immutable default
+        "ALPHAFORGE_BAR_PARQUET_DIR",
+        None,
+        "the `parquet` provider's directory: `TIMEFRAME/SYMBOL.parquet` (or `.csv`; daily files may sit in the root)",
+    )
     demo_symbols: int = setting(
         "ALPHAFORGE_DEMO_SYMBOLS",
         500,

@@ -323,3 +323,15 @@ def http_url(raw: str) -> str | None:
     if value and not value.startswith(("http://", "https://")):
         raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
     return value or None
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """One of ``choices`` (case and surrounding space ignored)."""
+
+    def check(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}: {raw!r}")
+        return value
+
+    return check

@@ -4,11 +4,16 @@ Symbols are checked as a run's are: each one upper-cased and matched against the
 dropped (first place kept), at most ``max_symbols`` of them, and each must be a known symbol: an unknown one is a
 422 naming ``symbols[i]``. ``version`` counts the changes; an update may name the version it expects (409 if the
 universe changed meanwhile). Someone else's universe is a 404, as for scripts.
+
+A universe carries the ``timeframe`` it is meant for (``1d`` unless given), and may be taken as of a date
+(:func:`resolve_as_of`): only its members listed on that day (shared.marketdata.listings), so that a backtest over a
+past date sees the symbols that traded then, delisted ones included, and not those listed later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +26,13 @@ from shared.accounts.access import Principal, require_owner, require_read
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.infra.models import SavedUniverse, Symbol
 from shared.library.scripts import page_by_name
+from shared.marketdata import listings
 from shared.marketdata.bars import SYMBOL_PATTERN
+from shared.marketdata.resample import SERVED_TIMEFRAMES
+
+# What a saved universe may be meant for: the stored timeframes, and the weekly and monthly ones resampled on read.
+TIMEFRAMES: tuple[str, ...] = SERVED_TIMEFRAMES
+DEFAULT_TIMEFRAME = "1d"
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,7 @@ class UniverseInput:
     name: str
     symbols: tuple[str, ...]
     description: str = ""
+    timeframe: str = DEFAULT_TIMEFRAME
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class UniverseChanges:
     name: str | None = None
     symbols: tuple[str, ...] | None = None
     description: str | None = None
+    timeframe: str | None = None
     expected_version: int | None = None
 
 
@@ -60,6 +73,35 @@ def normalise_symbols(raw: Sequence[object], *, max_symbols: int, field: str = "
     if len(seen) > max_symbols:
         raise ValidationFailed.for_field(field, f"{len(seen):,} symbols; at most {max_symbols:,}")
     return list(seen)
+
+
+def check_timeframe(raw: object, *, field: str = "timeframe") -> str:
+    """One of :data:`TIMEFRAMES`; anything else is a 422 naming ``field``."""
+    if not isinstance(raw, str) or raw not in TIMEFRAMES:
+        raise ValidationFailed.for_field(
+            field, f"unknown timeframe {str(raw)[:20]!r}: use one of {', '.join(TIMEFRAMES)}"
+        )
+    return raw
+
+
+def timeframe_of(universe: SavedUniverse) -> str:
+    """The timeframe a universe is meant for."""
+    return universe.timeframe
+
+
+def resolve_as_of(session: Session, universe_symbols: Sequence[str], day: dt.date) -> list[str]:
+    """The members of a universe listed on ``day`` (listed on or before it, and not delisted before it), in the
+    universe's order. A symbol without bars or a listing date is not listed on any day."""
+    return listings.listed_as_of(session.connection(), day, universe_symbols)
+
+
+def listed_members(session: Session, symbols: Sequence[object], day: dt.date, *, field: str = "as_of") -> list[str]:
+    """``symbols`` (upper-cased) listed on ``day``, in order; none of them is a 422 naming ``field``."""
+    wanted = [s.strip().upper() for s in symbols if isinstance(s, str)]
+    listed = resolve_as_of(session, wanted, day)
+    if not listed:
+        raise ValidationFailed.for_field(field, f"none of the {len(wanted)} symbols was listed on {day}")
+    return listed
 
 
 def check_known(session: Session, symbols: Sequence[str], *, field: str = "symbols") -> None:
@@ -96,7 +138,12 @@ def _flush_or_conflict(session: Session, name: str) -> None:
 def create_universe(session: Session, owner_id: str, fields: UniverseInput) -> SavedUniverse:
     check_known(session, fields.symbols)
     universe = SavedUniverse(
-        owner_id=owner_id, name=fields.name, description=fields.description, symbols=list(fields.symbols), version=1
+        owner_id=owner_id,
+        name=fields.name,
+        description=fields.description,
+        symbols=list(fields.symbols),
+        timeframe=check_timeframe(fields.timeframe),
+        version=1,
     )
     session.add(universe)
     _flush_or_conflict(session, fields.name)
@@ -134,6 +181,9 @@ def update_universe(session: Session, universe: SavedUniverse, changes: Universe
         check_known(session, changes.symbols)
         universe.symbols = list(changes.symbols)
         changed.append("symbols")
+    if changes.timeframe is not None and check_timeframe(changes.timeframe) != timeframe_of(universe):
+        universe.timeframe = changes.timeframe
+        changed.append("timeframe")
     for name in ("name", "description"):
         value = getattr(changes, name)
         if value is not None and value != getattr(universe, name):
@@ -162,8 +212,13 @@ def list_universes(
 
 
 def resolve_for_run(session: Session, owner_id: str, reference: object, *, field: str = "universe") -> list[str]:
-    """The symbols of the caller's universe named by id or by name. Anything else, someone else's universe
-    included, is a 422 naming ``field`` (the run's body refers to it; nothing of another user leaks)."""
+    """The symbols of the caller's universe named by id or by name (:func:`find_for_run`)."""
+    return list(find_for_run(session, owner_id, reference, field=field).symbols)
+
+
+def find_for_run(session: Session, owner_id: str, reference: object, *, field: str = "universe") -> SavedUniverse:
+    """The caller's universe named by id or by name. Anything else, someone else's universe included, is a 422
+    naming ``field`` (the run's body refers to it; nothing of another user leaks)."""
     if not isinstance(reference, str) or not reference.strip() or len(reference) > 100:
         raise ValidationFailed.for_field(field, "give the id or the name of one of your saved universes")
     reference = reference.strip()
@@ -176,4 +231,4 @@ def resolve_for_run(session: Session, owner_id: str, reference: object, *, field
         )
     if universe is None:
         raise ValidationFailed.for_field(field, f"you have no saved universe with id or name {reference[:100]!r}")
-    return list(universe.symbols)
+    return universe

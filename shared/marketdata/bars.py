@@ -1,24 +1,41 @@
-"""Reading bars, the one read path of every job kind, preview and task: :func:`load_bars` over the column store."""
+"""Reading bars, the one read path of every job kind, preview and task: :func:`load_bars`.
+
+A read asks for a timeframe and an adjustment. The configured provider (shared/marketdata/providers.py) serves the
+stored series: the timeframe itself when a symbol has it, else the nearest finer stored timeframe that divides it
+(``1w`` and ``1mo`` come from ``1d``), resampled in the symbol's exchange time zone (shared/marketdata/resample.py).
+Prices are adjusted for the symbol's corporate actions before resampling (shared/marketdata/adjust.py); the data
+version of a series moves with its actions as with its bars, so a version names the adjusted bars too.
+
+Date bounds are the symbol's local trading dates, for intraday bars as for daily ones.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
-from shared.marketdata import store
-from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns, day_ts
+from shared.marketdata import providers, store
+from shared.marketdata.actions import read_actions
+from shared.marketdata.adjust import adjust
+from shared.marketdata.resample import can_serve, is_intraday, local_days, resample
+from shared.marketdata.series import (
+    DEFAULT_TIMEFRAME,
+    SECONDS_PER_DAY,
+    SYMBOL_PATTERN,
+    TIMEFRAME_SECONDS,
+    Columns,
+    day_ts,
+)
+from shared.marketdata.store import Series
 
-# What a symbol may look like everywhere (API requests, CSV imports): upper-case letters, digits and
-# . - ^ = _ (e.g. BRK.B, BF-B), starting with a letter or digit, at most 32 characters.
-SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-^=_]{0,31}")
+__all__ = ["SYMBOL_PATTERN", "DataStamp", "SymbolBars", "data_stamp", "has_bars", "load_bars"]
 
 
 @dataclass(frozen=True)
@@ -35,14 +52,22 @@ class SymbolBars:
     volume: NDArray[np.float64]
     version: int = 0
     timeframe: str = DEFAULT_TIMEFRAME
+    adjustment: str = "none"
 
     def __len__(self) -> int:
         return len(self.ts)
 
     @classmethod
-    def of(cls, symbol: str, columns: Columns, version: int = 0, timeframe: str = DEFAULT_TIMEFRAME) -> SymbolBars:
+    def of(
+        cls,
+        symbol: str,
+        columns: Columns,
+        version: int = 0,
+        timeframe: str = DEFAULT_TIMEFRAME,
+        adjustment: str = "none",
+    ) -> SymbolBars:
         return cls(symbol, columns.ts, columns.open, columns.high, columns.low, columns.close, columns.volume,
-                   version, timeframe)  # fmt: skip
+                   version, timeframe, adjustment)  # fmt: skip
 
     @classmethod
     def from_dates(
@@ -54,14 +79,32 @@ class SymbolBars:
         return cls.of(symbol, store.columns_of(days * SECONDS_PER_DAY, open, high, low, close, volume))
 
     @property
+    def intraday(self) -> bool:
+        return is_intraday(self.timeframe)
+
+    @property
     def days(self) -> NDArray[np.datetime64]:
-        """Each bar's date (``datetime64[D]``)."""
+        """Each bar's date (``datetime64[D]``; an intraday bar's UTC date)."""
         return (self.ts // SECONDS_PER_DAY).astype("datetime64[D]")
+
+    @property
+    def instants(self) -> NDArray[np.datetime64]:
+        """Each bar's time as the engine takes it: ``datetime64[D]`` dates, or ``datetime64[s]`` UTC instants for
+        intraday bars."""
+        return self.ts.astype("datetime64[s]") if self.intraday else self.days
 
     @cached_property
     def dates(self) -> tuple[str, ...]:
-        """ISO dates, as scripts see them."""
-        return tuple(np.datetime_as_string(self.days).tolist())
+        """As scripts see them: ISO dates (``2024-01-02``), or for intraday bars ISO UTC timestamps
+        (``2024-01-02T14:30:00Z``)."""
+        return tuple(iso_times(self.ts, self.timeframe))
+
+
+def iso_times(ts: NDArray[np.int64], timeframe: str) -> list[str]:
+    """``ts`` as ISO text: dates for daily and coarser bars, UTC timestamps with ``Z`` for intraday ones."""
+    if not is_intraday(timeframe):
+        return np.datetime_as_string((ts // SECONDS_PER_DAY).astype("datetime64[D]")).tolist()
+    return [f"{text}Z" for text in np.datetime_as_string(ts.astype("datetime64[s]")).tolist()]
 
 
 @dataclass(frozen=True)
@@ -73,9 +116,28 @@ class DataStamp:
     version: int | None
 
 
+def sources(timeframe: str) -> list[str]:
+    """The stored timeframes that serve ``timeframe``, in the order a read tries them: itself, then finer ones that
+    divide it, coarsest first (``1w``: ``1d``, ``1h``, ``30m``, ...)."""
+    finer = [tf for tf in reversed(TIMEFRAME_SECONDS) if can_serve(tf, timeframe)]
+    return ([timeframe] if timeframe in TIMEFRAME_SECONDS else []) + finer
+
+
+def _versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, tuple[str, int]]:
+    """Each symbol's source timeframe for ``timeframe`` and that series' data version (symbols without one absent)."""
+    provider = providers.current()
+    found: dict[str, tuple[str, int]] = {}
+    for source in sources(timeframe):
+        missing = [s for s in symbols if s not in found]
+        if not missing:
+            break
+        found |= {s: (source, v) for s, v in provider.versions(conn, missing, source).items()}
+    return found
+
+
 def data_stamp(conn: Connection, symbols: Sequence[str], timeframe: str = DEFAULT_TIMEFRAME) -> DataStamp:
     """The data a job over ``symbols`` is computed from, as of now (a submission stamps its job with it)."""
-    versions = store.versions(conn, symbols, timeframe)
+    versions = {symbol: version for symbol, (_, version) in _versions(conn, symbols, timeframe).items()}
     lines = "\n".join(f"{symbol}:{versions.get(symbol, 0)}" for symbol in sorted(set(symbols)))
     digest = hashlib.sha256(f"{timeframe}\n{lines}".encode()).hexdigest()
     return DataStamp(digest, max(versions.values(), default=None))
@@ -88,18 +150,82 @@ def load_bars(
     end: dt.date | None,
     *,
     timeframe: str = DEFAULT_TIMEFRAME,
+    adjustment: str = "none",
 ) -> dict[str, SymbolBars]:
-    """Bars of ``symbols`` within [start, end], from this process's cache, then the database (marketdata/store.py).
-    Symbols without bars in the range are absent. Each symbol's bars are one committed version
-    (``SymbolBars.version``)."""
-    found = store.read_series(conn, symbols, timeframe, *_range_ts(start, end))
-    return {symbol: SymbolBars.of(symbol, s.columns, s.version, timeframe) for symbol, s in found.items()}
+    """Bars of ``symbols`` at ``timeframe`` on the local trading dates [start, end], adjusted (``none``, ``splits``,
+    ``total_return``). Symbols without bars in the range are absent. Each symbol's bars are one committed version
+    of its source series (``SymbolBars.version``)."""
+    found = _read(conn, symbols, timeframe, start, end)
+    if not found:
+        return {}
+    intraday = [s for s, (source, _) in found.items() if is_intraday(source)]
+    zones = exchange_zones(conn, intraday) if intraday else {}
+    actions = read_actions(conn, list(found)) if adjustment != "none" else {}
+    out: dict[str, SymbolBars] = {}
+    for symbol, (source, series) in found.items():
+        columns = series.columns
+        zone = zones.get(symbol, DEFAULT_ZONE)
+        days = local_days(columns.ts, source, zone)
+        if is_intraday(source):  # the bounds are local dates: the read took a day more on each side
+            lo = 0 if start is None else int(np.searchsorted(days, (start - _EPOCH).days, side="left"))
+            hi = len(days) if end is None else int(np.searchsorted(days, (end - _EPOCH).days, side="right"))
+            columns, days = columns.take(lo, hi), days[lo:hi]
+            if not len(columns):
+                continue
+        if adjustment != "none":
+            columns = adjust(columns, days, actions[symbol], adjustment)
+        if source != timeframe:
+            columns = resample(columns, source, timeframe, zone)
+        out[symbol] = SymbolBars.of(symbol, columns, series.version, timeframe, adjustment)
+    return out
 
 
-def _range_ts(start: dt.date | None, end: dt.date | None) -> tuple[int | None, int | None]:
-    return (None if start is None else day_ts(start)), (None if end is None else day_ts(end))
+DEFAULT_ZONE = "America/New_York"
+_EPOCH = dt.date(1970, 1, 1)
 
 
-def has_bars(conn: Connection, symbols: Sequence[str], start: dt.date | None, end: dt.date | None) -> bool:
-    """Whether any of ``symbols`` has a daily bar within [start, end]."""
-    return store.has_bars(conn, symbols, DEFAULT_TIMEFRAME, *_range_ts(start, end))
+def _read(
+    conn: Connection, symbols: Sequence[str], timeframe: str, start: dt.date | None, end: dt.date | None
+) -> dict[str, tuple[str, Series]]:
+    """Each symbol's stored series that serves ``timeframe`` (see :func:`sources`), read from the provider."""
+    provider = providers.current()
+    found: dict[str, tuple[str, Series]] = {}
+    for source in sources(timeframe):
+        missing = [s for s in symbols if s not in found]
+        if not missing:
+            break
+        read = provider.read(conn, missing, source, *_range_ts(start, end, is_intraday(source)))
+        found |= {symbol: (source, series) for symbol, series in read.items()}
+    return {symbol: found[symbol] for symbol in symbols if symbol in found}
+
+
+def _range_ts(start: dt.date | None, end: dt.date | None, intraday: bool = False) -> tuple[int | None, int | None]:
+    """The ``ts`` bounds of local dates [start, end]: exact for daily bars, a day wider each side for intraday ones
+    (any exchange's local date lies within a day of the UTC one)."""
+    margin = SECONDS_PER_DAY if intraday else 0
+    return (
+        None if start is None else day_ts(start) - margin,
+        None if end is None else day_ts(end) + (2 * margin - 1 if intraday else 0),
+    )
+
+
+def exchange_zones(conn: Connection, symbols: Sequence[str]) -> dict[str, str]:
+    """Each symbol's exchange time zone (symbols.exchange_tz)."""
+    rows = conn.execute(
+        text("SELECT symbol, exchange_tz FROM symbols WHERE symbol = ANY(CAST(:symbols AS varchar[]))"),
+        {"symbols": list(symbols)},
+    )
+    return {symbol: zone for symbol, zone in rows}
+
+
+def has_bars(
+    conn: Connection,
+    symbols: Sequence[str],
+    start: dt.date | None,
+    end: dt.date | None,
+    timeframe: str = DEFAULT_TIMEFRAME,
+) -> bool:
+    """Whether any of ``symbols`` has a bar at ``timeframe`` within [start, end] (20 symbols read at a time)."""
+    return any(
+        load_bars(conn, symbols[lo : lo + 20], start, end, timeframe=timeframe) for lo in range(0, len(symbols), 20)
+    )

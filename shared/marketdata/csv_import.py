@@ -28,8 +28,7 @@ import numpy as np
 from sqlalchemy import Engine
 
 from shared.marketdata import store
-from shared.marketdata.bars import SYMBOL_PATTERN
-from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, Columns, by_symbol
+from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, SYMBOL_PATTERN, Columns, by_symbol
 
 # The CSV columns, in the order validation reads them.
 BAR_COLUMNS: tuple[str, ...] = ("symbol", "date", "open", "high", "low", "close", "volume")
@@ -433,11 +432,16 @@ def duplicate_problems(keys: array[int], lines: array[int], symbol_ids: dict[str
 # --------------------------------------------------------------------------------------------------
 
 
-def import_csv(engine: Engine, stream: TextIO, *, source_name: str) -> ImportReport:
-    """Validate the whole stream, then load it atomically. Raises :class:`BarsImportError` (nothing loaded)."""
+def import_csv(engine: Engine, stream: TextIO, *, source_name: str, exchange_tz: str | None = None) -> ImportReport:
+    """Validate the whole stream, then load it atomically. Raises :class:`BarsImportError` (nothing loaded).
+    ``exchange_tz``: the symbols' exchange time zone, set with the bars."""
     started = time.perf_counter()
     validated = validate_csv(stream, source_name=source_name)
-    counts = store.import_columns(engine, DEFAULT_TIMEFRAME, validated.columns) if validated.rows else None
+    counts = (
+        store.import_columns(engine, DEFAULT_TIMEFRAME, validated.columns, exchange_tz=exchange_tz)
+        if validated.rows
+        else None
+    )
     return ImportReport(
         source_name=source_name,
         rows=validated.rows,
@@ -448,7 +452,7 @@ def import_csv(engine: Engine, stream: TextIO, *, source_name: str) -> ImportRep
     )
 
 
-def import_csv_file(engine: Engine, path: Path) -> ImportReport:
+def import_csv_file(engine: Engine, path: Path, *, exchange_tz: str | None = None) -> ImportReport:
     """Import a UTF-8 CSV file (a leading byte-order mark, as Excel writes, is ignored).
 
     Undecodable bytes are replaced by U+FFFD rather than raised: a strict decoder fails per 8 KB chunk,
@@ -456,4 +460,4 @@ def import_csv_file(engine: Engine, path: Path) -> ImportReport:
     is in and is reported on its own line.
     """
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as stream:
-        return import_csv(engine, stream, source_name=str(path))
+        return import_csv(engine, stream, source_name=str(path), exchange_tz=exchange_tz)

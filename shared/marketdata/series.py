@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+# What a symbol may look like everywhere (API requests, CSV imports): upper-case letters, digits and
+# . - ^ = _ (e.g. BRK.B, BF-B), starting with a letter or digit, at most 32 characters.
+SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-^=_]{0,31}")
 
 COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 BYTES_PER_BAR = 8 * (1 + len(COLUMNS))

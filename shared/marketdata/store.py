@@ -28,10 +28,10 @@ from psycopg2.extensions import Binary
 from psycopg2.extensions import connection as PgConnection
 from psycopg2.extensions import cursor as PgCursor
 from psycopg2.extras import execute_values
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
 from shared.infra import db
-from shared.marketdata import pgcopy
+from shared.marketdata import listings, pgcopy
 from shared.marketdata.series import BYTES_PER_BAR, Columns, concat, merge, pack, split_chunks, unpack
 
 READ_ATTEMPTS = 5
@@ -379,6 +379,12 @@ class SymbolInfo:
 # Serialises bar loads: two imports merging into one chunk must not both read it before either writes.
 _LOAD_LOCK_KEY = "alphaforge.bars.load"
 
+
+def lock_bar_loads(conn: Connection) -> None:
+    """Take the bar-load lock for the rest of ``conn``'s transaction (bar and corporate-action imports)."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": _LOAD_LOCK_KEY})
+
+
 _UPSERT_SYMBOL_INFO = """
 INSERT INTO symbols (symbol, name, is_synthetic)
 SELECT * FROM unnest(%s::varchar[], %s::text[], %s::boolean[])
@@ -397,10 +403,11 @@ def import_columns(
     *,
     symbols: Sequence[SymbolInfo] = (),
     on_written: OnWritten | None = None,
+    exchange_tz: str | None = None,
 ) -> WriteCounts:
     """:func:`store_columns` in a transaction of its own: all of it is stored, or nothing."""
     with engine.begin() as conn:
-        return store_columns(conn, timeframe, incoming, symbols=symbols, on_written=on_written)
+        return store_columns(conn, timeframe, incoming, symbols=symbols, on_written=on_written, exchange_tz=exchange_tz)
 
 
 def store_columns(
@@ -410,18 +417,26 @@ def store_columns(
     *,
     symbols: Sequence[SymbolInfo] = (),
     on_written: OnWritten | None = None,
+    exchange_tz: str | None = None,
 ) -> WriteCounts:
-    """In ``conn``'s transaction: take the bar-load lock, upsert ``symbols``' metadata, create unknown symbols, and
-    lay ``incoming`` over the store (:func:`write_series`)."""
+    """In ``conn``'s transaction: take the bar-load lock, upsert ``symbols``' metadata, create unknown symbols, set
+    their exchange time zone (``exchange_tz``: an IANA name; None keeps it), lay ``incoming`` over the store
+    (:func:`write_series`) and keep their listing dates current."""
     with _cursor(conn) as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOAD_LOCK_KEY,))
+        lock_bar_loads(conn)
         if symbols:
             cursor.execute(
                 _UPSERT_SYMBOL_INFO,
                 ([i.symbol for i in symbols], [i.name for i in symbols], [i.is_synthetic for i in symbols]),
             )
         cursor.execute(_INSERT_MISSING_SYMBOLS, (sorted(incoming),))
-        return write_series(cursor, timeframe, incoming, on_written)
+        if exchange_tz is not None:
+            cursor.execute(
+                "UPDATE symbols SET exchange_tz = %s WHERE symbol = ANY(%s::varchar[])", (exchange_tz, sorted(incoming))
+            )
+        counts = write_series(cursor, timeframe, incoming, on_written)
+    listings.refresh_listed_on(conn, sorted(incoming))
+    return counts
 
 
 def columns_of(ts: Any, open: Any, high: Any, low: Any, close: Any, volume: Any) -> Columns:

@@ -40,7 +40,6 @@ from sqlalchemy import Engine
 from tqdm import tqdm
 
 from shared.marketdata import store
-from shared.marketdata.bars import SYMBOL_PATTERN
 from shared.marketdata.csv_import import (
     MAX_KEPT_PROBLEMS,
     OHLC_TOLERANCE,
@@ -51,7 +50,14 @@ from shared.marketdata.csv_import import (
     import_csv_file,
     parse_date,
 )
-from shared.marketdata.series import DEFAULT_TIMEFRAME, SECONDS_PER_DAY, TIMEFRAME_SECONDS, Columns, by_symbol
+from shared.marketdata.series import (
+    DEFAULT_TIMEFRAME,
+    SECONDS_PER_DAY,
+    SYMBOL_PATTERN,
+    TIMEFRAME_SECONDS,
+    Columns,
+    by_symbol,
+)
 
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
 IGNORED_COLUMNS = ("adj close", "adj_close", "adjclose")
@@ -93,18 +99,28 @@ class _Problems:
 
 
 def import_path(
-    engine: Engine, path: Path, *, timeframe: str | None = None, tz: str | None = None, progress: bool | None = None
+    engine: Engine,
+    path: Path,
+    *,
+    timeframe: str | None = None,
+    tz: str | None = None,
+    exchange_tz: str | None = None,
+    progress: bool | None = None,
 ) -> ImportReport:
     """Validate every file of ``path`` (a CSV or Parquet file, or a folder of per-symbol files), then load all of
     them in one transaction. Raises :class:`BarsImportError` naming every bad row of every file (nothing loaded).
     A daily CSV file with a ``symbol`` column goes to the CSV importer (shared.marketdata.csv_import).
 
     ``timeframe``: the bars' timeframe (default: daily for a ``date`` column, inferred for a ``timestamp`` one);
-    ``tz``: the time zone of timestamps written without a UTC offset; ``progress``: a progress bar on standard
-    error (default: when it is a terminal)."""
+    ``tz``: the time zone of timestamps written without a UTC offset (default: ``exchange_tz``); ``exchange_tz``:
+    the symbols' exchange time zone, set with their bars (sessions, local dates and resampling follow it);
+    ``progress``: a progress bar on standard error (default: when it is a terminal)."""
+    tz = tz or exchange_tz
     header = _csv_header(path) if path.is_file() and path.suffix.lower() == ".csv" else set()
     if "symbol" in header and "date" in header and timeframe in (None, DEFAULT_TIMEFRAME):
-        return import_csv_file(engine, path)  # the CSV importer's own format: checked line by line, as before
+        return import_csv_file(
+            engine, path, exchange_tz=exchange_tz
+        )  # the CSV importer's own format: checked line by line, as before
     started = time.perf_counter()
     files = per_symbol_files(path) if path.is_dir() else [path]
     problems: list[RowProblem] = []
@@ -133,7 +149,11 @@ def import_path(
     rows = sum(p.rows for p in parts)
     bars = sum(len(c) for c in merged.values())
     with tqdm(total=bars, desc="writing", unit="bar", unit_scale=True, disable=not show, file=sys.stderr) as bar:
-        counts = store.import_columns(engine, timeframes[0], merged, on_written=bar.update) if merged else None
+        counts = (
+            store.import_columns(engine, timeframes[0], merged, on_written=bar.update, exchange_tz=exchange_tz)
+            if merged
+            else None
+        )
     return ImportReport(
         source_name=str(path),
         rows=rows,

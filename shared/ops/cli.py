@@ -7,6 +7,9 @@ Commands:
   bars import PATH       import bars: a CSV or Parquet file, or a folder of SYMBOL.csv / .parquet files
                          (--timeframe 1m..1d, --tz for timestamps without a UTC offset)
   bars demo              load a synthetic demo universe
+  bars actions import FILE
+                         import splits, dividends and delistings from a CSV or Parquet file
+                         (columns symbol,date,action,value; shared/marketdata/actions.py)
   user create NAME       create an account (--admin for an administrator); prints a generated password
                          unless --password-stdin reads one from standard input
 
@@ -128,7 +131,25 @@ def cmd_bars_import(args: argparse.Namespace) -> int:
         return 1
     with _database(Settings.from_env()) as engine:
         try:
-            report = import_path(engine, path, timeframe=args.timeframe, tz=args.tz)
+            report = import_path(engine, path, timeframe=args.timeframe, tz=args.tz, exchange_tz=args.exchange_tz)
+        except BarsImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
+            return 1
+    _print_result(report)
+    return 0
+
+
+def cmd_bars_actions_import(args: argparse.Namespace) -> int:
+    from shared.marketdata.actions import import_actions
+    from shared.marketdata.csv_import import BarsImportError
+
+    path = _caller_path(args.file)
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return 1
+    with _database(Settings.from_env()) as engine:
+        try:
+            report = import_actions(engine, path)
         except BarsImportError as exc:
             print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
             return 1
@@ -237,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the bars' timeframe (default: 1d for a date column; for a timestamp column, the most "
                           "common spacing of the bars)")  # fmt: skip
     imp.add_argument("--tz", type=_time_zone,
-                     help="time zone of timestamps written without a UTC offset (e.g. America/New_York)")  # fmt: skip
+                     help="time zone of timestamps written without a UTC offset (default: --exchange-tz)")  # fmt: skip
+    imp.add_argument("--exchange-tz", type=_time_zone,
+                     help="the symbols' exchange time zone, kept with them (sessions and local dates of intraday bars;"
+                          " new symbols: America/New_York)")  # fmt: skip
     imp.set_defaults(func=cmd_bars_import)
     demo = bars_sub.add_parser("demo", help="load a synthetic demo universe")
     demo.add_argument("--symbols", type=_positive_int, default=500, help="number of symbols (default 500)")
@@ -246,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--replace", action="store_true",
                       help="replace the series of symbols that hold other bars (refused without it)")  # fmt: skip
     demo.set_defaults(func=cmd_bars_demo)
+    actions = bars_sub.add_parser("actions", help="corporate actions: splits, dividends, delistings")
+    actions_sub = actions.add_subparsers(dest="actions_command", required=True, metavar="SUBCOMMAND")
+    actions_import = actions_sub.add_parser(
+        "import", help="import splits, dividends and delistings from a CSV or Parquet file"
+    )
+    actions_import.add_argument(
+        "file", metavar="FILE", help="columns symbol,date,action,value (action: split, dividend or delist)"
+    )
+    actions_import.set_defaults(func=cmd_bars_actions_import)
 
     user = sub.add_parser("user", help="manage accounts (for operators)")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="SUBCOMMAND")

@@ -8,9 +8,11 @@ import random
 import secrets
 import uuid
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import IntegrityError
 
 from shared.infra import dbadmin, migrate
 from shared.infra.db import normalize_database_url
@@ -110,6 +112,66 @@ def test_0016_moves_daily_rows_into_column_series_and_back(test_servers: ServerU
         with engine.connect() as conn:
             back = conn.execute(text("SELECT * FROM daily_bars ORDER BY symbol, date")).all()
         assert [tuple(r) for r in back] == rows
+    finally:
+        engine.dispose()
+        dbadmin.drop_database(test_servers.server_database_url, name)
+
+
+def test_0018_adds_corporate_actions_and_listing_ranges_and_back(test_servers: ServerUrls) -> None:
+    """Upgrading from 0017: ``listed_on`` is each symbol's first daily bar's date (NULL without daily bars), the
+    other new columns take their defaults, and ``corporate_actions`` refuses what is not a split or a dividend of a
+    finite value > 0; downgrading drops all of it, and the upgrade applies again."""
+    name = f"af_migrate_{secrets.token_hex(4)}"
+    url = dbadmin.create_database(test_servers.server_database_url, name)
+    engine = create_engine(normalize_database_url(url))
+
+    def ts(day: dt.date) -> int:
+        return (day - dt.date(1970, 1, 1)).days * 86_400
+
+    series = [
+        ("A", "1d", ts(dt.date(2019, 12, 30))),
+        ("A", "1h", ts(dt.date(2019, 6, 3)) + 3600),  # not daily: the backfill reads daily series only
+        ("HOURLY", "1h", ts(dt.date(2020, 1, 2))),
+        ("OLD", "1d", ts(dt.date(1962, 1, 2))),  # before the epoch: a negative ts
+    ]
+    try:
+        migrate.upgrade(url, "0017_bar_reads")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO symbols (symbol) VALUES ('A'), ('HOURLY'), ('OLD'), ('NOBARS')"))
+            conn.execute(
+                text("INSERT INTO bar_series VALUES (:s, :tf, 1, 3, :ts, :ts + 86400, now())"),
+                [{"s": s, "tf": tf, "ts": first} for s, tf, first in series],
+            )
+            conn.execute(text("INSERT INTO users (id, username, password_hash, role) VALUES ('u1', 'u1', 'x', 'user')"))
+            conn.execute(text("INSERT INTO universes (id, owner_id, name, description, symbols, version)"
+                              " VALUES (:id, 'u1', 'u', '', ARRAY['A'], 1)"), {"id": uuid.uuid4()})  # fmt: skip
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            symbols = conn.execute(text("SELECT symbol, listed_on, delisted_on, exchange_tz FROM symbols")).all()
+            assert conn.scalar(text("SELECT timeframe FROM universes")) == "1d"
+        assert sorted(tuple(r) for r in symbols) == [
+            ("A", dt.date(2019, 12, 30), None, "America/New_York"),
+            ("HOURLY", None, None, "America/New_York"),
+            ("NOBARS", None, None, "America/New_York"),
+            ("OLD", dt.date(1962, 1, 2), None, "America/New_York"),
+        ]
+        insert = text("INSERT INTO corporate_actions (symbol, kind, ex_date, value) VALUES ('A', :k, :d, :v)")
+        with engine.begin() as conn:
+            conn.execute(insert, [{"k": "split", "d": dt.date(2020, 1, 2), "v": 4.0},
+                                  {"k": "dividend", "d": dt.date(2020, 1, 2), "v": 0.25}])  # fmt: skip
+        for kind, value in (("merger", 1.0), ("split", 0.0), ("split", -1.0), ("split", "NaN"), ("split", "Infinity")):
+            with pytest.raises(IntegrityError), engine.begin() as conn:
+                conn.execute(insert, {"k": kind, "d": dt.date(2020, 2, 3), "v": value})
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM symbols WHERE symbol = 'A'"))  # its actions go with it
+            assert conn.scalar(text("SELECT count(*) FROM corporate_actions")) == 0
+        migrate.downgrade(url, "0017_bar_reads")
+        with engine.connect() as conn:
+            columns = set(conn.scalars(text("SELECT table_name || '.' || column_name FROM information_schema.columns"
+                                            " WHERE table_name IN ('symbols', 'universes')")))  # fmt: skip
+            assert conn.scalar(text("SELECT to_regclass('corporate_actions')")) is None
+        assert not {"symbols.listed_on", "symbols.delisted_on", "symbols.exchange_tz", "universes.timeframe"} & columns
+        migrate.upgrade(url)
     finally:
         engine.dispose()
         dbadmin.drop_database(test_servers.server_database_url, name)

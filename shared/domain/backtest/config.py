@@ -210,10 +210,19 @@ class ExecutionConfig(_Model):
         return self
 
 
+Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "1d", "1w", "1mo"]
+Adjustment = Literal["none", "splits", "total_return"]
+
+
 class BacktestConfig(_Model):
     symbols: list[str] = Field(min_length=1, max_length=5000)
     start_date: date | None = None
     end_date: date | None = None
+    timeframe: Timeframe = Field(default="1d", description="bar timeframe; 1w and 1mo are resampled from daily bars")
+    adjustment: Adjustment = Field(
+        default="total_return",
+        description="prices adjusted for splits and dividends (backward): a backtest's returns include dividends",
+    )
     strategy: StrategySpec
     risk: RiskSpec = FixedFractionSpec(model="fixed_fraction")
     execution: ExecutionConfig = ExecutionConfig()

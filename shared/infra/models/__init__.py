@@ -7,7 +7,7 @@ from shared.infra.models.accounts import ApiKey, Script, ScriptVersion, User
 from shared.infra.models.activity import AuditLog, NightlyRun, NightlyRunJob, ScriptLatestValue, WebhookDelivery
 from shared.infra.models.base import Base, JobKind, JobStatus, ShardStatus, UserRole
 from shared.infra.models.jobs import Job, JobResult, JobShard, SecurityEvent
-from shared.infra.models.market import BarChunk, BarSeries, Symbol
+from shared.infra.models.market import BarChunk, BarSeries, CorporateAction, Symbol
 from shared.infra.models.research import (
     BacktestCurve,
     BacktestRun,
@@ -27,6 +27,7 @@ __all__ = [
     "BarChunk",
     "BarSeries",
     "Base",
+    "CorporateAction",
     "Job",
     "JobKind",
     "JobResult",

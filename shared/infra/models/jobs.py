@@ -38,6 +38,8 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_owner_status", "owner_id", "status"),
         CheckConstraint("(script_id IS NULL) = (script_version IS NULL)", name="ck_jobs_script_ref"),
+        CheckConstraint("timeframe IN ('1m', '5m', '15m', '30m', '1h', '1d', '1w', '1mo')", name="ck_jobs_timeframe"),
+        CheckConstraint("adjustment IN ('none', 'splits', 'total_return')", name="ck_jobs_adjustment"),
         # The reconciler's finalize pass (shared/jobs/reconciler.py): ended jobs of a kind with a finalization not
         # yet done. Active jobs are in it too (few); ended ones leave it when finalized.
         Index("ix_jobs_unfinalized", "kind", "finished_at", postgresql_where=text("finalized_at IS NULL")),
@@ -71,6 +73,9 @@ class Job(Base):
     data_version: Mapped[int | None] = mapped_column(BigInteger)
     start_date: Mapped[dt.date | None] = mapped_column(Date)
     end_date: Mapped[dt.date | None] = mapped_column(Date)
+    # What a calculation's scripts read (shared.marketdata.bars.load_bars); a run's and an optimisation's config says.
+    timeframe: Mapped[str] = mapped_column(String(4), nullable=False, default="1d", server_default="1d")
+    adjustment: Mapped[str] = mapped_column(String(16), nullable=False, default="none", server_default="none")
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
     shard_size: Mapped[int] = mapped_column(Integer, nullable=False)
     shards_total: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -1,4 +1,4 @@
-"""Market data: symbols and their bar series (shared/marketdata)."""
+"""Market data: symbols, their listing ranges, bar series and corporate actions (shared/marketdata)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     DateTime,
+    Double,
     ForeignKey,
     ForeignKeyConstraint,
     Integer,
@@ -30,6 +31,12 @@ class Symbol(Base):
     name: Mapped[str | None] = mapped_column(Text)
     is_synthetic: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The exchange's time zone (IANA name): the trading date of an intraday bar is its time there.
+    exchange_tz: Mapped[str] = mapped_column(Text, nullable=False, server_default="America/New_York")
+    # The listing range (shared/marketdata/listings.py): first trading date (kept at or before the first bar), and
+    # the last trading date of a delisted symbol (NULL: still listed). A delisted symbol keeps its row and bars.
+    listed_on: Mapped[dt.date | None] = mapped_column(Date)
+    delisted_on: Mapped[dt.date | None] = mapped_column(Date)
 
 
 class BarSeries(Base):
@@ -63,3 +70,20 @@ class BarChunk(Base):  # a chunk of a series: its bars as contiguous columns in 
     first_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
     last_ts: Mapped[int] = mapped_column(BigInteger, nullable=False)
     data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class CorporateAction(Base):
+    """A split (``value``: new shares per old, 4.0 for 4-for-1) or a cash dividend (``value``: cash per share as
+    paid) of a symbol on its ex-date; imported by shared/marketdata/actions.py, read as ``adjust.Actions``."""
+
+    __tablename__ = "corporate_actions"
+    __table_args__ = (
+        CheckConstraint("kind IN ('split', 'dividend')", name="ck_corporate_actions_kind"),
+        CheckConstraint("value > 0 AND value < 'Infinity'::float8", name="ck_corporate_actions_value"),
+    )
+
+    symbol: Mapped[str] = mapped_column(String(32), ForeignKey("symbols.symbol", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    ex_date: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    value: Mapped[float] = mapped_column(Double, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)

@@ -123,6 +123,9 @@ class SavedUniverse(Base):
     __table_args__ = (
         UniqueConstraint("owner_id", "name", name="uq_universes_owner_name"),
         CheckConstraint("cardinality(symbols) > 0", name="ck_universes_symbols"),
+        CheckConstraint(
+            "timeframe IN ('1m', '5m', '15m', '30m', '1h', '1d', '1w', '1mo')", name="ck_universes_timeframe"
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -130,6 +133,7 @@ class SavedUniverse(Base):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     description: Mapped[str] = mapped_column(Text, nullable=False, default="")
     symbols: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
+    timeframe: Mapped[str] = mapped_column(String(4), nullable=False, default="1d", server_default="1d")
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -43,7 +43,7 @@ CANCEL_CHECK_INTERVAL_S = 0.25
 def engine_bars(bars: SymbolBars) -> Bars:
     """The database's bars as the engine takes them."""
     return Bars.from_arrays(
-        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.days
+        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.instants
     )
 
 
@@ -172,7 +172,14 @@ def run_script_strategy(
     job = started.job
     with factory() as session:
         code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job.id))
-        bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
+        bars = load_bars(
+            session.connection(),
+            started.symbols,
+            config.start_date,
+            config.end_date,
+            timeframe=config.timeframe,
+            adjustment=config.adjustment,
+        )
     if code is None:
         raise RuntimeError(f"run {job.id} has a script strategy but no code")
     done = script_symbol_runs(started.symbols, bars, config, code, limits)
@@ -208,7 +215,14 @@ def run_shard(
     if config.strategy.name == "script":
         return run_script_strategy(factory, started, config, limits or SandboxLimits(), events)
     with factory() as session:
-        bars = load_bars(session.connection(), started.symbols, config.start_date, config.end_date)
+        bars = load_bars(
+            session.connection(),
+            started.symbols,
+            config.start_date,
+            config.end_date,
+            timeframe=config.timeframe,
+            adjustment=config.adjustment,
+        )
     done: list[SymbolRun] = []
     last_check = time.monotonic()
     for symbol in started.symbols:
@@ -240,7 +254,14 @@ def run_sleeves(
     wanted = config.symbols if positions is None else [config.symbols[p] for p in positions if p < len(config.symbols)]
     backtester = None
     with factory() as session:
-        loaded = load_bars(session.connection(), wanted, config.start_date, config.end_date)
+        loaded = load_bars(
+            session.connection(),
+            wanted,
+            config.start_date,
+            config.end_date,
+            timeframe=config.timeframe,
+            adjustment=config.adjustment,
+        )
         if config.strategy.name == "script":
             code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job_id))
             if code is None:

@@ -24,6 +24,7 @@ from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import find_run
 from shared.jobs.calculations import symbols_sha256
 from shared.marketdata.bars import data_stamp, has_bars
+from shared.marketdata.resample import is_intraday
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,19 @@ def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: V
 def check_symbols(session: Session, config: BacktestConfig) -> None:
     """Unknown symbols are a 422 naming each one (``symbols[i]``); a date range in which none of the symbols
     has a bar is a 422 on ``start_date``. A symbol without bars in the range while others have some is that
-    symbol's ``NoData`` error in the results (a universe often holds a symbol listed later)."""
+    symbol's ``NoData`` error in the results (a universe often holds a symbol listed later). Intraday timeframes
+    are a 422 on ``timeframe``: a run's curves, portfolio and validation are kept per day."""
+    if is_intraday(config.timeframe):
+        raise ValidationFailed.for_field(
+            "timeframe", f"runs and optimisations take daily or coarser bars (1d, 1w, 1mo), not {config.timeframe}"
+        )
     known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(config.symbols))))
     unknown = [(i, s) for i, s in enumerate(config.symbols) if s not in known]
     if unknown:
         errors = [{"field": f"symbols[{i}]", "message": f"unknown symbol {s}"} for i, s in unknown]
         shown = ", ".join(s for _, s in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise ValidationFailed(f"symbols: unknown symbol(s) {shown}", details={"errors": errors})
-    if not has_bars(session.connection(), config.symbols, config.start_date, config.end_date):
+    if not has_bars(session.connection(), config.symbols, config.start_date, config.end_date, config.timeframe):
         start = config.start_date.isoformat() if config.start_date else "the first bar"
         end = config.end_date.isoformat() if config.end_date else "the last bar"
         message = f"no bars between {start} and {end} for any of the {len(config.symbols)} symbols"
@@ -135,7 +141,7 @@ def submit_run(
         tasks = check_validation(config, spec, validation_limits or ValidationLimits(10**12, 10**12))
 
     with factory() as session:
-        stamp = data_stamp(session.connection(), config.symbols)
+        stamp = data_stamp(session.connection(), config.symbols, config.timeframe)
 
     def build(session: Session) -> tuple[Job, BacktestRun]:
         check_symbols(session, config)

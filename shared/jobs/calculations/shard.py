@@ -51,7 +51,14 @@ def run_shard(
         return None
     job = started.job
     with factory() as session:
-        bars = load_bars(session.connection(), started.symbols, job.start_date, job.end_date)
+        bars = load_bars(
+            session.connection(),
+            started.symbols,
+            job.start_date,
+            job.end_date,
+            timeframe=job.timeframe,
+            adjustment=job.adjustment,
+        )
         missing = [s for s in started.symbols if s not in bars]
         known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(missing)))) if missing else set()
     present = [bars[s] for s in started.symbols if s in bars]

@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +21,11 @@ from shared.infra.models import Job, JobKind
 from shared.infra.security import record_compile_refusal
 from shared.jobs import pipeline as jobs
 from shared.marketdata.bars import data_stamp
+from shared.marketdata.series import DEFAULT_TIMEFRAME
+
+# A screener's column is computed on split-adjusted prices: levels stay those of today's quotes and a split does not
+# break an indicator; dividends are left out (they would move every past level). Backtests default to total return.
+CALCULATION_ADJUSTMENT: Final = "splits"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class CalculationRequest:
     start_date: dt.date | None = None
     end_date: dt.date | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    timeframe: str = DEFAULT_TIMEFRAME  # of the bars the script sees (stored, or 1w / 1mo resampled from daily)
+    adjustment: str = CALCULATION_ADJUSTMENT
     owner_id: str | None = None
     script_id: uuid.UUID | None = None  # set when the script text comes from a saved script ...
     script_version: int | None = None  # ... and this is the version whose exact text is ``script``
@@ -62,7 +69,7 @@ def submit_calculation(
     """Compile-check the script (nothing is written if it fails), then write and enqueue the job."""
     check_script(factory, request.script, owner_id=request.owner_id)
     with factory() as session:
-        stamp = data_stamp(session.connection(), request.symbols)
+        stamp = data_stamp(session.connection(), request.symbols, request.timeframe)
     job = Job(
         kind=JobKind.CALCULATION.value,
         owner_id=request.owner_id,
@@ -75,6 +82,8 @@ def submit_calculation(
         callback_url=request.callback_url,
         callback_state="pending" if request.callback_url else None,
         symbols=list(request.symbols),
+        timeframe=request.timeframe,
+        adjustment=request.adjustment,
         symbols_sha256=symbols_sha256(request.symbols),
         data_sha256=stamp.sha256,
         data_version=stamp.version,

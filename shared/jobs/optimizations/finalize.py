@@ -46,7 +46,14 @@ from shared.marketdata.bars import load_bars
 def full_run(session: Session, config: BacktestConfig, script: Script | None = None) -> dict[str, Any]:
     """``run_backtest`` of ``config`` per symbol (a script strategy: ``strategy_scripts.backtest_script``): each
     symbol's full metrics, and the equal-cash portfolio's. Bars read with the caller's session."""
-    loaded = load_bars(session.connection(), config.symbols, config.start_date, config.end_date)
+    loaded = load_bars(
+        session.connection(),
+        config.symbols,
+        config.start_date,
+        config.end_date,
+        timeframe=config.timeframe,
+        adjustment=config.adjustment,
+    )
     symbols: dict[str, Any] = {}
     curves = []
     if script is not None:

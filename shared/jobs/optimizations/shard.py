@@ -87,7 +87,15 @@ def load_in(
     if row is None:
         raise RuntimeError(f"optimization {job_id} has no spec")
     spec = OptimizationSpec.model_validate(row[0])
-    loaded = load_bars(session.connection(), spec.config.symbols, spec.config.start_date, spec.config.end_date)
+    config = spec.config
+    loaded = load_bars(
+        session.connection(),
+        config.symbols,
+        config.start_date,
+        config.end_date,
+        timeframe=config.timeframe,
+        adjustment=config.adjustment,
+    )
     bars: dict[str, Bars] = {}
     for symbol in spec.config.symbols:
         own = loaded.get(symbol)

@@ -29,7 +29,14 @@ from shared.marketdata.bars import data_stamp, load_bars
 
 def _calendar(session: Session, config: BacktestConfig) -> list[dt.date]:
     """Every date on which one of the config's symbols has a bar in its range."""
-    bars = load_bars(session.connection(), config.symbols, config.start_date, config.end_date)
+    bars = load_bars(
+        session.connection(),
+        config.symbols,
+        config.start_date,
+        config.end_date,
+        timeframe=config.timeframe,
+        adjustment=config.adjustment,
+    )
     days = np.unique(np.concatenate([b.days for b in bars.values()])) if bars else np.empty(0, "datetime64[D]")
     return days.astype(dt.date).tolist()
 
@@ -63,7 +70,7 @@ def submit(
     spec_hash = spec.spec_hash
     tasks_first: list[dict[str, Any]] = []  # the slices, planned by ``build`` before ``submit_once`` writes them
     with factory() as session:
-        stamp = data_stamp(session.connection(), spec.config.symbols)
+        stamp = data_stamp(session.connection(), spec.config.symbols, spec.config.timeframe)
 
     def build(session: Session) -> tuple[Job, Optimization]:
         session.commit()  # end the find's read transaction: the combos are CPU work, no connection waits on them

@@ -1,0 +1,140 @@
+"""What jobs read, end to end (real PostgreSQL, Redis and worker): timeframes stored and resampled, adjustment for
+corporate actions, ISO timestamps in scripts, data versions moved by actions, and the Parquet directory provider."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import zoneinfo
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from shared.marketdata import providers, store
+from shared.marketdata.actions import import_actions
+from shared.marketdata.bars import load_bars
+from shared.marketdata.resample import resample
+from shared.marketdata.series import Columns
+from tests.helpers import all_results, seed_bars, wait_for_job
+
+ZONE = "America/New_York"
+
+
+def _minutes(days: int, seed: int) -> Columns:
+    """Regular-session 1-minute bars (09:30-16:00 New York) on ``days`` weekdays from 2024-03-04 (across the clock
+    change of 2024-03-10)."""
+    rng = np.random.default_rng(seed)
+    stamps = []
+    day = dt.date(2024, 3, 4)
+    while len(stamps) < days * 390:
+        if day.weekday() < 5:
+            opening = dt.datetime.combine(day, dt.time(9, 30), tzinfo=zoneinfo.ZoneInfo(ZONE))
+            stamps += [int(opening.timestamp()) + 60 * k for k in range(390)]
+        day += dt.timedelta(days=1)
+    n = len(stamps)
+    close = 50 * np.exp(np.cumsum(rng.normal(0, 5e-4, n)))
+    return store.columns_of(stamps, close, close * 1.001, close * 0.999, close, rng.integers(1, 1000, n))
+
+
+def _submit(client: FlaskClient, **body: Any) -> dict[str, Any]:
+    response = client.post("/api/custom-calculations/execute", json=body)
+    assert response.status_code == 202, response.get_json()
+    return wait_for_job(client, response.get_json()["job_id"])
+
+
+def _values(client: FlaskClient, job: dict[str, Any]) -> dict[str, Any]:
+    assert job["status"] == "succeeded", job
+    return {row["symbol"]: row["value"] for row in all_results(client, job["job_id"])}
+
+
+def test_a_calculation_reads_stored_and_resampled_timeframes_with_iso_timestamps(
+    clean_db: Engine, client: FlaskClient, celery_worker: Any
+) -> None:
+    minutes = _minutes(6, seed=1)
+    store.import_columns(clean_db, "1m", {"MIN": minutes})
+    script = "result = len(close) * 1e6 + close[-1] if dates[-1].endswith('Z') and 'T' in dates[-1] else -1"
+    found = {}
+    for timeframe in ("1m", "5m", "1h", "1d", "1w"):
+        job = _submit(client, script=script, column_name="c", stock_symbols=["MIN"], timeframe=timeframe,
+                      adjustment="none")  # fmt: skip
+        assert job["reproducibility"]["timeframe"] == timeframe
+        found[timeframe] = _values(client, job)["MIN"]
+    assert found["1m"] == len(minutes) * 1e6 + minutes.close[-1]
+    for timeframe in ("5m", "1h"):
+        expected = resample(minutes, "1m", timeframe, ZONE)
+        assert found[timeframe] == len(expected) * 1e6 + expected.close[-1]
+    assert found["1d"] == found["1w"] == -1  # daily and coarser bars carry ISO dates
+    daily = _submit(client, script="result = len(close)", column_name="c", stock_symbols=["MIN"], timeframe="1d")
+    assert _values(client, daily)["MIN"] == 6  # six sessions, each its local date
+
+
+def test_a_split_adjusts_what_jobs_read_and_moves_the_data_version(
+    clean_db: Engine, client: FlaskClient, celery_worker: Any, tmp_path: Path
+) -> None:
+    rows = seed_bars(clean_db, ["SPL"], days=60)
+    split_day = rows["SPL"][30]["date"]
+    body = {"symbols": ["SPL"], "strategy": {"name": "dual_sma", "params": {"fast": 5, "slow": 20}}}
+    first = client.post("/api/runs", json=body)
+    assert first.status_code == 202, first.get_json()
+    script = "result = close[0]"
+    as_traded = _values(client, _submit(client, script=script, column_name="c", stock_symbols=["SPL"],
+                                        adjustment="none"))["SPL"]  # fmt: skip
+
+    (tmp_path / "actions.csv").write_text(f"symbol,date,action,value\nSPL,{split_day.isoformat()},split,4\n")
+    import_actions(clean_db, tmp_path / "actions.csv")
+    for adjustment, expected in (("none", as_traded), ("splits", as_traded / 4), ("total_return", as_traded / 4)):
+        job = _submit(client, script=script, column_name="c", stock_symbols=["SPL"], adjustment=adjustment)
+        assert job["reproducibility"]["adjustment"] == adjustment
+        assert _values(client, job)["SPL"] == pytest.approx(expected, rel=1e-15)
+    default = _submit(client, script=script, column_name="c", stock_symbols=["SPL"])
+    assert default["reproducibility"]["adjustment"] == "splits"
+
+    second = client.post("/api/runs", json=body)  # the same config on adjusted prices that changed: a new run
+    assert second.status_code == 202 and second.headers["Idempotent-Replayed"] == "false", second.get_json()
+    assert second.get_json()["run_id"] != first.get_json()["run_id"]
+    again = client.post("/api/runs", json=body)
+    assert again.status_code == 200 and again.get_json()["run_id"] == second.get_json()["run_id"]
+
+
+def test_runs_take_weekly_bars_and_refuse_intraday_ones_naming_the_field(
+    clean_db: Engine, client: FlaskClient, celery_worker: Any
+) -> None:
+    seed_bars(clean_db, ["WK"], days=300)
+    body = {"symbols": ["WK"], "strategy": {"name": "dual_sma", "params": {"fast": 3, "slow": 8}}, "timeframe": "1w"}
+    accepted = client.post("/api/runs", json=body)
+    assert accepted.status_code == 202, accepted.get_json()
+    refused = client.post("/api/runs", json=dict(body, timeframe="1h"))
+    assert refused.status_code == 422
+    assert refused.get_json()["error"]["details"]["errors"][0]["field"] == "timeframe"
+    bad = client.post("/api/runs", json=dict(body, timeframe="2h"))
+    assert bad.status_code == 422 and "timeframe" in bad.get_json()["error"]["message"]
+
+
+def test_the_parquet_directory_provider_reads_in_place_what_the_store_holds(clean_db: Engine, tmp_path: Path) -> None:
+    minutes = _minutes(2, seed=3)
+    store.import_columns(clean_db, "1m", {"PQ": minutes})
+    (tmp_path / "1m").mkdir()
+    stamps = pa.array(minutes.ts * 1_000_000, pa.timestamp("us", tz="UTC"))
+    columns = {"timestamp": stamps} | {k: getattr(minutes, k) for k in ("open", "high", "low", "close", "volume")}
+    pq.write_table(pa.table(columns), tmp_path / "1m" / "PQ.parquet")
+    start, end = dt.date(2024, 3, 5), dt.date(2024, 3, 5)
+    with clean_db.connect() as conn:
+        from_store = load_bars(conn, ["PQ"], start, end, timeframe="1h")["PQ"]
+        provider = providers.configure("parquet", tmp_path)
+        try:
+            from_files = load_bars(conn, ["PQ"], start, end, timeframe="1h")["PQ"]
+            assert providers.current() is provider
+            version = from_files.version
+            stat = (tmp_path / "1m" / "PQ.parquet").stat()  # a rewritten file is a new version
+            os.utime(tmp_path / "1m" / "PQ.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+            assert load_bars(conn, ["PQ"], start, end, timeframe="1h")["PQ"].version != version
+        finally:
+            providers.configure("store")
+    assert from_files.ts.tobytes() == from_store.ts.tobytes() and len(from_files) == 7
+    assert all(getattr(from_files, k).tobytes() == getattr(from_store, k).tobytes() for k in ("open", "close"))
