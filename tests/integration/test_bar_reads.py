@@ -30,7 +30,7 @@ def _minutes(days: int, seed: int) -> Columns:
     """Regular-session 1-minute bars (09:30-16:00 New York) on ``days`` weekdays from 2024-03-04 (across the clock
     change of 2024-03-10)."""
     rng = np.random.default_rng(seed)
-    stamps = []
+    stamps: list[int] = []
     day = dt.date(2024, 3, 4)
     while len(stamps) < days * 390:
         if day.weekday() < 5:

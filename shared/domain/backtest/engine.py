@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from shared.domain.backtest import risk as risk_models
 from shared.domain.backtest import simulator as sim
-from shared.domain.backtest.bars import Bars
+from shared.domain.backtest.bars import Bars, format_bar_dates
 from shared.domain.backtest.config import BacktestConfig
 from shared.domain.backtest.metrics import MetricValue, TradeColumns, compute_metrics
 from shared.domain.backtest.strategies import REGISTRY, StrategySignals
@@ -49,14 +49,16 @@ class Trades:
         return len(self.size)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """JSON-ready list of trades."""
+        """JSON-ready list of trades (dates as :func:`~shared.domain.backtest.bars.format_bar_dates` writes them)."""
+        entry_dates = format_bar_dates(self.entry_date)
+        exit_dates = format_bar_dates(self.exit_date)
         return [
             {
                 "size": float(self.size[i]),
                 "entry_bar": int(self.entry_bar[i]),
                 "exit_bar": int(self.exit_bar[i]),
-                "entry_date": str(self.entry_date[i]),
-                "exit_date": str(self.exit_date[i]),
+                "entry_date": entry_dates[i],
+                "exit_date": exit_dates[i],
                 "entry_price": float(self.entry_price[i]),
                 "exit_price": float(self.exit_price[i]),
                 "pnl": float(self.pnl[i]),
@@ -71,7 +73,7 @@ class Trades:
 class OpenPosition:
     size: float
     entry_bar: int
-    entry_date: str
+    entry_date: str  # format_bar_dates
     entry_price: float
 
 
@@ -81,7 +83,7 @@ class BacktestResult:
     equity: NDArray[np.float64]  # per bar, marked at the close
     drawdown: NDArray[np.float64]  # per bar, fraction below the running peak
     position: NDArray[np.float64]  # units held at each close
-    dates: NDArray[np.datetime64]
+    dates: NDArray[np.datetime64]  # the bars' dates: datetime64[D], or datetime64[s] instants intraday
     trades: Trades
     open_position: OpenPosition | None
     warmup: int
@@ -89,7 +91,7 @@ class BacktestResult:
     config_hash: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (NaN and infinities become null)."""
+        """JSON-ready (NaN and infinities become null; dates as ``format_bar_dates`` writes them)."""
 
         def clean(value: Any) -> Any:
             if isinstance(value, float) and not math.isfinite(value):
@@ -100,7 +102,7 @@ class BacktestResult:
             "config_hash": self.config_hash,
             "metrics": {k: clean(v) for k, v in self.metrics.items()},
             "equity_curve": {
-                "dates": [str(d) for d in self.dates],
+                "dates": format_bar_dates(self.dates),
                 "equity": [clean(float(x)) for x in self.equity],
                 "drawdown_pct": [clean(float(x) * 100) for x in self.drawdown],
             },
@@ -240,7 +242,7 @@ def run_events(
         open_position = OpenPosition(
             size=float(state[sim.S_POS]),
             entry_bar=entry,
-            entry_date=str(bars.dates[entry]),
+            entry_date=format_bar_dates(bars.dates[entry]),
             entry_price=float(state[sim.S_ENTRY_PRICE]),
         )
     with np.errstate(divide="ignore", invalid="ignore"):

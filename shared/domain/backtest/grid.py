@@ -3,7 +3,7 @@
 Each moving average is computed once (one row per window) and every pair runs the very same simulator
 kernel as ``run_backtest``, so a grid cell equals the single run with those parameters (the tests check it);
 only the summary metrics are kept per pair (no equity curves or trade lists), computed the same way as
-``metrics.compute_metrics`` computes them.
+``metrics.compute_metrics`` computes them (intraday bars too: the same calendar-day bins and periods per year).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Performance metrics: backtesting.py 0.6.6's whole set, computed its way, plus PSR, risk-free rate, turnover.
 
-Each formula follows ``backtesting/_stats.py`` of 0.6.6 (the golden tests hold every value to rtol 1e-9),
-including its conventions: daily returns from the equity's last value per calendar day (per week / month /
-year for such data); 252 periods a year, or 365 when over 60 % of a 7-day week's share of bars fall on
-weekends; annual return from the geometric mean daily return; volatility from the compounded variance;
-Sortino on downside deviation; Calmar on the annual return; Beta on daily log returns against the close;
+Each formula follows ``backtesting/_stats.py`` of 0.6.6 (the golden tests hold every value to rtol 1e-9, on daily
+GOOG and on hourly EURUSD), including its conventions: daily returns from the equity's last value per calendar day
+(per week / month / year for such data); 252 periods a year, or 365 when over 60 % of a 7-day week's share of bars
+fall on weekends; annual return from the geometric mean daily return; volatility from the compounded variance;
+Sortino on downside deviation; Calmar on the annual return; Beta on per-bar log returns against the close;
 Alpha as Jensen's; drawdown durations between consecutive new equity highs (or the last bar); trade
 statistics on closed trades only; "Buy & Hold" from the first bar every indicator is defined. Durations are
 in days. Additions: the risk-free rate (annual) in Sharpe, Sortino and Alpha as backtesting.py's
@@ -12,6 +12,25 @@ in days. Additions: the risk-free rate (annual) in Sharpe, Sortino and Alpha as 
 Sharpe of the excess daily returns against an annual benchmark Sharpe de-annualised by the square root of the
 periods per year, sample skewness and LEAN's kurtosis term, normal CDF); turnover (filled value over mean
 equity, and per year).
+
+Dates: ``datetime64[D]`` day dates, or ``datetime64[s]`` UTC instants of intraday bars. What is annualised by what,
+for every timeframe:
+
+* Return (Ann.), Volatility (Ann.), Sharpe, Sortino, Calmar and the PSR use the *period returns*: the last equity
+  of each calendar day (intraday bars: each UTC day, as backtesting.py resamples any data whose period is under a
+  day to ``'D'``; weekly / monthly / yearly data: per week, month, year), annualised by "Periods per Year": 252
+  or 365 (weekend share, as above) for daily and intraday data, 52, 12 or 1 for coarser data. Nothing here is
+  annualised per bar: an hourly run's Sharpe is a daily Sharpe times ``sqrt(252)``, as backtesting.py's.
+* CAGR and Turnover (Ann.) divide by the elapsed calendar time, ``Duration`` in years of 365.25 days.
+* Alpha and Beta are not annualised: Beta is a ratio of per-bar log-return covariances, Alpha uses total returns.
+* Exposure Time is a share of bars. Durations (Duration, drawdown and trade durations) are in days, fractional
+  intraday (an hour is 1/24); as backtesting.py's ``_round_timedelta``, the maximum and mean drawdown and trade
+  durations are rounded up to the resolution of the data period (the median spacing of the last 100 bars: whole
+  days for daily data, whole hours for hourly, whole minutes for 5-minute bars), the mean after truncation to the
+  microsecond (pandas' ``Timedelta`` mean).
+* Per-bar annualisation happens outside this module only: the volatility-target risk model scales its per-bar
+  volatility by ``sqrt(periods_per_year * Bars.bars_per_day)`` (``risk.py``); the validation portfolio takes each
+  curve's last value per UTC day and annualises daily returns by 252 (``shared.domain.robustness.portfolio``).
 """
 
 from __future__ import annotations
@@ -23,10 +42,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from shared.domain.backtest.bars import format_bar_dates
 from shared.domain.stats import TRADING_DAYS, sharpe_ratio
 
 FloatArray = NDArray[np.float64]
 MetricValue = float | int | str
+
+_US = 1_000_000  # intraday times are handled in microseconds (pandas' unit of backtesting.py's sample data)
+_DAY_US = 86_400 * _US
+_UNITS_US = (_DAY_US, 3_600 * _US, 60 * _US, _US, 1_000, 1)  # D, h, min, s, ms, us
 
 
 @dataclass(frozen=True)
@@ -78,12 +102,56 @@ def _ceil_days(total_days: float, count: int) -> float:
     return float(-(-int(total_days) // count))
 
 
+def is_day_dates(dates: NDArray[np.datetime64]) -> bool:
+    """Whether ``dates`` are day dates (``datetime64[D]``) rather than intraday instants."""
+    return np.datetime_data(dates.dtype)[0] == "D"
+
+
+def _ticks(dates: NDArray[np.datetime64]) -> tuple[NDArray[np.int64], int]:
+    """(times as integers, ticks per day): days for day dates, microseconds for instants."""
+    if is_day_dates(dates):
+        return dates.astype(np.int64), 1
+    return dates.astype("datetime64[us]").astype(np.int64), _DAY_US
+
+
+def _median_spacing(ticks: NDArray[np.int64]) -> float:
+    """backtesting.py's ``_data_period``: the median spacing of the last 100 bars (NaN for one bar)."""
+    diffs = np.diff(ticks[-100:])
+    return float(np.median(diffs)) if len(diffs) else math.nan
+
+
+def _resolution(spacing_us: float) -> int:
+    """pandas' ``Timedelta.resolution_string`` of the data period, in microseconds: the largest of D, h, min, s, ms,
+    us that divides it (backtesting.py rounds durations up to it)."""
+    if math.isnan(spacing_us):
+        return _DAY_US
+    period = int(spacing_us)  # pandas truncates the median to its unit
+    return next((unit for unit in _UNITS_US if period % unit == 0), 1)
+
+
+def _ceil_to(value_us: int, resolution_us: int) -> float:
+    """``value_us`` rounded up to a multiple of ``resolution_us``, in days."""
+    return -(-value_us // resolution_us) * resolution_us / _DAY_US
+
+
+def _max_and_mean_duration(durations: FloatArray, per_day: int, resolution_us: int) -> tuple[float, float]:
+    """backtesting.py's max and mean of durations, in days. Day dates: whole days, the mean rounded up to a day.
+    Instants (``durations`` in microseconds): pandas' mean (truncated to the microsecond), both rounded up to the
+    data period's resolution."""
+    if per_day == 1:
+        return _nan_max(durations), _ceil_days(float(durations.sum()), len(durations))
+    if not len(durations):
+        return math.nan, math.nan
+    whole = durations.astype(np.int64)
+    return _ceil_to(int(whole.max()), resolution_us), _ceil_to(int(whole.sum()) // len(whole), resolution_us)
+
+
 def periods_per_year(dates: NDArray[np.datetime64]) -> tuple[int, int]:
-    """(annual periods, bar period in days) detected the way backtesting.py does."""
-    days = dates.astype(np.int64)
-    tail = days[-100:]
-    diffs = np.diff(tail)
-    period_days = math.floor(float(np.median(diffs))) if len(diffs) else 0
+    """(annual periods, bar period in whole days: 0 for intraday bars) detected the way backtesting.py does."""
+    ticks, per_day = _ticks(dates)
+    spacing = _median_spacing(ticks)
+    period_days = 0 if math.isnan(spacing) else math.floor(spacing / per_day)
+    days = ticks if per_day == 1 else dates.astype("datetime64[D]").astype(np.int64)
     weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     have_weekends = float(np.mean(weekday >= 5)) > 2 / 7 * 0.6
     annual = (
@@ -99,8 +167,9 @@ def periods_per_year(dates: NDArray[np.datetime64]) -> tuple[int, int]:
 
 
 def period_bins(dates: NDArray[np.datetime64], period_days: int) -> NDArray[np.int64]:
-    """Index of the last bar of each calendar day (week, month, year for such data): pandas' resample bins."""
-    days = dates.astype(np.int64)
+    """Index of the last bar of each calendar day (week, month, year for such data): pandas' resample bins.
+    Intraday instants fall in their UTC calendar day."""
+    days = dates.astype("datetime64[D]").astype(np.int64)
     if period_days == 7:
         keys = (days + 3) // 7  # Monday..Sunday weeks (pandas 'W' = W-SUN bins)
     elif period_days == 31:
@@ -122,7 +191,8 @@ def period_returns(equity: FloatArray, dates: NDArray[np.datetime64], period_day
 
 
 def drawdown_durations_and_peaks(dd: FloatArray, days: NDArray[np.int64]) -> tuple[FloatArray, FloatArray]:
-    """Duration (days) and depth of each drawdown: from a new high to the next new high (or the last bar)."""
+    """Duration (in the unit of ``days``: days, or microseconds for instants) and depth of each drawdown: from a new
+    high to the next new high (or the last bar)."""
     n = len(dd)
     iloc = np.unique(np.r_[np.flatnonzero(dd == 0), n - 1])
     prev = iloc[:-1]
@@ -154,23 +224,25 @@ def compute_metrics(
     filled_value: float = 0.0,
     fees_paid: float = 0.0,
 ) -> dict[str, MetricValue]:
-    """All metrics of one run (keys as backtesting.py names them, durations in days)."""
+    """All metrics of one run (keys as backtesting.py names them, durations in days) on day dates or instants."""
     n = len(equity)
-    days = dates.astype("datetime64[D]").astype(np.int64)
+    ticks, per_day = _ticks(dates)
+    resolution = _resolution(_median_spacing(ticks)) if per_day != 1 else 1
     with np.errstate(divide="ignore", invalid="ignore"):
         dd = 1 - equity / np.maximum.accumulate(equity)
-    dd_durations, dd_peaks = drawdown_durations_and_peaks(dd, days)
+    dd_durations, dd_peaks = drawdown_durations_and_peaks(dd, ticks)
 
     pl = trades.pnl
     returns = trades.return_pct
     n_trades = len(pl)
-    trade_days = (days[trades.exit_bar] - days[trades.entry_bar]).astype(np.float64)
+    trade_durations = (ticks[trades.exit_bar] - ticks[trades.entry_bar]).astype(np.float64)
 
     s: dict[str, MetricValue] = {}
-    s["Start"] = str(dates[0].astype("datetime64[D]"))
-    s["End"] = str(dates[-1].astype("datetime64[D]"))
-    duration_days = int(days[-1] - days[0])
-    s["Duration"] = float(duration_days)
+    s["Start"] = format_bar_dates(dates[0])
+    s["End"] = format_bar_dates(dates[-1])
+    elapsed = int(ticks[-1] - ticks[0])
+    duration_days, rest = divmod(elapsed, per_day)
+    s["Duration"] = float(duration_days) if per_day == 1 else elapsed / _DAY_US
 
     have_position = np.zeros(n + 1, dtype=np.int64)
     np.add.at(have_position, trades.entry_bar, 1)
@@ -197,7 +269,7 @@ def compute_metrics(
     with np.errstate(invalid="ignore"):
         volatility = float(np.sqrt((var + (1 + gmean_day) ** 2) ** annual - (1 + gmean_day) ** (2 * annual)) * 100)
     s["Volatility (Ann.) [%]"] = volatility
-    years = (duration_days + 0 / 86400) / 365.25
+    years = (duration_days + rest // _US / 86400) / 365.25  # Timedelta's .days + .seconds / 86400
     s["CAGR [%]"] = ((equity[-1] / equity[0]) ** (1 / years) - 1) * 100 if years else math.nan
     # backtesting.py's Sharpe: annual geometric return over the compounded volatility (the golden tests hold it);
     # every other Sharpe of the product is shared.domain.stats.sharpe_ratio (the PSR's observed one below).
@@ -220,16 +292,14 @@ def compute_metrics(
     s["Beta"] = beta
     s["Max. Drawdown [%]"] = max_dd * 100
     s["Avg. Drawdown [%]"] = -_nan_mean(dd_peaks) * 100
-    s["Max. Drawdown Duration"] = _nan_max(dd_durations)
-    s["Avg. Drawdown Duration"] = _ceil_days(float(dd_durations.sum()), len(dd_durations))
+    s["Max. Drawdown Duration"], s["Avg. Drawdown Duration"] = _max_and_mean_duration(dd_durations, per_day, resolution)
     s["# Trades"] = n_trades
     win_rate = math.nan if not n_trades else float(np.mean(pl > 0))
     s["Win Rate [%]"] = win_rate * 100
     s["Best Trade [%]"] = _nan_max(returns) * 100
     s["Worst Trade [%]"] = _nan_min(returns) * 100
     s["Avg. Trade [%]"] = geometric_mean(returns) * 100
-    s["Max. Trade Duration"] = _nan_max(trade_days)
-    s["Avg. Trade Duration"] = _ceil_days(float(trade_days.sum()), n_trades)
+    s["Max. Trade Duration"], s["Avg. Trade Duration"] = _max_and_mean_duration(trade_durations, per_day, resolution)
     s["Profit Factor"] = float(returns[returns > 0].sum()) / _or_nan(abs(float(returns[returns < 0].sum())))
     s["Expectancy [%]"] = _nan_mean(returns) * 100
     pl_std = float(pl.std(ddof=1)) if n_trades > 1 else math.nan

@@ -1,8 +1,12 @@
 """Risk models: how much of equity an entry may commit, decided on the signal bar (never later).
 
 * ``fixed_fraction``: the same fraction of equity on every entry.
-* ``volatility_target``: ``target_volatility / realized volatility`` of the last ``lookback`` daily log returns
-  (annualised), clamped to ``[0, max_fraction]``; no position at all before ``lookback`` returns exist.
+* ``volatility_target``: ``target_volatility / realized volatility`` of the last ``lookback`` bar log returns
+  (annualised), clamped to ``[0, max_fraction]``; no position at all before ``lookback`` returns exist. The
+  per-bar volatility is annualised by ``sqrt(periods_per_year * Bars.bars_per_day)``: ``periods_per_year`` trading
+  days times the bars of a trading day (1 for daily bars, so daily sizing is the plain ``sqrt(periods_per_year)``;
+  intraday, the observed median bars per UTC day: a session's length, which a nominal 24 h / bar size would
+  overstate for a 6.5-hour stock session, and no price, so no look-ahead).
 * ``kelly_fraction``: ``f = p - (1 - p) / R`` from the trades closed before the decision (``p`` the share of
   winning trades, ``R`` the mean winning return over the mean losing return, both on per-trade returns),
   times ``fraction`` (the dampening, e.g. 0.5 = "half Kelly"), clamped to ``[0, max_fraction]``. Until
@@ -39,10 +43,13 @@ class VolatilityTargetParams(RiskParams):
     target_volatility: float = Field(
         default=0.15, gt=0, le=5, description="annualised volatility aimed at (0.15 = 15 %)"
     )
-    lookback: int = Field(default=20, ge=2, le=2520, description="daily log returns in the realized volatility")
+    lookback: int = Field(default=20, ge=2, le=2520, description="bar log returns in the realized volatility")
     max_fraction: float = Field(default=1.0, gt=0, le=1, description="upper clamp of the fraction of equity")
     periods_per_year: float = Field(
-        default=float(TRADING_DAYS), gt=0, le=366, description="annualisation of the daily volatility"
+        default=float(TRADING_DAYS),
+        gt=0,
+        le=366,
+        description="trading days a year (annualisation; times bars per day intraday)",
     )
 
 
@@ -66,7 +73,7 @@ def decision_fractions(model: str, params: RiskParams, bars: Bars) -> NDArray[np
     if isinstance(params, FixedFractionParams):
         return np.full(n, params.fraction)
     if isinstance(params, VolatilityTargetParams):
-        vol = indicators.realized_volatility(bars.close, params.lookback, params.periods_per_year)
+        vol = indicators.realized_volatility(bars.close, params.lookback, params.periods_per_year * bars.bars_per_day)
         with np.errstate(divide="ignore", invalid="ignore"):
             fraction = np.where(vol > 0, params.target_volatility / vol, params.max_fraction)
         fraction = np.clip(fraction, 0.0, params.max_fraction)

@@ -39,6 +39,7 @@ def permuted_bars(bars: Bars, rng: np.random.Generator) -> Bars:
         close=new_close,
         volume=bars.volume[idx],
         dates=bars.dates,
+        timeframe=bars.timeframe,
     )
 
 

@@ -18,8 +18,9 @@ _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 def as_days(dates: Sequence[dt.date] | NDArray[np.datetime64]) -> NDArray[np.datetime64]:
-    """``datetime64[D]`` of a list of dates; through ordinals, which is several times faster than numpy's own
-    conversion of date objects (it matters for hundreds of curves of thousands of bars)."""
+    """``datetime64[D]`` of a list of dates (intraday instants: their UTC day, repeated per bar); through ordinals,
+    which is several times faster than numpy's own conversion of date objects (it matters for hundreds of curves of
+    thousands of bars)."""
     if isinstance(dates, np.ndarray):
         return dates.astype("datetime64[D]")
     ordinals = np.fromiter((d.toordinal() for d in dates), dtype=np.int64, count=len(dates))
@@ -31,7 +32,9 @@ Curves = Sequence[tuple[Sequence[dt.date] | NDArray[np.datetime64], Sequence[flo
 
 def portfolio_curve(curves: Curves, initial_cash: float) -> tuple[NDArray[np.datetime64], NDArray[np.float64]]:
     """(dates, equity) of equal-cash sleeves summed on the union of their dates: a sleeve holds its cash before
-    its first bar and its last equity after its last bar."""
+    its first bar and its last equity after its last bar. The portfolio is daily whatever the bars: an intraday
+    curve counts with its last value of each UTC day (so its returns, Sharpe and bootstrap are daily, annualised
+    by 252 as for daily bars)."""
     days = [as_days(d) for d, _ in curves]
     all_dates = np.unique(np.concatenate(days))
     total = np.zeros(len(all_dates))

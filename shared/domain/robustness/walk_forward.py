@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from shared.domain.backtest import BacktestConfig, Bars, run_backtest
+from shared.domain.backtest.bars import format_bar_dates
 from shared.domain.backtest.grid import run_dual_sma_grid
 from shared.domain.robustness.portfolio import Sleeves, _clean
 from shared.domain.robustness.specs import SELECTION_COLUMNS, Task, WalkForwardSpec
@@ -35,10 +36,7 @@ def windows(n: int, spec: WalkForwardSpec) -> list[Window]:
 
 
 def _slice(bars: Bars, lo: int, hi: int) -> Bars:
-    return Bars(
-        open=bars.open[lo:hi], high=bars.high[lo:hi], low=bars.low[lo:hi], close=bars.close[lo:hi],
-        volume=bars.volume[lo:hi], dates=bars.dates[lo:hi],
-    )  # fmt: skip
+    return bars.sliced(lo, hi)
 
 
 def walk_forward(bars: Bars, config: BacktestConfig, spec: WalkForwardSpec) -> dict[str, Any]:
@@ -64,8 +62,8 @@ def walk_forward(bars: Bars, config: BacktestConfig, spec: WalkForwardSpec) -> d
                                                "start_date": None, "end_date": None})  # fmt: skip
         equity = run_backtest(_slice(cut, warm, w.out_end), oos_config).equity[w.in_end - warm :]
         rows.append({
-            "in_sample": [str(cut.dates[w.in_start]), str(cut.dates[w.in_end - 1])],
-            "out_of_sample": [str(cut.dates[w.in_end]), str(cut.dates[w.out_end - 1])],
+            "in_sample": format_bar_dates(cut.dates[[w.in_start, w.in_end - 1]]),
+            "out_of_sample": format_bar_dates(cut.dates[[w.in_end, w.out_end - 1]]),
             "chosen": chosen,
             "in_sample_sharpe": float(sharpe[best]) if math.isfinite(sharpe[best]) else None,
             "in_sample_score": float(score[best]) if math.isfinite(score[best]) else None,

@@ -3,7 +3,9 @@
 Walk-forward: windows of ``in_sample`` / ``out_of_sample`` bars, rolling or anchored, as
 ``shared.domain.robustness.windows``. The in-sample tasks score every combo on bars of the in-sample dates only;
 the choice per window is the best combo there under the constraints; out of sample, the choice trades from a flat
-position from the window's first bar (its indicators warmed on the past bars, never on later ones).
+position from the window's first bar (its indicators warmed on the past bars, never on later ones). The calendar is
+the symbols' distinct bar *days*, intraday bars too (a config's range is whole days, ``Bars.between``), so intraday
+windows count trading days, not bars.
 """
 
 from __future__ import annotations

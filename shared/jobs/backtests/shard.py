@@ -43,7 +43,13 @@ CANCEL_CHECK_INTERVAL_S = 0.25
 def engine_bars(bars: SymbolBars) -> Bars:
     """The database's bars as the engine takes them."""
     return Bars.from_arrays(
-        open=bars.open, high=bars.high, low=bars.low, close=bars.close, volume=bars.volume, dates=bars.instants
+        open=bars.open,
+        high=bars.high,
+        low=bars.low,
+        close=bars.close,
+        volume=bars.volume,
+        dates=bars.instants,
+        timeframe=bars.timeframe,
     )
 
 
