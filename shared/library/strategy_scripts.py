@@ -270,7 +270,9 @@ def default_runner() -> StrategyRunner:
 
 def sandbox_bars(symbol: str, bars: Bars) -> SymbolBars:
     """Engine bars as the sandbox takes them (the same series a calculation script sees)."""
-    return SymbolBars.from_dates(symbol, bars.dates, bars.open, bars.high, bars.low, bars.close, bars.volume)
+    return SymbolBars.from_dates(
+        symbol, bars.dates, bars.open, bars.high, bars.low, bars.close, bars.volume, timeframe=bars.timeframe
+    )
 
 
 def script_signals(

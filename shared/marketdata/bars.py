@@ -72,11 +72,12 @@ class SymbolBars:
     @classmethod
     def from_dates(
         cls, symbol: str, dates: Sequence[str | dt.date] | NDArray[np.datetime64], open: object, high: object,
-        low: object, close: object, volume: object,
+        low: object, close: object, volume: object, timeframe: str = DEFAULT_TIMEFRAME,
     ) -> SymbolBars:  # fmt: skip
-        """Daily bars from ISO dates (or dates) and array-likes."""
-        days = np.asarray(dates, dtype="datetime64[D]").astype(np.int64)
-        return cls.of(symbol, store.columns_of(days * SECONDS_PER_DAY, open, high, low, close, volume))
+        """Bars from ISO dates (or dates, or for intraday bars ``datetime64`` UTC instants) and array-likes."""
+        unit = "s" if is_intraday(timeframe) else "D"
+        ts = np.asarray(dates, dtype=f"datetime64[{unit}]").astype("datetime64[s]").astype(np.int64)
+        return cls.of(symbol, store.columns_of(ts, open, high, low, close, volume), timeframe=timeframe)
 
     @property
     def intraday(self) -> bool:

@@ -102,18 +102,36 @@ def test_a_split_adjusts_what_jobs_read_and_moves_the_data_version(
     assert again.status_code == 200 and again.get_json()["run_id"] == second.get_json()["run_id"]
 
 
-def test_runs_take_weekly_bars_and_refuse_intraday_ones_naming_the_field(
+def test_runs_and_optimisations_take_weekly_and_intraday_bars(
     clean_db: Engine, client: FlaskClient, celery_worker: Any
 ) -> None:
     seed_bars(clean_db, ["WK"], days=300)
-    body = {"symbols": ["WK"], "strategy": {"name": "dual_sma", "params": {"fast": 3, "slow": 8}}, "timeframe": "1w"}
-    accepted = client.post("/api/runs", json=body)
-    assert accepted.status_code == 202, accepted.get_json()
-    refused = client.post("/api/runs", json=dict(body, timeframe="1h"))
-    assert refused.status_code == 422
-    assert refused.get_json()["error"]["details"]["errors"][0]["field"] == "timeframe"
-    bad = client.post("/api/runs", json=dict(body, timeframe="2h"))
+    store.import_columns(clean_db, "1m", {"INTRA": _minutes(8, seed=2)})
+    strategy = {"name": "dual_sma", "params": {"fast": 3, "slow": 8}}
+    weekly = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "timeframe": "1w"})
+    hourly = client.post("/api/runs", json={"symbols": ["INTRA", "WK"], "strategy": strategy, "timeframe": "1h"})
+    assert weekly.status_code == hourly.status_code == 202, (weekly.get_json(), hourly.get_json())
+    bad = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "timeframe": "2h"})
     assert bad.status_code == 422 and "timeframe" in bad.get_json()["error"]["message"]
+
+    views = {name: wait_for_job(client, r.get_json()["run_id"]) for name, r in (("weekly", weekly), ("hourly", hourly))}
+    assert views["weekly"]["status"] == "succeeded", views["weekly"]
+    assert views["hourly"]["status"] == "partial", views["hourly"]  # WK has no intraday bars: its NoData error
+    page = client.get(f"/api/runs/{hourly.get_json()['run_id']}/results").get_json()
+    results = {row["symbol"]: row for row in page["results"]}
+    assert results["WK"]["error"]["type"] == "NoData"
+    metrics = results["INTRA"]["metrics"]
+    assert metrics["# Trades"] > 0 and metrics["Start"].endswith("Z") and "T" in metrics["Start"], metrics
+    artifacts = client.get(f"/api/runs/{hourly.get_json()['run_id']}/artifacts")
+    assert artifacts.status_code == 200, artifacts.get_json()
+
+    optimisation = client.post("/api/optimizations", json={
+        "symbols": ["INTRA"], "strategy": "dual_sma", "timeframe": "1h",
+        "parameters": {"fast": [2, 3], "slow": [6, 8]},
+    })  # fmt: skip
+    assert optimisation.status_code == 202, optimisation.get_json()
+    done = wait_for_job(client, optimisation.get_json()["optimization_id"])
+    assert done["status"] == "succeeded", done
 
 
 def test_the_parquet_directory_provider_reads_in_place_what_the_store_holds(clean_db: Engine, tmp_path: Path) -> None:

@@ -105,8 +105,8 @@ def _equity_csv(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark:
     curves = sorted(data.curves, key=lambda c: c.symbol)
     columns = []
     for c in curves:  # each symbol's equity on the run's dates; "" where the symbol has no bar
-        own = as_days(c.dates)
-        at = np.clip(np.searchsorted(own, dates), 0, len(own) - 1)
+        own = as_days(c.dates)  # an intraday curve's last value of each day, as in the portfolio
+        at = np.clip(np.searchsorted(own, dates, side="right") - 1, 0, len(own) - 1)
         present = own[at] == dates
         text = [repr(x) for x in np.asarray(c.equity, dtype=np.float64)[at].tolist()]
         columns.append([t if p else "" for t, p in zip(text, present.tolist(), strict=True)])
@@ -145,8 +145,8 @@ def _chart_png(data: RunData, dates: np.ndarray, equity: np.ndarray, benchmark: 
     if len(data.curves) == 1:
         index = {str(d): i for i, d in enumerate(dates)}
         trades = data.curves[0].trades
-        entries = [index[t["entry_date"]] for t in trades if t.get("entry_date") in index]
-        exits = [index[t["exit_date"]] for t in trades if t.get("exit_date") in index]
+        entries = [index[t["entry_date"][:10]] for t in trades if str(t.get("entry_date"))[:10] in index]
+        exits = [index[t["exit_date"][:10]] for t in trades if str(t.get("exit_date"))[:10] in index]
         top.scatter(
             [x[i] for i in entries], equity[entries], marker="^", color="#2ca02c", s=22, label="entry", zorder=3
         )

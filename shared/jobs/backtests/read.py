@@ -93,7 +93,8 @@ def job_is_active(factory: sessionmaker[Session], job_id: uuid.UUID) -> bool:
 
 # --- stored curves ----------------------------------------------------------------------------------------------
 
-_DAYS = np.dtype(">i4")  # days since 1970-01-01
+_DAYS = np.dtype(">i4")  # days since 1970-01-01 (daily and coarser bars)
+_SECONDS = np.dtype(">i8")  # seconds since 1970-01-01 UTC (intraday bars): a curve's width tells them apart
 _VALUES = np.dtype(">f8")
 
 
@@ -109,15 +110,21 @@ class StoredCurve:
 
 
 def pack_dates(dates: NDArray[np.datetime64]) -> bytes:
-    """Stored curve columns are fixed-width big-endian bytes (exact, and ~15x cheaper to write than arrays)."""
-    return dates.astype("datetime64[D]").astype(np.int64).astype(_DAYS).tobytes()
+    """Stored curve columns are fixed-width big-endian bytes (exact, and ~15x cheaper to write than arrays): days
+    (4 bytes) for dates, seconds (8 bytes) for the instants of intraday bars."""
+    if np.datetime_data(dates.dtype)[0] == "D":
+        return dates.astype(np.int64).astype(_DAYS).tobytes()
+    return dates.astype("datetime64[s]").astype(np.int64).astype(_SECONDS).tobytes()
 
 
 def pack_values(values: NDArray[np.float64]) -> bytes:
     return np.asarray(values, dtype=np.float64).astype(_VALUES).tobytes()
 
 
-def unpack_dates(raw: bytes) -> NDArray[np.datetime64]:
+def unpack_dates(raw: bytes, n: int) -> NDArray[np.datetime64]:
+    """A curve's ``n`` dates (``datetime64[D]``) or instants (``datetime64[s]``), by the width they were stored at."""
+    if len(raw) == n * _SECONDS.itemsize and n:
+        return np.frombuffer(raw, dtype=_SECONDS).astype(np.int64).astype("datetime64[s]")
     return np.frombuffer(raw, dtype=_DAYS).astype(np.int64).astype("datetime64[D]")
 
 
@@ -131,13 +138,13 @@ def load_curves(session: Session, job_id: uuid.UUID, *, with_trades: bool = True
     if with_trades:
         columns.append(BacktestCurve.trades)
     rows = session.execute(select(*columns).where(BacktestCurve.job_id == job_id).order_by(BacktestCurve.symbol))
-    return [
-        StoredCurve(
-            row[0], unpack_dates(row[1]), unpack_values(row[2]), unpack_values(row[3]) if row[3] is not None else None,
-            list(row[4]) if with_trades else [],
-        )
-        for row in rows
-    ]  # fmt: skip
+    curves = []
+    for row in rows:
+        equity = unpack_values(row[2])
+        benchmark = unpack_values(row[3]) if row[3] is not None else None
+        trades = list(row[4]) if with_trades else []
+        curves.append(StoredCurve(row[0], unpack_dates(row[1], len(equity)), equity, benchmark, trades))
+    return curves
 
 
 # --- validation ---------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _error(kind: str, message: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Curve:
-    dates: NDArray[np.datetime64]  # datetime64[D]
+    dates: NDArray[np.datetime64]  # datetime64[D], or datetime64[s] for intraday bars
     equity: NDArray[np.float64]
     benchmark: NDArray[np.float64]  # the same cash in buy and hold from the first tradable bar
     trades: list[dict[str, Any]]
@@ -110,7 +110,7 @@ def symbol_run(
     held = config.initial_cash * cut.close / cut.close[first]
     benchmark = np.where(np.arange(len(cut)) < first, config.initial_cash, held)
     trades = [{k: finite(v) for k, v in t.items()} for t in result.trades.to_records()]
-    curve = Curve(result.dates.astype("datetime64[D]"), result.equity, benchmark.astype(np.float64), trades)
+    curve = Curve(result.dates, result.equity, benchmark.astype(np.float64), trades)
     return SymbolRun(outcome, curve)
 
 

@@ -24,7 +24,6 @@ from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import find_run
 from shared.jobs.calculations import symbols_sha256
 from shared.marketdata.bars import data_stamp, has_bars
-from shared.marketdata.resample import is_intraday
 
 
 @dataclass(frozen=True)
@@ -96,12 +95,7 @@ def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: V
 def check_symbols(session: Session, config: BacktestConfig) -> None:
     """Unknown symbols are a 422 naming each one (``symbols[i]``); a date range in which none of the symbols
     has a bar is a 422 on ``start_date``. A symbol without bars in the range while others have some is that
-    symbol's ``NoData`` error in the results (a universe often holds a symbol listed later). Intraday timeframes
-    are a 422 on ``timeframe``: a run's curves, portfolio and validation are kept per day."""
-    if is_intraday(config.timeframe):
-        raise ValidationFailed.for_field(
-            "timeframe", f"runs and optimisations take daily or coarser bars (1d, 1w, 1mo), not {config.timeframe}"
-        )
+    symbol's ``NoData`` error in the results (a universe often holds a symbol listed later)."""
     known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(config.symbols))))
     unknown = [(i, s) for i, s in enumerate(config.symbols) if s not in known]
     if unknown:

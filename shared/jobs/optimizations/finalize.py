@@ -72,7 +72,7 @@ def full_run(session: Session, config: BacktestConfig, script: Script | None = N
                 symbols[done.symbol] = {"error": done.error}
                 continue
             symbols[done.symbol] = {k: clean(v) if isinstance(v, float) else v for k, v in done.result.metrics.items()}
-            curves.append((done.result.dates.astype("datetime64[D]"), done.result.equity))
+            curves.append((done.result.dates, done.result.equity))
         config_symbols: list[str] = []
     else:
         config_symbols = list(config.symbols)
@@ -114,7 +114,7 @@ def oos_curve(
         events, scale = mapped.events.copy(), mapped.entry_scale
     events[:first] = 0
     result = run_events(cut, events, cfg, warmup=first, entry_scale=scale)
-    return cut.dates[first:].astype("datetime64[D]"), result.equity[first:]
+    return cut.dates[first:], result.equity[first:]
 
 
 def walk_forward_outcome(
