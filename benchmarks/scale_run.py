@@ -10,7 +10,9 @@ imported with ``bars import``'s code; the calculation job then reads them at 1m,
 take daily or coarser bars: the minutes resampled on read).
 
 Peak memory is each process's largest resident set seen while polling every 0.2 s (the worker's pool
-processes are where bars are read and cached: ``ALPHAFORGE_BAR_CACHE_MB`` bounds their cache).
+processes are where bars are read and cached: ``ALPHAFORGE_BAR_CACHE_MB`` bounds their cache; a run's finalization
+and artifact build, in the pool process that completes the run, read its curves a batch of ``ALPHAFORGE_RUN_BATCH_MB``
+at a time), until the run's artifacts are written.
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def write_minute_files(folder: Path, symbols: list[str], years: int) -> int:
     return len(ts) * len(symbols)
 
 
+def wait_artifacts(base: str, run_id: str) -> dict[str, Any]:
+    while True:
+        view = http("GET", f"{base}/runs/{run_id}/artifacts")
+        if view["status"] != "pending":
+            return view
+        time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--symbols", type=int, default=None, help="default 5,000 (500 with --minutes)")
@@ -167,9 +177,15 @@ def main() -> int:
             })  # fmt: skip
             backtest = wait_final(base, f"runs/{run['run_id']}")
             run_s = time.perf_counter() - began
+            # The worker builds the artifacts after the run is final: the peak is measured until they are written.
+            artifacts = wait_artifacts(base, run["run_id"])
+            artifacts_s = time.perf_counter() - began - run_s
         print(f"calculation job over {args.symbols:,} symbols at {timeframe}: {calc['status']} in {calc_s:.1f} s")
-        print(f"backtest run over {args.symbols:,} symbols: {backtest['status']} in {run_s:.1f} s")
-        print(f"bar cache bound per worker process: {settings.bar_cache_mb} MB (ALPHAFORGE_BAR_CACHE_MB)")
+        print(f"backtest run over {args.symbols:,} symbols: {backtest['status']} in {run_s:.1f} s, artifacts "
+              f"{artifacts['status']} {artifacts_s:.1f} s later")  # fmt: skip
+        print(f"bar cache bound per worker process: {settings.bar_cache_mb} MB (ALPHAFORGE_BAR_CACHE_MB); a run's "
+              f"finalization and artifacts hold at most {settings.run_batch_mb} MB of its curves at once "
+              "(ALPHAFORGE_RUN_BATCH_MB)")  # fmt: skip
         for label, peak in sorted(memory.peaks.items()):
             print(f"  peak RSS {label:<28} {peak / 2**20:8.0f} MB")
     return 0

@@ -25,6 +25,7 @@ from shared.infra.db import Bounds, install_deadlines, make_engine, make_session
 from shared.infra.events import RedisJobEvents
 from shared.jobs import backoff, calculations, leases, webhooks
 from shared.jobs import pipeline as jobs
+from shared.jobs.backtests import read as run_read
 from shared.jobs.backtests.read import job_of_shard
 from shared.marketdata import providers, store
 from shared.sandbox.runner import run_script
@@ -52,6 +53,7 @@ class ServicesTask(Task):
             settings: Settings = self.app.conf.alphaforge_settings
             install_deadlines()  # a frozen database ends a wait with an error (then a retry), never a hang
             store.configure(settings.bar_cache_mb, copy=True)
+            run_read.configure(settings.run_batch_mb)  # finalization and artifacts: curves a batch at a time
             providers.configure(settings.bar_provider, settings.bar_parquet_dir, settings.bar_cache_mb)
             bounds = Bounds.for_workers(settings.timeouts)
             engine = make_engine(settings.require_database_url(), pool_size=2, bounds=bounds)

@@ -73,7 +73,8 @@ class ArtifactStore:
             return f"{self.config.url}/{owner_id}/{job_id}"
         return str((self.data_dir / "artifacts" / owner_id / str(job_id)).resolve())
 
-    def put(self, location: str, name: str, data: bytes) -> None:
+    def put(self, location: str, name: str, data: bytes | Path) -> None:
+        """Write one object: bytes, or a local file (streamed in parts, never read whole)."""
         store, key = self._resolve(location)
         with _unavailable_on_error("write", location):
             obstore.put(store, f"{key}/{name}", data)

@@ -448,6 +448,14 @@ class Settings:
         "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE", 10, "combos per optimisation task of a script strategy"
     )
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    run_batch_mb: int = setting(
+        "ALPHAFORGE_RUN_BATCH_MB",
+        64,
+        "what a worker process holds at once of a run's stored curves and results while it finalizes the run or builds "
+        "its artifacts, MB (they are read a batch at a time): with the bar cache, the bound of a worker process's "
+        "memory at any run size",
+        ge=1,
+    )
     bar_cache_mb: int = setting(
         "ALPHAFORGE_BAR_CACHE_MB",
         256,

@@ -45,6 +45,36 @@ def portfolio_curve(curves: Curves, initial_cash: float) -> tuple[NDArray[np.dat
     return all_dates, total
 
 
+class PortfolioSum:
+    """:func:`portfolio_curve` fed a batch of curves at a time (a run's finalization and artifacts read its curves
+    in batches, never all at once): the same dates and, sleeves added in the same order, the same sums bit for bit.
+    A date that a batch adds to the union gets what the sleeves so far held there: their value at the union's date
+    before it (none of their own dates lies in between), or their cash if it precedes every date so far."""
+
+    def __init__(self, initial_cash: float) -> None:
+        self.initial_cash = initial_cash
+        self.dates: NDArray[np.datetime64] = np.empty(0, dtype="datetime64[D]")
+        self.total: NDArray[np.float64] = np.zeros(0)
+        self.sleeves = 0
+        self._before = 0.0  # the sum so far at a date before every sleeve's first bar: their cash, added one by one
+
+    def add(self, curves: Curves) -> None:
+        days = [as_days(d) for d, _ in curves]
+        if not days:
+            return
+        union = np.unique(np.concatenate([self.dates, *days]))
+        if len(union) != len(self.dates):
+            at = np.searchsorted(self.dates, union, side="right") - 1
+            held = self.total[np.clip(at, 0, None)] if len(self.total) else np.zeros(len(union))
+            self.dates, self.total = union, np.where(at >= 0, held, self._before)
+        for own, (_, equity) in zip(days, curves, strict=True):
+            positions = np.searchsorted(own, self.dates, side="right") - 1
+            values = np.asarray(equity, dtype=np.float64)
+            self.total += np.where(positions >= 0, values[np.clip(positions, 0, None)], self.initial_cash)
+            self._before += self.initial_cash
+            self.sleeves += 1
+
+
 def portfolio_returns(total: NDArray[np.float64], start_equity: float) -> NDArray[np.float64]:
     """Daily returns of a portfolio's equity, the first one from the starting cash."""
     series = np.concatenate([[start_equity], total])

@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain import robustness as val
 from shared.domain.backtest import BacktestConfig
+from shared.domain.robustness.portfolio import PortfolioSum
 from shared.domain.stats import TRADING_DAYS, sharpe_ratio
 from shared.infra.models import BacktestRun, Job, JobShard, ShardStatus
 from shared.jobs import pipeline as jobs
-from shared.jobs.backtests.read import load_curves, load_parts
+from shared.jobs.backtests.read import curve_batches, load_parts
 
 as_days = val.as_days
 portfolio_curve = val.portfolio_curve  # the sleeves' arithmetic, shared with validation (shared.domain.robustness)
@@ -47,7 +48,14 @@ def portfolio_metrics(curves: val.Curves, initial_cash: float, risk_free_rate: f
     if not curves:
         return None
     all_dates, total = portfolio_curve(curves, initial_cash)
-    start_equity = initial_cash * len(curves)
+    return sum_metrics(all_dates, total, len(curves), initial_cash, risk_free_rate)
+
+
+def sum_metrics(
+    all_dates: np.ndarray, total: np.ndarray, sleeves: int, initial_cash: float, risk_free_rate: float = 0.0
+) -> dict[str, Any]:
+    """:func:`portfolio_metrics` of the portfolio's equity ``total`` of ``sleeves`` sleeves on ``all_dates``."""
+    start_equity = initial_cash * sleeves
     final_equity = float(total[-1])
     series = np.concatenate([[start_equity], total])
     returns = series[1:] / series[:-1] - 1
@@ -58,7 +66,7 @@ def portfolio_metrics(curves: val.Curves, initial_cash: float, risk_free_rate: f
     growth = final_equity / start_equity
     annual = growth ** (365.25 / days) - 1 if days > 0 and growth > 0 else math.nan
     metrics = {
-        "sleeves": len(curves),
+        "sleeves": sleeves,
         "start": str(all_dates[0]),
         "end": str(all_dates[-1]),
         "initial_equity": start_equity,
@@ -73,13 +81,18 @@ def portfolio_metrics(curves: val.Curves, initial_cash: float, risk_free_rate: f
 
 
 def run_portfolio(session: Session, job: Job, run: BacktestRun) -> dict[str, Any] | None:
-    """The portfolio metrics of an ended run of several symbols, from the curves its shards stored; None for a
-    one-symbol run (its metrics are the symbol's) or a run without any curve."""
+    """The portfolio metrics of an ended run of several symbols, from the curves its shards stored, read a batch at a
+    time (``read.curve_batches``: ``ALPHAFORGE_RUN_BATCH_MB`` bounds what is held, whatever the run's size); None
+    for a one-symbol run (its metrics are the symbol's) or a run without any curve."""
     if len(job.symbols) < 2:
         return None
     config = BacktestConfig.model_validate(run.config)
-    curves = load_curves(session, job.id, with_trades=False)
-    return portfolio_metrics([(c.dates, c.equity) for c in curves], config.initial_cash, config.risk_free_rate)
+    total = PortfolioSum(config.initial_cash)
+    for batch in curve_batches(session, job.id, with_trades=False, with_benchmark=False):
+        total.add([(c.dates, c.equity) for c in batch])
+    if not total.sleeves:
+        return None
+    return sum_metrics(total.dates, total.total, total.sleeves, config.initial_cash, config.risk_free_rate)
 
 
 def run_validation_result(session: Session, job: Job, run: BacktestRun) -> dict[str, Any] | None:

@@ -9,14 +9,15 @@ finalization and artifacts.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import select
+from sqlalchemy import cast, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.types import Text
 
 from shared.domain import robustness as val
 from shared.domain.backtest import BacktestConfig
@@ -132,19 +133,88 @@ def unpack_values(raw: bytes) -> NDArray[np.float64]:
     return np.frombuffer(raw, dtype=_VALUES).astype(np.float64)
 
 
-def load_curves(session: Session, job_id: uuid.UUID, *, with_trades: bool = True) -> list[StoredCurve]:
-    """A run's stored curves, ordered by symbol (what artifacts and portfolio metrics read)."""
-    columns = [BacktestCurve.symbol, BacktestCurve.dates, BacktestCurve.equity, BacktestCurve.benchmark]
+IN_MEMORY_PER_STORED_BYTE = 4
+"""What a stored curve byte costs while a batch is read: twice that as the hex text of the bytea (a SELECT's), once
+as ``bytes``, then the arrays (int32 days become datetime64)."""
+
+CURVE_BATCH_BYTES = 64 * 2**20 // IN_MEMORY_PER_STORED_BYTE
+"""Stored bytes of the curves one statement of a run-wide read fetches (:func:`curve_batches`: a run's finalization
+and artifacts): ``ALPHAFORGE_RUN_BATCH_MB`` (:func:`configure`) divided by :data:`IN_MEMORY_PER_STORED_BYTE`."""
+
+
+def configure(run_batch_mb: int) -> None:
+    """This process's bound on what a run-wide read holds at once (``ALPHAFORGE_RUN_BATCH_MB``)."""
+    global CURVE_BATCH_BYTES
+    CURVE_BATCH_BYTES = max(1, run_batch_mb * 2**20 // IN_MEMORY_PER_STORED_BYTE)
+
+
+def run_batch_bytes() -> int:
+    """``ALPHAFORGE_RUN_BATCH_MB`` in bytes: what sizes a run-wide step's other buffers (equity.csv's rows at once)."""
+    return CURVE_BATCH_BYTES * IN_MEMORY_PER_STORED_BYTE
+
+
+def _batches(plan: Sequence[tuple[str, int]], budget: int) -> Iterator[list[str]]:
+    """The planned symbols in order, cut into runs of at most ``budget`` bytes (at least one symbol each)."""
+    batch: list[str] = []
+    size = 0
+    for symbol, cost in plan:
+        if batch and size + cost > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(symbol)
+        size += cost
+    if batch:
+        yield batch
+
+
+def curve_batches(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    with_trades: bool = True,
+    with_benchmark: bool = True,
+    symbol_order: bool = False,
+    batch_bytes: int | None = None,
+) -> Iterator[list[StoredCurve]]:
+    """A run's stored curves, a batch of at most ``batch_bytes`` stored bytes (default :data:`CURVE_BATCH_BYTES`)
+    a statement: what a run-wide step holds of them at once, whatever the run's size. In the database's ``ORDER BY
+    symbol`` (the order of the portfolio's sums), or with ``symbol_order`` in Python's order of the symbols (the
+    artifacts' files)."""
+    size = func.octet_length(BacktestCurve.dates) + func.octet_length(BacktestCurve.equity)
+    if with_benchmark:
+        size = size + func.coalesce(func.octet_length(BacktestCurve.benchmark), 0)
     if with_trades:
-        columns.append(BacktestCurve.trades)
-    rows = session.execute(select(*columns).where(BacktestCurve.job_id == job_id).order_by(BacktestCurve.symbol))
-    curves = []
-    for row in rows:
-        equity = unpack_values(row[2])
-        benchmark = unpack_values(row[3]) if row[3] is not None else None
-        trades = list(row[4]) if with_trades else []
-        curves.append(StoredCurve(row[0], unpack_dates(row[1], len(equity)), equity, benchmark, trades))
-    return curves
+        size = size + func.octet_length(cast(BacktestCurve.trades, Text))
+    plan = [(s, int(n)) for s, n in session.execute(
+        select(BacktestCurve.symbol, size).where(BacktestCurve.job_id == job_id).order_by(BacktestCurve.symbol)
+    )]  # fmt: skip
+    if symbol_order:
+        plan.sort()
+    columns: list[Any] = [BacktestCurve.symbol, BacktestCurve.dates, BacktestCurve.equity]
+    columns += [BacktestCurve.benchmark] if with_benchmark else []
+    columns += [BacktestCurve.trades] if with_trades else []
+    for batch in _batches(plan, CURVE_BATCH_BYTES if batch_bytes is None else batch_bytes):
+        rows = session.execute(
+            select(*columns).where(BacktestCurve.job_id == job_id, BacktestCurve.symbol.in_(batch))
+        ).all()
+        found = {row[0]: row for row in rows}
+        curves = []
+        for symbol in batch:
+            row = found.pop(symbol, None)
+            if row is None:
+                continue  # deleted since the plan (retention): not the run's any more
+            equity = unpack_values(row[2])
+            benchmark = unpack_values(row[3]) if with_benchmark and row[3] is not None else None
+            trades = list(row[-1]) if with_trades else []
+            curves.append(StoredCurve(symbol, unpack_dates(row[1], len(equity)), equity, benchmark, trades))
+        del rows, found
+        yield curves
+
+
+def load_curves(session: Session, job_id: uuid.UUID, *, with_trades: bool = True) -> list[StoredCurve]:
+    """A run's stored curves, ordered by symbol, all at once: for a run of a few symbols (a whole run's step reads
+    :func:`curve_batches`)."""
+    return [c for batch in curve_batches(session, job_id, with_trades=with_trades) for c in batch]
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
