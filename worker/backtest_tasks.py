@@ -27,7 +27,8 @@ def run_backtest_shard(self: Any, shard_id: int) -> str:
     outcome = run_shard_task(
         self, JobKind.BACKTEST.value, shard_id, lambda services: shard.run_shard(services.session_factory, shard_id,
                                                                                  events=services.events,
-                                                                                 limits=services.settings.sandbox),
+                                                                                 limits=services.settings.sandbox,
+                                                                                 batch_bars=services.settings.batch_bars),
         finalize=finalize.finalize_run,
     )  # fmt: skip
     # not reached when the shard is retried (retry raises)

@@ -197,5 +197,6 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
             limits=services.settings.sandbox,
             runner=run_script,
             events=services.events,
+            batch_bars=services.settings.batch_bars,
         ),
     )

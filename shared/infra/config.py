@@ -463,6 +463,12 @@ class Settings:
         "(`0`: none)",
         ge=0,
     )
+    batch_bars: int = setting(
+        "ALPHAFORGE_BATCH_BARS",
+        2_000_000,
+        "bars a shard reads and computes at a time (48 bytes each as columns, a few times that in the sandbox): with "
+        "the bar cache, what bounds a worker process's memory at any timeframe and universe size",
+    )
     bar_provider: str = setting(
         "ALPHAFORGE_BAR_PROVIDER",
         "store",

@@ -136,6 +136,29 @@ def _versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[
     return found
 
 
+def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: int) -> list[list[str]]:
+    """``symbols`` in order, cut into runs whose series (at ``timeframe``'s source) hold at most ``max_bars`` bars
+    together, at least one symbol each: what a shard reads and computes at a time (``ALPHAFORGE_BATCH_BARS``), so
+    that its memory does not grow with the bars' timeframe. A symbol without bars weighs nothing."""
+    provider = providers.current()
+    sizes: dict[str, int] = {}
+    for source in sources(timeframe):
+        missing = [s for s in symbols if s not in sizes]
+        if not missing:
+            break
+        sizes |= provider.sizes(conn, missing, source)
+    out: list[list[str]] = []
+    weight = 0
+    for symbol in symbols:
+        size = sizes.get(symbol, 0)
+        if not out or (size and weight and weight + size > max_bars):
+            out.append([])
+            weight = 0
+        out[-1].append(symbol)
+        weight += size
+    return out
+
+
 def data_stamp(conn: Connection, symbols: Sequence[str], timeframe: str = DEFAULT_TIMEFRAME) -> DataStamp:
     """The data a job over ``symbols`` is computed from, as of now (a submission stamps its job with it)."""
     versions = {symbol: version for symbol, (_, version) in _versions(conn, symbols, timeframe).items()}

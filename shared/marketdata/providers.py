@@ -2,7 +2,7 @@
 
 A provider serves *stored* timeframes (``series.TIMEFRAME_SECONDS``); resampling to coarser ones, corporate-action
 adjustment and the symbols' metadata are the read path's, the same whichever provider is configured
-(``ALPHAFORGE_BAR_PROVIDER``). Adding a vendor feed is one class with :class:`BarProvider`'s two methods.
+(``ALPHAFORGE_BAR_PROVIDER``). Adding a vendor feed is one class with :class:`BarProvider`'s three methods.
 
 * :class:`StoreProvider` (``store``, the default): the column store in PostgreSQL (shared/marketdata/store.py).
 * :class:`ParquetDirectoryProvider` (``parquet``): a directory read in place, no import:
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import pyarrow.parquet as pq
 from sqlalchemy import Connection
 
 from shared.marketdata import store
@@ -44,6 +45,10 @@ class BarProvider(Protocol):
         """The current data version of each of ``symbols`` that has bars at ``timeframe``."""
         ...
 
+    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
+        """How many bars each of ``symbols`` that has bars at ``timeframe`` has (what sizes a read's batches)."""
+        ...
+
 
 class StoreProvider:
     """The PostgreSQL column store, through this process's chunk cache."""
@@ -55,6 +60,9 @@ class StoreProvider:
 
     def versions(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
         return store.versions(conn, symbols, timeframe)
+
+    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
+        return store.sizes(conn, symbols, timeframe)
 
 
 class ProviderError(RuntimeError):
@@ -106,6 +114,19 @@ class ParquetDirectoryProvider:
     def versions(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
         keys = {symbol: self._key(symbol, timeframe) for symbol in symbols}
         return {symbol: key.version for symbol, key in keys.items() if key is not None}
+
+    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
+        out = {}
+        for symbol in symbols:
+            key = self._key(symbol, timeframe)
+            if key is not None:
+                suffix = Path(key.path).suffix
+                out[symbol] = (
+                    pq.read_metadata(key.path).num_rows
+                    if suffix == ".parquet"
+                    else len(self._columns(symbol, timeframe, key))
+                )
+        return out
 
     def read(
         self, conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None

@@ -256,6 +256,16 @@ def versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[s
         return dict(cursor.fetchall())
 
 
+def sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
+    """How many bars each of ``symbols`` that has bars at ``timeframe`` has."""
+    with _cursor(conn) as cursor:
+        cursor.execute(
+            "SELECT symbol, bars FROM bar_series WHERE timeframe = %s AND symbol = ANY(%s::varchar[])",
+            (timeframe, list(symbols)),
+        )
+        return dict(cursor.fetchall())
+
+
 def has_bars(
     conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
 ) -> bool:
@@ -319,12 +329,17 @@ JOIN bar_chunks c ON c.symbol = k.symbol AND c.timeframe = %(tf)s AND c.chunk_st
 
 
 def write_series(
-    cursor: PgCursor, timeframe: str, incoming: Mapping[str, Columns], on_written: OnWritten | None = None
+    cursor: PgCursor,
+    timeframe: str,
+    incoming: Mapping[str, Columns],
+    on_written: OnWritten | None = None,
+    version: int | None = None,
 ) -> WriteCounts:
     """Lay ``incoming`` (per symbol: sorted, no repeated ``ts``, symbols already in ``symbols``) over the stored
     series, in the caller's transaction, which must hold the bar-load lock: chunks that change are rewritten, and
-    every series that changed gets one new data version. Bars the store has and ``incoming`` lacks are kept.
-    ``on_written`` is told how many of ``incoming``'s bars each step has dealt with (a progress bar)."""
+    every series that changed gets one new data version (``version``, an earlier write's of the same import, or the
+    next of the sequence). Bars the store has and ``incoming`` lacks are kept. ``on_written`` is told how many of
+    ``incoming``'s bars each step has dealt with (a progress bar)."""
     pieces: dict[tuple[str, int], Columns] = {}
     for symbol, columns in incoming.items():
         for first_day, chunk in split_chunks(timeframe, columns):
@@ -333,7 +348,6 @@ def write_series(
         return WriteCounts(0, 0, 0, None)
     keys = list(pieces)
     inserted = updated = 0
-    version: int | None = None
     changed: set[str] = set()
     for lo in range(0, len(keys), _WRITE_BATCH):  # a batch of chunks at a time: memory bounded by the batch
         batch = keys[lo : lo + _WRITE_BATCH]
@@ -361,8 +375,8 @@ def write_series(
             execute_values(cursor, _UPSERT_CHUNKS, rewrites, template=_CHUNK_ROW, page_size=len(rewrites))
         if on_written:
             on_written(sum(len(pieces[key]) for key in batch))
-    if version is None:
-        return WriteCounts(0, 0, 0, None)
+    if not changed:
+        return WriteCounts(inserted, updated, 0, None)
     cursor.execute(_SUMMARISE_SERIES, {"tf": timeframe, "symbols": sorted(changed)})
     return WriteCounts(inserted, updated, len(changed), version)
 
@@ -419,24 +433,49 @@ def store_columns(
     on_written: OnWritten | None = None,
     exchange_tz: str | None = None,
 ) -> WriteCounts:
-    """In ``conn``'s transaction: take the bar-load lock, upsert ``symbols``' metadata, create unknown symbols, set
-    their exchange time zone (``exchange_tz``: an IANA name; None keeps it), lay ``incoming`` over the store
-    (:func:`write_series`) and keep their listing dates current."""
-    with _cursor(conn) as cursor:
-        lock_bar_loads(conn)
-        if symbols:
-            cursor.execute(
-                _UPSERT_SYMBOL_INFO,
-                ([i.symbol for i in symbols], [i.name for i in symbols], [i.is_synthetic for i in symbols]),
-            )
-        cursor.execute(_INSERT_MISSING_SYMBOLS, (sorted(incoming),))
-        if exchange_tz is not None:
-            cursor.execute(
-                "UPDATE symbols SET exchange_tz = %s WHERE symbol = ANY(%s::varchar[])", (exchange_tz, sorted(incoming))
-            )
-        counts = write_series(cursor, timeframe, incoming, on_written)
-    listings.refresh_listed_on(conn, sorted(incoming))
-    return counts
+    """In ``conn``'s transaction: :class:`BarLoad` of ``incoming`` in one write."""
+    load = BarLoad(conn, timeframe, exchange_tz=exchange_tz, on_written=on_written)
+    load.add(incoming, symbols=symbols)
+    return load.counts
+
+
+class BarLoad:
+    """One import written in several parts (a file at a time, so that it never holds all of its bars) in the
+    caller's transaction: the bar-load lock, taken by the first part, and one data version for all of them. Each
+    part creates its unknown symbols, sets their exchange time zone (``exchange_tz``: an IANA name; None keeps it),
+    lays its bars over the store (:func:`write_series`) and keeps the symbols' listing dates current."""
+
+    def __init__(
+        self, conn: Connection, timeframe: str, *, exchange_tz: str | None = None, on_written: OnWritten | None = None
+    ) -> None:
+        self.conn, self.timeframe, self.exchange_tz, self.on_written = conn, timeframe, exchange_tz, on_written
+        self.counts = WriteCounts(0, 0, 0, None)
+        self._locked = False
+
+    def add(self, incoming: Mapping[str, Columns], *, symbols: Sequence[SymbolInfo] = ()) -> None:
+        """Store a part: ``incoming``'s bars, after ``symbols``' metadata (upserted)."""
+        if not self._locked:
+            lock_bar_loads(self.conn)
+            self._locked = True
+        with _cursor(self.conn) as cursor:
+            if symbols:
+                cursor.execute(
+                    _UPSERT_SYMBOL_INFO,
+                    ([i.symbol for i in symbols], [i.name for i in symbols], [i.is_synthetic for i in symbols]),
+                )
+            cursor.execute(_INSERT_MISSING_SYMBOLS, (sorted(incoming),))
+            if self.exchange_tz is not None:
+                cursor.execute("UPDATE symbols SET exchange_tz = %s WHERE symbol = ANY(%s::varchar[])",
+                               (self.exchange_tz, sorted(incoming)))  # fmt: skip
+            part = write_series(cursor, self.timeframe, incoming, self.on_written, self.counts.version)
+        listings.refresh_listed_on(self.conn, sorted(incoming))
+        done = self.counts
+        self.counts = WriteCounts(
+            done.inserted + part.inserted,
+            done.updated + part.updated,
+            done.series + part.series,
+            done.version if done.version is not None else part.version,
+        )
 
 
 def columns_of(ts: Any, open: Any, high: Any, low: Any, close: Any, volume: Any) -> Columns:

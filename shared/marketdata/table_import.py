@@ -107,61 +107,76 @@ def import_path(
     exchange_tz: str | None = None,
     progress: bool | None = None,
 ) -> ImportReport:
-    """Validate every file of ``path`` (a CSV or Parquet file, or a folder of per-symbol files), then load all of
-    them in one transaction. Raises :class:`BarsImportError` naming every bad row of every file (nothing loaded).
-    A daily CSV file with a ``symbol`` column goes to the CSV importer (shared.marketdata.csv_import).
+    """Validate every file of ``path`` (a CSV or Parquet file, or a folder of per-symbol files) and load them in one
+    transaction. Raises :class:`BarsImportError` naming every bad row of every file (nothing loaded). A daily CSV
+    file with a ``symbol`` column goes to the CSV importer (shared.marketdata.csv_import).
+
+    The files are read one at a time and each is written as soon as it is found good (``store.BarLoad``: one
+    transaction, one data version): memory holds one file's bars, not the import's. After a bad file the rest are
+    still validated, so that every problem is named, and the transaction is rolled back.
 
     ``timeframe``: the bars' timeframe (default: daily for a ``date`` column, inferred for a ``timestamp`` one);
     ``tz``: the time zone of timestamps written without a UTC offset (default: ``exchange_tz``); ``exchange_tz``:
     the symbols' exchange time zone, set with their bars (sessions, local dates and resampling follow it);
-    ``progress``: a progress bar on standard error (default: when it is a terminal)."""
+    ``progress``: progress bars on standard error (default: when it is a terminal)."""
     tz = tz or exchange_tz
     header = _csv_header(path) if path.is_file() and path.suffix.lower() == ".csv" else set()
     if "symbol" in header and "date" in header and timeframe in (None, DEFAULT_TIMEFRAME):
-        return import_csv_file(
-            engine, path, exchange_tz=exchange_tz
-        )  # the CSV importer's own format: checked line by line, as before
+        return import_csv_file(engine, path, exchange_tz=exchange_tz)  # its own format, checked line by line
     started = time.perf_counter()
     files = per_symbol_files(path) if path.is_dir() else [path]
     problems: list[RowProblem] = []
-    total = 0
-    parts: list[FileBars] = []
+    total = rows = symbols = 0
+    where: dict[str, str] = {}  # each symbol's file: a symbol in two files is a problem (which one is right?)
+    first: FileBars | None = None  # the first good file: its timeframe is the import's
     show = sys.stderr.isatty() if progress is None else progress
-    for file in tqdm(files, desc="reading", unit="file", disable=not show or len(files) < 2, file=sys.stderr):
-        try:
-            parts.append(read_file(file, timeframe=timeframe, tz=tz))
-        except BarsImportError as exc:
-            problems.extend(exc.problems)
-            total += exc.total_problems
-    timeframes = sorted({p.timeframe for p in parts})
-    if len(timeframes) > 1:
-        first = {tf: next(p.source for p in parts if p.timeframe == tf) for tf in timeframes}
-        shown = ", ".join(f"{tf} ({source})" for tf, source in first.items())
-        problems.append(RowProblem(0, None, f"files of one import must hold one timeframe, these hold {shown}; give "
-                                   "--timeframe or import them apart", source=str(path), unit="file"))  # fmt: skip
-        total += 1
-    merged, repeated = _merge(parts)
-    problems.extend(repeated)
-    total += len(repeated)
-    if total:
-        problems.sort(key=lambda p: (p.source or "", p.line))
-        raise BarsImportError(str(path), problems[:MAX_KEPT_PROBLEMS], total_problems=total)
-    rows = sum(p.rows for p in parts)
-    bars = sum(len(c) for c in merged.values())
-    with tqdm(total=bars, desc="writing", unit="bar", unit_scale=True, disable=not show, file=sys.stderr) as bar:
-        counts = (
-            store.import_columns(engine, timeframes[0], merged, on_written=bar.update, exchange_tz=exchange_tz)
-            if merged
-            else None
-        )
+    with engine.begin() as conn, tqdm(files, desc="importing", unit="file", disable=not show, file=sys.stderr) as bar:
+        load: store.BarLoad | None = None
+        for file in bar:
+            try:
+                part = read_file(file, timeframe=timeframe, tz=tz)
+            except BarsImportError as exc:
+                problems.extend(exc.problems)
+                total += exc.total_problems
+                continue
+            first = first or part
+            found = _conflicts(part, first, where)
+            problems.extend(found)
+            total += len(found)
+            rows += part.rows
+            symbols += len(part.columns)
+            if not total and part.columns:
+                load = load or store.BarLoad(conn, part.timeframe, exchange_tz=exchange_tz)
+                load.add(part.columns)
+        if total:
+            problems.sort(key=lambda p: (p.source or "", p.line))
+            raise BarsImportError(str(path), problems[:MAX_KEPT_PROBLEMS], total_problems=total)  # rolls back
+        counts = load.counts if load else None
     return ImportReport(
         source_name=str(path),
         rows=rows,
-        symbols=len(merged),
+        symbols=symbols,
         inserted=counts.inserted if counts else 0,
         updated=counts.updated if counts else 0,
         seconds=time.perf_counter() - started,
     )
+
+
+def _conflicts(part: FileBars, first: FileBars, where: dict[str, str]) -> list[RowProblem]:
+    """A file's problems with the files before it: another timeframe than the first file's, or a symbol another
+    file holds (``where`` learns the file's symbols)."""
+    found = []
+    if part.timeframe != first.timeframe:
+        found.append(RowProblem(0, None, f"holds {part.timeframe} bars, and {first.source} {first.timeframe} ones: "
+                                "one import holds one timeframe (give --timeframe, or import them apart)",
+                                source=part.source, unit="file"))  # fmt: skip
+    for symbol in part.columns:
+        if symbol in where:
+            found.append(RowProblem(0, "symbol", f"{symbol} is also in {where[symbol]}", source=part.source,
+                                    unit="file"))  # fmt: skip
+        else:
+            where[symbol] = part.source
+    return found
 
 
 def _csv_header(file: Path) -> set[str]:
@@ -469,18 +484,3 @@ def _iso(ts: int) -> str:
 
 def _utc(ts: int) -> str:
     return str(np.datetime64(int(ts), "s"))
-
-
-def _merge(parts: list[FileBars]) -> tuple[dict[str, Columns], list[RowProblem]]:
-    """The files' bars as one import; a symbol in two files is a problem (which file is right?)."""
-    merged: dict[str, Columns] = {}
-    where: dict[str, str] = {}
-    problems = []
-    for part in parts:
-        for symbol, columns in part.columns.items():
-            if symbol in merged:
-                problems.append(RowProblem(0, "symbol", f"{symbol} is also in {where[symbol]}", source=part.source,
-                                           unit="file"))  # fmt: skip
-                continue
-            merged[symbol], where[symbol] = columns, part.source
-    return merged, problems

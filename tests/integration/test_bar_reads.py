@@ -156,3 +156,26 @@ def test_the_parquet_directory_provider_reads_in_place_what_the_store_holds(clea
             providers.configure("store")
     assert from_files.ts.tobytes() == from_store.ts.tobytes() and len(from_files) == 7
     assert all(getattr(from_files, k).tobytes() == getattr(from_store, k).tobytes() for k in ("open", "close"))
+
+
+def test_a_shard_reads_its_bars_in_batches_of_bounded_bars(clean_db: Engine) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    from shared.jobs.pipeline import bar_batches
+    from shared.marketdata.bars import batches
+
+    store.import_columns(clean_db, "1m", {"M1": _minutes(1, seed=4), "M2": _minutes(2, seed=5)})
+    seed_bars(clean_db, ["D1", "D2", "D3"], days=100)
+    symbols = ["M1", "D1", "M2", "NONE", "D2", "D3"]
+    with clean_db.connect() as conn:
+        assert batches(conn, symbols, "1m", max_bars=500) == [["M1", "D1"], ["M2", "NONE", "D2", "D3"]]
+        # at 1d the minute symbols weigh their minutes (their daily bars are resampled from them)
+        assert batches(conn, symbols, "1d", max_bars=150) == [["M1"], ["D1"], ["M2", "NONE"], ["D2"], ["D3"]]
+        assert batches(conn, symbols, "1d", max_bars=10**6) == [symbols]
+        whole = load_bars(conn, symbols, None, None, timeframe="1h")
+    read = list(bar_batches(sessionmaker(clean_db), symbols, None, None, timeframe="1h", adjustment="none",
+                            max_bars=400))  # fmt: skip
+    assert [group for group, _ in read] == [["M1", "D1"], ["M2", "NONE", "D2", "D3"]]
+    got = {s: b for _, bars in read for s, b in bars.items()}
+    assert got.keys() == whole.keys() == {"M1", "M2"}  # daily symbols have no hourly (or finer) bars
+    assert all(got[s].close.tobytes() == whole[s].close.tobytes() for s in got)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,27 +174,31 @@ def run_script_strategy(
     config: BacktestConfig,
     limits: SandboxLimits,
     events: JobEvents | None = None,
+    batch_bars: int = 2_000_000,
 ) -> bool:
     job = started.job
     with factory() as session:
         code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job.id))
-        bars = load_bars(
-            session.connection(),
-            started.symbols,
-            config.start_date,
-            config.end_date,
-            timeframe=config.timeframe,
-            adjustment=config.adjustment,
-        )
     if code is None:
         raise RuntimeError(f"run {job.id} has a script strategy but no code")
-    done = script_symbol_runs(started.symbols, bars, config, code, limits)
+    done: list[SymbolRun] = []
+    versions: dict[str, int] = {}
+    for group, bars in _bar_batches(factory, started.symbols, config, batch_bars):
+        done += script_symbol_runs(group, bars, config, code, limits)
+        versions |= {s: b.version for s, b in bars.items()}
     # Recorded before the results, in a transaction of their own, as a calculation shard does.
     record(factory, [(r.outcome.symbol, i) for r in done for i in r.outcome.incidents], job_id=job.id,
            owner_id=job.owner_id)  # fmt: skip
     _store_curves(factory, job.id, done)
-    outcomes = jobs.read_at([r.outcome for r in done], bars)
+    outcomes = jobs.read_at([r.outcome for r in done], versions)
     return jobs.complete_shard(factory, started.shard_id, outcomes, events=events, finalize=finalize_run)
+
+
+def _bar_batches(
+    factory: sessionmaker[Session], symbols: Sequence[str], config: BacktestConfig, batch_bars: int
+) -> Iterator[tuple[list[str], dict[str, SymbolBars]]]:
+    return jobs.bar_batches(factory, symbols, config.start_date, config.end_date, timeframe=config.timeframe,
+                            adjustment=config.adjustment, max_bars=batch_bars)  # fmt: skip
 
 
 def run_shard(
@@ -203,6 +207,7 @@ def run_shard(
     *,
     events: JobEvents | None = None,
     limits: SandboxLimits | None = None,
+    batch_bars: int = 2_000_000,
 ) -> bool | None:
     """Run one shard of a backtest run. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored.
@@ -219,28 +224,25 @@ def run_shard(
     with factory() as session:
         config = run_config(session, job.id)
     if config.strategy.name == "script":
-        return run_script_strategy(factory, started, config, limits or SandboxLimits(), events)
-    with factory() as session:
-        bars = load_bars(
-            session.connection(),
-            started.symbols,
-            config.start_date,
-            config.end_date,
-            timeframe=config.timeframe,
-            adjustment=config.adjustment,
-        )
+        return run_script_strategy(factory, started, config, limits or SandboxLimits(), events, batch_bars)
     done: list[SymbolRun] = []
+    versions: dict[str, int] = {}
     last_check = time.monotonic()
-    for symbol in started.symbols:
-        if time.monotonic() - last_check >= CANCEL_CHECK_INTERVAL_S:
-            last_check = time.monotonic()
-            if not job_is_active(factory, job.id):
-                log.info("backtest shard %s: run %s no longer active, stopping after %s symbols", shard_id,
-                         job.id, len(done))  # fmt: skip
-                break
-        done.append(backtest_symbol(symbol, bars.get(symbol), config))
+    for group, bars in _bar_batches(factory, started.symbols, config, batch_bars):
+        versions |= {s: b.version for s, b in bars.items()}
+        for symbol in group:
+            if time.monotonic() - last_check >= CANCEL_CHECK_INTERVAL_S:
+                last_check = time.monotonic()
+                if not job_is_active(factory, job.id):
+                    log.info("backtest shard %s: run %s no longer active, stopping after %s symbols", shard_id,
+                             job.id, len(done))  # fmt: skip
+                    break
+            done.append(backtest_symbol(symbol, bars.get(symbol), config))
+        else:
+            continue
+        break  # cancelled
     _store_curves(factory, job.id, done)
-    outcomes = jobs.read_at([r.outcome for r in done], bars)
+    outcomes = jobs.read_at([r.outcome for r in done], versions)
     return jobs.complete_shard(factory, shard_id, outcomes, events=events, finalize=finalize_run)
 
 

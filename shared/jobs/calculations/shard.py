@@ -1,4 +1,5 @@
-"""One calculation shard: its symbols' bars loaded in one query, the script run over each in the sandbox
+"""One calculation shard: its symbols' bars loaded a batch at a time (``ALPHAFORGE_BATCH_BARS`` bars: a shard of
+intraday series holds no more than one of daily bars), the script run over each in the sandbox
 (shared/sandbox/runner.py), one outcome per symbol for the pipeline to store. A calculation needs no finalize
 step: the pipeline's last shard ends the job, and views read its result rows."""
 
@@ -16,7 +17,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, Symbol
 from shared.infra.security import record
 from shared.jobs import pipeline as jobs
-from shared.marketdata.bars import SymbolBars, load_bars
+from shared.marketdata.bars import SymbolBars
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def run_shard(
     limits: SandboxLimits,
     runner: ScriptRunner,
     events: JobEvents | None = None,
+    batch_bars: int = 2_000_000,
 ) -> bool | None:
     """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored."""
@@ -50,21 +52,20 @@ def run_shard(
         log.info("shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
         return None
     job = started.job
+    computed: dict[str, jobs.Outcome] = {}
+    versions: dict[str, int] = {}  # the data version each symbol's outcome was computed from
+    batches = jobs.bar_batches(factory, started.symbols, job.start_date, job.end_date, timeframe=job.timeframe,
+                               adjustment=job.adjustment, max_bars=batch_bars)  # fmt: skip
+    for group, bars in batches:
+        present = [bars[s] for s in group if s in bars]
+        computed |= {o.symbol: o for o in runner(job.script, job.params, present, limits)}
+        versions |= {s: b.version for s, b in bars.items()}
+        del bars, present
+    missing = [s for s in started.symbols if s not in computed]
     with factory() as session:
-        bars = load_bars(
-            session.connection(),
-            started.symbols,
-            job.start_date,
-            job.end_date,
-            timeframe=job.timeframe,
-            adjustment=job.adjustment,
-        )
-        missing = [s for s in started.symbols if s not in bars]
         known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(missing)))) if missing else set()
-    present = [bars[s] for s in started.symbols if s in bars]
-    computed = {o.symbol: o for o in runner(job.script, job.params, present, limits)}
     outcomes = [computed[s] if s in computed else _missing_outcome(s, known, job) for s in started.symbols]
-    outcomes = jobs.read_at(outcomes, bars)
+    outcomes = jobs.read_at(outcomes, versions)
     # Recorded before the results, in a transaction of their own: a rejection happened whether or not
     # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
     record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)
