@@ -1,9 +1,11 @@
-"""Data previews: ``GET /api/candles`` (a symbol's daily bars) and ``GET /api/features`` (an indicator over them).
+"""Data previews: ``GET /api/candles`` (a symbol's bars at a timeframe, adjusted) and ``GET /api/features`` (an
+indicator over them).
 
-Both are paged by date (``cursor`` is the last date of the previous page) and validated: an unknown symbol, an
-inverted date range, an unknown indicator or a parameter it does not take is a 422 naming the field. Indicators
-are computed over the symbol's whole history and then cut to the range, so a page's first values are as warm as
-in a backtest (the same NumPy core as the scripts' ``ta`` module).
+Both read through ``load_bars`` (``timeframe``, ``adjustment``: a calculation's defaults), are paged by bar (``cursor``
+is the last bar's ``ts`` of the previous page) and validated: an unknown symbol, an inverted date range, an unknown
+timeframe or indicator, or a parameter it does not take is a 422 naming the field. Indicators are computed over the
+symbol's whole history and then cut to the range, so a page's first values are as warm as in a backtest (the same
+NumPy core as the scripts' ``ta`` module).
 """
 
 from __future__ import annotations

@@ -126,12 +126,22 @@ def copy_out(cursor: Any, sql: str) -> io.BytesIO:
     callback's deadline (the server's own timeouts still apply), which a worker's lease heartbeat can afford (a
     missed renewal is a retry elsewhere) and an API request thread should not.
     """
-    conn = cursor.connection
     out = io.BytesIO()
+    _copy_expert(cursor, sql, out)
+    return out
+
+
+def copy_in(cursor: Any, sql: str, data: bytes) -> None:
+    """``COPY ... FROM STDIN`` of ``data``, bounded as :func:`copy_out` is (the same swap of the wait callback)."""
+    _copy_expert(cursor, sql, io.BytesIO(data))
+
+
+def _copy_expert(cursor: Any, sql: str, stream: io.BytesIO) -> None:
+    conn = cursor.connection
     callback = psycopg2.extensions.get_wait_callback()
     if callback is None:
-        cursor.copy_expert(sql, out)
-        return out
+        cursor.copy_expert(sql, stream)
+        return
     limit = conn.statement_s + DEADLINE_MARGIN_S if isinstance(conn, _BoundedConnection) else None
     with _copy_lock:
         psycopg2.extensions.set_wait_callback(None)
@@ -140,12 +150,11 @@ def copy_out(cursor: Any, sql: str) -> io.BytesIO:
             watchdog.daemon = True
             watchdog.start()
         try:
-            cursor.copy_expert(sql, out)
+            cursor.copy_expert(sql, stream)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
             psycopg2.extensions.set_wait_callback(callback)
-    return out
 
 
 def _shut_down(conn: Any) -> None:

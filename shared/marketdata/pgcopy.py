@@ -1,5 +1,7 @@
-"""PostgreSQL's binary COPY output, parsed: bytea columns come as raw bytes (a plain SELECT sends them hex-encoded,
-twice the size, decoded byte by byte), a few fields a row, read with ``struct``.
+"""PostgreSQL's binary COPY format, both ways. Its output, parsed: bytea columns come as raw bytes (a plain SELECT
+sends them hex-encoded, twice the size, decoded byte by byte), a few fields a row, read with ``struct``; and rows
+encoded as its input (what ``COPY ... FROM STDIN`` takes: bytea as it is, where an INSERT's text escapes every
+byte).
 
 Field types are named by one letter: ``t`` text (UTF-8), ``i`` int4, ``q`` int8, ``b`` bytea (``bytes`` of its own: a
 view of the stream would keep all of it alive as long as any one value is, e.g. in a cache).
@@ -54,3 +56,30 @@ def decode(data: memoryview, fields: str) -> list[tuple[Any, ...]]:
                 raise ValueError(f"unknown field type {kind!r}")
             pos += length
         rows.append(tuple(row))
+
+
+def encode(rows: list[tuple[Any, ...]], fields: str) -> bytes:
+    """Binary COPY input of ``rows``, each of the types ``fields`` names (None: NULL)."""
+    parts = [_SIGNATURE, b"\x00\x00\x00\x00\x00\x00\x00\x00"]
+    count = _INT2.pack(len(fields))
+    null = _INT4.pack(-1)
+    for row in rows:
+        parts.append(count)
+        for kind, value in zip(fields, row, strict=True):
+            if value is None:
+                parts.append(null)
+                continue
+            if kind == "b":
+                raw = bytes(value) if not isinstance(value, bytes) else value
+            elif kind == "t":
+                raw = value.encode("utf-8")
+            elif kind == "i":
+                raw = _INT4.pack(value)
+            elif kind == "q":
+                raw = _INT8.pack(value)
+            else:
+                raise ValueError(f"unknown field type {kind!r}")
+            parts.append(_INT4.pack(len(raw)))
+            parts.append(raw)
+    parts.append(_INT2.pack(-1))
+    return b"".join(parts)

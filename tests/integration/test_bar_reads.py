@@ -179,3 +179,23 @@ def test_a_shard_reads_its_bars_in_batches_of_bounded_bars(clean_db: Engine) -> 
     got = {s: b for _, bars in read for s, b in bars.items()}
     assert got.keys() == whole.keys() == {"M1", "M2"}  # daily symbols have no hourly (or finer) bars
     assert all(got[s].close.tobytes() == whole[s].close.tobytes() for s in got)
+
+
+def test_candles_preview_pages_intraday_and_resampled_bars(clean_db: Engine, client: FlaskClient) -> None:
+    minutes = _minutes(3, seed=6)
+    store.import_columns(clean_db, "1m", {"PRV": minutes})
+    hourly = resample(minutes, "1m", "1h", ZONE)
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        url = "/api/candles?symbol=PRV&timeframe=1h&adjustment=none&limit=5&start=2024-03-05"
+        page = client.get(url + (f"&cursor={cursor}" if cursor else "")).get_json()
+        seen += page["candles"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    expected = hourly.between(int(dt.datetime(2024, 3, 5, 5, tzinfo=dt.UTC).timestamp()), None)
+    assert [c["close"] for c in seen] == expected.close.tolist() and len(seen) == 14  # two sessions of 7 buckets
+    assert seen[0]["date"] == "2024-03-05T14:00:00Z"  # 09:30 New York falls in the 09:00 bucket
+    bad = client.get("/api/candles?symbol=PRV&timeframe=2h")
+    assert bad.status_code == 422 and "timeframe" in bad.get_json()["error"]["message"]

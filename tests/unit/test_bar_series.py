@@ -184,3 +184,9 @@ def test_binary_copy_of_other_shapes_is_refused() -> None:
         pgcopy.decode(memoryview(b"symbol,date\n"), "t")
     with pytest.raises(pgcopy.CopyFormatError, match="a row of 1 fields, expected 2"):
         pgcopy.decode(_copy_stream([[b"A"]]), "tq")
+
+
+def test_binary_copy_rows_encode_and_decode_back_exactly() -> None:
+    rows = [("AAPL", "1d", -3, 2**31 - 1, -(2**63), 2**63 - 1, bytes(range(256))), ("É", "", 0, 0, 0, 0, b""),
+            ("N", None, None, 1, 2, 3, None)]  # fmt: skip
+    assert pgcopy.decode(memoryview(pgcopy.encode(rows, "ttiiqqb")), "ttiiqqb") == rows
