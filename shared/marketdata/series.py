@@ -72,7 +72,8 @@ class Columns:
 
 def pack(columns: Columns) -> bytes:
     """The stored bytes of a chunk (see the module's docstring)."""
-    return columns.ts.astype(_I8, copy=False).tobytes() + columns.values().astype(_F8, copy=False).tobytes()
+    values = (getattr(columns, name).astype(_F8, copy=False).tobytes() for name in COLUMNS)
+    return b"".join([columns.ts.astype(_I8, copy=False).tobytes(), *values])
 
 
 def unpack(data: bytes | memoryview, n: int) -> Columns:
