@@ -416,6 +416,12 @@ class Settings:
         250_000,
         "a run's validation, in backtests (draws x symbols + each task's baseline)",
     )
+    max_validation_bars: int = setting(
+        "ALPHAFORGE_MAX_VALIDATION_BARS",
+        20_000_000,
+        "bars of a run's symbols its validation may hold at once (permutation, bootstrap and Monte Carlo tasks work "
+        "on the whole portfolio; ~50 bytes a bar): a bigger run's validation is a 422, not a worker out of memory",
+    )
     max_validation_task_backtests: int = setting(
         "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS",
         50_000,

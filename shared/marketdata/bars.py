@@ -136,10 +136,9 @@ def _versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[
     return found
 
 
-def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: int) -> list[list[str]]:
-    """``symbols`` in order, cut into runs whose series (at ``timeframe``'s source) hold at most ``max_bars`` bars
-    together, at least one symbol each: what a shard reads and computes at a time (``ALPHAFORGE_BATCH_BARS``), so
-    that its memory does not grow with the bars' timeframe. A symbol without bars weighs nothing."""
+def series_sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
+    """The bars of each symbol's series that serves ``timeframe`` (its source's, before resampling; symbols without
+    one absent)."""
     provider = providers.current()
     sizes: dict[str, int] = {}
     for source in sources(timeframe):
@@ -147,6 +146,14 @@ def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: 
         if not missing:
             break
         sizes |= provider.sizes(conn, missing, source)
+    return sizes
+
+
+def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: int) -> list[list[str]]:
+    """``symbols`` in order, cut into runs whose series (at ``timeframe``'s source) hold at most ``max_bars`` bars
+    together, at least one symbol each: what a shard reads and computes at a time (``ALPHAFORGE_BATCH_BARS``), so
+    that its memory does not grow with the bars' timeframe. A symbol without bars weighs nothing."""
+    sizes = series_sizes(conn, symbols, timeframe)
     out: list[list[str]] = []
     weight = 0
     for symbol in symbols:

@@ -23,7 +23,7 @@ from shared.infra.models import BacktestRun, Job, JobKind, Symbol
 from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.read import find_run
 from shared.jobs.calculations import symbols_sha256
-from shared.marketdata.bars import data_stamp, has_bars
+from shared.marketdata.bars import data_stamp, has_bars, series_sizes
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,20 @@ class ValidationLimits:
     max_backtests: int  # the whole validation, in backtests (Task.work summed)
     max_task_backtests: int  # one task (keeps a task well inside the Celery time limit)
     max_script_backtests: int = 20_000  # a script strategy's permutation test: draws x symbols through the sandbox
+    max_bars: int = 20_000_000  # what a task over the whole portfolio holds: every symbol's bars (~50 bytes each)
+
+
+def check_validation_bars(session: Session, config: BacktestConfig, max_bars: int) -> None:
+    """A validation task over the whole portfolio holds every symbol's bars at once: series of more than ``max_bars``
+    bars together (``ALPHAFORGE_MAX_VALIDATION_BARS``; whole series, an upper bound of a date range's) are a 422 on
+    ``validation``, not a worker out of memory."""
+    held = sum(series_sizes(session.connection(), config.symbols, config.timeframe).values())
+    if held > max_bars:
+        raise ValidationFailed.for_field(
+            "validation",
+            f"validating this portfolio holds its series' {held:,} bars at once, more than {max_bars:,} "
+            "(ALPHAFORGE_MAX_VALIDATION_BARS): validate fewer symbols, a shorter range or a coarser timeframe",
+        )
 
 
 def check_validation(config: BacktestConfig, spec: val.ValidationSpec, limits: ValidationLimits) -> list[val.Task]:
@@ -136,6 +150,8 @@ def submit_run(
 
     with factory() as session:
         stamp = data_stamp(session.connection(), config.symbols, config.timeframe)
+        if spec is not None and validation_limits and any(val.task_positions(t, spec) is None for t in tasks):
+            check_validation_bars(session, config, validation_limits.max_bars)
 
     def build(session: Session) -> tuple[Job, BacktestRun]:
         check_symbols(session, config)
