@@ -174,6 +174,7 @@ def create_optimization() -> Response:
             settings.optimization_slice_backtests,
             max_script_combos=settings.max_script_combos,
             script_slice_combos=settings.script_optimization_slice_combos,
+            max_bars=settings.max_portfolio_bars,
         ),
         enqueue=shard_enqueuer(svc.celery, TASK_RUN_OPTIMIZATION_SHARD),
         max_active_per_owner=settings.rate_limits.max_active_jobs,

@@ -287,7 +287,7 @@ def create_run() -> Response:
             settings.max_validation_backtests,
             settings.max_validation_task_backtests,
             settings.max_script_validation_backtests,
-            settings.max_validation_bars,
+            settings.max_portfolio_bars,
         ),
     )
     job = submitted.job

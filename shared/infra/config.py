@@ -416,11 +416,12 @@ class Settings:
         250_000,
         "a run's validation, in backtests (draws x symbols + each task's baseline)",
     )
-    max_validation_bars: int = setting(
-        "ALPHAFORGE_MAX_VALIDATION_BARS",
+    max_portfolio_bars: int = setting(
+        "ALPHAFORGE_MAX_PORTFOLIO_BARS",
         20_000_000,
-        "bars of a run's symbols its validation may hold at once (permutation, bootstrap and Monte Carlo tasks work "
-        "on the whole portfolio; ~50 bytes a bar): a bigger run's validation is a 422, not a worker out of memory",
+        "bars of a job's symbols that a task needing all of them holds at once (a run's permutation, bootstrap or "
+        "Monte Carlo validation; an optimisation's slices; ~50 bytes a bar): beyond it such a job is a 422, not a "
+        "worker out of memory",
     )
     max_validation_task_backtests: int = setting(
         "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS",

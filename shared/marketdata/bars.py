@@ -136,6 +136,9 @@ def _versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[
     return found
 
 
+DEFAULT_BATCH_BARS = 2_000_000  # ALPHAFORGE_BATCH_BARS
+
+
 def series_sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
     """The bars of each symbol's series that serves ``timeframe`` (its source's, before resampling; symbols without
     one absent)."""

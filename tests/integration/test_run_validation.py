@@ -322,7 +322,7 @@ def test_cancel_during_validation_keeps_the_draws_made(
 @pytest.fixture(scope="module")
 def bounded_app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings.with_overrides(max_validation_backtests=1000, max_validation_task_backtests=200,
-                                             max_validation_bars=150))  # fmt: skip
+                                             max_portfolio_bars=150))  # fmt: skip
     yield app
     app.extensions["alphaforge"].engine.dispose()
 
@@ -369,14 +369,20 @@ def test_a_bounded_validation_within_the_limits_is_accepted(bounded_app: Flask, 
 def test_a_validation_holding_more_bars_than_the_bound_is_422(
     bounded_app: Flask, user: ApiUser, engine: Engine
 ) -> None:
-    """2 symbols x 60 bars pass the bound of 150 (above); 3 do not."""
+    """2 symbols x 60 bars pass the bound of 150 (above); 3 do not, for a run's validation over the portfolio as for
+    an optimisation (its slices hold every symbol's bars)."""
     seed_bars(engine, ["BIG0", "BIG1", "BIG2"], days=60)
     client = authed_client(bounded_app, user)
     response = client.post(RUNS, json=body_for(["BIG0", "BIG1", "BIG2"], validation={"permutation": {"n": 10}}))
     assert response.status_code == 422, response.get_json()
     error = response.get_json()["error"]
     assert [e["field"] for e in error["details"]["errors"]] == ["validation"]
-    assert "180 bars" in error["message"] and "ALPHAFORGE_MAX_VALIDATION_BARS" in error["message"]
+    assert "180 bars" in error["message"] and "ALPHAFORGE_MAX_PORTFOLIO_BARS" in error["message"]
+    optimisation = client.post("/api/optimizations", json={
+        "symbols": ["BIG0", "BIG1", "BIG2"], "strategy": "dual_sma", "parameters": {"fast": [2, 3], "slow": [8]},
+    })  # fmt: skip
+    assert optimisation.status_code == 422, optimisation.get_json()
+    assert [e["field"] for e in optimisation.get_json()["error"]["details"]["errors"]] == ["symbols"]
     with engine.connect() as conn:
         assert conn.scalar(select(Job.id)) is None  # nothing written
 

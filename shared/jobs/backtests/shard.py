@@ -32,7 +32,7 @@ from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.finalize import finalize_run, finite
 from shared.jobs.backtests.read import job_is_active, pack_dates, pack_values, run_config, run_validation_spec
 from shared.library import strategy_scripts
-from shared.marketdata.bars import SymbolBars, load_bars
+from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, load_bars
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def run_script_strategy(
     config: BacktestConfig,
     limits: SandboxLimits,
     events: JobEvents | None = None,
-    batch_bars: int = 2_000_000,
+    batch_bars: int = DEFAULT_BATCH_BARS,
 ) -> bool:
     job = started.job
     with factory() as session:
@@ -207,7 +207,7 @@ def run_shard(
     *,
     events: JobEvents | None = None,
     limits: SandboxLimits | None = None,
-    batch_bars: int = 2_000_000,
+    batch_bars: int = DEFAULT_BATCH_BARS,
 ) -> bool | None:
     """Run one shard of a backtest run. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored.

@@ -59,16 +59,16 @@ class ValidationLimits:
     max_bars: int = 20_000_000  # what a task over the whole portfolio holds: every symbol's bars (~50 bytes each)
 
 
-def check_validation_bars(session: Session, config: BacktestConfig, max_bars: int) -> None:
-    """A validation task over the whole portfolio holds every symbol's bars at once: series of more than ``max_bars``
-    bars together (``ALPHAFORGE_MAX_VALIDATION_BARS``; whole series, an upper bound of a date range's) are a 422 on
-    ``validation``, not a worker out of memory."""
+def check_portfolio_bars(session: Session, config: BacktestConfig, max_bars: int, field: str, what: str) -> None:
+    """A task that needs every symbol of a job holds all their bars at once: series of more than ``max_bars`` bars
+    together (``ALPHAFORGE_MAX_PORTFOLIO_BARS``; whole series, an upper bound of a date range's) are a 422 on
+    ``field``, not a worker out of memory."""
     held = sum(series_sizes(session.connection(), config.symbols, config.timeframe).values())
     if held > max_bars:
         raise ValidationFailed.for_field(
-            "validation",
-            f"validating this portfolio holds its series' {held:,} bars at once, more than {max_bars:,} "
-            "(ALPHAFORGE_MAX_VALIDATION_BARS): validate fewer symbols, a shorter range or a coarser timeframe",
+            field,
+            f"{what} holds its symbols' {held:,} bars at once, more than {max_bars:,} "
+            "(ALPHAFORGE_MAX_PORTFOLIO_BARS): take fewer symbols, a shorter range or a coarser timeframe",
         )
 
 
@@ -151,7 +151,7 @@ def submit_run(
     with factory() as session:
         stamp = data_stamp(session.connection(), config.symbols, config.timeframe)
         if spec is not None and validation_limits and any(val.task_positions(t, spec) is None for t in tasks):
-            check_validation_bars(session, config, validation_limits.max_bars)
+            check_portfolio_bars(session, config, validation_limits.max_bars, "validation", "validating this portfolio")
 
     def build(session: Session) -> tuple[Job, BacktestRun]:
         check_symbols(session, config)

@@ -17,7 +17,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, Symbol
 from shared.infra.security import record
 from shared.jobs import pipeline as jobs
-from shared.marketdata.bars import SymbolBars
+from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def run_shard(
     limits: SandboxLimits,
     runner: ScriptRunner,
     events: JobEvents | None = None,
-    batch_bars: int = 2_000_000,
+    batch_bars: int = DEFAULT_BATCH_BARS,
 ) -> bool | None:
     """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored."""

@@ -58,6 +58,7 @@ class Limits:
     slice_backtests: int  # ALPHAFORGE_OPTIMIZATION_SLICE
     max_script_combos: int = MAX_SCRIPT_COMBOS  # ALPHAFORGE_MAX_SCRIPT_COMBOS: a sandbox run per combo
     script_slice_combos: int = SCRIPT_SLICE_COMBOS  # ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE: combos per script slice
+    max_bars: int = 20_000_000  # ALPHAFORGE_MAX_PORTFOLIO_BARS: a slice holds every symbol's bars
 
 
 @dataclass(frozen=True)

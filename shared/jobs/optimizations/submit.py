@@ -24,20 +24,16 @@ from shared.jobs.calculations import symbols_sha256
 from shared.jobs.optimizations import read
 from shared.jobs.optimizations.spec import Limits, OptimizationRequest, check
 from shared.library import strategy_scripts
-from shared.marketdata.bars import data_stamp, load_bars
+from shared.marketdata.bars import DEFAULT_BATCH_BARS, batches, data_stamp, load_bars
 
 
 def _calendar(session: Session, config: BacktestConfig) -> list[dt.date]:
-    """Every date on which one of the config's symbols has a bar in its range."""
-    bars = load_bars(
-        session.connection(),
-        config.symbols,
-        config.start_date,
-        config.end_date,
-        timeframe=config.timeframe,
-        adjustment=config.adjustment,
-    )
-    days = np.unique(np.concatenate([b.days for b in bars.values()])) if bars else np.empty(0, "datetime64[D]")
+    """Every date on which one of the config's symbols has a bar in its range (read a batch at a time)."""
+    conn = session.connection()
+    days = np.empty(0, "datetime64[D]")
+    for group in batches(conn, config.symbols, config.timeframe, DEFAULT_BATCH_BARS):
+        bars = load_bars(conn, group, config.start_date, config.end_date, timeframe=config.timeframe)
+        days = np.unique(np.concatenate([days, *(b.days for b in bars.values())]))
     return days.astype(dt.date).tolist()
 
 
@@ -78,6 +74,7 @@ def submit(
         config = spec.config
         windows: list[WindowDates] | None = None
         runs.check_symbols(session, config)
+        runs.check_portfolio_bars(session, config, limits.max_bars, "symbols", "an optimisation")
         if spec.walk_forward is not None:
             calendar = _calendar(session, config)
             windows = window_dates(calendar, spec.walk_forward)
