@@ -419,9 +419,8 @@ class Settings:
     max_portfolio_bars: int = setting(
         "ALPHAFORGE_MAX_PORTFOLIO_BARS",
         20_000_000,
-        "bars of a job's symbols that a task needing all of them holds at once (a run's permutation, bootstrap or "
-        "Monte Carlo validation; an optimisation's slices; ~50 bytes a bar): beyond it such a job is a 422, not a "
-        "worker out of memory",
+        "bars of a job's symbols a task needing all of them holds at once (a run's portfolio validation, an "
+        "optimisation's slices; ~50 bytes a bar): beyond it such a job is a 422, not a worker out of memory",
     )
     max_validation_task_backtests: int = setting(
         "ALPHAFORGE_MAX_VALIDATION_TASK_BACKTESTS",

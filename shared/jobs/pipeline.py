@@ -9,10 +9,9 @@ and changes nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -30,7 +29,6 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, JobResult, JobShard, JobStatus, ShardStatus
 from shared.infra.security import Incident
 from shared.jobs import leases
-from shared.marketdata.bars import SymbolBars, batches, load_bars
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +89,6 @@ class Outcome:
     incidents: tuple[Incident, ...] = field(default=(), compare=False)
     data: dict[str, Any] | None = None  # what a job kind keeps beside the value (a backtest: its metrics)
     data_version: int | None = None  # of the bars it was computed from (None: it read none)
-
-
-def bar_batches(
-    factory: sessionmaker[Session],
-    symbols: Sequence[str],
-    start: dt.date | None,
-    end: dt.date | None,
-    *,
-    timeframe: str,
-    adjustment: str,
-    max_bars: int,
-) -> Iterator[tuple[list[str], dict[str, SymbolBars]]]:
-    """A shard's symbols in order, a batch of at most ``max_bars`` bars at a time (``bars.batches``), each batch's
-    bars read in a session of its own (symbols without bars absent): what a shard holds at once does not grow with
-    the timeframe."""
-    with factory() as session:
-        groups = batches(session.connection(), symbols, timeframe, max_bars)
-    for group in groups:
-        with factory() as session:
-            bars = load_bars(session.connection(), group, start, end, timeframe=timeframe, adjustment=adjustment)
-        yield group, bars
 
 
 def read_at(outcomes: Sequence[Outcome], versions: Mapping[str, int]) -> list[Outcome]:

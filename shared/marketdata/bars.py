@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.marketdata import providers, store
 from shared.marketdata.actions import read_actions
@@ -167,6 +168,27 @@ def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: 
         out[-1].append(symbol)
         weight += size
     return out
+
+
+def bar_batches(
+    factory: sessionmaker[Session],
+    symbols: Sequence[str],
+    start: dt.date | None,
+    end: dt.date | None,
+    *,
+    timeframe: str,
+    adjustment: str,
+    max_bars: int,
+) -> Iterator[tuple[list[str], dict[str, SymbolBars]]]:
+    """A shard's symbols in order, a batch of at most ``max_bars`` bars at a time (``bars.batches``), each batch's
+    bars read in a session of its own (symbols without bars absent): what a shard holds at once does not grow with
+    the timeframe."""
+    with factory() as session:
+        groups = batches(session.connection(), symbols, timeframe, max_bars)
+    for group in groups:
+        with factory() as session:
+            bars = load_bars(session.connection(), group, start, end, timeframe=timeframe, adjustment=adjustment)
+        yield group, bars
 
 
 def data_stamp(conn: Connection, symbols: Sequence[str], timeframe: str = DEFAULT_TIMEFRAME) -> DataStamp:

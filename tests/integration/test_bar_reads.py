@@ -161,8 +161,7 @@ def test_the_parquet_directory_provider_reads_in_place_what_the_store_holds(clea
 def test_a_shard_reads_its_bars_in_batches_of_bounded_bars(clean_db: Engine) -> None:
     from sqlalchemy.orm import sessionmaker
 
-    from shared.jobs.pipeline import bar_batches
-    from shared.marketdata.bars import batches
+    from shared.marketdata.bars import bar_batches, batches
 
     store.import_columns(clean_db, "1m", {"M1": _minutes(1, seed=4), "M2": _minutes(2, seed=5)})
     seed_bars(clean_db, ["D1", "D2", "D3"], days=100)

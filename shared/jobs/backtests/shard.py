@@ -32,7 +32,7 @@ from shared.jobs import pipeline as jobs
 from shared.jobs.backtests.finalize import finalize_run, finite
 from shared.jobs.backtests.read import job_is_active, pack_dates, pack_values, run_config, run_validation_spec
 from shared.library import strategy_scripts
-from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, load_bars
+from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, bar_batches, load_bars
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def run_script_strategy(
 def _bar_batches(
     factory: sessionmaker[Session], symbols: Sequence[str], config: BacktestConfig, batch_bars: int
 ) -> Iterator[tuple[list[str], dict[str, SymbolBars]]]:
-    return jobs.bar_batches(factory, symbols, config.start_date, config.end_date, timeframe=config.timeframe,
+    return bar_batches(factory, symbols, config.start_date, config.end_date, timeframe=config.timeframe,
                             adjustment=config.adjustment, max_bars=batch_bars)  # fmt: skip
 
 

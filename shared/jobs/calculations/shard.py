@@ -17,7 +17,7 @@ from shared.infra.events import JobEvents
 from shared.infra.models import Job, Symbol
 from shared.infra.security import record
 from shared.jobs import pipeline as jobs
-from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars
+from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, bar_batches
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_shard(
     job = started.job
     computed: dict[str, jobs.Outcome] = {}
     versions: dict[str, int] = {}  # the data version each symbol's outcome was computed from
-    batches = jobs.bar_batches(factory, started.symbols, job.start_date, job.end_date, timeframe=job.timeframe,
+    batches = bar_batches(factory, started.symbols, job.start_date, job.end_date, timeframe=job.timeframe,
                                adjustment=job.adjustment, max_bars=batch_bars)  # fmt: skip
     for group, bars in batches:
         present = [bars[s] for s in group if s in bars]
