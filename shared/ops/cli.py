@@ -26,7 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,34 +122,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bars_import(args: argparse.Namespace) -> int:
-    from shared.marketdata.csv_import import BarsImportError
     from shared.marketdata.table_import import import_path
 
-    path = _caller_path(args.file)
-    if not path.exists():
-        print(f"error: no such file or folder: {path}", file=sys.stderr)
-        return 1
-    with _database(Settings.from_env()) as engine:
-        try:
-            report = import_path(engine, path, timeframe=args.timeframe, tz=args.tz, exchange_tz=args.exchange_tz)
-        except BarsImportError as exc:
-            print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
-            return 1
-    _print_result(report)
-    return 0
+    def load(engine: Engine, path: Path) -> object:
+        return import_path(engine, path, timeframe=args.timeframe, tz=args.tz, exchange_tz=args.exchange_tz)
+
+    return _import(_caller_path(args.file), load, folders=True)
 
 
 def cmd_bars_actions_import(args: argparse.Namespace) -> int:
     from shared.marketdata.actions import import_actions
+
+    return _import(_caller_path(args.file), import_actions, folders=False)
+
+
+def _import(path: Path, load: Callable[[Engine, Path], object], *, folders: bool) -> int:
+    """Run an import of ``path`` against the database; a refused file is its problems on stderr and exit code 1."""
     from shared.marketdata.csv_import import BarsImportError
 
-    path = _caller_path(args.file)
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    if not (path.exists() if folders else path.is_file()):
+        print(f"error: no such {'file or folder' if folders else 'file'}: {path}", file=sys.stderr)
         return 1
     with _database(Settings.from_env()) as engine:
         try:
-            report = import_actions(engine, path)
+            report = load(engine, path)
         except BarsImportError as exc:
             print(f"error: {exc}", file=sys.stderr)  # names the file and lists bad rows by line number
             return 1

@@ -40,6 +40,15 @@ CANCEL_CHECK_INTERVAL_S = 0.25
 """A running shard looks at its job's status between symbols at most this often (its cancellation checkpoint)."""
 
 
+def config_bars(
+    session: Session, config: BacktestConfig, symbols: Sequence[str] | None = None
+) -> dict[str, SymbolBars]:
+    """The bars a run's config reads (its symbols, or ``symbols``): its date range, timeframe and adjustment."""
+    wanted = config.symbols if symbols is None else symbols
+    return load_bars(session.connection(), wanted, config.start_date, config.end_date, timeframe=config.timeframe,
+                     adjustment=config.adjustment)  # fmt: skip
+
+
 def engine_bars(bars: SymbolBars) -> Bars:
     """The database's bars as the engine takes them."""
     return Bars.from_arrays(
@@ -262,14 +271,7 @@ def run_sleeves(
     wanted = config.symbols if positions is None else [config.symbols[p] for p in positions if p < len(config.symbols)]
     backtester = None
     with factory() as session:
-        loaded = load_bars(
-            session.connection(),
-            wanted,
-            config.start_date,
-            config.end_date,
-            timeframe=config.timeframe,
-            adjustment=config.adjustment,
-        )
+        loaded = config_bars(session, config, wanted)
         if config.strategy.name == "script":
             code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job_id))
             if code is None:

@@ -40,20 +40,12 @@ from shared.jobs.backtests import shard as run_shards
 from shared.jobs.optimizations import read
 from shared.jobs.optimizations.shard import Script, load_in
 from shared.library import strategy_scripts
-from shared.marketdata.bars import load_bars
 
 
 def full_run(session: Session, config: BacktestConfig, script: Script | None = None) -> dict[str, Any]:
     """``run_backtest`` of ``config`` per symbol (a script strategy: ``strategy_scripts.backtest_script``): each
     symbol's full metrics, and the equal-cash portfolio's. Bars read with the caller's session."""
-    loaded = load_bars(
-        session.connection(),
-        config.symbols,
-        config.start_date,
-        config.end_date,
-        timeframe=config.timeframe,
-        adjustment=config.adjustment,
-    )
+    loaded = run_shards.config_bars(session, config)
     symbols: dict[str, Any] = {}
     curves = []
     if script is not None:

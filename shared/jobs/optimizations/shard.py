@@ -34,7 +34,6 @@ from shared.jobs.backtests import read as runs
 from shared.jobs.backtests import shard as run_shards
 from shared.jobs.optimizations.spec import combos
 from shared.library import strategy_scripts
-from shared.marketdata.bars import load_bars
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,7 @@ def load_in(
         raise RuntimeError(f"optimization {job_id} has no spec")
     spec = OptimizationSpec.model_validate(row[0])
     config = spec.config
-    loaded = load_bars(
-        session.connection(),
-        config.symbols,
-        config.start_date,
-        config.end_date,
-        timeframe=config.timeframe,
-        adjustment=config.adjustment,
-    )
+    loaded = run_shards.config_bars(session, config)
     bars: dict[str, Bars] = {}
     for symbol in spec.config.symbols:
         own = loaded.get(symbol)

@@ -48,22 +48,23 @@ def config(strategy: dict[str, Any], **execution: Any) -> BacktestConfig:
     )
 
 
-def _as_comparable(value: Any) -> Any:
+def _as_comparable(value: Any, intraday: bool = False) -> Any:
     if isinstance(value, pd.Timestamp):
-        return str(value.date())
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ") if intraday else str(value.date())
     if isinstance(value, pd.Timedelta):
         return value / pd.Timedelta(days=1)
     return value
 
 
-def assert_matches(reference: pd.Series, result: BacktestResult) -> None:
-    """Every metric backtesting.py reports, the trade list and the equity curve."""
+def assert_matches(reference: pd.Series, result: BacktestResult, *, intraday: bool = False) -> None:
+    """Every metric backtesting.py reports, the trade list and the equity curve (intraday: instants to the second,
+    shown as ISO UTC timestamps)."""
     compared = 0
     for key, ref_value in reference.items():
         if str(key).startswith("_"):
             continue
         assert key in result.metrics, f"metric {key!r} missing"
-        expected = _as_comparable(ref_value)
+        expected = _as_comparable(ref_value, intraday)
         actual = result.metrics[key]
         if isinstance(expected, str):
             assert actual == expected, key
@@ -74,6 +75,7 @@ def assert_matches(reference: pd.Series, result: BacktestResult) -> None:
         compared += 1
     assert compared >= 30
 
+    unit = "datetime64[s]" if intraday else "datetime64[D]"
     trades = reference["_trades"]
     assert len(result.trades) == len(trades)
     np.testing.assert_array_equal(result.trades.size, trades["Size"].to_numpy(float))
@@ -84,12 +86,15 @@ def assert_matches(reference: pd.Series, result: BacktestResult) -> None:
     np.testing.assert_allclose(result.trades.pnl, trades["PnL"].to_numpy(float), rtol=RTOL)
     np.testing.assert_allclose(result.trades.return_pct, trades["ReturnPct"].to_numpy(float), rtol=RTOL)
     np.testing.assert_allclose(result.trades.commission, trades["Commission"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_array_equal(result.trades.entry_date, trades["EntryTime"].to_numpy().astype("datetime64[D]"))
-    np.testing.assert_array_equal(result.trades.exit_date, trades["ExitTime"].to_numpy().astype("datetime64[D]"))
+    np.testing.assert_array_equal(result.trades.entry_date, trades["EntryTime"].to_numpy().astype(unit))
+    np.testing.assert_array_equal(result.trades.exit_date, trades["ExitTime"].to_numpy().astype(unit))
+    records = result.trades.to_records()
+    assert [r["entry_date"] for r in records] == [_as_comparable(t, intraday) for t in trades["EntryTime"]]
 
     curve = reference["_equity_curve"]
     np.testing.assert_allclose(result.equity, curve["Equity"].to_numpy(float), rtol=RTOL)
     np.testing.assert_allclose(result.drawdown, curve["DrawdownPct"].to_numpy(float), rtol=RTOL, atol=1e-15)
+    np.testing.assert_array_equal(result.dates, curve.index.to_numpy().astype(unit))
 
 
 # --- reference strategies (backtesting.py side) ---------------------------------------------------------------

@@ -7,23 +7,19 @@ the trade list and the equity curve, as the daily golden tests compare them.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 import pandas as pd
 import pytest
 from backtesting.lib import compute_stats
 
 from shared.domain.backtest import Bars, run_backtest
-from shared.domain.backtest.engine import BacktestResult
 from tests.unit.backtest.test_golden_backtesting_py import (
-    RTOL,
     BollingerReversion,
     BuyAndHold,
     RsiReversion,
     SmaCross,
     SmaCrossLongOnly,
+    assert_matches,
     config,
     run_reference,
 )
@@ -39,53 +35,6 @@ def intraday_bars(df: pd.DataFrame, timeframe: str) -> Bars:
         dates=df.index.values,
         timeframe=timeframe,
     )
-
-
-def _as_comparable(value: Any) -> Any:
-    if isinstance(value, pd.Timestamp):
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if isinstance(value, pd.Timedelta):
-        return value / pd.Timedelta(days=1)
-    return value
-
-
-def assert_matches(reference: pd.Series, result: BacktestResult) -> None:
-    """Every metric backtesting.py reports, the trade list and the equity curve."""
-    compared = 0
-    for key, ref_value in reference.items():
-        if str(key).startswith("_"):
-            continue
-        assert key in result.metrics, f"metric {key!r} missing"
-        expected = _as_comparable(ref_value)
-        actual = result.metrics[key]
-        if isinstance(expected, str):
-            assert actual == expected, key
-        elif expected is None or (isinstance(expected, float) and math.isnan(expected)):
-            assert isinstance(actual, float) and math.isnan(actual), f"{key}: {actual} != NaN"
-        else:
-            assert actual == pytest.approx(float(expected), rel=RTOL, abs=0), key
-        compared += 1
-    assert compared >= 30
-
-    trades = reference["_trades"]
-    assert len(result.trades) == len(trades)
-    np.testing.assert_array_equal(result.trades.size, trades["Size"].to_numpy(float))
-    np.testing.assert_array_equal(result.trades.entry_bar, trades["EntryBar"].to_numpy())
-    np.testing.assert_array_equal(result.trades.exit_bar, trades["ExitBar"].to_numpy())
-    np.testing.assert_array_equal(result.trades.entry_price, trades["EntryPrice"].to_numpy(float))
-    np.testing.assert_array_equal(result.trades.exit_price, trades["ExitPrice"].to_numpy(float))
-    np.testing.assert_allclose(result.trades.pnl, trades["PnL"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_allclose(result.trades.return_pct, trades["ReturnPct"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_allclose(result.trades.commission, trades["Commission"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_array_equal(result.trades.entry_date, trades["EntryTime"].to_numpy().astype("datetime64[s]"))
-    np.testing.assert_array_equal(result.trades.exit_date, trades["ExitTime"].to_numpy().astype("datetime64[s]"))
-    records = result.trades.to_records()
-    assert [r["entry_date"] for r in records] == [t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in trades["EntryTime"]]
-
-    curve = reference["_equity_curve"]
-    np.testing.assert_allclose(result.equity, curve["Equity"].to_numpy(float), rtol=RTOL)
-    np.testing.assert_allclose(result.drawdown, curve["DrawdownPct"].to_numpy(float), rtol=RTOL, atol=1e-15)
-    np.testing.assert_array_equal(result.dates, curve.index.to_numpy().astype("datetime64[s]"))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +91,7 @@ def test_eurusd_sma_cross_10_20_matches_backtesting_py(eurusd: pd.DataFrame, eur
     result = run_backtest(
         eurusd_bars, config({"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=2, allow_short=True)
     )
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
     assert result.metrics["Start"] == "2017-04-19T09:00:00Z"
     assert result.metrics["Periods per Year"] == 252  # hourly data: calendar-day returns, few weekend bars
     assert result.metrics["Duration"] == pytest.approx(294.25, rel=1e-15)  # 294 days 06:00
@@ -157,7 +106,7 @@ def test_eurusd_sma_cross_other_windows(eurusd: pd.DataFrame, eurusd_bars: Bars,
     result = run_backtest(
         eurusd_bars, config({"name": "dual_sma", "params": {"fast": fast, "slow": slow}}, fee_bps=2, allow_short=True)
     )
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 def test_eurusd_long_only_half_size_fixed_plus_relative_commission(eurusd: pd.DataFrame, eurusd_bars: Bars) -> None:
@@ -181,7 +130,7 @@ def test_eurusd_long_only_half_size_fixed_plus_relative_commission(eurusd: pd.Da
             risk={"model": "fixed_fraction", "params": {"fraction": 0.5}},
         ),
     )
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
     assert result.open_position is None
 
 
@@ -197,14 +146,14 @@ def test_eurusd_rsi_and_bollinger(eurusd: pd.DataFrame, eurusd_bars: Bars) -> No
         ),
     )
     assert len(result.trades) > 5
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
     reference = run_reference(eurusd, BollingerReversion, commission=0.0001, exclusive_orders=True)
     result = run_backtest(
         eurusd_bars,
         config({"name": "bollinger_reversion", "params": {"period": 20, "k": 2.0}}, fee_bps=1, allow_short=True),
     )
     assert len(result.trades) > 10
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 def test_eurusd_risk_free_rate_matches_compute_stats(eurusd: pd.DataFrame, eurusd_bars: Bars) -> None:
@@ -216,7 +165,7 @@ def test_eurusd_risk_free_rate_matches_compute_stats(eurusd: pd.DataFrame, eurus
             {"name": "dual_sma", "params": {"fast": 10, "slow": 20}}, fee_bps=2, allow_short=True, risk_free_rate=0.03
         ),
     )
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 def test_eurusd_open_position_and_json(eurusd_bars: Bars) -> None:
@@ -244,7 +193,7 @@ def test_one_minute_stock_session(seed: int) -> None:
     )
     assert result.metrics["Periods per Year"] == 252
     assert len(result.trades) > 50
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 def test_one_minute_long_only_finalized() -> None:
@@ -261,7 +210,7 @@ def test_one_minute_long_only_finalized() -> None:
             risk={"model": "fixed_fraction", "params": {"fraction": 0.5}},
         ),
     )
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 @pytest.mark.parametrize("seed", [4, 5])
@@ -273,7 +222,7 @@ def test_five_minutes_around_the_clock(seed: int) -> None:
         config({"name": "dual_sma", "params": {"fast": 12, "slow": 48}}, fee_bps=10, allow_short=True),
     )
     assert result.metrics["Periods per Year"] == 365
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
 
 
 def test_five_minutes_buy_and_hold() -> None:
@@ -281,4 +230,4 @@ def test_five_minutes_buy_and_hold() -> None:
     reference = run_reference(data, BuyAndHold, commission=0.002, exclusive_orders=True, finalize_trades=True)
     result = run_backtest(intraday_bars(data, "5m"), config({"name": "buy_and_hold"}, fee_bps=20, flatten_at_end=True))
     assert len(result.trades) == 1
-    assert_matches(reference, result)
+    assert_matches(reference, result, intraday=True)
