@@ -154,7 +154,8 @@ def run_view(
 
 def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]:
     """The engine's config and the optional run name. The symbols come as exactly one of ``symbols``, ``symbol``
-    (one symbol) or ``universe`` (the id or name of a saved universe of yours, resolved to its symbols now). With
+    (one symbol) or ``universe`` (the id or name of a saved universe of yours, resolved to its symbols now; its
+    ``timeframe`` is the run's unless the body gives one). With
     ``preset`` (id or name of a preset of yours) the rest of the body is laid over the preset's config
     (``shared.library.presets.merge_overrides``). With ``as_of`` (an ISO date) only the symbols listed on that day
     are kept (free of survivorship bias: delisted ones included, later listings not). The config holds the resolved
@@ -184,7 +185,9 @@ def _config_from_body(body: dict[str, Any]) -> tuple[BacktestConfig, str | None]
         owner_id = current_principal().user_id
         with services().session_factory() as session:
             if "universe" in body:
-                body["symbols"] = universes.resolve_for_run(session, owner_id, body.pop("universe"))
+                universe = universes.find_for_run(session, owner_id, body.pop("universe"))
+                body["symbols"] = list(universe.symbols)
+                body.setdefault("timeframe", universe.timeframe)  # the universe's, unless the body says
             if "preset" in body:
                 base = presets.resolve_for_run(session, owner_id, body.pop("preset"))
                 body = presets.merge_overrides(base, body)

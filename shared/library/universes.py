@@ -84,11 +84,6 @@ def check_timeframe(raw: object, *, field: str = "timeframe") -> str:
     return raw
 
 
-def timeframe_of(universe: SavedUniverse) -> str:
-    """The timeframe a universe is meant for."""
-    return universe.timeframe
-
-
 def resolve_as_of(session: Session, universe_symbols: Sequence[str], day: dt.date) -> list[str]:
     """The members of a universe listed on ``day`` (listed on or before it, and not delisted before it), in the
     universe's order. A symbol without bars or a listing date is not listed on any day."""
@@ -181,7 +176,7 @@ def update_universe(session: Session, universe: SavedUniverse, changes: Universe
         check_known(session, changes.symbols)
         universe.symbols = list(changes.symbols)
         changed.append("symbols")
-    if changes.timeframe is not None and check_timeframe(changes.timeframe) != timeframe_of(universe):
+    if changes.timeframe is not None and check_timeframe(changes.timeframe) != universe.timeframe:
         universe.timeframe = changes.timeframe
         changed.append("timeframe")
     for name in ("name", "description"):
@@ -209,11 +204,6 @@ def list_universes(
     """One page of an owner's universes ordered by name, and the next page's cursor (None at the end)."""
     query = select(SavedUniverse).where(SavedUniverse.owner_id == owner_id)
     return page_by_name(session, SavedUniverse, query, limit=limit, cursor=cursor, name_prefix=name_prefix)
-
-
-def resolve_for_run(session: Session, owner_id: str, reference: object, *, field: str = "universe") -> list[str]:
-    """The symbols of the caller's universe named by id or by name (:func:`find_for_run`)."""
-    return list(find_for_run(session, owner_id, reference, field=field).symbols)
 
 
 def find_for_run(session: Session, owner_id: str, reference: object, *, field: str = "universe") -> SavedUniverse:

@@ -108,7 +108,9 @@ def test_runs_and_optimisations_take_weekly_and_intraday_bars(
     seed_bars(clean_db, ["WK"], days=300)
     store.import_columns(clean_db, "1m", {"INTRA": _minutes(8, seed=2)})
     strategy = {"name": "dual_sma", "params": {"fast": 3, "slow": 8}}
-    weekly = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "timeframe": "1w"})
+    universe = client.post("/api/universes", json={"name": "weekly", "symbols": ["WK"], "timeframe": "1w"})
+    assert universe.status_code == 201, universe.get_json()
+    weekly = client.post("/api/runs", json={"universe": "weekly", "strategy": strategy})  # the universe's timeframe
     hourly = client.post("/api/runs", json={"symbols": ["INTRA", "WK"], "strategy": strategy, "timeframe": "1h"})
     assert weekly.status_code == hourly.status_code == 202, (weekly.get_json(), hourly.get_json())
     bad = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "timeframe": "2h"})
@@ -116,6 +118,7 @@ def test_runs_and_optimisations_take_weekly_and_intraday_bars(
 
     views = {name: wait_for_job(client, r.get_json()["run_id"]) for name, r in (("weekly", weekly), ("hourly", hourly))}
     assert views["weekly"]["status"] == "succeeded", views["weekly"]
+    assert client.get(f"/api/runs/{weekly.get_json()['run_id']}").get_json()["config"]["timeframe"] == "1w"
     assert views["hourly"]["status"] == "partial", views["hourly"]  # WK has no intraday bars: its NoData error
     page = client.get(f"/api/runs/{hourly.get_json()['run_id']}/results").get_json()
     results = {row["symbol"]: row for row in page["results"]}

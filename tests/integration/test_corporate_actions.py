@@ -334,8 +334,8 @@ def test_universe_functions_for_runs(client: FlaskClient, engine: Engine, sessio
     owner = client.get(f"{UNIVERSES}/{universe_id}").get_json()["owner_id"]
     with session_factory() as session:
         universe = universes.find_for_run(session, owner, "r")
-        assert str(universe.id) == universe_id and universes.timeframe_of(universe) == "1w"
-        assert universes.resolve_for_run(session, owner, universe_id) == ["RB", "RA"]
+        assert str(universe.id) == universe_id and universe.timeframe == "1w"
+        assert universes.find_for_run(session, owner, universe_id).symbols == ["RB", "RA"]
         assert universes.resolve_as_of(session, universe.symbols, dt.date(2020, 6, 1)) == ["RA"]
         assert universes.resolve_as_of(session, universe.symbols, dt.date(2021, 6, 1)) == ["RB", "RA"]
     assert typing.get_args(Timeframe) == universes.TIMEFRAMES
