@@ -6,8 +6,7 @@ API and a worker, with wall times and the peak memory of every process of the sy
 
 Not part of the default suite (minutes, gigabytes). Daily bars (the demo universe), or with ``--minutes``
 1-minute bars of regular New York sessions (390 a day, 252 days a year) written as one Parquet file per symbol and
-imported with ``bars import``'s code; the calculation job then reads them at 1m, and the backtest run at 1d (runs
-take daily or coarser bars: the minutes resampled on read).
+imported with ``bars import``'s code; the calculation job and the backtest run then read them at 1m.
 
 Peak memory is each process's largest resident set seen while polling every 0.2 s (the worker's pool
 processes are where bars are read and cached: ``ALPHAFORGE_BAR_CACHE_MB`` bounds their cache; a run's finalization
@@ -174,6 +173,7 @@ def main() -> int:
             began = time.perf_counter()
             run = http("POST", f"{base}/runs", {
                 "symbols": symbols, "strategy": {"name": "dual_sma", "params": {"fast": 10, "slow": 50}},
+                "timeframe": timeframe,
             })  # fmt: skip
             backtest = wait_final(base, f"runs/{run['run_id']}")
             run_s = time.perf_counter() - began
@@ -181,8 +181,8 @@ def main() -> int:
             artifacts = wait_artifacts(base, run["run_id"])
             artifacts_s = time.perf_counter() - began - run_s
         print(f"calculation job over {args.symbols:,} symbols at {timeframe}: {calc['status']} in {calc_s:.1f} s")
-        print(f"backtest run over {args.symbols:,} symbols: {backtest['status']} in {run_s:.1f} s, artifacts "
-              f"{artifacts['status']} {artifacts_s:.1f} s later")  # fmt: skip
+        print(f"backtest run over {args.symbols:,} symbols at {timeframe}: {backtest['status']} in {run_s:.1f} s, "
+              f"artifacts {artifacts['status']} {artifacts_s:.1f} s later")  # fmt: skip
         print(f"bar cache bound per worker process: {settings.bar_cache_mb} MB (ALPHAFORGE_BAR_CACHE_MB); a run's "
               f"finalization and artifacts hold at most {settings.run_batch_mb} MB of its curves at once "
               "(ALPHAFORGE_RUN_BATCH_MB)")  # fmt: skip

@@ -123,10 +123,11 @@ def symbol_run(
     return SymbolRun(outcome, curve)
 
 
-def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Sequence[SymbolRun]) -> None:
+def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Sequence[SymbolRun]) -> list[jobs.Outcome]:
+    """Store the runs' curves (in a transaction of their own, before the shard's results); their outcomes."""
     rows = [{"job_id": job_id, "symbol": r.outcome.symbol, **pack_curve(r.curve)} for r in runs if r.curve is not None]
     if not rows:
-        return
+        return [r.outcome for r in runs]
     with session_scope(factory) as session:
         stmt = insert(BacktestCurve).values(rows)
         # A duplicate delivery computes the same curve (the engine is deterministic): overwriting is harmless.
@@ -141,6 +142,7 @@ def _store_curves(factory: sessionmaker[Session], job_id: uuid.UUID, runs: Seque
                 },
             )
         )
+    return [r.outcome for r in runs]
 
 
 def script_symbol_runs(
@@ -190,16 +192,16 @@ def run_script_strategy(
         code = session.scalar(select(BacktestRun.strategy_code).where(BacktestRun.job_id == job.id))
     if code is None:
         raise RuntimeError(f"run {job.id} has a script strategy but no code")
-    done: list[SymbolRun] = []
+    done: list[jobs.Outcome] = []
     versions: dict[str, int] = {}
     for group, bars in _bar_batches(factory, started.symbols, config, batch_bars):
-        done += script_symbol_runs(group, bars, config, code, limits)
+        runs = script_symbol_runs(group, bars, config, code, limits)
         versions |= {s: b.version for s, b in bars.items()}
-    # Recorded before the results, in a transaction of their own, as a calculation shard does.
-    record(factory, [(r.outcome.symbol, i) for r in done for i in r.outcome.incidents], job_id=job.id,
-           owner_id=job.owner_id)  # fmt: skip
-    _store_curves(factory, job.id, done)
-    outcomes = jobs.read_at([r.outcome for r in done], versions)
+        # Recorded before the results, in a transaction of their own, as a calculation shard does.
+        record(factory, [(r.outcome.symbol, i) for r in runs for i in r.outcome.incidents], job_id=job.id,
+               owner_id=job.owner_id)  # fmt: skip
+        done += _store_curves(factory, job.id, runs)
+    outcomes = jobs.read_at(done, versions)
     return jobs.complete_shard(factory, started.shard_id, outcomes, events=events, finalize=finalize_run)
 
 
@@ -207,7 +209,7 @@ def _bar_batches(
     factory: sessionmaker[Session], symbols: Sequence[str], config: BacktestConfig, batch_bars: int
 ) -> Iterator[tuple[list[str], dict[str, SymbolBars]]]:
     return bar_batches(factory, symbols, config.start_date, config.end_date, timeframe=config.timeframe,
-                            adjustment=config.adjustment, max_bars=batch_bars)  # fmt: skip
+                       adjustment=config.adjustment, max_bars=batch_bars)  # fmt: skip
 
 
 def run_shard(
@@ -234,24 +236,25 @@ def run_shard(
         config = run_config(session, job.id)
     if config.strategy.name == "script":
         return run_script_strategy(factory, started, config, limits or SandboxLimits(), events, batch_bars)
-    done: list[SymbolRun] = []
+    done: list[jobs.Outcome] = []
     versions: dict[str, int] = {}
     last_check = time.monotonic()
+    cancelled = False
     for group, bars in _bar_batches(factory, started.symbols, config, batch_bars):
         versions |= {s: b.version for s, b in bars.items()}
+        runs: list[SymbolRun] = []
         for symbol in group:
             if time.monotonic() - last_check >= CANCEL_CHECK_INTERVAL_S:
                 last_check = time.monotonic()
-                if not job_is_active(factory, job.id):
+                if cancelled := not job_is_active(factory, job.id):
                     log.info("backtest shard %s: run %s no longer active, stopping after %s symbols", shard_id,
-                             job.id, len(done))  # fmt: skip
+                             job.id, len(done) + len(runs))  # fmt: skip
                     break
-            done.append(backtest_symbol(symbol, bars.get(symbol), config))
-        else:
-            continue
-        break  # cancelled
-    _store_curves(factory, job.id, done)
-    outcomes = jobs.read_at([r.outcome for r in done], versions)
+            runs.append(backtest_symbol(symbol, bars.get(symbol), config))
+        done += _store_curves(factory, job.id, runs)  # a batch's curves leave memory with it
+        if cancelled:
+            break
+    outcomes = jobs.read_at(done, versions)
     return jobs.complete_shard(factory, shard_id, outcomes, events=events, finalize=finalize_run)
 
 
