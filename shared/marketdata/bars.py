@@ -14,9 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -140,15 +141,20 @@ def sources(timeframe: str) -> list[str]:
     return ([timeframe] if timeframe in TIMEFRAME_SECONDS else []) + finer
 
 
-def _versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, tuple[str, int]]:
-    """Each symbol's source timeframe for ``timeframe`` and that series' data version (symbols without one absent)."""
-    provider = providers.current()
-    found: dict[str, tuple[str, int]] = {}
+_T = TypeVar("_T")
+
+
+def _by_source(
+    symbols: Sequence[str], timeframe: str, fetch: Callable[[list[str], str], Mapping[str, _T]]
+) -> dict[str, tuple[str, _T]]:
+    """``fetch(symbols, source)`` from each source of ``timeframe`` in turn (:func:`sources`) for the symbols the
+    sources before it lacked: each symbol's source and what it gave (symbols no source has absent)."""
+    found: dict[str, tuple[str, _T]] = {}
     for source in sources(timeframe):
         missing = [s for s in symbols if s not in found]
         if not missing:
             break
-        found |= {s: (source, v) for s, v in provider.versions(conn, missing, source).items()}
+        found |= {s: (source, value) for s, value in fetch(missing, source).items()}
     return found
 
 
@@ -159,13 +165,8 @@ def series_sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> di
     """The bars of each symbol's series that serves ``timeframe`` (its source's, before resampling; symbols without
     one absent)."""
     provider = providers.current()
-    sizes: dict[str, int] = {}
-    for source in sources(timeframe):
-        missing = [s for s in symbols if s not in sizes]
-        if not missing:
-            break
-        sizes |= provider.sizes(conn, missing, source)
-    return sizes
+    found = _by_source(symbols, timeframe, lambda missing, source: provider.sizes(conn, missing, source))
+    return {symbol: size for symbol, (_, size) in found.items()}
 
 
 def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: int) -> list[list[str]]:
@@ -208,7 +209,9 @@ def bar_batches(
 
 def data_stamp(conn: Connection, symbols: Sequence[str], timeframe: str = DEFAULT_TIMEFRAME) -> DataStamp:
     """The data a job over ``symbols`` is computed from, as of now (a submission stamps its job with it)."""
-    versions = {symbol: version for symbol, (_, version) in _versions(conn, symbols, timeframe).items()}
+    provider = providers.current()
+    found = _by_source(symbols, timeframe, lambda missing, source: provider.versions(conn, missing, source))
+    versions = {symbol: version for symbol, (_, version) in found.items()}
     lines = "\n".join(f"{symbol}:{versions.get(symbol, 0)}" for symbol in sorted(set(symbols)))
     digest = hashlib.sha256(f"{timeframe}\n{lines}".encode()).hexdigest()
     return DataStamp(digest, max(versions.values(), default=None))
@@ -260,13 +263,11 @@ def _read(
 ) -> dict[str, tuple[str, Series]]:
     """Each symbol's stored series that serves ``timeframe`` (see :func:`sources`), read from the provider."""
     provider = providers.current()
-    found: dict[str, tuple[str, Series]] = {}
-    for source in sources(timeframe):
-        missing = [s for s in symbols if s not in found]
-        if not missing:
-            break
-        read = provider.read(conn, missing, source, *_range_ts(start, end, is_intraday(source)))
-        found |= {symbol: (source, series) for symbol, series in read.items()}
+
+    def read(missing: list[str], source: str) -> dict[str, Series]:
+        return provider.read(conn, missing, source, *_range_ts(start, end, is_intraday(source)))
+
+    found = _by_source(symbols, timeframe, read)
     return {symbol: found[symbol] for symbol in symbols if symbol in found}
 
 

@@ -264,23 +264,6 @@ def sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str,
         return dict(cursor.fetchall())
 
 
-def has_bars(
-    conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
-) -> bool:
-    """Whether any of ``symbols`` has a bar in [start_ts, end_ts]: the symbols whose chunks meet the range are read,
-    20 at a time, until one has a bar in it (usually the first)."""
-    with _cursor(conn) as cursor:
-        cursor.execute(_META_SQL, {"tf": timeframe, "symbols": list(symbols), "start": start_ts, "end": end_ts})
-        meta = cursor.fetchall()
-    if not meta:
-        return False
-    candidates = list(dict.fromkeys(symbol for symbol, *_ in meta))
-    for lo in range(0, len(candidates), 20):
-        if read_series(conn, candidates[lo : lo + 20], timeframe, start_ts, end_ts):
-            return True
-    return False
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
