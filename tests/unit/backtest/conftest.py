@@ -11,14 +11,17 @@ import pytest
 from shared.domain.backtest import Bars
 
 
-def bars_from_frame(df: pd.DataFrame) -> Bars:
+def bars_from_frame(df: pd.DataFrame, timeframe: str = "1d") -> Bars:
+    """A backtesting.py-style frame (``Open``, ..., ``Volume``, a DatetimeIndex) as Bars at ``timeframe``."""
+    intraday = timeframe not in ("1d", "1w", "1mo")
     return Bars.from_arrays(
         open=df["Open"].to_numpy(float),
         high=df["High"].to_numpy(float),
         low=df["Low"].to_numpy(float),
         close=df["Close"].to_numpy(float),
         volume=df["Volume"].to_numpy(float),
-        dates=df.index.values.astype("datetime64[D]"),
+        dates=df.index.values if intraday else df.index.values.astype("datetime64[D]"),
+        timeframe=timeframe,
     )
 
 

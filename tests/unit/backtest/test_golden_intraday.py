@@ -13,6 +13,7 @@ import pytest
 from backtesting.lib import compute_stats
 
 from shared.domain.backtest import Bars, run_backtest
+from tests.unit.backtest.conftest import bars_from_frame
 from tests.unit.backtest.test_golden_backtesting_py import (
     BollingerReversion,
     BuyAndHold,
@@ -25,18 +26,6 @@ from tests.unit.backtest.test_golden_backtesting_py import (
 )
 
 
-def intraday_bars(df: pd.DataFrame, timeframe: str) -> Bars:
-    return Bars.from_arrays(
-        open=df["Open"].to_numpy(float),
-        high=df["High"].to_numpy(float),
-        low=df["Low"].to_numpy(float),
-        close=df["Close"].to_numpy(float),
-        volume=df["Volume"].to_numpy(float),
-        dates=df.index.values,
-        timeframe=timeframe,
-    )
-
-
 @pytest.fixture(scope="module")
 def eurusd() -> pd.DataFrame:
     from backtesting.test import EURUSD
@@ -47,7 +36,7 @@ def eurusd() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def eurusd_bars(eurusd: pd.DataFrame) -> Bars:
-    return intraday_bars(eurusd, "1h")
+    return bars_from_frame(eurusd, "1h")
 
 
 def _frame(close: np.ndarray, index: pd.DatetimeIndex, seed: int) -> pd.DataFrame:
@@ -188,7 +177,7 @@ def test_one_minute_stock_session(seed: int) -> None:
     data = stock_minutes(12, seed)
     reference = run_reference(data, SmaCross, {"fast": 10, "slow": 30}, commission=0.0005, exclusive_orders=True)
     result = run_backtest(
-        intraday_bars(data, "1m"),
+        bars_from_frame(data, "1m"),
         config({"name": "dual_sma", "params": {"fast": 10, "slow": 30}}, fee_bps=5, allow_short=True),
     )
     assert result.metrics["Periods per Year"] == 252
@@ -202,7 +191,7 @@ def test_one_minute_long_only_finalized() -> None:
         data, SmaCrossLongOnly, {"fast": 15, "slow": 60}, commission=0.001, exclusive_orders=True, finalize_trades=True
     )
     result = run_backtest(
-        intraday_bars(data, "1m"),
+        bars_from_frame(data, "1m"),
         config(
             {"name": "dual_sma", "params": {"fast": 15, "slow": 60}},
             fee_bps=10,
@@ -218,7 +207,7 @@ def test_five_minutes_around_the_clock(seed: int) -> None:
     data = crypto_five_minutes(6000, seed)
     reference = run_reference(data, SmaCross, {"fast": 12, "slow": 48}, commission=0.001, exclusive_orders=True)
     result = run_backtest(
-        intraday_bars(data, "5m"),
+        bars_from_frame(data, "5m"),
         config({"name": "dual_sma", "params": {"fast": 12, "slow": 48}}, fee_bps=10, allow_short=True),
     )
     assert result.metrics["Periods per Year"] == 365
@@ -228,6 +217,8 @@ def test_five_minutes_around_the_clock(seed: int) -> None:
 def test_five_minutes_buy_and_hold() -> None:
     data = crypto_five_minutes(3000, 6)
     reference = run_reference(data, BuyAndHold, commission=0.002, exclusive_orders=True, finalize_trades=True)
-    result = run_backtest(intraday_bars(data, "5m"), config({"name": "buy_and_hold"}, fee_bps=20, flatten_at_end=True))
+    result = run_backtest(
+        bars_from_frame(data, "5m"), config({"name": "buy_and_hold"}, fee_bps=20, flatten_at_end=True)
+    )
     assert len(result.trades) == 1
     assert_matches(reference, result, intraday=True)

@@ -16,8 +16,8 @@ from shared.domain.backtest.grid import SUMMARY_NAMES, all_pairs, run_dual_sma_g
 from shared.domain.backtest.metrics import period_bins, periods_per_year
 from shared.domain.backtest.risk import VolatilityTargetParams, decision_fractions
 from shared.domain.indicators.engine import realized_volatility
-from tests.unit.backtest.conftest import make_bars
-from tests.unit.backtest.test_golden_intraday import crypto_five_minutes, intraday_bars, stock_minutes
+from tests.unit.backtest.conftest import bars_from_frame, make_bars
+from tests.unit.backtest.test_golden_intraday import crypto_five_minutes, stock_minutes
 
 
 def hourly(n: int, start: str = "2024-01-01T00:00:00", close: np.ndarray | None = None) -> Bars:
@@ -99,7 +99,7 @@ def test_between_date_bounds_cover_whole_utc_days() -> None:
 
 def test_bars_per_day() -> None:
     assert make_bars([1.0, 2.0]).bars_per_day == 1.0
-    assert intraday_bars(stock_minutes(3, 0), "1m").bars_per_day == 390
+    assert bars_from_frame(stock_minutes(3, 0), "1m").bars_per_day == 390
     assert hourly(24 * 7 + 5).bars_per_day == 24
 
 
@@ -107,10 +107,10 @@ def test_bars_per_day() -> None:
 
 
 def test_periods_per_year_and_day_bins_of_instants() -> None:
-    weekdays = intraday_bars(stock_minutes(10, 0), "1m").dates
+    weekdays = bars_from_frame(stock_minutes(10, 0), "1m").dates
     assert periods_per_year(weekdays) == (252, 0)
     assert np.array_equal(period_bins(weekdays, 0), np.arange(389, 3900, 390))
-    assert periods_per_year(intraday_bars(crypto_five_minutes(3000, 0), "5m").dates) == (365, 0)
+    assert periods_per_year(bars_from_frame(crypto_five_minutes(3000, 0), "5m").dates) == (365, 0)
 
 
 def test_daily_result_formats_are_unchanged() -> None:
@@ -135,7 +135,7 @@ def test_volatility_target_annualises_by_bars_per_day() -> None:
 def test_grid_cells_equal_single_runs_on_hourly_bars() -> None:
     from backtesting.test import EURUSD
 
-    bars = intraday_bars(EURUSD, "1h")
+    bars = bars_from_frame(EURUSD, "1h")
     config = dual_sma(execution={"convention": "backtesting_py", "fee_bps": 2, "allow_short": True})
     fast, slow = all_pairs(2, 30)
     grid = run_dual_sma_grid(bars, fast, slow, config)
@@ -157,8 +157,8 @@ def test_portfolio_curve_takes_an_intraday_curve_at_its_last_value_per_day() -> 
     np.testing.assert_array_equal(total, [23 + 5, 47 + 5, 71 + 6, 73 + 7])
 
 
-def test_validation_runs_on_intraday_bars() -> None:
-    symbols = {s: intraday_bars(stock_minutes(15, seed), "1m") for seed, s in enumerate(("AAA", "BBB"))}
+def test_validation_runs_on_bars_from_frame() -> None:
+    symbols = {s: bars_from_frame(stock_minutes(15, seed), "1m") for seed, s in enumerate(("AAA", "BBB"))}
     config = BacktestConfig.model_validate(
         {"symbols": ["AAA", "BBB"], "strategy": {"name": "dual_sma", "params": {"fast": 10, "slow": 40}}, "seed": 3}
     )
