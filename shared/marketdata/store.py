@@ -407,12 +407,11 @@ def import_columns(
     incoming: Mapping[str, Columns],
     *,
     symbols: Sequence[SymbolInfo] = (),
-    on_written: OnWritten | None = None,
     exchange_tz: str | None = None,
 ) -> WriteCounts:
     """:func:`store_columns` in a transaction of its own: all of it is stored, or nothing."""
     with engine.begin() as conn:
-        return store_columns(conn, timeframe, incoming, symbols=symbols, on_written=on_written, exchange_tz=exchange_tz)
+        return store_columns(conn, timeframe, incoming, symbols=symbols, exchange_tz=exchange_tz)
 
 
 def store_columns(
@@ -421,11 +420,10 @@ def store_columns(
     incoming: Mapping[str, Columns],
     *,
     symbols: Sequence[SymbolInfo] = (),
-    on_written: OnWritten | None = None,
     exchange_tz: str | None = None,
 ) -> WriteCounts:
     """In ``conn``'s transaction: :class:`BarLoad` of ``incoming`` in one write."""
-    load = BarLoad(conn, timeframe, exchange_tz=exchange_tz, on_written=on_written)
+    load = BarLoad(conn, timeframe, exchange_tz=exchange_tz)
     load.add(incoming, symbols=symbols)
     return load.counts
 
@@ -436,15 +434,20 @@ class BarLoad:
     part creates its unknown symbols, sets their exchange time zone (``exchange_tz``: an IANA name; None keeps it),
     lays its bars over the store (:func:`write_series`) and keeps the symbols' listing dates current."""
 
-    def __init__(
-        self, conn: Connection, timeframe: str, *, exchange_tz: str | None = None, on_written: OnWritten | None = None
-    ) -> None:
-        self.conn, self.timeframe, self.exchange_tz, self.on_written = conn, timeframe, exchange_tz, on_written
+    def __init__(self, conn: Connection, timeframe: str, *, exchange_tz: str | None = None) -> None:
+        self.conn, self.timeframe, self.exchange_tz = conn, timeframe, exchange_tz
         self.counts = WriteCounts(0, 0, 0, None)
         self._locked = False
 
-    def add(self, incoming: Mapping[str, Columns], *, symbols: Sequence[SymbolInfo] = ()) -> None:
-        """Store a part: ``incoming``'s bars, after ``symbols``' metadata (upserted)."""
+    def add(
+        self,
+        incoming: Mapping[str, Columns],
+        *,
+        symbols: Sequence[SymbolInfo] = (),
+        on_written: OnWritten | None = None,
+    ) -> None:
+        """Store a part: ``incoming``'s bars, after ``symbols``' metadata (upserted); ``on_written`` as for
+        :func:`write_series`."""
         if not self._locked:
             lock_bar_loads(self.conn)
             self._locked = True
@@ -458,7 +461,7 @@ class BarLoad:
             if self.exchange_tz is not None:
                 cursor.execute("UPDATE symbols SET exchange_tz = %s WHERE symbol = ANY(%s::varchar[])",
                                (self.exchange_tz, sorted(incoming)))  # fmt: skip
-            part = write_series(cursor, self.timeframe, incoming, self.on_written, self.counts.version)
+            part = write_series(cursor, self.timeframe, incoming, on_written, self.counts.version)
         listings.refresh_listed_on(self.conn, sorted(incoming))
         done = self.counts
         self.counts = WriteCounts(

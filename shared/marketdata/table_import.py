@@ -130,7 +130,8 @@ def import_path(
     where: dict[str, str] = {}  # each symbol's file: a symbol in two files is a problem (which one is right?)
     first: FileBars | None = None  # the first good file: its timeframe is the import's
     show = sys.stderr.isatty() if progress is None else progress
-    with engine.begin() as conn, tqdm(files, desc="importing", unit="file", disable=not show, file=sys.stderr) as bar:
+    with engine.begin() as conn, tqdm(files, desc="importing", unit="file", disable=not show or len(files) < 2,
+                                         file=sys.stderr) as bar:  # fmt: skip
         load: store.BarLoad | None = None
         for file in bar:
             try:
@@ -147,7 +148,10 @@ def import_path(
             symbols += len(part.columns)
             if not total and part.columns:
                 load = load or store.BarLoad(conn, part.timeframe, exchange_tz=exchange_tz)
-                load.add(part.columns)
+                bars = sum(len(c) for c in part.columns.values())
+                with tqdm(total=bars, desc="writing", unit="bar", unit_scale=True, leave=False,
+                          disable=not show or len(files) > 1, file=sys.stderr) as written:  # fmt: skip
+                    load.add(part.columns, on_written=written.update)
         if total:
             problems.sort(key=lambda p: (p.source or "", p.line))
             raise BarsImportError(str(path), problems[:MAX_KEPT_PROBLEMS], total_problems=total)  # rolls back

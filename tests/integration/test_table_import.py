@@ -233,3 +233,17 @@ def test_bad_intraday_rows_are_named_and_nothing_is_loaded(clean_db: Engine, tmp
         pq.write_table(_table("AAA", BARS["AAPL"]), tmp_path / "d.parquet")
         import_path(clean_db, tmp_path / "d.parquet", timeframe="1h")
     assert stored_rows(clean_db) == []
+
+
+def test_progress_bars_show_files_read_and_bars_written(
+    clean_db: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pq.write_table(_table(None, BARS["AAPL"]), tmp_path / "AAPL.parquet")
+    import_path(clean_db, tmp_path / "AAPL.parquet", progress=True)  # one file: the bars it writes
+    assert "writing" in capsys.readouterr().err
+    pq.write_table(_table(None, BARS["BRK.B"]), tmp_path / "BRK.B.parquet")
+    import_path(clean_db, tmp_path, progress=True)  # a folder: its files
+    shown = capsys.readouterr().err
+    assert "importing" in shown and "2/2" in shown
+    import_path(clean_db, tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
