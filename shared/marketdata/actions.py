@@ -82,7 +82,8 @@ class ActionsFile:
 @dataclass(frozen=True)
 class ActionsImportReport:
     """What an import did: rows of the file, then how many of them were new, changed a stored value (or a delisting
-    date), or matched what was stored; the symbols whose bar series took the import's data version, and that version
+    date), or matched what was stored; with ``--replace``, how many stored actions (and delistings) of its symbols
+    the file lacked and were deleted; the symbols whose bar series took the import's data version, and that version
     (None if no bars changed meaning)."""
 
     source_name: str
@@ -91,6 +92,7 @@ class ActionsImportReport:
     inserted: int
     updated: int
     unchanged: int
+    deleted: int
     versioned_symbols: int
     version: int | None
     seconds: float
@@ -354,15 +356,26 @@ class ActionCounts:
     inserted: int
     updated: int
     unchanged: int
+    deleted: int
     versioned_symbols: int
     version: int | None
 
 
-def store_actions(conn: Connection, parsed: ActionsFile) -> ActionCounts:
+_DELETE = """
+DELETE FROM corporate_actions c
+USING unnest(CAST(:symbols AS varchar[]), CAST(:kinds AS varchar[]), CAST(:days AS date[])) AS d(symbol, kind, day)
+WHERE c.symbol = d.symbol AND c.kind = d.kind AND c.ex_date = d.day
+"""
+
+_UNDELIST = "UPDATE symbols SET delisted_on = NULL WHERE symbol = ANY(CAST(:symbols AS varchar[]))"
+
+
+def store_actions(conn: Connection, parsed: ActionsFile, *, replace: bool = False) -> ActionCounts:
     """In ``conn``'s transaction: take the bar-load lock, check every symbol is known (and a delisting not before the
-    symbol's first trading date), upsert the actions and delistings that differ from what is stored, and give every
-    bar series of a symbol whose actions changed one new data version. Raises :class:`BarsImportError` (the caller's
-    transaction must then roll back; nothing has been written)."""
+    symbol's first trading date), upsert the actions and delistings that differ from what is stored (with
+    ``replace``, the file is its symbols' whole history: their stored actions and delisting it lacks are deleted; a
+    vendor's correction of a date), and give every bar series of a symbol whose actions changed one new data version.
+    Raises :class:`BarsImportError` (the caller's transaction must then roll back; nothing has been written)."""
     lock_bar_loads(conn)
     symbols = sorted({row.symbol for row in parsed.rows})
     delisted_on = {symbol: day for symbol, day in conn.execute(text(_KNOWN), {"symbols": symbols})}
@@ -393,8 +406,22 @@ def store_actions(conn: Connection, parsed: ActionsFile) -> ActionCounts:
                                      "days": [r.day for r in writes], "values": [r.value for r in writes]})  # fmt: skip
     if delists:
         conn.execute(text(_DELIST), {"symbols": [r.symbol for r in delists], "days": [r.day for r in delists]})
-    version, versioned = _bump_versions(conn, sorted({r.symbol for r in writes}))
-    return ActionCounts(inserted, updated, len(parsed.rows) - inserted - updated, versioned, version)
+    changed = {r.symbol for r in writes}
+    deleted = 0
+    if replace:
+        given = {(r.symbol, r.action, r.day) for r in parsed.rows}
+        gone = [key for key in stored if key not in given]
+        if gone:
+            conn.execute(text(_DELETE), {"symbols": [s for s, _, _ in gone], "kinds": [k for _, k, _ in gone],
+                                         "days": [d for _, _, d in gone]})  # fmt: skip
+        delisting = {r.symbol for r in parsed.rows if r.action == DELIST}
+        undelist = sorted(s for s in symbols if delisted_on[s] is not None and s not in delisting)
+        if undelist:
+            conn.execute(text(_UNDELIST), {"symbols": undelist})
+        changed |= {s for s, _, _ in gone}
+        deleted = len(gone) + len(undelist)
+    version, versioned = _bump_versions(conn, sorted(changed))
+    return ActionCounts(inserted, updated, len(parsed.rows) - inserted - updated, deleted, versioned, version)
 
 
 def _bump_versions(conn: Connection, symbols: list[str]) -> tuple[int | None, int]:
@@ -412,12 +439,13 @@ def _bump_versions(conn: Connection, symbols: list[str]) -> tuple[int | None, in
     return version, len(bumped)
 
 
-def import_actions(engine: Engine, file: Path) -> ActionsImportReport:
-    """Validate ``file``, then store it in one transaction: all of it, or nothing (:class:`BarsImportError`)."""
+def import_actions(engine: Engine, file: Path, *, replace: bool = False) -> ActionsImportReport:
+    """Validate ``file``, then store it in one transaction: all of it, or nothing (:class:`BarsImportError`).
+    ``replace``: as for :func:`store_actions`."""
     started = time.perf_counter()
     parsed = read_actions_file(file)
     with engine.begin() as conn:
-        counts = store_actions(conn, parsed)
+        counts = store_actions(conn, parsed, replace=replace)
     return ActionsImportReport(
         source_name=parsed.source,
         rows=len(parsed.rows),
@@ -425,6 +453,7 @@ def import_actions(engine: Engine, file: Path) -> ActionsImportReport:
         inserted=counts.inserted,
         updated=counts.updated,
         unchanged=counts.unchanged,
+        deleted=counts.deleted,
         versioned_symbols=counts.versioned_symbols,
         version=counts.version,
         seconds=time.perf_counter() - started,

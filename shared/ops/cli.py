@@ -133,7 +133,10 @@ def cmd_bars_import(args: argparse.Namespace) -> int:
 def cmd_bars_actions_import(args: argparse.Namespace) -> int:
     from shared.marketdata.actions import import_actions
 
-    return _import(_caller_path(args.file), import_actions, folders=False)
+    def load(engine: Engine, path: Path) -> object:
+        return import_actions(engine, path, replace=args.replace)
+
+    return _import(_caller_path(args.file), load, folders=False)
 
 
 def _import(path: Path, load: Callable[[Engine, Path], object], *, folders: bool) -> int:
@@ -274,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     actions_import.add_argument(
         "file", metavar="FILE", help="columns symbol,date,action,value (action: split, dividend or delist)"
     )
+    actions_import.add_argument("--replace", action="store_true",
+                                help="the file is its symbols' whole history: their stored actions and delisting "
+                                     "it lacks are deleted")  # fmt: skip
     actions_import.set_defaults(func=cmd_bars_actions_import)
 
     user = sub.add_parser("user", help="manage accounts (for operators)")

@@ -131,6 +131,24 @@ def test_a_changed_value_moves_only_that_symbols_versions_and_a_delisting_none(
     assert _delisted(clean_db)["BBB"] == dt.date(2024, 1, 15)
 
 
+def test_replace_makes_the_file_its_symbols_whole_history(clean_db: Engine, tmp_path: Path) -> None:
+    """A vendor's correction moves a split's date: without --replace both dates would be stored."""
+    _load(clean_db, {"AAA": (dt.date(2024, 1, 2), 20), "BBB": (dt.date(2024, 1, 2), 20)})
+    import_actions(clean_db, _write(tmp_path / "a.csv", GOOD))
+    before = _versions(clean_db)
+    corrected = [GOOD[0], "AAA,2024-01-11,split,4", "AAA,2024-01-05,dividend,0.25", "BBB,2024-01-08,split,0.1"]
+    report = import_actions(clean_db, _write(tmp_path / "b.csv", corrected), replace=True)
+    assert (report.inserted, report.updated, report.unchanged, report.deleted) == (1, 0, 2, 3)  # 2 actions, 1 delisting
+    assert _actions(clean_db, ["AAA", "BBB"]) == {
+        "AAA": {"split": [("2024-01-11", 4.0)], "dividend": [("2024-01-05", 0.25)]},
+        "BBB": {"split": [("2024-01-08", 0.1)], "dividend": []},
+    }
+    assert _delisted(clean_db) == {"AAA": None, "BBB": None}
+    assert _versions(clean_db) == {("AAA", "1d"): report.version, ("BBB", "1d"): before[("BBB", "1d")]}
+    again = import_actions(clean_db, tmp_path / "b.csv", replace=True)
+    assert (again.inserted, again.updated, again.deleted, again.version) == (0, 0, 0, None)
+
+
 def test_a_parquet_file_with_typed_columns_and_aliases(clean_db: Engine, tmp_path: Path) -> None:
     _load(clean_db, {"AAA": (dt.date(2024, 1, 2), 20)})
     table = pa.table({
