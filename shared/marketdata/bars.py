@@ -161,19 +161,36 @@ def _by_source(
 DEFAULT_BATCH_BARS = 2_000_000  # ALPHAFORGE_BATCH_BARS
 
 
-def series_sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
-    """The bars of each symbol's series that serves ``timeframe`` (its source's, before resampling; symbols without
-    one absent)."""
+def series_sizes(
+    conn: Connection,
+    symbols: Sequence[str],
+    timeframe: str,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+) -> dict[str, int]:
+    """At most how many bars of each symbol's series that serves ``timeframe`` a read of [start, end] holds (its
+    source's, before resampling; from metadata; symbols without one absent)."""
     provider = providers.current()
-    found = _by_source(symbols, timeframe, lambda missing, source: provider.sizes(conn, missing, source))
+
+    def sizes(missing: list[str], source: str) -> dict[str, int]:
+        return provider.sizes(conn, missing, source, *_range_ts(start, end, is_intraday(source)))
+
+    found = _by_source(symbols, timeframe, sizes)
     return {symbol: size for symbol, (_, size) in found.items()}
 
 
-def batches(conn: Connection, symbols: Sequence[str], timeframe: str, max_bars: int) -> list[list[str]]:
+def batches(
+    conn: Connection,
+    symbols: Sequence[str],
+    timeframe: str,
+    max_bars: int,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+) -> list[list[str]]:
     """``symbols`` in order, cut into runs whose series (at ``timeframe``'s source) hold at most ``max_bars`` bars
     together, at least one symbol each: what a shard reads and computes at a time (``ALPHAFORGE_BATCH_BARS``), so
     that its memory does not grow with the bars' timeframe. A symbol without bars weighs nothing."""
-    sizes = series_sizes(conn, symbols, timeframe)
+    sizes = series_sizes(conn, symbols, timeframe, start, end)
     out: list[list[str]] = []
     weight = 0
     for symbol in symbols:
@@ -200,7 +217,7 @@ def bar_batches(
     bars read in a session of its own (symbols without bars absent): what a shard holds at once does not grow with
     the timeframe."""
     with factory() as session:
-        groups = batches(session.connection(), symbols, timeframe, max_bars)
+        groups = batches(session.connection(), symbols, timeframe, max_bars, start, end)
     for group in groups:
         with factory() as session:
             bars = load_bars(session.connection(), group, start, end, timeframe=timeframe, adjustment=adjustment)

@@ -45,8 +45,11 @@ class BarProvider(Protocol):
         """The current data version of each of ``symbols`` that has bars at ``timeframe``."""
         ...
 
-    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
-        """How many bars each of ``symbols`` that has bars at ``timeframe`` has (what sizes a read's batches)."""
+    def sizes(
+        self, conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
+    ) -> dict[str, int]:
+        """At most how many bars each of ``symbols`` has at ``timeframe`` in [start_ts, end_ts] (what sizes a read's
+        batches; symbols without bars absent)."""
         ...
 
 
@@ -61,8 +64,10 @@ class StoreProvider:
     def versions(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
         return store.versions(conn, symbols, timeframe)
 
-    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
-        return store.sizes(conn, symbols, timeframe)
+    def sizes(
+        self, conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
+    ) -> dict[str, int]:
+        return store.sizes(conn, symbols, timeframe, start_ts, end_ts)
 
 
 class ProviderError(RuntimeError):
@@ -115,8 +120,10 @@ class ParquetDirectoryProvider:
         keys = {symbol: self._key(symbol, timeframe) for symbol in symbols}
         return {symbol: key.version for symbol, key in keys.items() if key is not None}
 
-    def sizes(self, conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
-        out = {}
+    def sizes(
+        self, conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
+    ) -> dict[str, int]:
+        out = {}  # the files' bars: a bound of any range's
         for symbol in symbols:
             key = self._key(symbol, timeframe)
             if key is not None:

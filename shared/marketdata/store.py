@@ -254,13 +254,22 @@ def versions(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[s
         return dict(cursor.fetchall())
 
 
-def sizes(conn: Connection, symbols: Sequence[str], timeframe: str) -> dict[str, int]:
-    """How many bars each of ``symbols`` that has bars at ``timeframe`` has."""
+_SIZES_SQL = """
+SELECT symbol, sum(bars)::int FROM bar_chunks
+WHERE timeframe = %(tf)s AND symbol = ANY(%(symbols)s::varchar[])
+  AND (%(start)s::bigint IS NULL OR last_ts >= %(start)s::bigint)
+  AND (%(end)s::bigint IS NULL OR first_ts <= %(end)s::bigint)
+GROUP BY symbol
+"""
+
+
+def sizes(
+    conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None = None, end_ts: int | None = None
+) -> dict[str, int]:
+    """How many bars each of ``symbols`` has at ``timeframe`` in the chunks that meet [start_ts, end_ts] (an upper
+    bound of the bars in the range, from chunk metadata: no bytes read)."""
     with _cursor(conn) as cursor:
-        cursor.execute(
-            "SELECT symbol, bars FROM bar_series WHERE timeframe = %s AND symbol = ANY(%s::varchar[])",
-            (timeframe, list(symbols)),
-        )
+        cursor.execute(_SIZES_SQL, {"tf": timeframe, "symbols": list(symbols), "start": start_ts, "end": end_ts})
         return dict(cursor.fetchall())
 
 

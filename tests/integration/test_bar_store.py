@@ -194,3 +194,16 @@ def test_a_job_is_stamped_with_its_data_and_each_result_with_the_version_it_read
         read = {symbol: version for symbol, version in found}
     assert job["reproducibility"]["data_sha256"] == stamp.sha256
     assert read == {"V1": versions["V1"], "V2": versions["V2"], "V3NONE": None}  # no bars: nothing read
+
+
+def test_sizes_count_the_bars_of_the_chunks_a_range_meets_from_metadata(clean_db: Engine) -> None:
+    """Two decade chunks (2008-2009, 2010-2011): a range in the second counts its chunk's bars only."""
+    bars = _series(dt.date(2008, 1, 1), 1000)  # business days: 2008-01-01 .. 2011-10
+    store.import_columns(clean_db, DEFAULT_TIMEFRAME, {"SZ": bars})
+    with clean_db.connect() as conn:
+        whole = store.sizes(conn, ["SZ", "NONE"], DEFAULT_TIMEFRAME)
+        later = store.sizes(conn, ["SZ"], DEFAULT_TIMEFRAME, day_ts(dt.date(2011, 1, 1)), None)
+        earlier = store.sizes(conn, ["SZ"], DEFAULT_TIMEFRAME, None, day_ts(dt.date(2009, 6, 1)))
+    in_2010s = int((bars.ts >= day_ts(dt.date(2010, 1, 1))).sum())
+    assert whole == {"SZ": 1000} and 0 < in_2010s < 1000
+    assert later == {"SZ": in_2010s} and earlier == {"SZ": 1000 - in_2010s}

@@ -61,9 +61,10 @@ class ValidationLimits:
 
 def check_portfolio_bars(session: Session, config: BacktestConfig, max_bars: int, field: str, what: str) -> None:
     """A task that needs every symbol of a job holds all their bars at once: series of more than ``max_bars`` bars
-    together (``ALPHAFORGE_MAX_PORTFOLIO_BARS``; whole series, an upper bound of a date range's) are a 422 on
+    together (``ALPHAFORGE_MAX_PORTFOLIO_BARS``; counted by chunk over the date range, an upper bound) are a 422 on
     ``field``, not a worker out of memory."""
-    held = sum(series_sizes(session.connection(), config.symbols, config.timeframe).values())
+    held = sum(series_sizes(session.connection(), config.symbols, config.timeframe, config.start_date,
+                            config.end_date).values())  # fmt: skip
     if held > max_bars:
         raise ValidationFailed.for_field(
             field,

@@ -31,7 +31,9 @@ def _calendar(session: Session, config: BacktestConfig) -> list[dt.date]:
     """Every date on which one of the config's symbols has a bar in its range (read a batch at a time)."""
     conn = session.connection()
     days = np.empty(0, "datetime64[D]")
-    for group in batches(conn, config.symbols, config.timeframe, DEFAULT_BATCH_BARS):
+    for group in batches(
+        conn, config.symbols, config.timeframe, DEFAULT_BATCH_BARS, config.start_date, config.end_date
+    ):
         bars = load_bars(conn, group, config.start_date, config.end_date, timeframe=config.timeframe)
         days = np.unique(np.concatenate([days, *(b.days for b in bars.values())]))
     return days.astype(dt.date).tolist()
