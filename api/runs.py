@@ -209,12 +209,14 @@ def _validation_from_body(raw: object) -> ValidationSpec | None:
 
 
 def _as_of(raw: object) -> dt.date | None:
+    """The body's ``as_of`` (absent or null: none); anything but an ISO date is a 422 naming it."""
     if raw is None:
         return None
-    try:
-        return dt.date.fromisoformat(raw) if isinstance(raw, str) else None
-    except ValueError:
-        pass
+    if isinstance(raw, str) and len(raw) == 10:
+        try:
+            return dt.date.fromisoformat(raw)
+        except ValueError:
+            pass
     raise ValidationFailed.for_field("as_of", f"must be an ISO date (YYYY-MM-DD), got {str(raw)[:40]!r}")
 
 

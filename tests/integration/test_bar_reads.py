@@ -115,6 +115,10 @@ def test_runs_and_optimisations_take_weekly_and_intraday_bars(
     assert weekly.status_code == hourly.status_code == 202, (weekly.get_json(), hourly.get_json())
     bad = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "timeframe": "2h"})
     assert bad.status_code == 422 and "timeframe" in bad.get_json()["error"]["message"]
+    for as_of in (123, "2024-13-01", "20240101", ["2024-01-01"]):
+        refused = client.post("/api/runs", json={"symbols": ["WK"], "strategy": strategy, "as_of": as_of})
+        assert refused.status_code == 422, (as_of, refused.get_json())
+        assert refused.get_json()["error"]["details"]["errors"][0]["field"] == "as_of"
 
     views = {name: wait_for_job(client, r.get_json()["run_id"]) for name, r in (("weekly", weekly), ("hourly", hourly))}
     assert views["weekly"]["status"] == "succeeded", views["weekly"]
