@@ -22,6 +22,7 @@ chunks of the old version are read again), under the bar imports' lock; a delist
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import math
 import time
@@ -77,25 +78,6 @@ class ActionsFile:
     source: str
     unit: str  # "line" (CSV) or "row" (Parquet)
     rows: list[ActionRow]
-
-
-@dataclass(frozen=True)
-class ActionsImportReport:
-    """What an import did: rows of the file, then how many of them were new, changed a stored value (or a delisting
-    date), or matched what was stored; with ``--replace``, how many stored actions (and delistings) of its symbols
-    the file lacked and were deleted; the symbols whose bar series took the import's data version, and that version
-    (None if no bars changed meaning)."""
-
-    source_name: str
-    rows: int
-    symbols: int
-    inserted: int
-    updated: int
-    unchanged: int
-    deleted: int
-    versioned_symbols: int
-    version: int | None
-    seconds: float
 
 
 class _Problems:
@@ -351,7 +333,10 @@ RETURNING symbol
 
 @dataclass(frozen=True)
 class ActionCounts:
-    """What :func:`store_actions` changed (see :class:`ActionsImportReport`)."""
+    """What :func:`store_actions` did: how many of the file's rows were new, changed a stored value (or a delisting
+    date), or matched what was stored; with ``replace``, how many stored actions (and delistings) of its symbols the
+    file lacked and were deleted; the symbols whose bar series took the import's data version, and that version
+    (None if no bars changed meaning)."""
 
     inserted: int
     updated: int
@@ -359,6 +344,16 @@ class ActionCounts:
     deleted: int
     versioned_symbols: int
     version: int | None
+
+
+@dataclass(frozen=True)
+class ActionsImportReport(ActionCounts):
+    """What an import did: its file, rows and symbols, its :class:`ActionCounts`, and how long it took."""
+
+    source_name: str
+    rows: int
+    symbols: int
+    seconds: float
 
 
 _DELETE = """
@@ -447,15 +442,10 @@ def import_actions(engine: Engine, file: Path, *, replace: bool = False) -> Acti
     with engine.begin() as conn:
         counts = store_actions(conn, parsed, replace=replace)
     return ActionsImportReport(
+        **dataclasses.asdict(counts),
         source_name=parsed.source,
         rows=len(parsed.rows),
         symbols=len({row.symbol for row in parsed.rows}),
-        inserted=counts.inserted,
-        updated=counts.updated,
-        unchanged=counts.unchanged,
-        deleted=counts.deleted,
-        versioned_symbols=counts.versioned_symbols,
-        version=counts.version,
         seconds=time.perf_counter() - started,
     )
 
