@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlalchemy import Connection, Engine, text
 
 from shared.marketdata import listings
@@ -170,6 +168,9 @@ def _csv_rows(file: Path, problems: _Problems) -> Iterator[tuple[int, Cells]]:
 
 def _parquet_rows(file: Path, problems: _Problems) -> Iterator[tuple[int, Cells]]:
     """Each row's number (1-based) and cells, as Python values (str, date, datetime, numbers, None)."""
+    import pyarrow as pa  # only a Parquet file's import pays for pyarrow, not every reader of bars
+    import pyarrow.parquet as pq
+
     try:
         table = pq.read_table(file)
     except (pa.ArrowInvalid, OSError) as exc:

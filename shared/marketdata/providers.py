@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import pyarrow.parquet as pq
 from sqlalchemy import Connection
 
 from shared.marketdata import store
@@ -123,6 +122,8 @@ class ParquetDirectoryProvider:
     def sizes(
         self, conn: Connection, symbols: Sequence[str], timeframe: str, start_ts: int | None, end_ts: int | None
     ) -> dict[str, int]:
+        import pyarrow.parquet as pq  # only this provider's processes pay for pyarrow
+
         out = {}  # the files' bars: a bound of any range's
         for symbol in symbols:
             key = self._key(symbol, timeframe)
