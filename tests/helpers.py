@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import psutil
 import redis
 from celery import Celery
 from flask import Flask
@@ -201,3 +203,21 @@ def authed_client(app: Flask, user: ApiUser) -> FlaskClient:
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {user.access_token}"
     return client
+
+
+ZYGOTE_MARK = "shared.sandbox.zygote"  # in a zygote's command line, and so in every child it forks
+
+
+def sandbox_processes(root_pid: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(zygotes, forked sandbox children) in the process tree under ``root_pid``: a child keeps its zygote's
+    command line, and its parent is a zygote."""
+    zygotes: list[psutil.Process] = []
+    children: list[psutil.Process] = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if ZYGOTE_MARK not in " ".join(process.cmdline()):
+                continue
+            parent = process.parent()
+            forked = parent is not None and ZYGOTE_MARK in " ".join(parent.cmdline())
+            (children if forked else zygotes).append(process)
+    return zygotes, children

@@ -335,3 +335,14 @@ def one_of(*choices: str) -> Callable[[str], str]:
         return value
 
     return check
+
+
+def at_most(limit: float) -> Callable[[Any], Any]:
+    """A number no larger than ``limit`` (with ``ge``/``gt`` for the lower bound)."""
+
+    def check(value: Any) -> Any:
+        if value > limit:
+            raise ValueError(f"must be at most {limit:,}, got {value:,}")
+        return value
+
+    return check

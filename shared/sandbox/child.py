@@ -1,80 +1,69 @@
-"""The sandbox process: runs one user script over a batch of symbols, then exits.
+"""The sandbox child: one shard of one job, forked from the zygote (shared/sandbox/zygote.py); it exits after.
 
-Started by shared/sandbox/runner.py as ``python -I -c <boot> <project root>`` with an empty
-environment, ``cwd=/`` and its own session. Protocol (the parent is trusted, this process is not):
+What the fork gives it: an interpreter that never held a secret, with RestrictedPython, the policy, numpy and
+``ta`` already imported, in the zygote's empty network namespace. It then confines itself before it reads any
+user code (:func:`confine`): resource limits, an unprivileged uid (when the worker is root), no_new_privs and the
+seccomp filter (the zygote's exported program: one ``prctl``). Nothing it does can reach the zygote or a sibling
+(each is a copy-on-write copy of the zygote, which never runs user code); it serves one shard and dies.
 
-* stdin: 8-byte big-endian length, then a pickle of the request (script, params, limits, items);
-* stdout: one JSON line ``{"ready": true, "layers": {...}}`` once limits are applied, then per item, in
-  order, ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``, plus
-  ``"incidents": [[layer, reason, detail], ...]`` when a layer refused something for that item.
-  A request with ``"mode": "strategy"`` (a strategy script) answers ``{"i": k, "signals": {...}}``
-  instead of ``"value"``: ``n`` (bars), ``warmup`` and either ``entries`` and ``exits`` (base64 of packed
-  bits, least significant bit first) or ``position`` (base64 of little-endian float64); see
-  :func:`check_signals`. Without ``mode`` the request is a calculation, answered exactly as before.
+Protocol (the parent is trusted, this process is not):
 
-Set-up order: read the input, preload what the script imports (``ta`` needs numpy, which opens files),
-apply resource limits, isolate (network namespace, no_new_privs, unprivileged uid), load the seccomp
-filter, and only then compile and run user code. The parent re-validates every line: nothing this
-process says is trusted.
+* its request: a sealed memfd, mapped read-only (shared/sandbox/wire.py): script, params, limits, mode and the
+  shard's bars in one float64 blob;
+* its answers, on its own pipe: one JSON line ``{"ready": true, "layers": {...}}`` once confined, then per item,
+  in order, ``{"i": k, "value": x}`` or ``{"i": k, "error": {"type", "message", "line"}}``, plus ``"incidents":
+  [[layer, reason, detail], ...]`` when a layer refused something for that item, and ``"output"`` /
+  ``"output_dropped"`` (what ``print`` wrote, bounded) when the request asks ``capture_output``.
+  Mode ``strategy`` answers ``{"i": k, "signals": {...}}`` (shared/sandbox/strategy_output.py) instead of a
+  value; mode ``execute`` (no bars: a snippet) answers ``{"i": 0, "value": null, "locals": {...}}`` or its error.
+
+Scripts see their bars as read-only float series built from the blob with one copy each
+(shared/domain/sandbox/series.py), never a Python object per value, and dates as one tuple per distinct calendar.
+The parent re-validates every line: nothing this process says is trusted.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
-import pickle
 import resource
-import signal
-import sys
 import traceback
-from array import array
-from collections.abc import Collection
-from typing import Any, BinaryIO
+from typing import Any
 
 from shared.domain.sandbox.policy import (
-    ENTRIES_NAME,
-    EXITS_NAME,
-    INDICATOR_MODULE,
-    POSITION_NAME,
     RESULT_NAME,
     SCRIPT_FILENAME,
-    WARMUP_NAME,
+    PrintOutput,
     Violations,
     compile_script,
-    imports_of,
-    indicator_facade,
     script_globals,
 )
+from shared.domain.sandbox.series import series_from_bytes
 from shared.sandbox import seccomp as sandbox_seccomp
+from shared.sandbox.strategy_output import SignalError, check_signals
+from shared.sandbox.wire import SERIES, Request, read_request
 
-SERIES = ("open", "high", "low", "close", "volume")
-_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
 NOBODY = 65534  # uid/gid of the sandbox when the worker runs as root
 _MISSING = object()
 MAX_VIOLATIONS_REPORTED = 5  # per item; the count of the rest is reported too
+MAX_LOCALS = 200  # names an execute answer lists
+MAX_LOCAL_CHARS = 1_000  # characters of one local's shown value
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
-            raise EOFError("parent closed the input early")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def _address_space_bytes() -> int:
+    """What this process has mapped now (the zygote's interpreter, numpy, the request): the memory limit is
+    granted on top of it."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[0]) * resource.getpagesize()
 
 
 def _apply_limits(limits: dict[str, Any], n_items: int) -> None:
-    mem = int(limits["memory_mb"]) * 1024 * 1024
+    mem = _address_space_bytes() + int(limits["memory_mb"]) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     cpu = math.ceil(float(limits["symbol_timeout_s"]) * max(n_items, 1) + 5)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -84,27 +73,32 @@ def _apply_limits(limits: dict[str, Any], n_items: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
 
 
-def _isolate() -> dict[str, bool]:
-    """Kernel-level isolation before user code runs; returns which layers took effect.
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)  # loaded by the zygote, before any fork
 
-    * an empty network namespace: no TCP/UDP to anything, the worker's database and broker included
-      (as root directly; otherwise through an unprivileged user namespace where the host allows one);
+
+def confine(limits: dict[str, Any], n_items: int, seccomp_program: sandbox_seccomp.Program) -> dict[str, bool]:
+    """Every per-child layer, in order; returns which took effect. After this only the system calls of
+    ``sandbox_seccomp.ALLOWED`` work.
+
+    * resource limits (memory on top of what is mapped now, CPU seconds, no files, no processes);
+    * never run user code as root: uid/gid 65534 (nobody) when the worker is root;
     * no new privileges ever (setuid binaries, file capabilities);
-    * never run user code as root: uid/gid 65534 (nobody) when the worker is root.
+    * the seccomp filter.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
+    _apply_limits(limits, n_items)
     root = os.geteuid() == 0
-    layers = {"network_namespace": False, "no_new_privs": False, "unprivileged_uid": not root}
-    with contextlib.suppress(OSError, AttributeError):
-        layers["network_namespace"] = libc.unshare(_CLONE_NEWNET if root else _CLONE_NEWUSER | _CLONE_NEWNET) == 0
-    with contextlib.suppress(OSError, AttributeError):
-        layers["no_new_privs"] = libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    layers = {"no_new_privs": False, "unprivileged_uid": not root}
     if root:
         with contextlib.suppress(OSError):
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             layers["unprivileged_uid"] = os.geteuid() == NOBODY
+    with contextlib.suppress(OSError, AttributeError):
+        layers["no_new_privs"] = _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    layers["seccomp"] = seccomp_program.install() if layers["no_new_privs"] else False
     return layers
 
 
@@ -143,118 +137,56 @@ def check_result(value: Any) -> float | None:
     return number
 
 
-class SignalError(ValueError):
-    """A strategy script's series are not what the contract asks for (the message names the problem)."""
-
-
-def pack_bits(values: tuple[bool, ...] | list[bool]) -> str:
-    """Booleans as base64 of packed bits, least significant bit first (8 bars a byte)."""
-    out = bytearray((len(values) + 7) // 8)
-    for i, value in enumerate(values):
-        if value:
-            out[i >> 3] |= 1 << (i & 7)
-    return base64.b64encode(bytes(out)).decode("ascii")
-
-
-def _bools(name: str, value: Any, n: int) -> str:
+def _shown(value: Any) -> Any:
+    """An execute answer's view of one local: plain JSON scalars as they are, anything else as its bounded repr
+    (the parent scrubs addresses from it)."""
     kind = type(value)
-    if kind is not tuple and kind is not list:
-        raise SignalError(f"{name} must be a tuple (or list) of booleans, one per bar, not {kind.__name__}")
-    if len(value) != n:
-        raise SignalError(f"{name} has {len(value):,} values; expected {n:,} (one per bar)")
-    for i, item in enumerate(value):
-        if type(item) is not bool:  # checked by type: no __bool__ of a script's object ever runs here
-            raise SignalError(f"{name}[{i}] is {type(item).__name__}, not bool (True or False)")
-    return pack_bits(value)
+    if value is None or kind is bool or (kind is str and len(value) <= MAX_LOCAL_CHARS):
+        return value
+    if (kind is int and -(2**53) <= value <= 2**53) or (kind is float and math.isfinite(value)):
+        return value
+    try:
+        return {"repr": repr(value)[:MAX_LOCAL_CHARS]}
+    except Exception:  # a recursion, or memory
+        return {"repr": f"<{kind.__name__}>"}
 
 
-def _positions(value: Any, n: int) -> str:
-    kind = type(value)
-    if kind is not tuple and kind is not list:
-        raise SignalError(f"{POSITION_NAME} must be a tuple (or list) of numbers, one per bar, not {kind.__name__}")
-    if len(value) != n:
-        raise SignalError(f"{POSITION_NAME} has {len(value):,} values; expected {n:,} (one per bar)")
-    numbers = array("d")
-    for i, item in enumerate(value):
-        if type(item) is not float and type(item) is not int:
-            raise SignalError(f"{POSITION_NAME}[{i}] is {type(item).__name__}, not a number")
+def _locals_of(namespace: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """What an executed snippet left in its top level: the names it bound, not its guards, builtins or inputs."""
+    bound = [n for n in namespace if not n.startswith("_") and n not in inputs and n not in ("math", "statistics")]
+    return {name: _shown(namespace[name]) for name in bound[:MAX_LOCALS]}
+
+
+def _outcome(namespace: dict[str, Any], inputs: dict[str, Any], mode: str, max_chars: int,
+             incidents: list[list[str]]) -> dict[str, Any]:  # fmt: skip
+    if mode == "execute":
+        return {"value": None, "locals": _locals_of(namespace, inputs)}
+    if mode == "strategy":
         try:
-            number = float(item)
-        except OverflowError:
-            raise SignalError(f"{POSITION_NAME}[{i}] is too large") from None
-        if not -1.0 <= number <= 1.0:  # NaN fails this too
-            raise SignalError(f"{POSITION_NAME}[{i}] is {number!r}; a target position is between -1 and 1")
-        numbers.append(number)
-    if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
-        numbers.byteswap()
-    return base64.b64encode(numbers.tobytes()).decode("ascii")
+            return {"signals": check_signals(namespace, len(inputs["close"]))}
+        except SignalError as exc:
+            message = str(exc)[:max_chars]
+            incidents.append(["result", "invalid_signals", message])
+            return {"error": {"type": "SignalError", "message": message, "line": None}}
+    value = namespace.get(RESULT_NAME, _MISSING)
+    if value is _MISSING:
+        return {"error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}}
+    try:
+        return {"value": check_result(value)}
+    except (TypeError, ValueError, OverflowError) as exc:
+        error = _describe(exc, max_chars)
+        incidents.append(["result", "invalid_result", str(error["message"])])
+        return {"error": error}
 
 
-def check_signals(namespace: dict[str, Any], n: int) -> dict[str, Any]:
-    """A strategy script's output, checked by exact type and length and encoded compactly for the parent.
-
-    Either ``entries`` and ``exits`` (booleans) or ``position`` (numbers in [-1, 1]), one per bar; optional
-    ``warmup`` (int, the first bar the signals mean anything, default 0). The parent checks all of it again.
-    """
-    entries = namespace.get(ENTRIES_NAME, _MISSING)
-    exits = namespace.get(EXITS_NAME, _MISSING)
-    position = namespace.get(POSITION_NAME, _MISSING)
-    warmup = namespace.get(WARMUP_NAME, 0)
-    if type(warmup) is not int:
-        raise SignalError(f"{WARMUP_NAME} must be an int, not {type(warmup).__name__}")
-    if not 0 <= warmup < max(n, 1):
-        raise SignalError(f"{WARMUP_NAME} is {warmup:,}; it must be a bar index from 0 to {max(n - 1, 0):,}")
-    signals: dict[str, Any] = {"n": n, "warmup": warmup}
-    if position is not _MISSING:
-        if entries is not _MISSING or exits is not _MISSING:
-            raise SignalError(f"assign either `{ENTRIES_NAME}` and `{EXITS_NAME}`, or `{POSITION_NAME}`, not both")
-        signals[POSITION_NAME] = _positions(position, n)
-        return signals
-    if entries is _MISSING and exits is _MISSING:
-        raise SignalError(
-            f"the strategy script assigned neither `{ENTRIES_NAME}` and `{EXITS_NAME}` nor `{POSITION_NAME}`"
-        )
-    if entries is _MISSING or exits is _MISSING:
-        given, absent = (ENTRIES_NAME, EXITS_NAME) if exits is _MISSING else (EXITS_NAME, ENTRIES_NAME)
-        raise SignalError(f"the strategy script assigned `{given}` but not `{absent}`")
-    signals[ENTRIES_NAME] = _bools(ENTRIES_NAME, entries, n)
-    signals[EXITS_NAME] = _bools(EXITS_NAME, exits, n)
-    return signals
-
-
-def _run_one(
-    code: Any, item: dict[str, Any], params_json: str, max_chars: int, strategy: bool = False
-) -> dict[str, Any]:
-    inputs: dict[str, Any] = {name: tuple(array("d", item[name])) for name in SERIES}
-    indicators = sys.modules.get("shared.domain.sandbox.ta")
-    if indicators is not None:  # `ta` skips re-checking and re-packing these exact tuples (trusted bytes)
-        indicators._register_series(*((inputs[name], item[name]) for name in SERIES))
-    inputs["dates"] = tuple(item["dates"])
-    inputs["symbol"] = item["symbol"]
-    inputs["params"] = json.loads(params_json)  # a fresh copy per symbol
+def run_one(code: Any, inputs: dict[str, Any], mode: str, max_chars: int, output: PrintOutput) -> dict[str, Any]:
+    """One execution with fresh globals: the script's answer, its error, and what the layers refused."""
     violations: Violations = []
     incidents: list[list[str]] = []
-    namespace = script_globals(inputs, violations)
+    namespace = script_globals(inputs, violations, output)
     try:
         exec(code, namespace)
-        value = namespace.get(RESULT_NAME, _MISSING)
-        outcome: dict[str, Any]
-        if strategy:
-            try:
-                outcome = {"signals": check_signals(namespace, len(inputs["close"]))}
-            except SignalError as exc:
-                outcome = {"error": {"type": "SignalError", "message": str(exc)[:max_chars], "line": None}}
-                incidents.append(["result", "invalid_signals", outcome["error"]["message"]])
-        elif value is _MISSING:
-            outcome = {
-                "error": {"type": "ResultError", "message": f"the script did not assign `{RESULT_NAME}`", "line": None}
-            }
-        else:
-            try:
-                outcome = {"value": check_result(value)}
-            except (TypeError, ValueError, OverflowError) as exc:
-                outcome = {"error": _describe(exc, max_chars)}
-                incidents.append(["result", "invalid_result", outcome["error"]["message"]])
+        outcome = _outcome(namespace, inputs, mode, max_chars, incidents)
     except BaseException as exc:
         outcome = {"error": _describe(exc, max_chars)}
         if isinstance(exc, MemoryError):
@@ -269,64 +201,52 @@ def _run_one(
     return outcome
 
 
-def _wanted_modules(source: str) -> set[str]:
-    try:
-        return imports_of(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return set()  # the script gets its compile error later, under the limits
+def _inputs(request: Request, entry: dict[str, Any], calendars: dict[int, tuple[str, ...]], params_json: str
+            ) -> dict[str, Any]:  # fmt: skip
+    inputs: dict[str, Any] = {name: series_from_bytes(request.series(entry, k)) for k, name in enumerate(SERIES)}
+    index = int(entry["dates"])
+    if index not in calendars:  # one tuple per distinct calendar of the shard: immutable, so shared safely
+        calendars[index] = request.calendar(index)
+    inputs["dates"] = calendars[index]
+    inputs["symbol"] = entry["symbol"]
+    inputs["params"] = json.loads(params_json)  # a fresh copy per symbol
+    return inputs
 
 
-def confine(limits: dict[str, Any], n_items: int, preload: Collection[str] = ()) -> dict[str, bool]:
-    """Apply every process-level layer, in order; returns which took effect. After this, only the
-    system calls of ``sandbox_seccomp.ALLOWED`` work: anything that needs a file is loaded before."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"  # numpy must not start threads
-    syscall_filter = sandbox_seccomp.Filter()  # before RLIMIT_NPROC: its fallback lookup runs ldconfig
-    _apply_limits(limits, n_items)
-    if INDICATOR_MODULE in preload:
-        with contextlib.suppress(ImportError):  # then the script's `import ta` fails with a clear ImportError
-            indicator_facade()
-    layers = _isolate()
-    layers["seccomp"] = syscall_filter.load()
-    return layers
-
-
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL if the worker process dies, so no sandbox outlives its supervisor."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def main() -> None:
-    _die_with_parent()
-    out = os.fdopen(os.dup(1), "wb")
-    request = pickle.loads(_read_exact(sys.stdin.buffer, int.from_bytes(_read_exact(sys.stdin.buffer, 8), "big")))
-    items: list[dict[str, Any]] = request["items"]
-    limits: dict[str, Any] = request["limits"]
+def serve(request_fd: int, out_fd: int, seccomp_program: sandbox_seccomp.Program, zygote_layers: dict[str, bool]
+          ) -> None:  # fmt: skip
+    """The child's whole life after the fork: map the request, confine, answer every item."""
+    request = read_request(request_fd)
+    os.close(request_fd)
+    header = request.header
+    entries: list[dict[str, Any]] = header["items"]
+    limits: dict[str, Any] = header["limits"]
     max_chars = int(limits["max_error_chars"])
-    # Nothing the script does may reach a real stream: fds 0-2 point at /dev/null from here on.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    layers = confine(limits, len(items), preload=_wanted_modules(request["script"]))
+    mode = str(header.get("mode") or "calculation")
+    capture = bool(header.get("capture_output"))
+    output_limit = int(header.get("output_chars") or 0)
+    layers = {**zygote_layers, **confine(limits, len(entries), seccomp_program)}
 
     def emit(message: dict[str, Any]) -> None:
-        out.write(json.dumps(message, allow_nan=True).encode() + b"\n")
-        out.flush()
+        data = json.dumps(message, allow_nan=True).encode() + b"\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out_fd, view) :]
 
+    emit({"ready": True, "layers": layers})  # start-up ends here: compiling is the script's first work
+    params_json = json.dumps(header["params"])
     try:
-        code = compile_script(request["script"])
+        code = compile_script(header["script"])
     except Exception as exc:
-        emit({"ready": True, "layers": layers})
-        for index in range(len(items)):
+        for index in range(max(len(entries), 1 if mode == "execute" else 0)):
             emit({"i": index, "error": _describe(exc, max_chars)})
         return
-    params_json = json.dumps(request["params"])
-    strategy = request.get("mode") == "strategy"
-    emit({"ready": True, "layers": layers})
-    for index, item in enumerate(items):
-        emit({"i": index, **_run_one(code, item, params_json, max_chars, strategy)})
+    calendars: dict[int, tuple[str, ...]] = {}
+    runs = [{"params": json.loads(params_json)}] if mode == "execute" else None
+    for index in range(len(runs) if runs is not None else len(entries)):
+        inputs = runs[index] if runs is not None else _inputs(request, entries[index], calendars, params_json)
+        output = PrintOutput(output_limit)
+        answer = run_one(code, inputs, mode, max_chars, output)
+        if capture:
+            answer["output"], answer["output_dropped"] = output.text(), output.dropped
+        emit({"i": index, **answer})

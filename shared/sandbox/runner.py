@@ -1,32 +1,26 @@
 """The process layer of the sandbox: the trusted parent side.
 
-User code never runs in the worker process. For each shard a fresh interpreter is started
-(``python -I``, empty environment, ``cwd=/``, own session, inherited descriptors closed); it applies
-its resource limits before touching user code (shared/sandbox/child.py). This side enforces the
-wall-clock deadline per symbol with a kill, caps what it reads, and re-checks every result. When a
-symbol times out or kills its process, that symbol gets the error and a new process continues with
-the symbols after it: one bad symbol never costs the others their results.
+User code never runs in the worker process. Each shard's symbols go to a child forked from this process's sandbox
+zygote (shared/sandbox/forkserver.py, shared/sandbox/zygote.py): a clean interpreter with everything imported,
+which confines itself before touching user code (shared/sandbox/child.py). This side enforces the wall-clock
+deadline per symbol with a kill, caps what it reads, re-checks every answer and counts what each child used. When
+a symbol times out or kills its child, that symbol gets the error and a new child continues with the symbols
+after it: one bad symbol never costs the others their results. When the zygote itself dies, the symbol in
+progress is retried on a new zygote: that is no fault of the script's.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import math
 import os
-import pickle
 import re
 import select
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,17 +31,16 @@ from shared.infra.config import SandboxLimits
 from shared.infra.security import Incident, is_known
 from shared.jobs.pipeline import Outcome
 from shared.marketdata.bars import SymbolBars
+from shared.sandbox import forkserver, wire
+from shared.sandbox.forkserver import ExitReport, ForkedChild, ForkServer, SandboxUnavailable, ZygoteDied
 from shared.sandbox.signals import ScriptSignals, StrategyOutcome
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from shared.sandbox.child import main; main()"
+MAX_ZYGOTE_DEATHS = 3  # per run: past this the shard is retried later (SandboxUnavailable)
 
-
-class SandboxUnavailable(RuntimeError):
-    """The sandbox process could not be started or set up: an infrastructure fault, worth a retry."""
+__all__ = ["SandboxUnavailable", "SandboxUsage", "probe_layers", "run_script", "run_strategy"]
 
 
 class _ChildFault(Exception):
@@ -68,30 +61,19 @@ _DEATHS = {
 }
 
 
-def _encode_request(
-    script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits, mode: str | None = None
-) -> bytes:
-    request: dict[str, Any] = {
-        "script": script,
-        "params": params,
-        "limits": asdict(limits),
-        "items": [
-            {
-                "symbol": item.symbol,
-                "dates": item.dates,
-                "open": item.open.tobytes(),
-                "high": item.high.tobytes(),
-                "low": item.low.tobytes(),
-                "close": item.close.tobytes(),
-                "volume": item.volume.tobytes(),
-            }
-            for item in items
-        ],
-    }
-    if mode is not None:  # a calculation's request stays exactly what it was
-        request["mode"] = mode
-    payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(payload).to_bytes(8, "big") + payload
+@dataclass
+class SandboxUsage:
+    """What the sandbox children of one run used, as the zygote measured them (``wait4``): CPU quotas count it."""
+
+    cpu_s: float = 0.0
+    children: int = 0
+    max_rss_kb: int = 0
+    item_seconds: list[float] = field(default_factory=list)  # wall time of each answer, from the one before
+
+    def add(self, report: ExitReport) -> None:
+        self.cpu_s += report.cpu_s
+        self.children += 1
+        self.max_rss_kb = max(self.max_rss_kb, report.maxrss_kb)
 
 
 def parse_message(line: bytes) -> dict[str, Any]:
@@ -106,44 +88,18 @@ def parse_message(line: bytes) -> dict[str, Any]:
     return message
 
 
-class _Child:
-    """One sandbox process and a bounded line reader over its stdout."""
+class _Answers:
+    """A bounded line reader over one child's answer pipe."""
 
-    def __init__(self, limits: SandboxLimits) -> None:
+    def __init__(self, child: ForkedChild, limits: SandboxLimits) -> None:
+        self.child = child
         self.limits = limits
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, str(PROJECT_ROOT)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env={},
-                cwd="/",
-                close_fds=True,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise SandboxUnavailable(f"cannot start the sandbox process: {exc}") from exc
         self._buffer = b""
-
-    def send(self, request: bytes) -> None:
-        assert self.proc.stdin is not None
-        watchdog = threading.Timer(self.limits.startup_timeout_s, self.kill)
-        watchdog.start()
-        try:
-            self.proc.stdin.write(request)
-            self.proc.stdin.close()
-        except (BrokenPipeError, OSError) as exc:
-            self.kill()
-            raise SandboxUnavailable(f"sandbox process did not take its input: {exc}") from exc
-        finally:
-            watchdog.cancel()
 
     def read_message(self, timeout_s: float, cap: int | None = None) -> dict[str, Any]:
         """The next JSON line of at most ``cap`` bytes (default: the limits' line cap), within ``timeout_s``;
-        raises _ChildFault otherwise."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+        raises _ChildFault otherwise (ZygoteDied when the child's zygote went away under it)."""
+        fd = self.child.answers
         deadline = time.monotonic() + timeout_s
         cap = self.limits.max_output_line_bytes if cap is None else cap
         while b"\n" not in self._buffer:
@@ -152,6 +108,7 @@ class _Child:
                                   "supervisor", "output_limit")  # fmt: skip
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.child.kill()
                 raise _ChildFault("TimeoutError", f"the script exceeded the {timeout_s:g} s time limit",
                                   "supervisor", "wall_clock_timeout")  # fmt: skip
             ready, _, _ = select.select([fd], [], [], remaining)
@@ -170,26 +127,15 @@ class _Child:
     def _death(self) -> _ChildFault:
         """Why the child's output ended (it died, or closed its output and hangs)."""
         try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.kill()
+            report = self.child.wait(5.0)
+        except TimeoutError:
             return _ChildFault("SandboxError", "the sandbox process stopped answering")
-        if code < 0:
-            name = signal.Signals(-code).name
+        name = report.signal_name
+        if name is not None:
             layer, reason, hint = _DEATHS.get(name, ("process", "crashed", ""))
             return _ChildFault("SandboxError", f"the sandbox process was terminated by {name}{hint}", layer, reason)
-        return _ChildFault("SandboxError", f"the sandbox process exited with status {code}", "process", "crashed")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def close(self) -> None:
-        self.kill()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        return _ChildFault("SandboxError", f"the sandbox process exited with status {report.exit_code}", "process",
+                           "crashed")  # fmt: skip
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
@@ -220,36 +166,47 @@ def _checked_incidents(raw: object, max_chars: int) -> tuple[Incident, ...]:
     return tuple(incidents)
 
 
+def _checked_output(message: dict[str, Any]) -> dict[str, Any] | None:
+    """What the script printed, when the request captured it: bounded text (addresses scrubbed) and how many
+    characters past the bound were dropped."""
+    if "output" not in message:
+        return None
+    dropped = message.get("output_dropped")
+    text = message["output"] if type(message["output"]) is str else ""
+    return {"output": scrub_addresses(storable_text(text, len(text))),
+            "output_dropped": dropped if type(dropped) is int and dropped > 0 else 0}  # fmt: skip
+
+
+def checked_error(err: object, max_chars: int) -> dict[str, Any]:
+    """A well-formed ``{type, message, line}`` from the child's claim of one (storable, addresses scrubbed)."""
+    if not isinstance(err, dict):
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad error)")
+    line = err.get("line")
+    return {
+        "type": storable_text(err.get("type", "Error"), 100),
+        "message": scrub_addresses(storable_text(err.get("message", ""), max_chars)),
+        "line": line if type(line) is int and line > 0 else None,
+    }
+
+
 def _checked_outcome(symbol: str, index: int, message: dict[str, Any], max_chars: int) -> Outcome:
     """Re-check the child's claim: the right symbol, a finite float or None, or a well-formed error."""
     if message.get("i") != index:
         raise _ChildFault("SandboxError", "the sandbox broke the result protocol (out-of-order result)")
     incidents = _checked_incidents(message.get("incidents"), max_chars)
+    output = _checked_output(message)
     if "error" in message:
-        err = message["error"]
-        if not isinstance(err, dict):
-            raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad error)")
-        line = err.get("line")
-        return Outcome(
-            symbol,
-            None,
-            {
-                "type": storable_text(err.get("type", "Error"), 100),
-                "message": scrub_addresses(storable_text(err.get("message", ""), max_chars)),
-                "line": line if type(line) is int and line > 0 else None,
-            },
-            incidents,
-        )
+        return Outcome(symbol, None, checked_error(message["error"], max_chars), incidents, output)
     value = message.get("value", "missing")
     if value is None:
-        return Outcome(symbol, None, None, incidents)
+        return Outcome(symbol, None, None, incidents, output)
     try:
         number = float(value) if type(value) in (int, float) else math.nan
     except OverflowError:
         number = math.nan
     if not math.isfinite(number):
         raise _ChildFault("SandboxError", "the sandbox returned a value that is not a finite number")
-    return Outcome(symbol, number, None, incidents)
+    return Outcome(symbol, number, None, incidents, output)
 
 
 # Which kernel-level layers the last sandbox process of this worker process reported as active.
@@ -267,18 +224,17 @@ def _note_layers(layers: object) -> None:
         SANDBOX_LAYERS[str(name)] = active
 
 
-def probe_layers(limits: SandboxLimits) -> dict[str, bool]:
-    """Start one sandbox process with nothing to run and return the layers it could apply on this host."""
-    child = _Child(limits)
+def probe_layers(limits: SandboxLimits, server: ForkServer | None = None) -> dict[str, bool]:
+    """Fork one sandbox child with nothing to run and return the layers it could apply on this host. Without
+    ``server``, a zygote of its own, closed after."""
+    own = server is None
+    zygote = ForkServer(startup_timeout_s=limits.startup_timeout_s) if server is None else server
     try:
-        child.send(_encode_request("result = None", {}, [], limits))
-        try:
-            ready = child.read_message(limits.startup_timeout_s)
-        except _ChildFault as fault:
-            raise SandboxUnavailable(f"sandbox process failed to start: {fault.message}") from None
+        _run_items("result = None", {}, [], limits, _Protocol(None, lambda *a: None, lambda *a: None, lambda i: None),
+                   server=zygote)  # fmt: skip
     finally:
-        child.close()
-    _note_layers(ready.get("layers"))
+        if own:
+            zygote.close()
     return dict(SANDBOX_LAYERS)
 
 
@@ -287,59 +243,114 @@ def run_script(
     params: dict[str, Any],
     items: Sequence[SymbolBars],
     limits: SandboxLimits,
+    *,
+    capture_output: bool = False,
+    usage: SandboxUsage | None = None,
+    server: ForkServer | None = None,
 ) -> list[Outcome]:
-    """Run ``script`` once per item, each with fresh globals, in sandbox processes. One outcome per item."""
+    """Run ``script`` once per item, each with fresh globals, in sandbox children. One outcome per item; with
+    ``capture_output``, each outcome's ``data`` holds what the script printed. ``usage`` gets what the children
+    used; ``server`` is the zygote to fork from (default: this process's)."""
 
     def fault_outcome(item: SymbolBars, fault: _ChildFault) -> Outcome:
         return Outcome(item.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
                        (fault.incident,))  # fmt: skip
 
-    return _run_items(
-        script, params, items, limits, None,
+    protocol = _Protocol(
+        None,
         lambda item, index, message: _checked_outcome(item.symbol, index, message, limits.max_error_chars),
-        fault_outcome, lambda item: None,
-    )  # fmt: skip
+        fault_outcome,
+        lambda item: _output_line_cap(limits) if capture_output else None,
+    )
+    return _run_items(script, params, items, limits, protocol, capture_output=capture_output, usage=usage,
+                      server=server)  # fmt: skip
+
+
+def _output_line_cap(limits: SandboxLimits) -> int:
+    """An answer with its print output: the output at its worst as JSON (``\\uXXXX`` is 6 bytes a character)."""
+    return limits.max_output_line_bytes + 6 * limits.max_output_chars
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """How one kind of run reads its children's answers."""
+
+    mode: str | None
+    check: Callable[[Any, int, dict[str, Any]], Any]  # (item, index, message) -> its outcome
+    on_fault: Callable[[Any, _ChildFault], Any]  # the outcome of the item a fault ended
+    line_cap: Callable[[Any], int | None]  # bytes its answer may take (None: the limits' default)
+
+
+def _request_header(script: str, params: dict[str, Any], limits: SandboxLimits, mode: str | None,
+                    capture_output: bool) -> dict[str, Any]:  # fmt: skip
+    return {"script": script, "params": params, "limits": asdict(limits), "mode": mode,
+            "capture_output": capture_output, "output_chars": limits.max_output_chars}  # fmt: skip
 
 
 def _run_items(
     script: str,
     params: dict[str, Any],
-    items: Sequence[SymbolBars],
+    items: Sequence[Any],
     limits: SandboxLimits,
-    mode: str | None,
-    check: Callable[[SymbolBars, int, dict[str, Any]], _T],
-    on_fault: Callable[[SymbolBars, _ChildFault], _T],
-    line_cap: Callable[[SymbolBars], int | None],
-) -> list[_T]:
-    """The supervision loop shared by calculations and strategies: one process for the items, a fresh one
-    continuing after an item that timed out, died or broke the protocol (that item gets ``on_fault``)."""
-    outcomes: list[_T] = []
+    protocol: _Protocol,
+    *,
+    capture_output: bool = False,
+    usage: SandboxUsage | None = None,
+    server: ForkServer | None = None,
+) -> list[Any]:
+    """The supervision loop of every kind of run: one child for the items, a fresh one continuing after an item
+    that timed out, died or broke the protocol (that item gets ``on_fault``), or retrying the item after its
+    zygote died. An ``execute`` run has one item and no bars."""
+    zygote = server or forkserver.for_this_process(limits.zygote_forks)
+    header = _request_header(script, params, limits, protocol.mode, capture_output)
+    outcomes: list[Any] = []
     pending = list(items)
-    while pending:
-        child = _Child(limits)
+    bars = [] if protocol.mode == "execute" else pending
+    deaths = 0
+    first = True
+    while pending or first:
+        first = False
+        request = wire.write_request(header, bars)
         try:
-            child.send(_encode_request(script, params, pending, limits, mode))
+            child = zygote.spawn(request)
+        finally:
+            os.close(request)
+        answers = _Answers(child, limits)
+        done = 0
+        try:
             try:
-                ready = child.read_message(limits.startup_timeout_s)
+                ready = answers.read_message(limits.startup_timeout_s)
             except _ChildFault as fault:
                 raise SandboxUnavailable(f"sandbox process failed to start: {fault.message}") from None
             if ready.get("ready") is not True:
                 raise SandboxUnavailable("sandbox process failed to start: no ready signal")
             _note_layers(ready.get("layers"))
-            done = 0
             try:
+                since = time.monotonic()
                 for index, item in enumerate(pending):
-                    message = child.read_message(limits.symbol_timeout_s, line_cap(item))
-                    outcomes.append(check(item, index, message))
+                    message = answers.read_message(limits.symbol_timeout_s, protocol.line_cap(item))
+                    outcomes.append(protocol.check(item, index, message))
+                    now = time.monotonic()
+                    if usage is not None:
+                        usage.item_seconds.append(now - since)
+                    since = now
                     done += 1
             except _ChildFault as fault:
                 victim = pending[done]
-                log.warning("sandbox fault on %s: %s", victim.symbol, fault.message)
-                outcomes.append(on_fault(victim, fault))
+                log.warning("sandbox fault on %s: %s", getattr(victim, "symbol", "a snippet"), fault.message)
+                outcomes.append(protocol.on_fault(victim, fault))
                 done += 1
-            pending = pending[done:]
+        except ZygoteDied as died:
+            deaths += 1
+            log.warning("sandbox zygote died under a run (%s); retrying its item on a new zygote", died)
+            if deaths > MAX_ZYGOTE_DEATHS:
+                raise SandboxUnavailable(f"the sandbox zygote died {deaths} times in one run") from died
         finally:
-            child.close()
+            report = child.close()
+            if report is not None and usage is not None:
+                usage.add(report)
+        pending = pending[done:]
+        bars = [] if protocol.mode == "execute" else pending
     return outcomes
 
 
@@ -416,16 +427,21 @@ def run_strategy(
     params: dict[str, Any],
     items: Sequence[SymbolBars],
     limits: SandboxLimits,
+    *,
+    usage: SandboxUsage | None = None,
+    server: ForkServer | None = None,
 ) -> list[StrategyOutcome]:
-    """Run a strategy script once per item (fresh globals each, one sandbox process for the batch, as for
+    """Run a strategy script once per item (fresh globals each, one sandbox child for the batch, as for
     calculations); each item's signals re-checked here, or its error. One outcome per item, in order."""
 
     def fault_outcome(item: SymbolBars, fault: _ChildFault) -> StrategyOutcome:
         return StrategyOutcome(item.symbol, None, {"type": fault.kind, "message": fault.message, "line": None},
                                (fault.incident,))  # fmt: skip
 
-    return _run_items(
-        script, params, items, limits, "strategy",
+    protocol = _Protocol(
+        "strategy",
         lambda item, index, message: _checked_strategy(item, index, message, limits.max_error_chars),
-        fault_outcome, lambda item: signals_line_cap(len(item.close), limits),
-    )  # fmt: skip
+        fault_outcome,
+        lambda item: signals_line_cap(len(item.close), limits),
+    )
+    return _run_items(script, params, items, limits, protocol, usage=usage, server=server)

@@ -7,16 +7,18 @@ every other call outside the allow-list (opening files, sockets, new processes o
 other processes, changing limits) fails with EPERM, which Python turns into an ordinary exception.
 
 The filter is built with libseccomp (the system library every container runtime uses), called through
-ctypes by its stable soname: no wrapper package, no ``ldconfig`` run, a few milliseconds per sandbox
-process. libseccomp also handles the architecture checks (a foreign-ABI call, such as x32 on x86-64, kills
-the process). Hosts without libseccomp get no filter: the sandbox reports the layer inactive and the
-worker says so, never pretends.
+ctypes by its stable soname: no wrapper package, no ``ldconfig`` run. libseccomp also handles the architecture
+checks (a foreign-ABI call, such as x32 on x86-64, kills the process). The sandbox zygote builds it once and
+exports the BPF program (:meth:`Filter.export`); each forked child installs it with one ``prctl``
+(:meth:`Program.install`, microseconds, where building and loading the filter cost milliseconds). Hosts without
+libseccomp get no filter: the sandbox reports the layer inactive and the worker says so, never pretends.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 
 # What CPython needs to run already-imported pure-Python code on data it holds: memory, the existing
 # descriptors (its result pipe, /dev/null), time, signals to itself, and exit.
@@ -49,7 +51,6 @@ KILLED = (
 
 _SCMP_ACT_KILL_PROCESS = 0x80000000
 _SCMP_ACT_ALLOW = 0x7FFF0000
-_SCMP_FLTATR_CTL_TSYNC = 4
 _NR_UNKNOWN = -1  # __NR_SCMP_ERROR: a name this kernel/architecture does not have
 _SCMP_CMP_MASKED_EQ = 7
 
@@ -91,10 +92,8 @@ def _load_libseccomp() -> ctypes.CDLL | None:
                 ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)
             ]  # fmt: skip
             lib.seccomp_rule_add_array.restype = ctypes.c_int
-            lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
-            lib.seccomp_attr_set.restype = ctypes.c_int
-            lib.seccomp_load.argtypes = [ctypes.c_void_p]
-            lib.seccomp_load.restype = ctypes.c_int
+            lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            lib.seccomp_export_bpf.restype = ctypes.c_int
             lib.seccomp_release.argtypes = [ctypes.c_void_p]
             lib.seccomp_release.restype = None
             return lib
@@ -102,7 +101,7 @@ def _load_libseccomp() -> ctypes.CDLL | None:
 
 
 class Filter:
-    """Built before the process drops its privileges and limits; loaded last, just before user code."""
+    """Built once by the zygote, before anything is limited; exported for the children to install."""
 
     def __init__(self) -> None:
         self._lib = _load_libseccomp()
@@ -112,7 +111,7 @@ class Filter:
         ctx = self._lib.seccomp_init(_scmp_act_errno(errno.EPERM))
         if not ctx:
             return
-        ok = self._lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_TSYNC, 1) == 0  # every thread (there is one)
+        ok = True  # (a forked child has one thread: the filter needs no thread sync)
         no_exec = (_ArgCmp * 1)(_ArgCmp(2, _SCMP_CMP_MASKED_EQ, _PROT_EXEC, 0))
         rules: list[tuple[int, str, ctypes.Array[_ArgCmp] | None]] = [(_SCMP_ACT_ALLOW, name, None) for name in ALLOWED]
         rules += [(_SCMP_ACT_ALLOW, name, no_exec) for name in NO_EXEC_MEMORY]
@@ -127,11 +126,52 @@ class Filter:
         else:
             self._lib.seccomp_release(ctx)
 
-    def load(self) -> bool:
-        """Install the filter into this process. False when the host cannot do it."""
+    def export(self) -> bytes | None:
+        """The filter as a BPF program (``struct sock_filter`` entries, 8 bytes each), or None when the host
+        cannot build one. Releases the libseccomp context."""
         if self._lib is None or self._ctx is None:
+            return None
+        read_end, write_end = os.pipe()
+        try:
+            exported = self._lib.seccomp_export_bpf(self._ctx, write_end) == 0
+            os.close(write_end)
+            write_end = -1
+            chunks = []
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+            self._lib.seccomp_release(self._ctx)
+            self._ctx = None
+        program = b"".join(chunks)
+        return program if exported and program and len(program) % _SOCK_FILTER_SIZE == 0 else None
+
+
+_SOCK_FILTER_SIZE = 8
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Program:
+    """An exported filter, made ready to install before the fork: a child's :meth:`install` is one ``prctl``."""
+
+    def __init__(self, program: bytes | None) -> None:
+        self._buffer = ctypes.create_string_buffer(program or b"", len(program or b""))
+        self._fprog = _SockFprog(len(program or b"") // _SOCK_FILTER_SIZE, ctypes.cast(self._buffer, ctypes.c_void_p))
+        self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+        self._prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+        self._prctl.restype = ctypes.c_int
+        self.available = bool(program)
+
+    def install(self) -> bool:
+        """Install the filter into this process (no_new_privs must be set first). False when there is no program
+        or the kernel refuses it."""
+        if not self.available:
             return False
-        loaded = self._lib.seccomp_load(self._ctx) == 0
-        self._lib.seccomp_release(self._ctx)
-        self._ctx = None
-        return loaded
+        return bool(self._prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0) == 0)

@@ -17,7 +17,15 @@ from shared.contract import TASK_RUN_CALCULATION_SHARD, create_celery
 from shared.infra.config import QUEUE_INTERACTIVE, Settings
 from shared.infra.models import Job, JobResult, JobShard
 from shared.sandbox.runner import probe_layers
-from tests.helpers import all_results, broker_holds_task, seed_bars, wait_for_job, wait_until, worker_holds_task
+from tests.helpers import (
+    all_results,
+    broker_holds_task,
+    sandbox_processes,
+    seed_bars,
+    wait_for_job,
+    wait_until,
+    worker_holds_task,
+)
 from worker.sandbox_probe import publish_layers
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
@@ -262,7 +270,7 @@ def test_shard_of_a_killed_pool_process_is_delivered_again(
     deadline = time.monotonic() + 30
     while victim is None and time.monotonic() < deadline:
         for pool_process in psutil.Process(celery_worker.pid).children():
-            if any("shared.sandbox.child" in " ".join(c.cmdline()) for c in pool_process.children()):
+            if sandbox_processes(pool_process.pid)[1]:
                 victim = pool_process
                 break
         time.sleep(0.05)

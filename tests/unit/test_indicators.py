@@ -19,6 +19,7 @@ import time
 import tracemalloc
 import types
 import warnings
+from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pytest
 
 from shared.domain.indicators import core
 from shared.domain.sandbox import ta
+from shared.domain.sandbox.series import Series, series_of
 
 NAN = math.nan
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +58,7 @@ LOW = tuple((np.array(CLOSE) * (1 - np.abs(_rng.normal(0, 0.01, N)))).tolist())
 
 def check(actual: Sequence[float], expected: Any, rtol: float = 1e-12, atol: float = 0.0) -> None:
     """Same length, NaN exactly where expected, values within tolerance."""
-    assert isinstance(actual, tuple)
+    assert type(actual) in (Series, tuple, array)  # a Series, a tuple of bools, or a slice of a Series
     expected_array = np.asarray(expected, dtype=np.float64)
     assert len(actual) == len(expected_array)
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected_array))
@@ -89,7 +91,10 @@ def exact_rolling(values: Sequence[float], period: int, func: Callable[[list[flo
 
 
 def plain(value: object) -> bool:
-    """Only tuples, floats and bools (exact types: numpy.float64 is a float subclass) all the way down."""
+    """Only read-only float series (their items are plain floats), tuples, floats and bools (exact types:
+    numpy.float64 is a float subclass) all the way down."""
+    if type(value) is Series:
+        return all(type(item) is float for item in value)
     if type(value) is tuple:
         return all(plain(item) for item in value)
     return type(value) in (float, bool)
@@ -355,7 +360,7 @@ def test_zero_and_negative_values_follow_ieee_arithmetic() -> None:
 # NaN propagation
 # ---------------------------------------------------------------------------------------------
 
-WINDOW_FUNCTIONS: dict[str, Callable[[tuple[float, ...], int], tuple[float, ...]]] = {
+WINDOW_FUNCTIONS: dict[str, Callable[[tuple[float, ...], int], Sequence[float]]] = {
     "sma": ta.sma,
     "wma": ta.wma,
     "rolling_sum": ta.rolling_sum,
@@ -406,7 +411,7 @@ def test_infinities_stay_inside_their_windows() -> None:
     assert math.isnan(ta.sma(values, 5)[32])  # inf + -inf in one window
 
 
-RECURSIVE: dict[str, Callable[[tuple[float, ...]], tuple[float, ...]]] = {
+RECURSIVE: dict[str, Callable[[tuple[float, ...]], Sequence[float]]] = {
     "ema": lambda v: ta.ema(v, 5),
     "wilder": lambda v: ta.wilder(v, 5),
     "rsi": lambda v: ta.rsi(v, 5),
@@ -496,14 +501,14 @@ def test_every_public_function_is_exercised_here() -> None:
 
 @pytest.mark.parametrize("length", [0, 1, 2, 3, 5, 40])
 @pytest.mark.parametrize("name", sorted(ta.__all__))
-def test_every_result_is_plain_tuples_of_plain_floats_or_bools(name: str, length: int) -> None:
+def test_every_result_is_a_plain_series_or_tuple_of_bools(name: str, length: int) -> None:
     values = tuple(float(v) for v in CLOSE[:length])
     result: Any = all_calls(values)[name]()
     assert plain(result), (name, result)
     parts = result if name in ("macd", "bollinger") else (result,)
-    assert type(result) is tuple and len(parts) in (1, 3)
+    assert len(parts) in (1, 3)
     for part in parts:
-        assert type(part) is tuple and len(part) == length
+        assert type(part) is (tuple if name in ("crossover", "crossunder") else Series) and len(part) == length
 
 
 @pytest.mark.parametrize("name", sorted(ta.__all__))
@@ -522,14 +527,14 @@ def test_shorter_than_the_period_is_all_nan_of_the_input_length() -> None:
     short = CLOSE[:4]
     for result in (ta.sma(short, 5), ta.ema(short, 5), ta.wma(short, 5), ta.stdev(short, 5), ta.rsi(short, 4)):
         assert len(result) == 4 and all(math.isnan(v) for v in result)
-    assert ta.sma((), 5) == () and ta.macd(()) == ((), (), ()) and ta.drawdown(()) == ()
-    assert ta.correlation((), (), 3) == () and ta.crossover((), 1.0) == ()
+    assert len(ta.sma((), 5)) == 0 and [len(part) for part in ta.macd(())] == [0, 0, 0]
+    assert len(ta.drawdown(())) == len(ta.correlation((), (), 3)) == 0 and ta.crossover((), 1.0) == ()
 
 
 def test_period_one_is_the_identity_where_it_should_be() -> None:
     for func in (ta.sma, ta.ema, ta.wma, ta.wilder, ta.rolling_sum, ta.rolling_max, ta.rolling_min):
-        assert func(CLOSE, 1) == CLOSE
-    assert ta.stdev(CLOSE, 1) == (0.0,) * N
+        assert tuple(func(CLOSE, 1)) == CLOSE
+    assert tuple(ta.stdev(CLOSE, 1)) == (0.0,) * N
 
 
 def test_lists_and_ints_are_accepted_like_tuples_of_floats() -> None:
@@ -537,7 +542,7 @@ def test_lists_and_ints_are_accepted_like_tuples_of_floats() -> None:
     assert same(ta.sma(ints, 2), ta.sma((1.0, 2.0, 3.0, 4.0, 5.0), 2))
     assert same(ta.sma(list(CLOSE), 10), ta.sma(CLOSE, 10))
     assert same(ta.atr(list(HIGH), LOW, list(CLOSE)), ta.atr(HIGH, LOW, CLOSE))
-    assert ta.sma([10**300, 1], 1) == (1e300, 1.0)
+    assert tuple(ta.sma([10**300, 1], 1)) == (1e300, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +581,7 @@ class IntSubclass(int):
 
 
 BAD_SERIES = [
-    ("abc", TypeError, "values must be a tuple or list of numbers, not str"),
+    ("abc", TypeError, "values must be a series, tuple or list of numbers, not str"),
     (None, TypeError, "not NoneType"),
     (range(5), TypeError, "not range"),
     (np.arange(5.0), TypeError, "not ndarray"),
@@ -639,7 +644,11 @@ def test_invalid_periods_are_refused(period: object, error: type, message: str) 
             r"a and b must have the same length \(got 400 and 10\)",
         ),
         (lambda: TA.crossover(CLOSE, OTHER[:3]), ValueError, "a and b must have the same length"),
-        (lambda: TA.crossover(CLOSE, "2"), TypeError, "b must be a tuple or list of numbers, or a number, not str"),
+        (
+            lambda: TA.crossover(CLOSE, "2"),
+            TypeError,
+            "b must be a series, tuple or list of numbers, or a number, not str",
+        ),
         (lambda: TA.crossunder(CLOSE, True), TypeError, "not bool"),
         (lambda: TA.crossunder(CLOSE, 10**400), ValueError, "b is an int too large for a float"),
         (lambda: TA.stdev(CLOSE, 5, 5), ValueError, "ddof must be between 0 and 4, got 5"),
@@ -698,6 +707,7 @@ def test_out_of_memory_inside_the_core_is_a_plain_memory_error() -> None:
     script = """
 import resource, sys
 from shared.domain.sandbox import ta
+from shared.domain.sandbox.series import Series, series_of
 values = tuple(float(i % 97) for i in range(1_000_000))
 ta.sma(values[:100], 5)
 with open("/proc/self/status") as status:
@@ -733,46 +743,30 @@ def test_module_namespace_is_the_public_functions_and_private_names_only() -> No
         assert func.__closure__ is None
     mutable = (list, dict, set, bytearray, np.ndarray)
     state = [name for name, value in vars(ta).items() if isinstance(value, mutable) and name != "__builtins__"]
-    assert state == ["_REGISTERED"]  # the trusted child's series registry, out of scripts' reach
+    assert state == []  # no module state a call could change
 
 
-@pytest.fixture
-def registry() -> Any:
-    yield ta._register_series
-    ta._register_series()
+def test_series_inputs_are_read_in_one_copy_and_equal_tuple_inputs() -> None:
+    series = series_of(CLOSE)
+    assert same(ta.sma(series, 10), ta.sma(CLOSE, 10))
+    assert same(ta.sma(series[5:], 10), ta.sma(CLOSE[5:], 10))  # a slice is a plain array('d'): read the same way
+    assert same(ta.atr(series_of(HIGH), series_of(LOW), series), ta.atr(HIGH, LOW, CLOSE))
+    assert ta.crossover(series, series_of(OTHER)) == ta.crossover(CLOSE, OTHER)
+    with pytest.raises(TypeError, match="series, tuple or list"):
+        ta.sma(array("i", [1, 2, 3]), 2)  # an int array is not a float series
 
 
-def test_registered_series_are_taken_by_identity_without_rechecking(registry: Any) -> None:
-    close = tuple(list(CLOSE))  # a tuple of its own (tuple(CLOSE) would be CLOSE itself)
-    clean = ta.sma(close, 10)
-    other_values = np.asarray(OTHER).tobytes()
-    registry((close, other_values))  # a trusted claim; a wrong one shows which bytes ta used
-    assert same(ta.sma(close, 10), ta.sma(OTHER, 10))
-    assert same(ta.sma(CLOSE, 10), clean)  # an equal but distinct tuple is checked and packed
-    registry((close, np.asarray(close).tobytes()))
-    assert same(ta.sma(close, 10), clean) and same(ta.atr(HIGH, LOW, close), ta.atr(HIGH, LOW, CLOSE))
-    assert close is not CLOSE
-    registry()
-    assert ta._REGISTERED == {}
-
-
-@pytest.mark.parametrize(
-    "pair",
-    [([1.0, 2.0], b"\0" * 16), ((1.0, 2.0), b"\0" * 8), ((1.0,), bytearray(8)), ((1.0,), memoryview(b"\0" * 8))],
-)
-def test_registration_is_checked_and_leaves_the_previous_one_on_error(registry: Any, pair: Any) -> None:
-    kept = (1.0, 2.0, 3.0)
-    registry((kept, np.asarray(kept).tobytes()))
-    with pytest.raises(ValueError, match="tuple with its float64 bytes"):
-        registry(pair)
-    assert list(ta._REGISTERED) == [id(kept)]
-
-
-def test_results_are_fresh_immutable_tuples() -> None:
+def test_results_are_fresh_read_only_series() -> None:
     first, second = ta.sma(CLOSE, 5), ta.sma(CLOSE, 5)
-    assert same(first, second) and first is not second
+    assert type(first) is Series and same(first, second) and first is not second
     with pytest.raises(TypeError):
-        first[0] = 1.0  # type: ignore[index]
+        first[0] = 1.0
+    with pytest.raises(TypeError):
+        first.append(1.0)
+    grown: Any = first
+    grown += second  # a new array, as for a tuple: the result itself is unchanged
+    assert len(first) == len(CLOSE) and len(grown) == 2 * len(CLOSE)
+    assert all(type(v) is tuple and all(type(x) is bool for x in v) for v in [ta.crossover(CLOSE, OTHER)])
 
 
 def test_calls_import_nothing_after_the_module_is_loaded() -> None:
@@ -780,6 +774,7 @@ def test_calls_import_nothing_after_the_module_is_loaded() -> None:
     script = """
 import math, sys
 from shared.domain.sandbox import ta
+from shared.domain.sandbox.series import Series, series_of
 import tests.unit.test_indicators as t
 before = set(sys.modules)
 for length in (0, 1, 5, 60):

@@ -1,69 +1,45 @@
 """The process layers, each tested as if the language layer had already failed.
 
-Each test starts a real interpreter, applies exactly the sandbox child's confinement (``confine``: resource
-limits, network namespace, no_new_privs, unprivileged uid, seccomp) and then runs *unrestricted* Python:
-what an attacker would have after a RestrictedPython escape. The kernel must still refuse.
+Each test runs *unrestricted* Python in a real sandbox child, forked from a real zygote and confined as every
+child is (resource limits, the zygote's network namespace, no_new_privs, unprivileged uid, seccomp): only the
+RestrictedPython layer is taken away (tests/sandbox_escape.py). The kernel must still refuse.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-from dataclasses import asdict
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from shared.infra.config import SandboxLimits
+from shared.jobs.pipeline import Outcome
 from shared.sandbox.child import NOBODY
+from shared.sandbox.forkserver import ForkServer
+from shared.sandbox.runner import SANDBOX_LAYERS, run_script
+from tests.sandbox_escape import BOOT
+from tests.unit.test_sandbox_runner import bars
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-_HARNESS = """
-import json, os, sys
-import mmap, resource, socket, threading  # loaded before the filter, as an escaped script would find them
-sys.path.insert(0, sys.argv[1])
-from shared.sandbox.child import confine
-layers = confine(json.loads(sys.argv[2]), 1)
-def report(**fields):
-    os.write(1, (json.dumps({"layers": layers, **fields}) + "\\n").encode())
-try:
-    exec(compile(sys.argv[3], "<escape>", "exec"), {"report": report})
-except BaseException as exc:
-    report(raised=type(exc).__name__, message=str(exc)[:300])
-"""
+LIMITS = SandboxLimits(symbol_timeout_s=5, memory_mb=512)
+ALL_LAYERS = {"network_namespace": True, "no_new_privs": True, "unprivileged_uid": True, "seccomp": True}
 
 
-def escape(code: str) -> tuple[int, dict[str, object]]:
-    """Run ``code`` unrestricted inside a confined process: (exit status, last report)."""
-    limits = json.dumps(asdict(SandboxLimits(symbol_timeout_s=5, memory_mb=512)))
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", _HARNESS, str(PROJECT_ROOT), limits, textwrap.dedent(code)],
-        capture_output=True,
-        env={},
-        cwd="/",
-        timeout=60,
-        check=False,
-    )
-    lines = proc.stdout.decode().strip().splitlines()
-    return proc.returncode, (json.loads(lines[-1]) if lines else {})
+@pytest.fixture(scope="module")
+def escaped() -> Iterator[ForkServer]:
+    server = ForkServer(boot=BOOT)
+    yield server
+    server.close()
 
 
-def refused(code: str, error: str = "PermissionError") -> dict[str, object]:
-    status, report = escape(code)
-    assert status == 0, f"process died with {status}"
-    assert report.get("raised") == error, report
-    assert report["layers"] == {
-        "network_namespace": True,
-        "no_new_privs": True,
-        "unprivileged_uid": True,
-        "seccomp": True,
-    }
-    return report
+def escape(server: ForkServer, code: str) -> Outcome:
+    """Run ``code`` unrestricted inside a confined child: its outcome (its ``result``, or its error)."""
+    return run_script(code, {}, [bars("A", 5)], LIMITS, server=server)[0]
+
+
+def refused(server: ForkServer, code: str, error: str = "PermissionError") -> None:
+    outcome = escape(server, code + "\nresult = 1")
+    assert (outcome.error or {}).get("type") == error, outcome
+    assert dict(SANDBOX_LAYERS) == ALL_LAYERS
 
 
 @pytest.mark.parametrize(
@@ -78,18 +54,18 @@ def refused(code: str, error: str = "PermissionError") -> dict[str, object]:
         pytest.param("import os; os.listdir('/')", id="list a directory"),
     ],
 )
-def test_after_an_escape_files_sockets_and_processes_are_refused(code: str) -> None:
-    refused(code)
+def test_after_an_escape_files_sockets_and_processes_are_refused(escaped: ForkServer, code: str) -> None:
+    refused(escaped, code)
 
 
-def test_limits_cannot_be_changed_even_downwards() -> None:
+def test_limits_cannot_be_changed_even_downwards(escaped: ForkServer) -> None:
     # prlimit64 is outside the allow-list: EPERM, which Python reports as ValueError for setrlimit.
-    refused("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (4, 8))", error="ValueError")
+    refused(escaped, "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (4, 8))", error="ValueError")
 
 
-def test_threads_cannot_be_started() -> None:
-    status, report = escape("import threading; threading.Thread(target=print).start()")
-    assert status == 0 and report["raised"] == "RuntimeError"  # clone() -> EPERM: "can't start new thread"
+def test_threads_cannot_be_started(escaped: ForkServer) -> None:
+    # clone() -> EPERM: "can't start new thread"
+    refused(escaped, "import threading; threading.Thread(target=print).start()", error="RuntimeError")
 
 
 @pytest.mark.parametrize(
@@ -101,15 +77,17 @@ def test_threads_cannot_be_started() -> None:
         pytest.param("import ctypes; ctypes.CDLL(None).mount(b'none', b'/tmp', b'tmpfs', 0, None)", id="mount"),
     ],
 )
-def test_escape_class_system_calls_kill_the_process(code: str) -> None:
-    status, report = escape(code)
-    assert status == -signal.SIGSYS, (status, report)
+def test_escape_class_system_calls_kill_the_process(escaped: ForkServer, code: str) -> None:
+    outcome = escape(escaped, code)
+    assert outcome.error is not None and "SIGSYS" in outcome.error["message"], outcome
+    assert [(i.layer, i.reason) for i in outcome.incidents] == [("seccomp", "seccomp_kill")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop applies when the worker runs as root")
-def test_user_code_runs_as_nobody() -> None:
-    status, report = escape("import os; report(ids=[os.getuid(), os.geteuid(), os.getgid(), os.getegid()])")
-    assert status == 0 and report["ids"] == [NOBODY, NOBODY, NOBODY, NOBODY]
+def test_user_code_runs_as_nobody(escaped: ForkServer) -> None:
+    outcome = escape(escaped, "import os\nresult = float(len({os.getuid(), os.geteuid(), os.getgid(), os.getegid()}))"
+                     "\nresult = os.geteuid() if result == 1 else -1")  # fmt: skip
+    assert outcome.value == NOBODY
 
 
 @pytest.mark.parametrize(
@@ -127,10 +105,17 @@ def test_user_code_runs_as_nobody() -> None:
         ),
     ],
 )
-def test_no_memory_can_be_made_executable(code: str) -> None:
-    refused(code)
+def test_no_memory_can_be_made_executable(escaped: ForkServer, code: str) -> None:
+    refused(escaped, code)
 
 
-def test_plain_memory_still_works_after_the_filter() -> None:
-    status, report = escape("import mmap; m = mmap.mmap(-1, 1 << 20); m[:5] = b'hello'; report(ok=m[:5].decode())")
-    assert status == 0 and report["ok"] == "hello"
+def test_plain_memory_still_works_after_the_filter(escaped: ForkServer) -> None:
+    outcome = escape(escaped, "import mmap\nm = mmap.mmap(-1, 1 << 20)\nm[:5] = b'hello'\nresult = len(m[:5].decode())")
+    assert outcome.value == 5
+
+
+def test_no_network_at_all_even_before_the_filter(escaped: ForkServer) -> None:
+    """The zygote's network namespace holds for its children: no interface but a loopback that is down."""
+    outcome = escape(escaped, "import socket\nresult = float(len(socket.if_nameindex()))")
+    assert outcome.error is not None  # if_nameindex needs a socket: refused by the filter first
+    assert SANDBOX_LAYERS["network_namespace"] is True

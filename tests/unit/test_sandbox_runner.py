@@ -1,4 +1,4 @@
-"""The process layer: a real sandbox child process per batch, limits, kills and result checks."""
+"""The process layer: a real sandbox child forked from a real zygote per batch, limits, kills and result checks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from array import array
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,38 @@ def run(script: str, symbols: list[str], params: dict[str, object] | None = None
     return {o.symbol: o for o in run_script(script, params or {}, [bars(s) for s in symbols], LIMITS)}
 
 
-def test_inputs_are_tuples_of_floats_and_params_arrive() -> None:
+def test_inputs_are_read_only_float_series_and_params_arrive() -> None:
     script = (
-        "ok = isinstance(close, tuple) and isinstance(close[0], float) and isinstance(volume[0], float)\n"
+        "ok = isinstance(close[0], float) and isinstance(volume[0], float) and close.index(101.0) == 1\n"
+        "ok = ok and list(close[:2]) == [100.0, 101.0] and sum(close * 2) == 2 * sum(close) and 149.0 in close\n"
+        "ok = ok and isinstance(dates, tuple) and dates[0] == '2024-01-01'\n"
         "result = (close[-1] + params['k']) if ok and len(dates) == len(open) and symbol == 'AA' else None"
     )
     assert run(script, ["AA"], {"k": 0.5})["AA"] == Outcome("AA", 149.5, None)
+
+
+def test_input_series_cannot_be_changed() -> None:
+    for attempt, error in (
+        ("close[0] = 1.0", "TypeError"),
+        ("del close[0]", "TypeError"),
+        ("close.append(1.0)", "AttributeError"),
+        ("x = close.buffer_info()", "AttributeError"),
+        ("close += close\nresult = len(close)", None),
+    ):
+        outcome = run(f"{attempt}\nresult = len(open)" if error else attempt, ["A"])["A"]
+        assert (outcome.error or {}).get("type") == error, attempt
+    # ``+=`` rebinds the name to a new array, as for a tuple: the next symbol's bars are as they were
+    outcomes = run("close += close\nresult = len(close) + len(open)", ["A", "B"])
+    assert [o.value for o in outcomes.values()] == [150.0, 150.0]
+
+
+def test_print_output_is_captured_bounded_and_scrubbed() -> None:
+    limits = replace(LIMITS, max_output_chars=50)
+    script = "print('bars', len(close), symbol)\nprint(repr(lambda: 0))\nprint('x' * 100)\nresult = 1"
+    outcome = run_script(script, {}, [bars("A")], limits, capture_output=True)[0]
+    assert outcome.data is not None and outcome.data["output"].startswith("bars 50 A\n<function <lambda> at 0x…")
+    assert outcome.data["output_dropped"] > 0 and len(outcome.data["output"]) <= 50
+    assert run_script(script, {}, [bars("A")], limits)[0].data is None  # not asked: not kept
 
 
 def test_each_symbol_gets_fresh_globals_and_a_fresh_params_copy() -> None:
@@ -124,17 +151,24 @@ def proc_limits(pid: int) -> dict[str, tuple[str, str]]:
     return limits
 
 
+def sandbox_children() -> list[psutil.Process]:
+    """The sandbox children of this process's zygotes (a fork keeps the zygote's command line)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "shared.sandbox.zygote" in " ".join(process.cmdline()) and process.ppid() != os.getpid():
+                found.append(process)
+    return found
+
+
 def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     seen: dict[str, object] = {}
 
     def inspect() -> None:
         deadline = time.monotonic() + 20
-        me = psutil.Process()
         while time.monotonic() < deadline and "uids" not in seen:
-            for child in me.children(recursive=True):
+            for child in sandbox_children():
                 with contextlib.suppress(psutil.Error):
-                    if "shared.sandbox.child" not in " ".join(child.cmdline()):
-                        continue
                     if "env" not in seen:  # readable until the child drops its privileges
                         seen.update(env=child.environ(), cwd=child.cwd())
                 with contextlib.suppress(psutil.Error, OSError):
@@ -155,8 +189,8 @@ def test_child_has_empty_environment_cwd_root_and_limits() -> None:
     assert seen["cwd"] == "/"
     limits = seen["limits"]
     assert isinstance(limits, dict)
-    address_space = str(LIMITS.memory_mb * 1024 * 1024)
-    assert limits["Max address space"] == (address_space, address_space)
+    soft, hard = limits["Max address space"]  # the memory granted, on top of what the zygote had mapped
+    assert soft == hard and LIMITS.memory_mb * 2**20 < int(soft) < (LIMITS.memory_mb + 1024) * 2**20
     assert limits["Max file size"] == ("0", "0") and limits["Max core file size"] == ("0", "0")
     assert limits["Max processes"] == ("0", "0") and limits["Max open files"] == ("8", "8")
     if os.geteuid() == 0:  # user code never runs as root, and has no network at all
@@ -181,9 +215,9 @@ def test_a_kernel_kill_is_named_and_costs_only_that_symbol(sig: signal.Signals, 
     def kill_the_sandbox() -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            for child in psutil.Process().children(recursive=True):
+            for child in sandbox_children():
                 with contextlib.suppress(psutil.Error):
-                    if "shared.sandbox.child" in " ".join(child.cmdline()) and child.cpu_times().user > 0.3:
+                    if child.cpu_times().user > 0.3:
                         os.kill(child.pid, sig)  # root may signal it after the uid drop
                         return
             time.sleep(0.02)

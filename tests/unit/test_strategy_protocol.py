@@ -24,9 +24,9 @@ from shared.library.strategy_scripts import (
     sandbox_bars,
     strategy_events,
 )
-from shared.sandbox.child import pack_bits
 from shared.sandbox.runner import _ChildFault, checked_signals, run_strategy, signals_line_cap
 from shared.sandbox.signals import StrategyOutcome
+from shared.sandbox.strategy_output import pack_bits
 
 LIMITS = SandboxLimits(symbol_timeout_s=5.0, memory_mb=512)
 
@@ -140,7 +140,7 @@ def test_position_events_on_sign_changes_only() -> None:
         ("position = [10**400] * len(close)", "position[0] is too large"),
         ("position = [0.0] * len(close)\nwarmup = 2520", "warmup is 2,520"),
         ("position = [0.0] * len(close)\nwarmup = 1.0", "warmup must be an int"),
-        ("import ta\nentries = ta.sma(close, 3)\nexits = entries", "entries[0] is float, not bool"),
+        ("import ta\nentries = ta.sma(close, 3)\nexits = entries", "booleans, one per bar, not Series"),
         ("entries = map(bool, close)\nexits = entries", "not map"),
     ],
 )  # fmt: skip

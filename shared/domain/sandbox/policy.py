@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import math
 import operator
 import re
 import statistics
 import types
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -23,6 +25,7 @@ from RestrictedPython import compile_restricted_exec
 from RestrictedPython.Guards import full_write_guard, guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
+from shared.domain.sandbox.series import SCRIPT_ATTRIBUTES, Series
 from shared.errors import ScriptCompileError
 
 SCRIPT_FILENAME = "<user-script>"
@@ -34,7 +37,7 @@ EXITS_NAME = "exits"
 POSITION_NAME = "position"
 WARMUP_NAME = "warmup"
 MAX_RANGE = 10_000_000  # largest range() a script may build
-PRINT_LIMIT_CHARS = 10_000  # what print() may collect per symbol (discarded; kept bounded)
+PRINT_LIMIT_CHARS = 10_000  # what print() may collect per symbol by default
 
 _LINE_PREFIX = re.compile(r"^Line (\d+): (.*)$", re.DOTALL)
 
@@ -120,6 +123,11 @@ def _make_getattr(violations: Violations) -> Callable[..., Any]:
     def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
         if type(name) is not str or name.startswith("_") or name in DENIED_ATTRIBUTES:
             raise _refuse(violations, "policy_violation", f"access to attribute {name!r} is not allowed")
+        if type(obj) is Series or type(obj) is array:  # bars, ta results and their slices: read-only methods only
+            if name not in SCRIPT_ATTRIBUTES:
+                raise AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r} a script can use "
+                                     f"(it has: {', '.join(sorted(SCRIPT_ATTRIBUTES))})")  # fmt: skip
+            return getattr(obj, name, *default)
         owner = type(obj).__module__ if not isinstance(obj, type) else obj.__module__
         if owner not in _ATTRIBUTE_MODULES:
             raise _refuse(violations, "policy_violation",
@@ -158,21 +166,41 @@ def _apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return func(*args, **kwargs)
 
 
-class _PrintCollector:
-    """``print`` for scripts: output is collected up to a bound and never reaches a real stream."""
+class PrintOutput:
+    """What one execution printed, from every scope, up to ``limit`` characters; the rest is counted, not kept."""
 
-    def __init__(self, _getattr_: Any = None) -> None:
+    def __init__(self, limit: int = PRINT_LIMIT_CHARS) -> None:
+        self.limit = limit
         self.parts: list[str] = []
         self.size = 0
+        self.dropped = 0  # characters printed past the limit
 
     def write(self, text: str) -> None:
-        if self.size < PRINT_LIMIT_CHARS:
-            chunk = str(text)[: PRINT_LIMIT_CHARS - self.size]
-            self.parts.append(chunk)
-            self.size += len(chunk)
+        kept = text[: self.limit - self.size]
+        if kept:
+            self.parts.append(kept)
+            self.size += len(kept)
+        self.dropped += len(text) - len(kept)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class _PrintCollector:
+    """``print`` for scripts (RestrictedPython makes one per scope that prints): the text goes to the execution's
+    :class:`PrintOutput` and never reaches a real stream. ``printed`` gives what this scope printed, bounded."""
+
+    def __init__(self, _getattr_: Any = None, *, output: PrintOutput | None = None) -> None:
+        self.own = PrintOutput()
+        self.output = output
+
+    def write(self, text: str) -> None:
+        self.own.write(text)
+        if self.output is not None:
+            self.output.write(text)
 
     def __call__(self) -> str:
-        return "".join(self.parts)
+        return self.own.text()
 
     def _call_print(self, *objects: Any, **kwargs: Any) -> None:
         sep = str(kwargs.get("sep", " ") or " ")
@@ -296,10 +324,13 @@ SAFE_BUILTINS: Mapping[str, Any] = types.MappingProxyType(
 )
 
 
-def script_globals(inputs: Mapping[str, Any], violations: Violations | None = None) -> dict[str, Any]:
+def script_globals(
+    inputs: Mapping[str, Any], violations: Violations | None = None, output: PrintOutput | None = None
+) -> dict[str, Any]:
     """Fresh globals for one execution: guards, builtins, module facades, then the inputs.
 
-    Guards note each refusal in ``violations`` (the sandbox reports them as security events).
+    Guards note each refusal in ``violations`` (the sandbox reports them as security events); what the script
+    prints goes to ``output`` (bounded; discarded without one).
     """
     sink: Violations = [] if violations is None else violations
     namespace: dict[str, Any] = {
@@ -316,7 +347,7 @@ def script_globals(inputs: Mapping[str, Any], violations: Violations | None = No
         "_write_": full_write_guard,
         "_inplacevar_": _inplacevar,
         "_apply_": _apply,
-        "_print_": _PrintCollector,
+        "_print_": functools.partial(_PrintCollector, output=output),
         "math": ALLOWED_MODULES["math"],
         "statistics": ALLOWED_MODULES["statistics"],
     }

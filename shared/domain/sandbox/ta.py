@@ -2,21 +2,22 @@
 
 Thin wrappers over the NumPy core in ``shared/domain/indicators/core.py`` (the backtest engine's indicators too;
 their definitions: ``shared/domain/indicators/__init__.py``): validate untrusted input in plain Python,
-hand the core float64 arrays, and give back tuples of plain Python floats (bools for the cross
-detectors; unpacked from the result's buffer, which gives the same objects as ``.tolist()`` without the
-intermediate list), so that no NumPy object (array, scalar, dtype, function, module, exception) is ever
-reachable from a script:
+hand the core float64 arrays, and give back plain Python data, so that no NumPy object (array, scalar, dtype,
+function, module, exception) is ever reachable from a script:
 
-* results are fresh tuples of ``float`` (or ``bool``), or tuples of such tuples; nothing else;
+* a float series comes back as a fresh read-only ``Series`` (``shared/domain/sandbox/series.py``: an immutable
+  ``array('d')``, the type of the script's bars), copied from the core's buffer in one go, with no Python object
+  per value until the script reads one; the cross detectors give tuples of ``bool``; several series come as a
+  tuple of them;
+* a Series (or a plain ``array('d')``, what slicing one gives) is read in one copy of its buffer; a tuple or list
+  is checked item by item, by type;
 * invalid input raises a plain ``TypeError`` / ``ValueError`` whose only argument is a str built here
   (no NumPy repr), raised before any array exists; a failure inside the core (out of memory, or a bug)
   is replaced by a plain ``MemoryError`` / ``RuntimeError`` raised *after* the handler, so the NumPy
   exception is not even its ``__context__``;
 * the module's own names are the public functions (``__all__``, a tuple) and private ``_`` names,
   which RestrictedPython refuses to scripts; the sandbox still exposes only ``__all__`` through a
-  read-only facade. The one piece of module state, the registry of the bar series the sandbox child
-  built (``_register_series``: a speed-up, opt-in), is written by trusted code only and out of scripts'
-  reach.
+  read-only facade. The module has no state a call could change.
 
 Bounds (the script controls every argument): a series has at most 1,000,000 values and a period is at
 most 1,000,000; items must be exactly ``float`` or ``int`` (``bool`` refused, ints beyond the float
@@ -30,10 +31,13 @@ period-sized.
 import collections.abc as _abc
 import operator as _operator
 import struct as _struct
+from array import array as _PlainArray
 
 import numpy as _np
 
 from shared.domain.indicators import core as _core
+from shared.domain.sandbox.series import Series as _Series
+from shared.domain.sandbox.series import series_from_bytes as _series_from_bytes
 
 __all__ = (
     "atr",
@@ -65,15 +69,8 @@ _MAX_PERIOD = _MAX_LENGTH
 _FLOAT_MAX = 1.7976931348623157e308
 _TYPE_NAME = type.__dict__["__name__"]  # type's own getter: no metaclass property can answer instead
 
-# The bar series the sandbox child built itself, by identity: id -> (the tuple, its float64 bytes). The child
-# turns each symbol's arrays into the script's tuples and registers both (``_register_series``), so that ta
-# skips the type check and the packing of those exact objects (~2/3 of a ta.sma call on 2,520 bars). Only
-# trusted code writes it; scripts cannot reach it; a lookup also checks identity (``is``) and the entries
-# hold their tuples, so an id is never reused while registered.
-_REGISTERED = dict[int, tuple[tuple[float, ...], bytes]]()  # (no annotation: no module __annotations__)
-
-_Numbers = tuple[float, ...] | list[float] | list[int]  # checked at run time: tuple or list, floats/ints
-_Floats = tuple[float, ...]
+_Numbers = _abc.Sequence[float]  # a Series, array("d"), tuple or list of floats or ints: checked at run time (_series)
+_Floats = _Series
 _Bools = tuple[bool, ...]
 _Array = _np.ndarray
 
@@ -88,39 +85,30 @@ def _kind(obj: object) -> str:
     return name if len(name) <= 40 else name[:40] + "..."
 
 
-def _register_series(*pairs: tuple[tuple[float, ...], bytes]) -> None:
-    """For the sandbox child (trusted): the series it is about to hand a script, each a tuple with the
-    float64 bytes it was built from (``t = tuple(a); _register_series((t, a.tobytes()))`` for an
-    ``array('d')`` a). Replaces the previous registration; call with nothing to clear."""
-    checked = {}
-    for values, data in pairs:
-        if type(values) is not tuple or type(data) is not bytes or len(data) != 8 * len(values):
-            raise ValueError("each registered series is a tuple with its float64 bytes (8 per value)")
-        checked[id(values)] = (values, data)
-    _REGISTERED.clear()
-    _REGISTERED.update(checked)
-
-
 def _series(values: object, where: str, name: str) -> bytes:
-    """The values as packed float64 bytes, after checking that every item is exactly a float or an int.
+    """The values as packed float64 bytes.
 
-    Registered series (the script's own bar tuples) are taken as they are. Fast path: every item's type is
-    ``float`` (a C-level scan, no per-item Python code). Otherwise the slow path checks each item by
-    identity of its type and converts ints in range.
+    A Series, or a plain ``array('d')`` (a slice of one), is its buffer, copied once. A tuple or list must hold
+    exactly floats or ints: a C-level scan when every item is a float (no per-item Python code), else each item is
+    checked by the identity of its type and ints in range are converted.
     """
-    registered = _REGISTERED.get(id(values))
-    if registered is not None and registered[0] is values:
-        return registered[1]
+    if type(values) is _Series or (type(values) is _PlainArray and values.typecode == "d"):
+        _length(len(values), where, name)
+        return values.tobytes()
     if type(values) is list:
         values = tuple(values)  # a snapshot: what is checked is what gets packed
     if type(values) is not tuple:
-        raise TypeError(f"ta.{where}(): {name} must be a tuple or list of numbers, not {_kind(values)}")
-    n = len(values)
-    if n > _MAX_LENGTH:
-        raise ValueError(f"ta.{where}(): {name} has {n:,} values; at most {_MAX_LENGTH:,} are allowed")
+        raise TypeError(f"ta.{where}(): {name} must be a series, tuple or list of numbers, not {_kind(values)}")
+    n = _length(len(values), where, name)
     if _operator.countOf(map(type, values), float) != n:
         values = _mixed_numbers(values, where, name)
     return _struct.pack(f"{n}d", *values)
+
+
+def _length(n: int, where: str, name: str) -> int:
+    if n > _MAX_LENGTH:
+        raise ValueError(f"ta.{where}(): {name} has {n:,} values; at most {_MAX_LENGTH:,} are allowed")
+    return n
 
 
 def _mixed_numbers(values: tuple[object, ...], where: str, name: str) -> tuple[float, ...]:
@@ -172,19 +160,18 @@ def _array(data: bytes) -> _Array:
     return _np.frombuffer(data, dtype=_np.float64)  # read-only: the core never writes into its input
 
 
-def _plain(result: _Array) -> tuple[object, ...]:
-    """A core result as a tuple of Python floats (float64) or bools (bool_), read straight from its buffer.
-
-    ``struct.unpack_from`` builds the tuple directly (``tuple(result.tolist())`` builds a list, then copies
-    it): the same plain objects, measured ~20% cheaper for 2,520 values.
-    """
+def _plain(result: _Array) -> _Series | tuple[bool, ...]:
+    """A core result as plain data: a float64 array as a Series (one copy of its buffer), a bool array as a tuple
+    of bools (read straight from its buffer)."""
     code = result.dtype.char
     if result.ndim != 1 or code not in "d?":
         raise TypeError("core result must be a 1-D float64 or bool array")
-    return _struct.unpack_from(f"{result.shape[0]}{code}", result.data)
+    if code == "d":
+        return _series_from_bytes(_np.ascontiguousarray(result))
+    return _struct.unpack_from(f"{result.shape[0]}?", result.data)
 
 
-def _run(where: str, compute: _abc.Callable[[], _Array]) -> tuple[object, ...]:
+def _run(where: str, compute: _abc.Callable[[], _Array]) -> _Series | tuple[bool, ...]:
     failure = ""
     try:
         return _plain(compute())
@@ -374,13 +361,13 @@ def drawdown(values: _Numbers) -> _Floats:
 
 def _cross(where: str, a: _Numbers, b: _Numbers | float) -> tuple[bytes, bytes | float]:
     x = _series(a, where, "a")
-    if type(b) is tuple or type(b) is list:
+    if type(b) is float or type(b) is int:
+        return x, _real(b, where, "b")
+    if type(b) in (_Series, _PlainArray, tuple, list):
         y: bytes | float = _series(b, where, "b")
         _same_length(where, "a and b", x, y)  # type: ignore[arg-type]
         return x, y
-    if type(b) is float or type(b) is int:
-        return x, _real(b, where, "b")
-    raise TypeError(f"ta.{where}(): b must be a tuple or list of numbers, or a number, not {_kind(b)}")
+    raise TypeError(f"ta.{where}(): b must be a series, tuple or list of numbers, or a number, not {_kind(b)}")
 
 
 def _level(y: bytes | float) -> _Array | float:

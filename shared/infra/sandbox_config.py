@@ -1,0 +1,42 @@
+"""The sandbox's settings: the limits of one sandbox child and of its zygote (shared/sandbox/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.infra import settings_schema as schema
+from shared.infra.settings_schema import setting
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one sandbox child (see shared/sandbox/runner.py and shared/sandbox/child.py)."""
+
+    symbol_timeout_s: float = setting(  # enforced by the parent with a kill
+        "ALPHAFORGE_SANDBOX_TIMEOUT", 10.0, "seconds of wall clock per symbol"
+    )
+    startup_timeout_s: float = 15.0  # a fork and the child's set-up (a new zygote's start-up included)
+    memory_mb: int = setting(  # RLIMIT_AS of the child, on top of what the zygote had mapped
+        "ALPHAFORGE_SANDBOX_MEMORY_MB",
+        1024,
+        "memory a sandbox child may allocate, MB (its address-space limit, on top of the interpreter, numpy and the "
+        "shard's bars it starts with)",
+        ge=64,
+    )
+    max_output_line_bytes: int = 65_536  # one result line from the child
+    max_error_chars: int = 2_000  # exception message kept per symbol
+    max_output_chars: int = setting(
+        "ALPHAFORGE_SANDBOX_OUTPUT_CHARS",
+        10_000,
+        "characters of `print` output kept per symbol (interactive runs, and jobs with `capture_output`); the rest is "
+        "counted and marked as dropped (`0`: none kept)",
+        ge=0,
+        check=schema.at_most(1_000_000),
+    )
+    zygote_forks: int = setting(
+        "ALPHAFORGE_SANDBOX_ZYGOTE_FORKS",
+        500,
+        "shards a worker process's sandbox zygote forks before it is replaced (a new zygote re-randomizes the "
+        "address layout its children share)",
+        ge=1,
+    )
