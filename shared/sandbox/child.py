@@ -31,6 +31,7 @@ import json
 import math
 import os
 import resource
+import signal
 import traceback
 from typing import Any
 
@@ -45,9 +46,10 @@ from shared.domain.sandbox.policy import (
 from shared.domain.sandbox.series import series_from_bytes
 from shared.sandbox import seccomp as sandbox_seccomp
 from shared.sandbox.strategy_output import SignalError, check_signals
-from shared.sandbox.wire import SERIES, Request, read_request
+from shared.sandbox.wire import Request, read_request
 
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
 NOBODY = 65534  # uid/gid of the sandbox when the worker runs as root
 _MISSING = object()
 MAX_VIOLATIONS_REPORTED = 5  # per item; the count of the rest is reported too
@@ -91,11 +93,17 @@ def confine(limits: dict[str, Any], n_items: int, seccomp_program: sandbox_secco
     root = os.geteuid() == 0
     layers = {"no_new_privs": False, "unprivileged_uid": not root}
     if root:
+        zygote = os.getppid()
         with contextlib.suppress(OSError):
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             layers["unprivileged_uid"] = os.geteuid() == NOBODY
+        # A change of uid clears the parent-death signal (the kernel's commit_creds): set it again, and make sure
+        # the zygote did not die in between, or this child would outlive it.
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote:
+            os._exit(1)
     with contextlib.suppress(OSError, AttributeError):
         layers["no_new_privs"] = _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
     layers["seccomp"] = seccomp_program.install() if layers["no_new_privs"] else False
@@ -203,7 +211,8 @@ def run_one(code: Any, inputs: dict[str, Any], mode: str, max_chars: int, output
 
 def _inputs(request: Request, entry: dict[str, Any], calendars: dict[int, tuple[str, ...]], params_json: str
             ) -> dict[str, Any]:  # fmt: skip
-    inputs: dict[str, Any] = {name: series_from_bytes(request.series(entry, k)) for k, name in enumerate(SERIES)}
+    names = request.header["series"]
+    inputs: dict[str, Any] = {name: series_from_bytes(request.series(entry, k)) for k, name in enumerate(names)}
     index = int(entry["dates"])
     if index not in calendars:  # one tuple per distinct calendar of the shard: immutable, so shared safely
         calendars[index] = request.calendar(index)

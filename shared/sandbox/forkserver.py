@@ -99,20 +99,26 @@ class ForkedChild:
                 self.report = self.server.wait_exit(self, 10.0)
         return self.report
 
-    def close(self) -> ExitReport | None:
-        """Kill the child if it still runs, collect its end, release its descriptors. Returns the report (None when
-        the zygote died first, or never forked it)."""
+    def release(self) -> None:
+        """Kill the child if it still runs and release its descriptors, without waiting for its end: the end report
+        can still be collected (:meth:`wait`), or :meth:`ForkServer.forget` it."""
         try:
             self.kill()
-            return self.wait(10.0)
-        except (SandboxUnavailable, TimeoutError):
-            return None
         finally:
             for fd in (self._pidfd, self.answers):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._pidfd = self.answers = -1
+
+    def close(self) -> ExitReport | None:
+        """Release the child and collect its end. Returns the report (None when the zygote died first, or never
+        forked it)."""
+        self.release()
+        try:
+            return self.wait(10.0)
+        except (SandboxUnavailable, TimeoutError):
+            return None
 
 
 class ForkServer:
@@ -129,6 +135,7 @@ class ForkServer:
         self._ready: dict[str, Any] | None = None
         self._exits: dict[int, ExitReport] = {}
         self._pending: ForkedChild | None = None  # the last child whose fork reply is not read yet
+        self._forgotten: set[int] = set()  # children whose end report nobody will ask for
         self._forks = 0
         self.generation = 0  # bumped on every (re)start
         self.restarts = 0
@@ -177,6 +184,7 @@ class ForkServer:
         self._ready = None
         self._pending = None
         self._exits.clear()
+        self._forgotten.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -225,9 +233,11 @@ class ForkServer:
             message = json.loads(data)
             if "exited" not in message:
                 return message, fds
-            self._exits[int(message["exited"])] = ExitReport(
-                int(message["status"]), float(message["cpu_s"]), int(message["maxrss_kb"])
-            )
+            pid = int(message["exited"])
+            if pid in self._forgotten:
+                self._forgotten.discard(pid)
+                continue
+            self._exits[pid] = ExitReport(int(message["status"]), float(message["cpu_s"]), int(message["maxrss_kb"]))
         return {}, []
 
     def _zygote_gone(self) -> None:
@@ -276,6 +286,16 @@ class ForkServer:
                 raise SandboxUnavailable(f"the sandbox zygote could not fork: {message.get('error', message)}")
             child._pid, child._pidfd = int(message["forked"]), fds[0]
             return child._pid, child._pidfd
+
+    def forget(self, child: ForkedChild) -> None:
+        """Nobody will ask for ``child``'s end report: drop it when it comes (or now, if it came)."""
+        with self._lock:
+            try:
+                pid = child.pid
+            except (SandboxUnavailable, TimeoutError):
+                return
+            if child.generation == self.generation and self._exits.pop(pid, None) is None:
+                self._forgotten.add(pid)
 
     def wait_exit(self, child: ForkedChild, timeout_s: float) -> ExitReport:
         """The end report of ``child``; TimeoutError if it has not ended in time, ZygoteDied if nobody can tell."""

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from shared.domain.sandbox.policy import ENTRIES_NAME, EXITS_NAME, POSITION_NAME
+from shared.domain.sandbox.policy import ENTRIES_NAME, EXITS_NAME, POSITION_NAME, names_of
 from shared.infra.config import SandboxLimits
 from shared.infra.security import Incident, is_known
 from shared.jobs.pipeline import Outcome
@@ -63,17 +63,32 @@ _DEATHS = {
 
 @dataclass
 class SandboxUsage:
-    """What the sandbox children of one run used, as the zygote measured them (``wait4``): CPU quotas count it."""
+    """What the sandbox children of one run used, as the zygote measured them (``wait4``): CPU quotas count it.
+
+    A run does not wait for its children's end reports: their answers are what a shard needs first. The caller
+    :meth:`settle` s the usage after it stored them."""
 
     cpu_s: float = 0.0
     children: int = 0
     max_rss_kb: int = 0
+    unreported: int = 0  # children whose end nobody could report (their zygote died with them)
     item_seconds: list[float] = field(default_factory=list)  # wall time of each answer, from the one before
+    pending: list[ForkedChild] = field(default_factory=list)
 
     def add(self, report: ExitReport) -> None:
         self.cpu_s += report.cpu_s
         self.children += 1
         self.max_rss_kb = max(self.max_rss_kb, report.maxrss_kb)
+
+    def settle(self, timeout_s: float = 10.0) -> SandboxUsage:
+        """Collect the end reports of the run's children (each was killed or has ended: this is quick)."""
+        while self.pending:
+            child = self.pending.pop()
+            try:
+                self.add(child.wait(timeout_s))
+            except (SandboxUnavailable, TimeoutError):
+                self.unreported += 1
+        return self
 
 
 def parse_message(line: bytes) -> dict[str, Any]:
@@ -303,6 +318,7 @@ def _run_items(
     zygote died. An ``execute`` run has one item and no bars."""
     zygote = server or forkserver.for_this_process(limits.zygote_forks)
     header = _request_header(script, params, limits, protocol.mode, capture_output)
+    series = wire.series_needed(names_of(script), protocol.mode)
     outcomes: list[Any] = []
     pending = list(items)
     bars = [] if protocol.mode == "execute" else pending
@@ -310,7 +326,7 @@ def _run_items(
     first = True
     while pending or first:
         first = False
-        request = wire.write_request(header, bars)
+        request = wire.write_request(header, bars, series)
         try:
             child = zygote.spawn(request)
         finally:
@@ -346,9 +362,11 @@ def _run_items(
             if deaths > MAX_ZYGOTE_DEATHS:
                 raise SandboxUnavailable(f"the sandbox zygote died {deaths} times in one run") from died
         finally:
-            report = child.close()
-            if report is not None and usage is not None:
-                usage.add(report)
+            child.release()
+            if usage is not None:
+                usage.pending.append(child)
+            else:
+                zygote.forget(child)
         pending = pending[done:]
         bars = [] if protocol.mode == "execute" else pending
     return outcomes

@@ -4,9 +4,10 @@ Layout (native byte order; the worker and its children share a host)::
 
     [8 bytes: header length H][H bytes: header JSON][padding to 8][float64 bars][UTF-8 calendars]
 
-The header holds the script, its params, the limits, the mode and one entry per item: its symbol, its bar count
-``n``, where its five series start in the bars (``at``, in float64 values: open, high, low, close, volume, ``n``
-each) and which calendar its dates are. A calendar is one text of ISO dates (or timestamps) joined by newlines,
+The header holds the script, its params, the limits, the mode, which of the five series the request carries
+(``series``: those the script names, in the order of :data:`SERIES`) and one entry per item: its symbol, its bar
+count ``n``, where its series start in the bars (``at``, in float64 values, ``n`` each) and which calendar its
+dates are. A calendar is one text of ISO dates (or timestamps) joined by newlines,
 stored once for every item of the shard that has exactly those dates: the child builds one tuple of strings per
 calendar, not one per symbol.
 
@@ -38,9 +39,17 @@ def _aligned(size: int) -> int:
     return (size + 7) // 8 * 8
 
 
-def write_request(header: dict[str, Any], items: Sequence[SymbolBars]) -> int:
-    """A sealed memfd holding ``header`` (with the items' entries and calendars added) and the items' bars; the
-    caller owns the descriptor."""
+def series_needed(names: frozenset[str] | None, mode: str | None) -> tuple[str, ...]:
+    """The series a request carries: those the script names (all when it does not parse: it gets its compile
+    error anyway); a strategy's ``close`` always (its signals are counted against it)."""
+    if names is None:
+        return SERIES
+    return tuple(name for name in SERIES if name in names or (name == "close" and mode == "strategy"))
+
+
+def write_request(header: dict[str, Any], items: Sequence[SymbolBars], series: Sequence[str] = SERIES) -> int:
+    """A sealed memfd holding ``header`` (with the items' entries and calendars added) and the items' ``series``;
+    the caller owns the descriptor."""
     calendars: dict[bytes, int] = {}
     texts: list[bytes] = []
     entries: list[dict[str, Any]] = []
@@ -52,8 +61,9 @@ def write_request(header: dict[str, Any], items: Sequence[SymbolBars]) -> int:
             texts.append("\n".join(item.dates).encode())
         n = len(item)
         entries.append({"symbol": item.symbol, "n": n, "at": at, "dates": calendars[key]})
-        at += len(SERIES) * n
-    encoded = json.dumps({**header, "items": entries, "calendars": [len(t) for t in texts]}).encode()
+        at += len(series) * n
+    encoded = json.dumps({**header, "series": list(series), "items": entries,
+                          "calendars": [len(t) for t in texts]}).encode()  # fmt: skip
     bars_at = _aligned(8 + len(encoded))
     size = bars_at + 8 * at + sum(len(t) for t in texts)
     fd = os.memfd_create("alphaforge-sandbox-request", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -65,7 +75,7 @@ def write_request(header: dict[str, Any], items: Sequence[SymbolBars]) -> int:
             bars = np.frombuffer(view, dtype=np.float64, count=at, offset=bars_at)
             for entry, item in zip(entries, items, strict=True):
                 start, n = entry["at"], entry["n"]
-                for k, name in enumerate(SERIES):
+                for k, name in enumerate(series):
                     bars[start + k * n : start + (k + 1) * n] = getattr(item, name)
             del bars  # the view must go before the mapping closes
             offset = bars_at + 8 * at
@@ -89,7 +99,7 @@ class Request:
     calendars_at: list[int]  # byte offset of each calendar's text
 
     def series(self, entry: dict[str, Any], k: int) -> memoryview:
-        """The bytes of the item's ``k``-th series (``SERIES[k]``)."""
+        """The bytes of the item's ``k``-th series (``header["series"][k]``)."""
         n = int(entry["n"])
         start = self.bars_at + 8 * (int(entry["at"]) + k * n)
         return self.view[start : start + 8 * n]
@@ -107,7 +117,7 @@ def read_request(fd: int) -> Request:
     length = int.from_bytes(view[:8], "little")
     header = json.loads(bytes(view[8 : 8 + length]))
     bars_at = _aligned(8 + length)
-    offset = bars_at + 8 * sum(len(SERIES) * int(e["n"]) for e in header["items"])
+    offset = bars_at + 8 * sum(len(header["series"]) * int(e["n"]) for e in header["items"])
     calendars_at = []
     for size_of in header["calendars"]:
         calendars_at.append(offset)

@@ -10,7 +10,7 @@ from shared.domain.sandbox.policy import (
     SecurityViolation,
     Violations,
     compile_script,
-    imports_of,
+    names_of,
     script_globals,
 )
 from shared.errors import ScriptCompileError
@@ -121,9 +121,10 @@ def test_objects_of_foreign_types_have_no_attributes() -> None:
     assert run("import statistics\nresult = statistics.linear_regression([1, 2, 3], [2, 4, 6]).slope")["result"] == 2
 
 
-def test_imports_of_lists_the_modules_a_script_imports() -> None:
-    assert imports_of("import math, ta\nfrom statistics import mean\nx = 1") == {"math", "ta", "statistics"}
-    assert imports_of("x = 'import ta'") == set()
+def test_names_of_lists_every_name_a_script_mentions() -> None:
+    script = "import ta\ndef f(x):\n    return x + high[-1]\nresult = f'{close}' and f(ta.sma(low, 2)[-1])"
+    assert names_of(script) == frozenset({"f", "x", "high", "result", "close", "ta", "low"})
+    assert names_of("x = 'open'") == frozenset({"x"}) and names_of("x = (") is None
 
 
 def test_range_is_bounded_and_inplace_ops_work() -> None:

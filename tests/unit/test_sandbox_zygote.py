@@ -117,6 +117,7 @@ def test_a_child_serves_one_shard_and_dies(zygote: ForkServer) -> None:
     usage = SandboxUsage()
     run_script("result = 1", {}, [bars("A", 5), bars("B", 5)], LIMITS, server=zygote, usage=usage)
     run_script("result = 1", {}, [bars("C", 5)], LIMITS, server=zygote, usage=usage)
+    usage.settle()
     assert usage.children == 2  # one child a shard, each collected by the zygote
     assert usage.cpu_s > 0 and usage.max_rss_kb > 0
     assert sandbox_processes(psutil.Process().pid)[1] == []  # none left over

@@ -278,15 +278,15 @@ def indicator_facade() -> ReadOnlyModule:
     return ALLOWED_MODULES[INDICATOR_MODULE]
 
 
-def imports_of(source: str) -> set[str]:
-    """Top-level module names a script imports (imports are statements only: ``__import__`` is unreachable)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source, SCRIPT_FILENAME, "exec")):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.partition(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.partition(".")[0])
-    return names
+def names_of(source: str) -> frozenset[str] | None:
+    """Every name a script mentions, or None when it does not parse. A script reaches a global only by writing its
+    name (no ``globals()``, ``vars()`` or ``getattr`` on a module of its own), so the sandbox builds only the
+    inputs a script names."""
+    try:
+        tree = ast.parse(source, SCRIPT_FILENAME, "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    return frozenset(node.id for node in ast.walk(tree) if isinstance(node, ast.Name))
 
 
 def _make_import(violations: Violations) -> Callable[..., ReadOnlyModule]:
