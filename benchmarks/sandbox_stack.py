@@ -60,7 +60,12 @@ def trivial_jobs(count: int, start_p50: float) -> None:
         settings = Settings.from_env().with_overrides(
             database_url=stack.database_url, redis_url=stack.redis_url, data_dir=stack.work, api_port=port
         )
-        env = {**os.environ, **settings.child_env(), "JWT_SECRET_KEY": secret()}
+        env = {
+            **os.environ,
+            **settings.child_env(),
+            "JWT_SECRET_KEY": secret(),
+            "ALPHAFORGE_RATE_LIMIT_SUBMIT": "100000/minute",
+        }  # fmt: skip  (hundreds of jobs a minute here)
         commands = dict(child_commands(settings))
         for name in ("worker", "api"):
             stack.spawn(commands[name], env)

@@ -1,10 +1,11 @@
 """The worker's side of its sandbox zygote (shared/sandbox/zygote.py): start it, fork children, watch them end.
 
-One zygote per worker process, started on first use (or at pool-process start) and started again when it died:
-the death of a zygote costs the shard it was serving one retried symbol, never a job. A child is one shard's:
-:meth:`ForkServer.spawn` writes the shard's request into a sealed memfd, has the zygote fork a child for it, and
-hands back a :class:`ForkedChild` with the child's answer pipe and a pidfd to kill it by. After a bounded number
-of forks the zygote is replaced, which re-randomizes the address layout its children share.
+One zygote per worker process, and at most one live child per zygote (a shard's child has ended before the next is
+forked), so a worker never runs more sandbox children than its concurrency. The zygote is started on first use (or
+at pool-process start) and started again when it died: the death of a zygote costs the shard it was serving one
+retried symbol, never a job. :meth:`ForkServer.spawn` has the zygote fork a child for a shard's request (a sealed
+memfd) and hands back a :class:`ForkedChild` with the child's answer pipe and a pidfd to kill it by. After a
+bounded number of forks the zygote is replaced, which re-randomizes the address layout its children share.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,7 @@ class ForkServer:
         self._exits: dict[int, ExitReport] = {}
         self._pending: ForkedChild | None = None  # the last child whose fork reply is not read yet
         self._forgotten: set[int] = set()  # children whose end report nobody will ask for
+        self._live: set[int] = set()  # children forked and not ended yet: one at a time
         self._forks = 0
         self.generation = 0  # bumped on every (re)start
         self.restarts = 0
@@ -185,6 +188,7 @@ class ForkServer:
         self._pending = None
         self._exits.clear()
         self._forgotten.clear()
+        self._live.clear()
 
     def close(self) -> None:
         with self._lock:
@@ -212,12 +216,12 @@ class ForkServer:
 
     # --- messages ------------------------------------------------------------------------------------------------
 
-    def _receive(self, timeout_s: float, until_exit_of: int | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The next message from the zygote that is not an end report (those are filed away), or, with
-        ``until_exit_of``, nothing once that child's end report is filed."""
+    def _receive(self, timeout_s: float, until: Callable[[], bool] | None = None) -> tuple[dict[str, Any], list[int]]:
+        """The next message from the zygote that is not an end report (those are filed away), or, with ``until``,
+        nothing once ``until()`` holds."""
         assert self._control is not None
         deadline = time.monotonic() + timeout_s
-        while until_exit_of is None or until_exit_of not in self._exits:
+        while until is None or not until():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("the sandbox zygote did not answer in time")
@@ -234,6 +238,7 @@ class ForkServer:
             if "exited" not in message:
                 return message, fds
             pid = int(message["exited"])
+            self._live.discard(pid)
             if pid in self._forgotten:
                 self._forgotten.discard(pid)
                 continue
@@ -257,6 +262,8 @@ class ForkServer:
             self.ready()
             if self._pending is not None:  # the reply of an earlier child nobody asked for
                 self.fork_reply(self._pending)
+            if self._live:  # the last child was released (killed) but has not ended yet: never two at once
+                self._receive(self.startup_timeout_s, until=lambda: not self._live)
             read_end, write_end = os.pipe2(os.O_CLOEXEC)
             try:
                 assert self._control is not None
@@ -285,6 +292,7 @@ class ForkServer:
                     os.close(fd)
                 raise SandboxUnavailable(f"the sandbox zygote could not fork: {message.get('error', message)}")
             child._pid, child._pidfd = int(message["forked"]), fds[0]
+            self._live.add(child._pid)
             return child._pid, child._pidfd
 
     def forget(self, child: ForkedChild) -> None:
@@ -307,7 +315,7 @@ class ForkServer:
             while pid not in self._exits:
                 if self._control is None:
                     raise ZygoteDied("the sandbox zygote that forked this child is gone")
-                message, fds = self._receive(deadline - time.monotonic(), until_exit_of=pid)
+                message, fds = self._receive(deadline - time.monotonic(), until=lambda: pid in self._exits)
                 for fd in fds:
                     os.close(fd)
                 if message:
