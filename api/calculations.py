@@ -88,6 +88,15 @@ def execute(body: CalculationExecuteBody) -> Response:
         raise ValidationFailed.for_field(
             "stock_symbols", f"{len(symbols):,} symbols; at most {settings.max_symbols_per_job:,} per job"
         )
+    bounds = settings.sandbox_bounds
+    if body.timeout is not None and not bounds.min_timeout_s <= body.timeout <= bounds.max_timeout_s:
+        raise ValidationFailed.for_field(
+            "timeout", f"timeout must be between {bounds.min_timeout_s:g} and {bounds.max_timeout_s:g} seconds"
+        )
+    if body.memory_mb is not None and not bounds.min_memory_mb <= body.memory_mb <= bounds.max_memory_mb:
+        raise ValidationFailed.for_field(
+            "memory_mb", f"memory_mb must be between {bounds.min_memory_mb} and {bounds.max_memory_mb}"
+        )
     request = CalculationRequest(
         script=script,
         column_name=body.column_name,
@@ -100,6 +109,9 @@ def execute(body: CalculationExecuteBody) -> Response:
         owner_id=principal.user_id,
         script_id=script_id,
         script_version=script_version,
+        sandbox_timeout_s=body.timeout,
+        sandbox_memory_mb=body.memory_mb,
+        capture_output=body.capture_output,
         callback_url=(
             webhooks.validate_callback_url(body.callback_url, allow_private=settings.webhooks.allow_private)
             if body.callback_url

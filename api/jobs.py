@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
@@ -58,6 +59,13 @@ def get_job(path: JobPath) -> Response:
         return jsonify(job_view(job, rejections).model_dump(mode="json"))
 
 
+def _printed(data: dict[str, Any] | None) -> dict[str, Any]:
+    """A calculation result's captured print output, when its job asked for it."""
+    if not data or "output" not in data:
+        return {}
+    return {"output": data["output"], "output_dropped": data.get("output_dropped", 0)}
+
+
 @bp.get("/<job_id>/results", responses={200: ResultsPage, 404: ErrorResponse, 422: ErrorResponse})
 def get_results(path: JobPath, query: ResultsQuery) -> Response:
     """Per-symbol results ordered by symbol, keyset-paged with ``cursor``; errors are per symbol."""
@@ -66,14 +74,14 @@ def get_results(path: JobPath, query: ResultsQuery) -> Response:
         # The page first: a bad cursor is a 422 before the job is looked up (and a 404 discards the page).
         rows, next_cursor = jobs.page_results(session, job_id, limit=query.limit, cursor=query.cursor)
         job = _readable_job(session, path.job_id)
+        results = [
+            ResultRow.model_validate({"symbol": r.symbol, "value": r.value, "error": r.error, **_printed(r.data)})
+            for r in rows
+        ]
         page = ResultsPage(
-            job_id=str(job.id),
-            column_name=job.column_name,
-            status=job.status,
-            results=[ResultRow.model_validate({"symbol": r.symbol, "value": r.value, "error": r.error}) for r in rows],
-            next_cursor=next_cursor,
+            job_id=str(job.id), column_name=job.column_name, status=job.status, results=results, next_cursor=next_cursor
         )
-        return jsonify(page.model_dump(mode="json"))
+        return jsonify(page.model_dump(mode="json", exclude_unset=True))  # `output` only where it was captured
 
 
 @bp.post("/<job_id>/cancel", responses={200: JobView, 404: ErrorResponse})

@@ -8,7 +8,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from shared.jobs.calculations.submit import CALCULATION_ADJUSTMENT
 from shared.marketdata.bars import SYMBOL_PATTERN
@@ -110,6 +110,21 @@ class CalculationExecuteBody(BaseModel):
     params: Annotated[dict[str, Any], AfterValidator(_params)] = Field(default_factory=dict)
     callback_url: str | None = Field(
         default=None, max_length=2000, description="POSTed a signed JSON summary when the job ends (http/https, public)"
+    )
+    timeout: float | None = Field(
+        default=None,
+        description="wall-clock seconds the script may take per symbol, within GET /api/security/limits (default: "
+        "ALPHAFORGE_SANDBOX_TIMEOUT)",
+    )
+    memory_mb: int | None = Field(
+        default=None,
+        description="memory the sandbox may allocate, MB, within GET /api/security/limits (default: "
+        "ALPHAFORGE_SANDBOX_MEMORY_MB)",
+    )
+    capture_output: StrictBool = Field(
+        default=False,
+        description="keep what the script prints, per symbol, in its result's `output` (bounded per symbol and per "
+        "job; `output_dropped` counts the characters past the bound)",
     )
 
     @model_validator(mode="after")
@@ -230,6 +245,8 @@ class ResultRow(BaseModel):
     symbol: str
     value: float | None
     error: ResultError | None
+    output: str | None = Field(default=None, description="what the script printed (jobs with capture_output)")
+    output_dropped: int | None = Field(default=None, description="characters printed past the bound")
 
 
 class ResultsPage(BaseModel):

@@ -36,9 +36,10 @@ NIGHTLY_TICK_EXPIRES_S = 3600  # a nightly tick no worker took within an hour is
 
 
 def shard_time_limit_s(settings: Settings) -> int:
-    """Celery's hard backstop: above the longest a shard may take (every symbol hitting its time limit,
-    plus loading and storing). Beyond it the pool process is killed and the shard retried elsewhere."""
-    worst_shard = settings.shard_size * (settings.sandbox.symbol_timeout_s + settings.sandbox.startup_timeout_s)
+    """Celery's hard backstop: above the longest a shard may take (every symbol hitting the longest time limit a job
+    may ask for, plus loading and storing). Beyond it the pool process is killed and the shard retried elsewhere."""
+    per_symbol = max(settings.sandbox.symbol_timeout_s, settings.sandbox_bounds.max_timeout_s)
+    worst_shard = settings.shard_size * (per_symbol + settings.sandbox.startup_timeout_s)
     return int(worst_shard + 300)
 
 

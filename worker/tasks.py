@@ -198,5 +198,6 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
             runner=run_script,
             events=services.events,
             batch_bars=services.settings.batch_bars,
+            job_output_chars=services.settings.sandbox_bounds.job_output_chars,
         ),
     )

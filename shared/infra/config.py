@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.infra import settings_schema as schema
-from shared.infra.sandbox_config import SandboxLimits
+from shared.infra.sandbox_config import SandboxBounds, SandboxLimits
 from shared.infra.settings_schema import setting
 
 __all__ = ["QUEUE_BULK", "QUEUE_INTERACTIVE", "QUEUE_MAINTENANCE", "SandboxLimits", "Settings"]
@@ -442,6 +442,7 @@ class Settings:
         "ALPHAFORGE_SCRIPT_OPTIMIZATION_SLICE", 10, "combos per optimisation task of a script strategy"
     )
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    sandbox_bounds: SandboxBounds = field(default_factory=SandboxBounds)
     run_batch_mb: int = setting(
         "ALPHAFORGE_RUN_BATCH_MB",
         64,

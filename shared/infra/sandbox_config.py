@@ -40,3 +40,25 @@ class SandboxLimits:
         "address layout its children share)",
         ge=1,
     )
+
+
+@dataclass(frozen=True)
+class SandboxBounds:
+    """What a submitter may ask of the sandbox (a calculation job's ``timeout`` and ``memory_mb``), and the bound on
+    the print output one job keeps."""
+
+    max_timeout_s: float = setting(
+        "ALPHAFORGE_SANDBOX_MAX_TIMEOUT", 300.0, "largest `timeout` (seconds per symbol) a job may ask for"
+    )
+    max_memory_mb: int = setting(
+        "ALPHAFORGE_SANDBOX_MAX_MEMORY_MB", 2048, "largest `memory_mb` a job may ask for", ge=64
+    )
+    job_output_chars: int = setting(
+        "ALPHAFORGE_SANDBOX_JOB_OUTPUT_CHARS",
+        1_000_000,
+        "characters of `print` output one job with `capture_output` keeps in all: each symbol gets an equal share "
+        "(at most ALPHAFORGE_SANDBOX_OUTPUT_CHARS)",
+    )
+
+    min_timeout_s = 1.0
+    min_memory_mb = 64

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Date,
     DateTime,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -40,6 +42,8 @@ class Job(Base):
         CheckConstraint("(script_id IS NULL) = (script_version IS NULL)", name="ck_jobs_script_ref"),
         CheckConstraint("timeframe IN ('1m', '5m', '15m', '30m', '1h', '1d', '1w', '1mo')", name="ck_jobs_timeframe"),
         CheckConstraint("adjustment IN ('none', 'splits', 'total_return')", name="ck_jobs_adjustment"),
+        CheckConstraint("sandbox_timeout_s IS NULL OR sandbox_timeout_s > 0", name="ck_jobs_sandbox_timeout"),
+        CheckConstraint("sandbox_memory_mb IS NULL OR sandbox_memory_mb > 0", name="ck_jobs_sandbox_memory"),
         # The reconciler's finalize pass (shared/jobs/reconciler.py): ended jobs of a kind with a finalization not
         # yet done. Active jobs are in it too (few); ended ones leave it when finalized.
         Index("ix_jobs_unfinalized", "kind", "finished_at", postgresql_where=text("finalized_at IS NULL")),
@@ -77,6 +81,10 @@ class Job(Base):
     timeframe: Mapped[str] = mapped_column(String(4), nullable=False, default="1d", server_default="1d")
     adjustment: Mapped[str] = mapped_column(String(16), nullable=False, default="none", server_default="none")
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    # A calculation's own sandbox limits, within the operator's bounds (NULL: the worker's), and print capture.
+    sandbox_timeout_s: Mapped[float | None] = mapped_column(Double)
+    sandbox_memory_mb: Mapped[int | None] = mapped_column(Integer)
+    capture_output: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     shard_size: Mapped[int] = mapped_column(Integer, nullable=False)
     shards_total: Mapped[int] = mapped_column(Integer, nullable=False)
     shards_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

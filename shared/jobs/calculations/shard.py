@@ -6,8 +6,9 @@ step: the pipeline's last shard ends the job, and views read its result rows."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,8 +22,24 @@ from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, bar_batches
 
 log = logging.getLogger(__name__)
 
-ScriptRunner = Callable[[str, dict[str, Any], Sequence[SymbolBars], SandboxLimits], Sequence[jobs.Outcome]]
-"""Runs a script over bars in the sandbox (shared/sandbox/runner.run_script): one outcome per symbol."""
+
+class ScriptRunner(Protocol):
+    """Runs a script over bars in the sandbox (shared/sandbox/runner.run_script): one outcome per symbol."""
+
+    def __call__(self, script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits, *,
+                 capture_output: bool = False) -> Sequence[jobs.Outcome]: ...  # fmt: skip
+
+
+def job_limits(limits: SandboxLimits, job: Job, job_output_chars: int) -> SandboxLimits:
+    """The sandbox limits a job runs with: the worker's, with the job's own timeout and memory where it asked for
+    them, and each symbol's share of the job's print output bound."""
+    share = job_output_chars // max(job.symbols_total, 1)
+    return replace(
+        limits,
+        symbol_timeout_s=job.sandbox_timeout_s or limits.symbol_timeout_s,
+        memory_mb=job.sandbox_memory_mb or limits.memory_mb,
+        max_output_chars=min(limits.max_output_chars, share),
+    )
 
 
 def _missing_outcome(symbol: str, known: set[str], job: Job) -> jobs.Outcome:
@@ -44,6 +61,7 @@ def run_shard(
     runner: ScriptRunner,
     events: JobEvents | None = None,
     batch_bars: int = DEFAULT_BATCH_BARS,
+    job_output_chars: int = 1_000_000,
 ) -> bool | None:
     """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored."""
@@ -52,13 +70,15 @@ def run_shard(
         log.info("shard %s: nothing to do (finished, cancelled or job inactive)", shard_id)
         return None
     job = started.job
+    limits = job_limits(limits, job, job_output_chars)
     computed: dict[str, jobs.Outcome] = {}
     versions: dict[str, int] = {}  # the data version each symbol's outcome was computed from
     batches = bar_batches(factory, started.symbols, job.start_date, job.end_date, timeframe=job.timeframe,
                                adjustment=job.adjustment, max_bars=batch_bars)  # fmt: skip
     for group, bars in batches:
         present = [bars[s] for s in group if s in bars]
-        computed |= {o.symbol: o for o in runner(job.script, job.params, present, limits)}
+        outcomes = runner(job.script, job.params, present, limits, capture_output=job.capture_output)
+        computed |= {o.symbol: o for o in outcomes}
         versions |= {s: b.version for s, b in bars.items()}
         del bars, present
     missing = [s for s in started.symbols if s not in computed]

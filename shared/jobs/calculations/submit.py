@@ -45,6 +45,9 @@ class CalculationRequest:
     script_version: int | None = None  # ... and this is the version whose exact text is ``script``
     queue: str = QUEUE_INTERACTIVE  # QUEUE_BULK for nightly recalculations (shared/jobs/fairness.py)
     callback_url: str | None = None  # checked by shared/jobs/webhooks.validate_callback_url before it gets here
+    sandbox_timeout_s: float | None = None  # the job's own limits (checked against the operator's bounds) ...
+    sandbox_memory_mb: int | None = None  # ... None: the worker's
+    capture_output: bool = False  # keep each symbol's print output in its result
 
 
 def sha256_text(value: str) -> str:
@@ -90,6 +93,9 @@ def submit_calculation(
         start_date=request.start_date,
         end_date=request.end_date,
         params=json.loads(json.dumps(request.params)),
+        sandbox_timeout_s=request.sandbox_timeout_s,
+        sandbox_memory_mb=request.sandbox_memory_mb,
+        capture_output=request.capture_output,
     )
     return jobs.submit(
         factory, job, shard_size, enqueue, max_active_per_owner=max_active_per_owner, on_write=on_write, events=events
