@@ -134,9 +134,10 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.before_request(_require_json_body)
     limiter = init_rate_limits(app, settings, redis_pool)
 
-    from api import accounts, artifacts, audit, calculations, events, health, jobs, previews, runs, scripts
+    from api import accounts, artifacts, audit, calculations, events, health, interactive, jobs, previews, runs, scripts
 
     app.register_api(calculations.bp)
+    app.register_api(interactive.bp)
     app.register_api(jobs.bp)
     app.register_api(health.bp)
     app.register_api(accounts.bp)

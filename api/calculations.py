@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from api import BEARER_SECURITY, services
 from api.audit import audit
 from api.auth import current_principal
+from api.interactive_schemas import TryBody
 from api.schemas import CalculationExecuteBody, ErrorResponse, JobAccepted
 from api.views import job_links
 from shared.accounts.audit import AuditAction
@@ -31,7 +32,7 @@ bp = APIBlueprint(
 )
 
 
-def _script_source(body: CalculationExecuteBody) -> tuple[str, uuid.UUID | None, int | None]:
+def script_source(body: CalculationExecuteBody | TryBody) -> tuple[str, uuid.UUID | None, int | None]:
     """The exact text to run, and (when it is a saved script) which script and version it is."""
     if body.script is not None and body.script_id is not None:
         raise ValidationFailed.for_field("script_id", "send either script or script_id, not both")
@@ -75,7 +76,7 @@ def execute(body: CalculationExecuteBody) -> Response:
     svc = services()
     settings = svc.settings
     principal = current_principal()
-    script, script_id, script_version = _script_source(body)
+    script, script_id, script_version = script_source(body)
     if len(script) > settings.max_script_chars:
         raise ValidationFailed.for_field(
             "script", f"script is {len(script):,} characters; at most {settings.max_script_chars:,} allowed"

@@ -41,7 +41,7 @@ from shared.infra.security import SANDBOX_LAYERS_KEY
 
 bp = APIBlueprint("health", __name__, url_prefix="/api", abp_tags=[Tag(name="health")])
 
-QUEUE_NAMES = ("interactive", "bulk", "maintenance")
+QUEUE_NAMES = ("sandbox", "interactive", "bulk", "maintenance")
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: "<queue>\x06\x16<priority>" for priorities above 0
 WORKER_REPLY_S = 1.0  # how long the check waits for workers to answer its broadcast
 STEP_TIMEOUT_S = 1.0  # each database and Redis call of a check

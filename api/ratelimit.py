@@ -78,6 +78,8 @@ def limit_endpoint(app: Flask, endpoint: str, *decorators: Callable[[Callable[..
 def apply_rate_limits(app: Flask, limiter: Limiter, settings: Settings) -> None:
     rates = settings.rate_limits
     limit_endpoint(app, "calculations.execute", limiter.limit(rates.submit, key_func=_user_key))
+    for endpoint in ("interactive.try_script", "interactive.execute_code"):
+        limit_endpoint(app, endpoint, limiter.limit(rates.interactive, key_func=_user_key, scope="interactive"))
     failures: dict[str, Any] = {"deduct_when": _failed_login}
     limit_endpoint(
         app,

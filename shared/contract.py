@@ -11,12 +11,13 @@ from celery.schedules import crontab
 from kombu import Queue
 
 from shared.infra import log_context
-from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, QUEUE_SANDBOX, Settings
 from shared.infra.logs import configure_logging
 from shared.jobs.fairness import PRIORITY_STEPS, shard_priority
 from shared.jobs.pipeline import Enqueue, ShardTask
 
 TASK_RUN_CALCULATION_SHARD = "alphaforge.calculations.run_shard"
+TASK_RUN_INTERACTIVE = "alphaforge.interactive.run"  # one /try or /api/security/execute run, on QUEUE_SANDBOX
 BEAT_MAX_LOOP_S = 5  # beat wakes at least this often (and renews its lock)
 BEAT_LOCK_TIMEOUT_S = 30  # a beat that stopped renewing for this long is replaced by a waiting one
 TASK_RUN_BACKTEST_SHARD = "alphaforge.backtests.run_shard"
@@ -57,7 +58,13 @@ def create_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
         "alphaforge",
         broker=redis_url,
         backend=redis_url,
-        include=["worker.tasks", "worker.sandbox_probe", "worker.backtest_tasks", "worker.optimization_tasks"],
+        include=[
+            "worker.tasks",
+            "worker.sandbox_probe",
+            "worker.backtest_tasks",
+            "worker.optimization_tasks",
+            "worker.interactive_tasks",
+        ],
         set_as_current=set_as_current,
     )
     app.conf.update(
@@ -76,8 +83,9 @@ def create_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
         # tasks lost the sleeves they share in the process, reloading every symbol's bars each time).
         worker_max_memory_per_child=1_500_000,
         task_default_queue=QUEUE_INTERACTIVE,
-        task_queues=(Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
+        task_queues=(Queue(QUEUE_SANDBOX), Queue(QUEUE_INTERACTIVE), Queue(QUEUE_BULK)),
         task_routes={
+            TASK_RUN_INTERACTIVE: {"queue": QUEUE_SANDBOX},
             TASK_RUN_CALCULATION_SHARD: {"queue": QUEUE_INTERACTIVE},
             TASK_RUN_BACKTEST_SHARD: {"queue": QUEUE_INTERACTIVE},
             TASK_BUILD_RUN_ARTIFACTS: {"queue": QUEUE_INTERACTIVE},

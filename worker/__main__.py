@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from shared.contract import create_celery
-from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, QUEUE_SANDBOX, Settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         defaults = [
             "--loglevel=INFO",
             f"--concurrency={settings.worker_concurrency}",
-            f"--queues={QUEUE_INTERACTIVE},{QUEUE_BULK},{QUEUE_MAINTENANCE}",
+            f"--queues={QUEUE_SANDBOX},{QUEUE_INTERACTIVE},{QUEUE_BULK},{QUEUE_MAINTENANCE}",  # in this order
             "--without-gossip",
             "--without-mingle",
         ]

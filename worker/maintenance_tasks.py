@@ -30,6 +30,7 @@ from shared.contract import (
     TASK_RECONCILE_SHARDS,
     TASK_RUN_BACKTEST_SHARD,
     TASK_RUN_CALCULATION_SHARD,
+    TASK_RUN_INTERACTIVE,
     TASK_RUN_OPTIMIZATION_SHARD,
     TASK_WEBHOOK_DELIVER,
     TASK_WEBHOOK_DISPATCH,
@@ -65,6 +66,7 @@ JOB_KINDS: dict[str, KindTasks] = {
     JobKind.CALCULATION.value: KindTasks(TASK_RUN_CALCULATION_SHARD),
     JobKind.BACKTEST.value: KindTasks(TASK_RUN_BACKTEST_SHARD, run_finalize.finalize_run, TASK_BUILD_RUN_ARTIFACTS),
     JobKind.OPTIMIZATION.value: KindTasks(TASK_RUN_OPTIMIZATION_SHARD, finalize_optimization, TASK_FINISH_OPTIMIZATION),
+    JobKind.INTERACTIVE.value: KindTasks(TASK_RUN_INTERACTIVE),
 }
 """Every job kind the reconciler heals, one line each: adding a kind is its package, its shard task, its schema
 and its line here."""
@@ -196,7 +198,14 @@ def prune_jobs(self: Any) -> dict[str, int]:
         report = retention.prune(
             services.session_factory, max_age_days=maint.retention_days, max_jobs_per_owner=maint.retention_max_jobs
         )
-    return {"by_age": report.by_age, "by_count": report.by_count}
+        # Interactive runs by themselves: a user trying scripts all day never pushes out their calculation jobs.
+        runs = retention.prune(
+            services.session_factory,
+            kinds=(JobKind.INTERACTIVE.value,),
+            max_age_days=maint.retention_days,
+            max_jobs_per_owner=maint.retention_max_jobs,
+        )
+    return {"by_age": report.by_age + runs.by_age, "by_count": report.by_count + runs.by_count}
 
 
 @shared_task(bind=True, base=ServicesTask, name=TASK_PRUNE_RUNS, acks_late=False, ignore_result=True)

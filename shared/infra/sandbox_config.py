@@ -60,5 +60,17 @@ class SandboxBounds:
         "(at most ALPHAFORGE_SANDBOX_OUTPUT_CHARS)",
     )
 
+    execute_timeout_s: float = setting(
+        "ALPHAFORGE_INTERACTIVE_TIMEOUT", 30.0, "an interactive run's `timeout` when it gives none, seconds"
+    )
+    execute_memory_mb: int = setting(
+        "ALPHAFORGE_INTERACTIVE_MEMORY_MB", 512, "an interactive run's `max_memory_mb` when it gives none", ge=64
+    )
+    interactive_wait_s: float = setting(
+        "ALPHAFORGE_INTERACTIVE_WAIT",
+        10.0,
+        "how long an interactive run's request waits for its answer before it answers 202 with the job to poll",
+    )
+
     min_timeout_s = 1.0
     min_memory_mb = 64

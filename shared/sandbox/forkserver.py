@@ -74,6 +74,7 @@ class ForkedChild:
         self.answers = answers  # read end of the child's answer pipe
         self._pid: int | None = None
         self._pidfd = -1
+        self.baseline_kb = 0  # resident memory it started with (its zygote's)
         self.report: ExitReport | None = None
 
     @property
@@ -292,6 +293,7 @@ class ForkServer:
                     os.close(fd)
                 raise SandboxUnavailable(f"the sandbox zygote could not fork: {message.get('error', message)}")
             child._pid, child._pidfd = int(message["forked"]), fds[0]
+            child.baseline_kb = int(message.get("baseline_kb") or 0)
             self._live.add(child._pid)
             return child._pid, child._pidfd
 

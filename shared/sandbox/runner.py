@@ -71,6 +71,7 @@ class SandboxUsage:
     cpu_s: float = 0.0
     children: int = 0
     max_rss_kb: int = 0
+    peak_memory_kb: int = 0  # the most one child added to what it started with (resident)
     unreported: int = 0  # children whose end nobody could report (their zygote died with them)
     item_seconds: list[float] = field(default_factory=list)  # wall time of each answer, from the one before
     pending: list[ForkedChild] = field(default_factory=list)
@@ -85,9 +86,12 @@ class SandboxUsage:
         while self.pending:
             child = self.pending.pop()
             try:
-                self.add(child.wait(timeout_s))
+                report = child.wait(timeout_s)
             except (SandboxUnavailable, TimeoutError):
                 self.unreported += 1
+            else:
+                self.add(report)
+                self.peak_memory_kb = max(self.peak_memory_kb, report.maxrss_kb - child.baseline_kb)
         return self
 
 
@@ -370,6 +374,68 @@ def _run_items(
         pending = pending[done:]
         bars = [] if protocol.mode == "execute" else pending
     return outcomes
+
+
+# --- snippets (interactive execute) ------------------------------------------------------------------------------
+
+SNIPPET = "-"  # the one item of an execute run: no symbol, no bars
+MAX_LOCALS = 200
+MAX_LOCAL_CHARS = 1_000
+_SAFE_INT = 2**53
+
+
+def _checked_local(value: object) -> object:
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int and -_SAFE_INT <= value <= _SAFE_INT:
+        return value
+    if type(value) is float and math.isfinite(value):
+        return value
+    if type(value) is str:
+        return scrub_addresses(storable_text(value, MAX_LOCAL_CHARS))
+    if type(value) is dict and set(value) == {"repr"} and type(value["repr"]) is str:
+        return {"repr": scrub_addresses(storable_text(value["repr"], MAX_LOCAL_CHARS))}
+    raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad locals)")
+
+
+def checked_locals(raw: object) -> dict[str, object]:
+    """An executed snippet's top-level names, re-checked: identifiers, each a JSON scalar or ``{"repr": text}``
+    (bounded, addresses scrubbed), at most MAX_LOCALS of them."""
+    if type(raw) is not dict:
+        raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad locals)")
+    checked: dict[str, object] = {}
+    for name, value in list(raw.items())[:MAX_LOCALS]:
+        if type(name) is not str or not name.isidentifier():
+            raise _ChildFault("SandboxError", "the sandbox broke the result protocol (bad locals)")
+        checked[name] = _checked_local(value)
+    return checked
+
+
+def run_snippet(
+    script: str,
+    params: dict[str, Any],
+    limits: SandboxLimits,
+    *,
+    usage: SandboxUsage | None = None,
+    server: ForkServer | None = None,
+) -> Outcome:
+    """Run a snippet once, with no bars (an interactive execute), in a sandbox child. Its outcome's ``data`` holds
+    what it printed and, when it ran to the end, its top-level names (``locals``)."""
+
+    def check(item: str, index: int, message: dict[str, Any]) -> Outcome:
+        outcome = _checked_outcome(item, index, message, limits.max_error_chars)
+        data = dict(outcome.data or {})
+        if outcome.error is None:
+            data["locals"] = checked_locals(message.get("locals"))
+        return Outcome(item, None, outcome.error, outcome.incidents, data)
+
+    def fault_outcome(item: str, fault: _ChildFault) -> Outcome:
+        return Outcome(item, None, {"type": fault.kind, "message": fault.message, "line": None}, (fault.incident,))
+
+    cap = _output_line_cap(limits) + 6 * MAX_LOCALS * (MAX_LOCAL_CHARS + 100)
+    protocol = _Protocol("execute", check, fault_outcome, lambda item: cap)
+    return _run_items(script, params, [SNIPPET], limits, protocol, capture_output=True, usage=usage,
+                      server=server)[0]  # fmt: skip
 
 
 # --- strategy scripts -------------------------------------------------------------------------------------------

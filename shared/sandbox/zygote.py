@@ -17,7 +17,8 @@ one JSON message per packet:
 * worker -> zygote: ``{"op": "fork"}`` with two descriptors, the child's request (a sealed memfd) and the write end
   of its answer pipe. The zygote forks; the child (shared/sandbox/child.py) keeps only those two descriptors, dies
   with the zygote (``PR_SET_PDEATHSIG``), confines itself and runs the shard.
-* zygote -> worker: ``{"forked": pid}`` with a pidfd of the child (race-free kills), or ``{"error": ...}``; then,
+* zygote -> worker: ``{"forked": pid, "baseline_kb": k}`` with a pidfd of the child (race-free kills; ``k`` is the
+  zygote's resident memory, what the child starts with), or ``{"error": ...}``; then,
   when the child has ended, ``{"exited": pid, "status": s, "cpu_s": x, "maxrss_kb": y}`` from ``wait4``: the
   supervisor's measure of what the child used (CPU quotas count it).
 
@@ -36,6 +37,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -149,7 +151,8 @@ def serve_forks(control: socket.socket, program: seccomp.Program, layers: dict[s
             pidfd = os.pidfd_open(pid)
             children[pidfd] = (pid, pidfd)
             poller.register(pidfd, select.POLLIN)
-            _send(control, {"forked": pid}, [pidfd])
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # what a child starts with, resident
+            _send(control, {"forked": pid, "baseline_kb": baseline}, [pidfd])
 
 
 def main(control_fd: int) -> None:

@@ -18,15 +18,15 @@ import yaml  # type: ignore[import-untyped]
 from flask import Flask
 
 from shared.contract import create_celery
-from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, Settings
+from shared.infra.config import QUEUE_BULK, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE, QUEUE_SANDBOX, Settings
 from shared.infra.migrate import PROJECT_ROOT
 from tests.integration.test_faults_worker_kill import Processes
 
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 APP_SERVICES = {"migrate", "api", "worker-interactive", "worker-bulk", "beat", "flower"}
 WORKER_QUEUES = {
-    "worker-interactive": {QUEUE_INTERACTIVE, QUEUE_MAINTENANCE},
-    "worker-bulk": {QUEUE_BULK, QUEUE_INTERACTIVE},
+    "worker-interactive": {QUEUE_SANDBOX, QUEUE_INTERACTIVE, QUEUE_MAINTENANCE},
+    "worker-bulk": {QUEUE_SANDBOX, QUEUE_BULK, QUEUE_INTERACTIVE},
 }
 COMPOSE_REDIS_DB = 10
 
@@ -100,6 +100,7 @@ def test_worker_services_split_the_queues_so_users_are_never_starved(compose: di
         hostname = option(argv, "--hostname")
         assert hostname.endswith("@%h") and hostname.split("@")[0] in " ".join(services[name]["healthcheck"]["test"])
     assert consumers[QUEUE_INTERACTIVE] == set(WORKER_QUEUES)  # every worker takes users' work
+    assert consumers[QUEUE_SANDBOX] == set(WORKER_QUEUES)  # and interactive runs, before anything else
     assert consumers[QUEUE_BULK] == {"worker-bulk"}  # the nightly flood never takes an interactive worker's slot
     assert consumers[QUEUE_MAINTENANCE] == {"worker-interactive"}
     assert set(consumers) == declared

@@ -32,6 +32,7 @@ class JobKind(str, enum.Enum):
     CALCULATION = "calculation"
     BACKTEST = "backtest"
     OPTIMIZATION = "optimization"
+    INTERACTIVE = "interactive"  # a /try or /api/security/execute run: one shard, one answer
 
 
 class UserRole(str, enum.Enum):
