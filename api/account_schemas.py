@@ -65,6 +65,10 @@ class UserView(BaseModel):
 
 class MeView(UserView):
     auth_method: str = Field(description="jwt or api_key")
+    quotas: dict[str, Any] = Field(
+        default_factory=dict,
+        description="sandbox CPU seconds per budget today (UTC): `used_s`, `limit_s` and `left_s` (None: no limit)",
+    )
 
 
 # --- API keys -----------------------------------------------------------------------------------------------

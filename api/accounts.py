@@ -27,7 +27,7 @@ from api.account_schemas import (
 from api.audit import audit
 from api.auth import current_principal, decode_jwt, issue_tokens, seconds_left
 from api.schemas import ErrorResponse
-from shared.accounts import api_keys, revocation, users
+from shared.accounts import api_keys, quotas, revocation, users
 from shared.accounts.audit import AuditAction
 from shared.errors import BadRequest, Forbidden, Unauthorized
 from shared.infra.db import session_scope
@@ -132,7 +132,8 @@ def me() -> Response:
     with services().session_factory() as session:
         user = session.get(User, principal.user_id)
         assert user is not None  # authentication just loaded it
-        view = MeView(**_user_view(user).model_dump(), auth_method=principal.auth_method)
+        view = MeView(**_user_view(user).model_dump(), auth_method=principal.auth_method,
+                      quotas=quotas.standing(session, user.id, services().settings.quotas))  # fmt: skip
     return jsonify(view.model_dump(mode="json"))
 
 

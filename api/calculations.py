@@ -14,6 +14,7 @@ from api.auth import current_principal
 from api.interactive_schemas import TryBody
 from api.schemas import CalculationExecuteBody, ErrorResponse, JobAccepted
 from api.views import job_links
+from shared.accounts import quotas
 from shared.accounts.audit import AuditAction
 from shared.contract import shard_enqueuer
 from shared.errors import ValidationFailed
@@ -98,6 +99,8 @@ def execute(body: CalculationExecuteBody) -> Response:
         raise ValidationFailed.for_field(
             "memory_mb", f"memory_mb must be between {bounds.min_memory_mb} and {bounds.max_memory_mb}"
         )
+    with svc.session_factory() as session:
+        quotas.check_submission(session, principal.user_id, quotas.BUDGET_INTERACTIVE, settings.quotas)
     request = CalculationRequest(
         script=script,
         column_name=body.column_name,

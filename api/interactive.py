@@ -32,6 +32,7 @@ from api.interactive_schemas import (
 )
 from api.schemas import ErrorResponse
 from api.views import job_links
+from shared.accounts import quotas
 from shared.contract import TASK_RUN_INTERACTIVE, shard_enqueuer
 from shared.errors import ScriptCompileError, ValidationFailed
 from shared.infra.config import QUEUE_SANDBOX
@@ -75,6 +76,8 @@ def _check_length(field: str, source: str) -> None:
 def _run(request: interactive.InteractiveRequest, answer: Any) -> Response:
     """Write and enqueue the run, wait for it within the bound, answer it (200) or point at the job (202)."""
     svc = services()
+    with svc.session_factory() as session:
+        quotas.check_submission(session, request.owner_id, quotas.BUDGET_INTERACTIVE, svc.settings.quotas)
     job = interactive.submit_interactive(svc.session_factory, request,
                                          enqueue=shard_enqueuer(svc.celery, TASK_RUN_INTERACTIVE, QUEUE_SANDBOX),
                                          events=RedisJobEvents(svc.redis))  # fmt: skip

@@ -15,6 +15,7 @@ from api.audit import audit
 from api.auth import current_principal
 from api.schemas import ErrorResponse, JobPath, JobView, ResultRow, ResultsPage, ResultsQuery
 from api.views import job_view
+from shared.accounts import quotas
 from shared.accounts.access import require_owner, require_read
 from shared.accounts.audit import AuditAction
 from shared.contract import TASK_BUILD_RUN_ARTIFACTS, TASK_FINISH_OPTIMIZATION, TASK_WEBHOOK_DELIVER
@@ -56,7 +57,12 @@ def get_job(path: JobPath) -> Response:
     with services().session_factory() as session:
         job = _readable_job(session, path.job_id)
         rejections = security.job_rejections(session, job.id)
-        return jsonify(job_view(job, rejections).model_dump(mode="json"))
+        compute = None
+        if job.kind in (JobKind.CALCULATION.value, JobKind.INTERACTIVE.value):
+            budget = quotas.budget_of(job)
+            today = quotas.standing(session, job.owner_id, services().settings.quotas) if job.owner_id else {}
+            compute = {"cpu_s": round(job.sandbox_cpu_s, 3), "budget": budget, "owner_today": today.get(budget)}
+        return jsonify(job_view(job, rejections, compute).model_dump(mode="json"))
 
 
 def _printed(data: dict[str, Any] | None) -> dict[str, Any]:

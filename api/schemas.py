@@ -223,6 +223,11 @@ class JobView(BaseModel):
     links: JobLinks
     rejections: Rejections | None = None
     callback: CallbackView | None = None
+    compute: dict[str, Any] | None = Field(
+        default=None,
+        description="sandbox CPU seconds the job used (`cpu_s`, as the supervisor measured them), the budget it is "
+        "charged to, and its owner's standing on that budget today (`used_s`, `limit_s`, `left_s`, `resets_at`)",
+    )
 
 
 class CallbackView(BaseModel):

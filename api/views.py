@@ -59,7 +59,7 @@ def task_progress(job: Job) -> runs.ValidationProgress | None:
         return runs.validation_progress(session, [job.id]).get(job.id)
 
 
-def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
+def job_view(job: Job, rejections: dict[str, Any] | None = None, compute: dict[str, Any] | None = None) -> JobView:
     return JobView(
         job_id=str(job.id),
         kind=job.kind,
@@ -92,4 +92,5 @@ def job_view(job: Job, rejections: dict[str, Any] | None = None) -> JobView:
         links=job_links(job.id),
         rejections=Rejections.model_validate(rejections) if rejections is not None else None,
         callback=callback_view(job),
+        compute=compute,
     )

@@ -19,6 +19,10 @@ def run_interactive(self: Any, shard_id: int) -> str:
         JobKind.INTERACTIVE.value,
         shard_id,
         lambda services: interactive.run_interactive(
-            services.session_factory, shard_id, limits=services.settings.sandbox, events=services.events
+            services.session_factory,
+            shard_id,
+            limits=services.settings.sandbox,
+            events=services.events,
+            quotas=services.settings.quotas,
         ),
     )

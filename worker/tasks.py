@@ -199,5 +199,6 @@ def run_calculation_shard(self: Any, shard_id: int) -> str:
             events=services.events,
             batch_bars=services.settings.batch_bars,
             job_output_chars=services.settings.sandbox_bounds.job_output_chars,
+            quotas=services.settings.quotas,
         ),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.infra import settings_schema as schema
-from shared.infra.sandbox_config import SandboxBounds, SandboxLimits
+from shared.infra.sandbox_config import ComputeQuotas, SandboxBounds, SandboxLimits
 from shared.infra.settings_schema import setting
 
 __all__ = ["QUEUE_BULK", "QUEUE_INTERACTIVE", "QUEUE_MAINTENANCE", "QUEUE_SANDBOX", "SandboxLimits", "Settings"]
@@ -450,6 +450,7 @@ class Settings:
     )
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     sandbox_bounds: SandboxBounds = field(default_factory=SandboxBounds)
+    quotas: ComputeQuotas = field(default_factory=ComputeQuotas)
     run_batch_mb: int = setting(
         "ALPHAFORGE_RUN_BATCH_MB",
         64,

@@ -74,3 +74,24 @@ class SandboxBounds:
 
     min_timeout_s = 1.0
     min_memory_mb = 64
+
+
+@dataclass(frozen=True)
+class ComputeQuotas:
+    """Sandbox CPU seconds each user may use a day (UTC), as the supervisor measures them (shared/accounts/quotas.py).
+
+    Two budgets: ``interactive`` (jobs and interactive runs submitted through the API) and ``nightly`` (the nightly
+    recalculation), so that a day of screening never leaves the night's run without CPU, nor the other way round."""
+
+    interactive_cpu_s: float = setting(
+        "ALPHAFORGE_QUOTA_CPU_SECONDS",
+        36_000.0,
+        "sandbox CPU seconds a user's jobs and interactive runs may use a day, UTC (`0`: no limit)",
+        ge=0,
+    )
+    nightly_cpu_s: float = setting(
+        "ALPHAFORGE_QUOTA_NIGHTLY_CPU_SECONDS",
+        36_000.0,
+        "sandbox CPU seconds a user's nightly recalculations may use a day, UTC (`0`: no limit)",
+        ge=0,
+    )

@@ -3,7 +3,7 @@
 One module per part of the system; everything is importable from here.
 """
 
-from shared.infra.models.accounts import ApiKey, Script, ScriptVersion, User
+from shared.infra.models.accounts import ApiKey, ComputeUsage, Script, ScriptVersion, User
 from shared.infra.models.activity import AuditLog, NightlyRun, NightlyRunJob, ScriptLatestValue, WebhookDelivery
 from shared.infra.models.base import Base, JobKind, JobStatus, ShardStatus, UserRole
 from shared.infra.models.jobs import Job, JobResult, JobShard, SecurityEvent
@@ -27,6 +27,7 @@ __all__ = [
     "BarChunk",
     "BarSeries",
     "Base",
+    "ComputeUsage",
     "CorporateAction",
     "Job",
     "JobKind",

@@ -9,7 +9,9 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -103,3 +105,19 @@ class ScriptVersion(Base):
     code_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}", default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ComputeUsage(Base):
+    """Sandbox CPU seconds one owner used on one UTC day against one budget (shared/accounts/quotas.py)."""
+
+    __tablename__ = "compute_usage"
+    __table_args__ = (
+        CheckConstraint("budget IN ('interactive', 'nightly')", name="ck_compute_usage_budget"),
+        CheckConstraint("cpu_s >= 0", name="ck_compute_usage_cpu"),
+    )
+
+    owner_id: Mapped[str] = mapped_column(String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    budget: Mapped[str] = mapped_column(String(16), primary_key=True)
+    cpu_s: Mapped[float] = mapped_column(Double, nullable=False, default=0.0, server_default="0")
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())

@@ -85,6 +85,7 @@ class Job(Base):
     sandbox_timeout_s: Mapped[float | None] = mapped_column(Double)
     sandbox_memory_mb: Mapped[int | None] = mapped_column(Integer)
     capture_output: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    sandbox_cpu_s: Mapped[float] = mapped_column(Double, nullable=False, default=0.0, server_default="0")
     shard_size: Mapped[int] = mapped_column(Integer, nullable=False)
     shards_total: Mapped[int] = mapped_column(Integer, nullable=False)
     shards_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

@@ -13,12 +13,15 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.accounts import quotas as quota
 from shared.infra.config import SandboxLimits
 from shared.infra.events import JobEvents
 from shared.infra.models import Job, Symbol
+from shared.infra.sandbox_config import ComputeQuotas
 from shared.infra.security import record
 from shared.jobs import pipeline as jobs
 from shared.marketdata.bars import DEFAULT_BATCH_BARS, SymbolBars, bar_batches
+from shared.sandbox.runner import SandboxUsage
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,16 @@ log = logging.getLogger(__name__)
 class ScriptRunner(Protocol):
     """Runs a script over bars in the sandbox (shared/sandbox/runner.run_script): one outcome per symbol."""
 
-    def __call__(self, script: str, params: dict[str, Any], items: Sequence[SymbolBars], limits: SandboxLimits, *,
-                 capture_output: bool = False) -> Sequence[jobs.Outcome]: ...  # fmt: skip
+    def __call__(
+        self,
+        script: str,
+        params: dict[str, Any],
+        items: Sequence[SymbolBars],
+        limits: SandboxLimits,
+        *,
+        capture_output: bool = False,
+        usage: SandboxUsage | None = None,
+    ) -> Sequence[jobs.Outcome]: ...
 
 
 def job_limits(limits: SandboxLimits, job: Job, job_output_chars: int) -> SandboxLimits:
@@ -62,6 +73,7 @@ def run_shard(
     events: JobEvents | None = None,
     batch_bars: int = DEFAULT_BATCH_BARS,
     job_output_chars: int = 1_000_000,
+    quotas: ComputeQuotas | None = None,
 ) -> bool | None:
     """Run one shard end to end. None: nothing to do (finished, cancelled or duplicate).
     True/False: whether this delivery's results were the ones stored."""
@@ -71,16 +83,29 @@ def run_shard(
         return None
     job = started.job
     limits = job_limits(limits, job, job_output_chars)
+    budget = quota.budget_of(job)
+    usage = SandboxUsage()
+    stopped: str | None = None  # why the rest of the shard does not run: its owner's budget is used up
     computed: dict[str, jobs.Outcome] = {}
     versions: dict[str, int] = {}  # the data version each symbol's outcome was computed from
     batches = bar_batches(factory, started.symbols, job.start_date, job.end_date, timeframe=job.timeframe,
                                adjustment=job.adjustment, max_bars=batch_bars)  # fmt: skip
     for group, bars in batches:
+        if quotas is not None:
+            with factory() as session:
+                stopped = quota.exhausted(session, job.owner_id, budget, quotas)
+            if stopped is not None:
+                break
         present = [bars[s] for s in group if s in bars]
-        outcomes = runner(job.script, job.params, present, limits, capture_output=job.capture_output)
+        outcomes = runner(job.script, job.params, present, limits, capture_output=job.capture_output, usage=usage)
         computed |= {o.symbol: o for o in outcomes}
         versions |= {s: b.version for s, b in bars.items()}
         del bars, present
+    quota.charge(factory, job.id, job.owner_id, budget, usage.settle().cpu_s)
+    if stopped is not None:
+        log.info("shard %s: %s; its remaining symbols stop", shard_id, stopped)
+        error = {"type": "QuotaExceeded", "message": stopped, "line": None}
+        computed |= {s: jobs.Outcome(s, None, error) for s in started.symbols if s not in computed}
     missing = [s for s in started.symbols if s not in computed]
     with factory() as session:
         known = set(session.scalars(select(Symbol.symbol).where(Symbol.symbol.in_(missing)))) if missing else set()

@@ -9,9 +9,11 @@ from dataclasses import replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.accounts import quotas as quota
 from shared.infra.config import SandboxLimits
 from shared.infra.events import JobEvents
 from shared.infra.models import Symbol
+from shared.infra.sandbox_config import ComputeQuotas
 from shared.infra.security import record
 from shared.jobs import pipeline as jobs
 from shared.jobs.interactive.submit import MODE_TRY
@@ -39,7 +41,12 @@ def _try(factory: sessionmaker[Session], started: jobs.StartedShard, limits: San
 
 
 def run_interactive(
-    factory: sessionmaker[Session], shard_id: int, *, limits: SandboxLimits, events: JobEvents | None = None
+    factory: sessionmaker[Session],
+    shard_id: int,
+    *,
+    limits: SandboxLimits,
+    events: JobEvents | None = None,
+    quotas: ComputeQuotas | None = None,
 ) -> bool | None:
     """Run the interactive job of ``shard_id`` end to end (None: nothing to do; True/False: stored or a duplicate)."""
     started = jobs.start_shard(factory, shard_id, events=events)
@@ -49,13 +56,19 @@ def run_interactive(
     limits = replace(limits, symbol_timeout_s=job.sandbox_timeout_s or limits.symbol_timeout_s,
                      memory_mb=job.sandbox_memory_mb or limits.memory_mb)  # fmt: skip
     usage = SandboxUsage()
-    if job.column_name == MODE_TRY:
+    stopped = None
+    if quotas is not None:
+        with factory() as session:
+            stopped = quota.exhausted(session, job.owner_id, quota.BUDGET_INTERACTIVE, quotas)
+    if stopped is not None:
+        outcome = jobs.Outcome(job.symbols[0], None, {"type": "QuotaExceeded", "message": stopped, "line": None})
+    elif job.column_name == MODE_TRY:
         outcome = _try(factory, started, limits, usage)
     else:
         outcome = run_snippet(job.script, job.params.get("params", {}), limits, usage=usage)
         if not job.params.get("return_locals"):
             outcome = replace(outcome, data={k: v for k, v in (outcome.data or {}).items() if k != "locals"})
-    usage.settle()
+    quota.charge(factory, job.id, job.owner_id, quota.BUDGET_INTERACTIVE, usage.settle().cpu_s)
     measures = {
         "execution_time": round(sum(usage.item_seconds), 6),
         "memory_used_mb": round(max(usage.peak_memory_kb, 0) / 1024, 3),
