@@ -60,8 +60,9 @@ def test_register_login_and_me(anon_client: FlaskClient, engine: Engine) -> None
     assert set(tokens) == {"access_token", "refresh_token", "token_type", "expires_in"}
     me = anon_client.get("/api/auth/me", headers=bearer(tokens["access_token"]))
     assert me.status_code == 200
-    assert me.get_json() | {"created_at": None} == {
-        "id": created["id"], "username": "carol", "role": "user", "created_at": None, "auth_method": "jwt"
+    assert me.get_json() | {"created_at": None, "quotas": None} == {
+        "id": created["id"], "username": "carol", "role": "user", "created_at": None, "auth_method": "jwt",
+        "quotas": None,
     }  # fmt: skip
 
     again = anon_client.post("/api/auth/register", json={**CREDENTIALS, "username": "carol"})
