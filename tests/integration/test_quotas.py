@@ -13,7 +13,7 @@ from shared.contract import shard_enqueuer
 from shared.infra.config import Settings
 from shared.infra.models import ComputeUsage, Job
 from shared.jobs.calculations import CalculationRequest, submit_calculation
-from tests.helpers import ApiUser, all_results, seed_bars, wait_for_job
+from tests.helpers import ApiUser, all_results, seed_bars, wait_for_job, wait_until
 from tests.integration.test_calculation_jobs import submit
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
@@ -38,9 +38,12 @@ def test_the_measured_cpu_is_counted_and_shown(client: FlaskClient, user: ApiUse
     seed_bars(engine, ["QA", "QB"], days=50)
     job = wait_for_job(client, submit(client, script=BUSY, column_name="q", stock_symbols=["QA", "QB"])["job_id"])
     assert job["status"] == "succeeded"
-    with engine.connect() as conn:
-        job_cpu = conn.scalar(select(Job.sandbox_cpu_s).where(Job.id == job["job_id"]))
-    assert job_cpu is not None and job_cpu > 0
+
+    def job_cpu_s() -> float:
+        with engine.connect() as conn:
+            return float(conn.scalar(select(Job.sandbox_cpu_s).where(Job.id == job["job_id"])) or 0.0)
+
+    job_cpu = wait_until(job_cpu_s, 30, "the job's CPU charged (right after its results)")
     assert used(engine, user) == pytest.approx(job_cpu)
     view = client.get(f"/api/jobs/{job['job_id']}").json
     assert view is not None and view["compute"]["cpu_s"] == pytest.approx(job_cpu, abs=1e-3)
