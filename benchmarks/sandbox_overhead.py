@@ -22,16 +22,13 @@ Four figures (medians and percentiles of this run; machines here are shared and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import secrets
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -240,21 +237,6 @@ def main() -> None:
     print("\n4. a typical script, per symbol")
     print(f"   plain Python (in process)      {1e3 * plain_s / n:8.3f} ms")
     print(f"   sandboxed (end to end)         {1e3 * sandbox_s / n:8.3f} ms   ratio {sandbox_s / plain_s:.2f}x")
-
-
-def http(method: str, url: str, body: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
-
-
-def secret() -> str:
-    return secrets.token_urlsafe(48)
 
 
 if __name__ == "__main__":

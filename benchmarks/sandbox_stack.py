@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import statistics
 import time
 from typing import Any
 
-from benchmarks.calc_throughput import PASSWORD, wait_http
-from benchmarks.sandbox_overhead import http, secret
+from benchmarks.calc_throughput import PASSWORD, TOKEN, http, wait_http
 from benchmarks.stack import bench_stack
 from shared.accounts import users
 from shared.contract import create_celery
@@ -24,15 +24,15 @@ FINAL = {"succeeded", "partial", "failed", "cancelled"}
 POLL_S = 0.002  # the poller asks every 2 ms: what it sees is the system's latency, not its own interval
 
 
-def _trivial_job(base: str, token: str, symbol: str, parts: list[dict[str, float]] | None = None) -> float:
+def _trivial_job(base: str, symbol: str, parts: list[dict[str, float]] | None = None) -> float:
     """Seconds from submitting a one-symbol job to a poller seeing it final; ``parts`` gets where the time went
     (the POST, then from the job's own timestamps: queued -> started, started -> finished, finished -> seen)."""
     began = time.perf_counter()
     accepted = http("POST", f"{base}/custom-calculations/execute", {
         "script": "result = close[-1]", "column_name": "last", "stock_symbols": [symbol],
-    }, token)  # fmt: skip
+    })  # fmt: skip
     posted = time.perf_counter()
-    while (job := http("GET", f"{base}/jobs/{accepted['job_id']}", token=token))["status"] not in FINAL:
+    while (job := http("GET", f"{base}/jobs/{accepted['job_id']}"))["status"] not in FINAL:
         time.sleep(POLL_S)
     seen = time.perf_counter()
     if parts is not None:
@@ -49,10 +49,10 @@ def _celery_round_trip(app: Any) -> float:
     return time.perf_counter() - began
 
 
-def _try_round_trip(base: str, token: str, symbol: str) -> float:
+def _try_round_trip(base: str, symbol: str) -> float:
     began = time.perf_counter()
     answer = http("POST", f"{base}/custom-calculations/try", {"script": "print(symbol)\nresult = close[-1]",
-                                                              "symbol": symbol}, token)  # fmt: skip
+                                                              "symbol": symbol})  # fmt: skip
     assert answer.get("error") is None, answer
     return time.perf_counter() - began
 
@@ -73,7 +73,7 @@ def trivial_jobs(count: int, start_p50: float) -> None:
         env = {
             **os.environ,
             **settings.child_env(),
-            "JWT_SECRET_KEY": secret(),
+            "JWT_SECRET_KEY": secrets.token_urlsafe(48),
             "ALPHAFORGE_RATE_LIMIT_SUBMIT": "100000/minute",
         }  # fmt: skip  (hundreds of jobs a minute here)
         commands = dict(child_commands(settings))
@@ -81,13 +81,15 @@ def trivial_jobs(count: int, start_p50: float) -> None:
             stack.spawn(commands[name], env)
         base = f"http://127.0.0.1:{port}/api"
         wait_http(f"{base}/health")
-        token = http("POST", f"{base}/auth/login", {"username": "bench", "password": PASSWORD})["access_token"]
+        TOKEN["access"] = http("POST", f"{base}/auth/login", {"username": "bench", "password": PASSWORD})[
+            "access_token"
+        ]
         app = create_celery(settings, set_as_current=False)
         for _ in range(5):  # warm: connections, the pool processes' zygotes
-            _trivial_job(base, token, symbol)
+            _trivial_job(base, symbol)
             _celery_round_trip(app)
         parts: list[dict[str, float]] = []
-        jobs = [_trivial_job(base, token, symbol, parts) for _ in range(count)]
+        jobs = [_trivial_job(base, symbol, parts) for _ in range(count)]
         trips = [_celery_round_trip(app) for _ in range(count)]
         job_p50, trip_p50 = statistics.median(jobs), statistics.median(trips)
         floor = trip_p50 + start_p50
@@ -100,7 +102,7 @@ def trivial_jobs(count: int, start_p50: float) -> None:
         print(f"   floor: Celery round trip p50 {1e3 * trip_p50:.1f} ms + sandbox start p50 {1e3 * start_p50:.2f} ms "
               f"= {1e3 * floor:.1f} ms   ratio job / floor {job_p50 / floor:.2f}x   (goal <= 1.5x)")  # fmt: skip
         try:
-            tries = [_try_round_trip(base, token, symbol) for _ in range(count)]
+            tries = [_try_round_trip(base, symbol) for _ in range(count)]
         except OSError as exc:  # the endpoint is not there (an older checkout)
             print(f"   /try: not measured ({exc})")
         else:
