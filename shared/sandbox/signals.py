@@ -1,8 +1,8 @@
 """What a strategy script's sandbox run gives back, once the trusted parent has re-checked it.
 
-The sandbox child (shared/sandbox/child.py) checks a strategy script's ``entries``/``exits`` or ``position`` by
-exact type and length and sends them packed (bits, float64 bytes); the parent (shared/sandbox/runner.py) decodes
-and checks them again into these objects. Nothing here is a script's object: only numpy arrays built by the
+The sandbox child checks a strategy script's ``entries``/``exits`` or ``position`` by exact type and length
+(shared/sandbox/strategy_output.py) and sends them packed (bits, float64 bytes); the parent (shared/sandbox/runner.py)
+decodes and checks them again into these objects. Nothing here is a script's object: only numpy arrays built by the
 parent from bytes.
 """
 
