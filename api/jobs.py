@@ -60,8 +60,8 @@ def get_job(path: JobPath) -> Response:
         compute = None
         if job.kind in (JobKind.CALCULATION.value, JobKind.INTERACTIVE.value):
             budget = quotas.budget_of(job)
-            today = quotas.standing(session, job.owner_id, services().settings.quotas) if job.owner_id else {}
-            compute = {"cpu_s": round(job.sandbox_cpu_s, 3), "budget": budget, "owner_today": today.get(budget)}
+            owner = job.owner_id and quotas.budget_standing(session, job.owner_id, budget, services().settings.quotas)
+            compute = {"cpu_s": round(job.sandbox_cpu_s, 3), "budget": budget, "owner_today": owner or None}
         return jsonify(job_view(job, rejections, compute).model_dump(mode="json"))
 
 

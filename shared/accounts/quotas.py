@@ -59,18 +59,20 @@ def used_s(session: Session, owner_id: str, budget: str, day: dt.date | None = N
     return float(value or 0.0)
 
 
+def budget_standing(session: Session, owner_id: str, budget: str, quotas: ComputeQuotas) -> dict[str, Any]:
+    """One budget's used, limit and left CPU seconds today (``limit_s``/``left_s`` None: unlimited)."""
+    used, limit = used_s(session, owner_id, budget), limit_s(quotas, budget)
+    return {
+        "used_s": round(used, 3),
+        "limit_s": limit,
+        "left_s": None if limit is None else round(max(limit - used, 0.0), 3),
+        "resets_at": dt.datetime.combine(today() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).isoformat(),
+    }
+
+
 def standing(session: Session, owner_id: str, quotas: ComputeQuotas) -> dict[str, dict[str, Any]]:
-    """Each budget's used, limit and left CPU seconds today (``limit_s``/``left_s`` None: unlimited)."""
-    view: dict[str, dict[str, Any]] = {}
-    for budget in BUDGETS:
-        used, limit = used_s(session, owner_id, budget), limit_s(quotas, budget)
-        view[budget] = {
-            "used_s": round(used, 3),
-            "limit_s": limit,
-            "left_s": None if limit is None else round(max(limit - used, 0.0), 3),
-            "resets_at": dt.datetime.combine(today() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).isoformat(),
-        }
-    return view
+    """Every budget's :func:`budget_standing`."""
+    return {budget: budget_standing(session, owner_id, budget, quotas) for budget in BUDGETS}
 
 
 def exhausted(session: Session, owner_id: str | None, budget: str, quotas: ComputeQuotas) -> str | None:
