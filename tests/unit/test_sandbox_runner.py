@@ -21,7 +21,7 @@ from shared.marketdata.bars import SymbolBars
 from shared.sandbox.child import NOBODY
 from shared.sandbox.runner import SANDBOX_LAYERS, _checked_outcome, _ChildFault, parse_message, run_script
 
-LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=512)
+LIMITS = SandboxLimits(symbol_timeout_s=2.0, memory_mb=256)
 
 
 def bars(symbol: str, n: int = 50) -> SymbolBars:
