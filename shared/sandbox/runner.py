@@ -329,12 +329,17 @@ def _run_items(
     deaths = 0
     first = True
     while pending or first:
-        first = False
         request = wire.write_request(header, bars, series)
         try:
             child = zygote.spawn(request)
+        except ZygoteDied as died:  # it went away between two shards: start another and go on
+            deaths += 1
+            if deaths > MAX_ZYGOTE_DEATHS:
+                raise SandboxUnavailable(f"the sandbox zygote died {deaths} times in one run") from died
+            continue
         finally:
             os.close(request)
+        first = False
         answers = _Answers(child, limits)
         done = 0
         try:
