@@ -101,6 +101,8 @@ def run_shard(
         computed |= {o.symbol: o for o in outcomes}
         versions |= {s: b.version for s, b in bars.items()}
         del bars, present
+    # Before the results: a job's CPU is complete when the job is final (its view never changes after).
+    quota.charge(factory, job.id, job.owner_id, budget, usage.settle().cpu_s)
     if stopped is not None:
         log.info("shard %s: %s; its remaining symbols stop", shard_id, stopped)
         error = {"type": "QuotaExceeded", "message": stopped, "line": None}
@@ -113,7 +115,4 @@ def run_shard(
     # Recorded before the results, in a transaction of their own: a rejection happened whether or not
     # this delivery's results end up stored, and a retried shard that is rejected again is a new event.
     record(factory, [(o.symbol, i) for o in outcomes for i in o.incidents], job_id=job.id, owner_id=job.owner_id)
-    stored = jobs.complete_shard(factory, shard_id, outcomes, events=events)
-    # After the results: the shard's answer is not held up by its bookkeeping (the next shard's check sees it).
-    quota.charge(factory, job.id, job.owner_id, budget, usage.settle().cpu_s)
-    return stored
+    return jobs.complete_shard(factory, shard_id, outcomes, events=events)

@@ -68,7 +68,7 @@ def run_interactive(
         outcome = run_snippet(job.script, job.params.get("params", {}), limits, usage=usage)
         if not job.params.get("return_locals"):
             outcome = replace(outcome, data={k: v for k, v in (outcome.data or {}).items() if k != "locals"})
-    usage.settle()
+    quota.charge(factory, job.id, job.owner_id, quota.BUDGET_INTERACTIVE, usage.settle().cpu_s)
     measures = {
         "execution_time": round(sum(usage.item_seconds), 6),
         "memory_used_mb": round(max(usage.peak_memory_kb, 0) / 1024, 3),
@@ -76,6 +76,4 @@ def run_interactive(
     }
     outcome = replace(outcome, data={**(outcome.data or {}), **measures})
     record(factory, [(outcome.symbol, i) for i in outcome.incidents], job_id=job.id, owner_id=job.owner_id)
-    stored = jobs.complete_shard(factory, shard_id, [outcome], events=events)
-    quota.charge(factory, job.id, job.owner_id, quota.BUDGET_INTERACTIVE, usage.cpu_s)  # after the answer
-    return stored
+    return jobs.complete_shard(factory, shard_id, [outcome], events=events)
