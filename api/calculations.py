@@ -58,6 +58,27 @@ def script_source(body: CalculationExecuteBody | TryBody) -> tuple[str, uuid.UUI
         return version.code, script.id, version.version
 
 
+def check_script_length(field: str, source: str) -> None:
+    """422 naming ``field`` when the source is past ALPHAFORGE_MAX_SCRIPT_CHARS."""
+    limit = services().settings.max_script_chars
+    if len(source) > limit:
+        raise ValidationFailed.for_field(field, f"{field} is {len(source):,} characters; at most {limit:,} allowed")
+
+
+def check_sandbox_limits(timeout: float | None, memory: int | None, names: tuple[str, str]) -> None:
+    """422 naming the field (``names``: the timeout's and the memory's) of a limit outside the operator's bounds;
+    None is the default, always allowed."""
+    bounds = services().settings.sandbox_bounds
+    if timeout is not None and not bounds.min_timeout_s <= timeout <= bounds.max_timeout_s:
+        raise ValidationFailed.for_field(
+            names[0], f"{names[0]} must be between {bounds.min_timeout_s:g} and {bounds.max_timeout_s:g} seconds"
+        )
+    if memory is not None and not bounds.min_memory_mb <= memory <= bounds.max_memory_mb:
+        raise ValidationFailed.for_field(
+            names[1], f"{names[1]} must be between {bounds.min_memory_mb} and {bounds.max_memory_mb}"
+        )
+
+
 @bp.post(
     "/execute",
     responses={
@@ -78,10 +99,7 @@ def execute(body: CalculationExecuteBody) -> Response:
     settings = svc.settings
     principal = current_principal()
     script, script_id, script_version = script_source(body)
-    if len(script) > settings.max_script_chars:
-        raise ValidationFailed.for_field(
-            "script", f"script is {len(script):,} characters; at most {settings.max_script_chars:,} allowed"
-        )
+    check_script_length("script", script)
     symbols = list(dict.fromkeys(body.stock_symbols))
     if body.as_of is not None:
         with svc.session_factory() as session:
@@ -90,15 +108,7 @@ def execute(body: CalculationExecuteBody) -> Response:
         raise ValidationFailed.for_field(
             "stock_symbols", f"{len(symbols):,} symbols; at most {settings.max_symbols_per_job:,} per job"
         )
-    bounds = settings.sandbox_bounds
-    if body.timeout is not None and not bounds.min_timeout_s <= body.timeout <= bounds.max_timeout_s:
-        raise ValidationFailed.for_field(
-            "timeout", f"timeout must be between {bounds.min_timeout_s:g} and {bounds.max_timeout_s:g} seconds"
-        )
-    if body.memory_mb is not None and not bounds.min_memory_mb <= body.memory_mb <= bounds.max_memory_mb:
-        raise ValidationFailed.for_field(
-            "memory_mb", f"memory_mb must be between {bounds.min_memory_mb} and {bounds.max_memory_mb}"
-        )
+    check_sandbox_limits(body.timeout, body.memory_mb, ("timeout", "memory_mb"))
     with svc.session_factory() as session:
         quotas.check_submission(session, principal.user_id, quotas.BUDGET_INTERACTIVE, settings.quotas)
     request = CalculationRequest(

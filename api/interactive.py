@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from api import BEARER_SECURITY, services
 from api.auth import current_principal
-from api.calculations import script_source
+from api.calculations import check_sandbox_limits, check_script_length, script_source
 from api.health import checker
 from api.interactive_schemas import (
     Bounds,
@@ -34,7 +34,7 @@ from api.schemas import ErrorResponse
 from api.views import job_links
 from shared.accounts import quotas
 from shared.contract import TASK_RUN_INTERACTIVE, shard_enqueuer
-from shared.errors import ScriptCompileError, ValidationFailed
+from shared.errors import ScriptCompileError
 from shared.infra.config import QUEUE_SANDBOX
 from shared.infra.events import RedisJobEvents
 from shared.infra.models import Job, JobResult
@@ -50,27 +50,13 @@ _RESPONSES: dict[str | int, Any] = {
 }  # fmt: skip
 
 
-def _limits(timeout: float | None, memory: int | None, default_timeout: float, default_memory: int,
-            names: tuple[str, str]) -> tuple[float, int]:  # fmt: skip
-    """The run's limits, each inside the operator's bounds (422 naming the field otherwise)."""
+def _limits(timeout: float | None, memory: int | None, names: tuple[str, str]) -> tuple[float, int]:
+    """The run's limits: its own, or the interactive defaults, inside the operator's bounds."""
     bounds = services().settings.sandbox_bounds
-    timeout = default_timeout if timeout is None else timeout
-    memory = default_memory if memory is None else memory
-    if not bounds.min_timeout_s <= timeout <= bounds.max_timeout_s:
-        raise ValidationFailed.for_field(
-            names[0], f"{names[0]} must be between {bounds.min_timeout_s:g} and {bounds.max_timeout_s:g} seconds"
-        )
-    if not bounds.min_memory_mb <= memory <= bounds.max_memory_mb:
-        raise ValidationFailed.for_field(
-            names[1], f"{names[1]} must be between {bounds.min_memory_mb} and {bounds.max_memory_mb}"
-        )
+    timeout = bounds.execute_timeout_s if timeout is None else timeout
+    memory = bounds.execute_memory_mb if memory is None else memory
+    check_sandbox_limits(timeout, memory, names)
     return timeout, memory
-
-
-def _check_length(field: str, source: str) -> None:
-    limit = services().settings.max_script_chars
-    if len(source) > limit:
-        raise ValidationFailed.for_field(field, f"{field} is {len(source):,} characters; at most {limit:,} allowed")
 
 
 def _run(request: interactive.InteractiveRequest, answer: Any) -> Response:
@@ -98,11 +84,9 @@ def _run(request: interactive.InteractiveRequest, answer: Any) -> Response:
 def try_script(body: TryBody) -> Response:
     """Run a calculation script on one symbol, in the same sandbox as jobs: its value or its error (type, message,
     line), what it printed (bounded, truncation marked), execution time and peak memory."""
-    bounds = services().settings.sandbox_bounds
     script, script_id, script_version = script_source(body)
-    _check_length("script", script)
-    timeout, memory = _limits(body.timeout, body.memory_mb, bounds.execute_timeout_s, bounds.execute_memory_mb,
-                              ("timeout", "memory_mb"))  # fmt: skip
+    check_script_length("script", script)
+    timeout, memory = _limits(body.timeout, body.memory_mb, ("timeout", "memory_mb"))
     principal = current_principal()
     try:
         check_script(services().session_factory, script, owner_id=principal.user_id)
@@ -123,10 +107,8 @@ def try_script(body: TryBody) -> Response:
 def execute_code(body: ExecuteBody) -> Response:
     """Execute a snippet in the sandbox (RestrictedPython, a confined process; no bars): success, stdout, stderr,
     error type and message, execution time, memory used, and with ``return_locals`` its top-level names."""
-    bounds = services().settings.sandbox_bounds
-    _check_length("code", body.code)
-    timeout, memory = _limits(body.timeout, body.max_memory_mb, bounds.execute_timeout_s, bounds.execute_memory_mb,
-                              ("timeout", "max_memory_mb"))  # fmt: skip
+    check_script_length("code", body.code)
+    timeout, memory = _limits(body.timeout, body.max_memory_mb, ("timeout", "max_memory_mb"))
     principal = current_principal()
     try:
         check_script(services().session_factory, body.code, owner_id=principal.user_id)

@@ -32,6 +32,7 @@ from shared.infra.security import Incident, is_known
 from shared.jobs.pipeline import Outcome
 from shared.marketdata.bars import SymbolBars
 from shared.sandbox import forkserver, wire
+from shared.sandbox.child import MAX_LOCAL_CHARS, MAX_LOCALS  # the child's own bounds, checked again here
 from shared.sandbox.forkserver import ExitReport, ForkedChild, ForkServer, SandboxUnavailable, ZygoteDied
 from shared.sandbox.signals import ScriptSignals, StrategyOutcome
 
@@ -384,8 +385,6 @@ def _run_items(
 # --- snippets (interactive execute) ------------------------------------------------------------------------------
 
 SNIPPET = "-"  # the one item of an execute run: no symbol, no bars
-MAX_LOCALS = 200
-MAX_LOCAL_CHARS = 1_000
 _SAFE_INT = 2**53
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.infra.config import QUEUE_SANDBOX
 from shared.infra.events import JobEvents
-from shared.infra.models import Job, JobKind, JobStatus
+from shared.infra.models import Job, JobKind
 from shared.jobs import pipeline as jobs
 from shared.jobs.calculations.submit import CALCULATION_ADJUSTMENT, sha256_text, symbols_sha256
 from shared.marketdata.series import DEFAULT_TIMEFRAME
@@ -22,7 +22,6 @@ from shared.sandbox.runner import SNIPPET
 
 MODE_TRY: Final = "try"  # a script on one symbol's bars: its value or error, and what it printed
 MODE_EXECUTE: Final = "execute"  # a snippet with no bars: what it printed, its error, its top-level names
-_FINAL = {JobStatus.SUCCEEDED.value, JobStatus.PARTIAL.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value}
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def wait_final(factory: sessionmaker[Session], job_id: uuid.UUID, wait_s: float)
     pause = 0.002
     while True:
         with factory() as session:
-            if session.scalar(select(Job.status).where(Job.id == job_id)) in _FINAL:
+            if session.scalar(select(Job.status).where(Job.id == job_id)) in jobs.FINAL_STATUSES:
                 return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
